@@ -1,0 +1,38 @@
+"""lorax: LoRA as a pure, factored transform over JAX parameter pytrees.
+
+>>> import jax, jax.numpy as jnp, lorax
+>>> fn = lambda p, x: x @ p["w"]
+>>> params = lorax.init(jax.random.key(0), lorax.LoraConfig(rank=2), fn, {"w": jnp.ones((4, 3))}, jnp.ones((1, 4)))
+>>> lorax.lora(fn)(params, jnp.ones((1, 4))).shape
+(1, 3)
+"""
+
+from lorax._src.config import LoraConfig as LoraConfig
+from lorax._src.explain import Explanation as Explanation
+from lorax._src.explain import explain as explain
+from lorax._src.init import init as init
+from lorax._src.optim import optimizer as optimizer
+from lorax._src.transform import lora as lora
+from lorax._src.trees import combine as combine
+from lorax._src.trees import merge as merge
+from lorax._src.trees import split as split
+from lorax._src.trees import unmerge as unmerge
+from lorax._src.weight import LoraWeight as LoraWeight
+from lorax._src.weight import Trainable as Trainable
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Explanation",
+    "LoraConfig",
+    "LoraWeight",
+    "Trainable",
+    "combine",
+    "explain",
+    "init",
+    "lora",
+    "merge",
+    "optimizer",
+    "split",
+    "unmerge",
+]

@@ -1,0 +1,110 @@
+"""`LoraConfig`: which weights to adapt and how."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, Callable, Literal, Mapping, Sequence
+
+Targets = str | Sequence[str] | Callable[[str, Any], bool]
+
+ALL_LINEAR = "all-linear"
+
+
+def _patterns(value: str | Sequence[str] | None, field: str) -> tuple[re.Pattern, ...]:
+    if value is None:
+        return ()
+    items = [value] if isinstance(value, str) else list(value)
+    compiled = []
+    for item in items:
+        try:
+            compiled.append(re.compile(item))
+        except re.error as err:
+            raise ValueError(f"LoraConfig.{field}: {item!r} is not a valid regex ({err}).") from None
+    return tuple(compiled)
+
+
+def first_match(patterns: Mapping[str, Any], path: str, default: Any) -> Any:
+    """The value of the first ``{regex: value}`` entry that fully matches ``path``."""
+    for pattern, value in patterns.items():
+        if re.fullmatch(pattern, path):
+            return value
+    return default
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """What `lorax.init` adapts and how.
+
+    Args:
+      rank: the rank r of every adapter (``rank_pattern`` overrides per weight).
+      alpha: scale numerator; the scale is ``alpha / rank`` (``alpha / sqrt(rank)`` with
+        ``use_rslora``). Default: the rank, so the scale is 1.
+      targets: ``"all-linear"`` (every weight used by a matmul, einsum or convolution,
+        except embedding tables and a head tied to them), a regex or list of regexes
+        fully matched against the parameter path (``"h/attn/query/kernel"``), or a
+        predicate ``(path, leaf) -> bool``.
+      exclude: regexes of paths never adapted.
+      rank_pattern, alpha_pattern: ``{regex: value}``; the first full match wins.
+      use_rslora: scale by ``alpha / sqrt(rank)`` (Kalajdzievski 2023).
+      dropout: dropout rate on the adapter input (on only when `lorax.lora` gets ``rng``).
+      init_a: ``"kaiming_uniform"`` (PEFT's default) or ``"gaussian"`` (std 1/r).
+      dtype: adapter dtype; default the weight's.
+      trainable: regexes of plain leaves trained fully (PEFT's ``modules_to_save``).
+
+    >>> import lorax
+    >>> lorax.LoraConfig(rank=8, alpha=16.0).scale_for("h/query/kernel")
+    2.0
+    """
+
+    rank: int = 8
+    alpha: float | None = None
+    targets: Targets = ALL_LINEAR
+    exclude: str | Sequence[str] | None = None
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    use_rslora: bool = False
+    dropout: float = 0.0
+    init_a: Literal["kaiming_uniform", "gaussian"] = "kaiming_uniform"
+    dtype: Any = None
+    trainable: str | Sequence[str] | None = None
+
+    def __post_init__(self):
+        for path, rank in {"rank": self.rank, **self.rank_pattern}.items():
+            if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+                raise ValueError(f"LoraConfig: rank for {path!r} must be a positive int, got {rank!r}.")
+        for path, alpha in {"alpha": self.alpha, **self.alpha_pattern}.items():
+            if alpha is not None and not alpha > 0:
+                raise ValueError(f"LoraConfig: alpha for {path!r} must be > 0, got {alpha!r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraConfig: dropout must be in [0, 1), got {self.dropout!r}.")
+        if self.init_a not in ("kaiming_uniform", "gaussian"):
+            raise ValueError(f"LoraConfig: init_a must be 'kaiming_uniform' or 'gaussian', got {self.init_a!r}.")
+        if not callable(self.targets) and self.targets != ALL_LINEAR:
+            _patterns(self.targets, "targets")
+        _patterns(self.exclude, "exclude")
+        _patterns(self.trainable, "trainable")
+        _patterns(list(self.rank_pattern), "rank_pattern")
+        _patterns(list(self.alpha_pattern), "alpha_pattern")
+
+    def rank_for(self, path: str) -> int:
+        return first_match(self.rank_pattern, path, self.rank)
+
+    def scale_for(self, path: str) -> float:
+        rank = self.rank_for(path)
+        alpha = first_match(self.alpha_pattern, path, self.alpha if self.alpha is not None else rank)
+        return alpha / (math.sqrt(rank) if self.use_rslora else rank)
+
+    def targets_path(self, path: str, leaf: Any, linear: bool) -> bool:
+        """Whether ``path`` is asked for (``linear``: used by a matmul or convolution)."""
+        if any(p.fullmatch(path) for p in _patterns(self.exclude, "exclude")):
+            return False
+        if callable(self.targets):
+            return bool(self.targets(path, leaf))
+        if self.targets == ALL_LINEAR:
+            return linear
+        return any(p.fullmatch(path) for p in _patterns(self.targets, "targets"))
+
+    def is_trainable(self, path: str) -> bool:
+        return any(p.fullmatch(path) for p in _patterns(self.trainable, "trainable"))

@@ -1,0 +1,91 @@
+"""`lorax.explain`: what was adapted, how each use is computed, and the parameter budget."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+
+from lorax._src import transform
+from lorax._src.paths import named_leaves
+from lorax._src.tracing import flatten_call
+from lorax._src.weight import LoraWeight, Trainable
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    path: str
+    shape: tuple[int, ...]
+    rank: int
+    scale: float
+    params: int
+    how: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Explanation:
+    rows: list[Row]
+    trainable: int
+    total: int
+
+    @property
+    def share(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    @property
+    def materialized(self) -> list[str]:
+        return [r.path for r in self.rows if "materialized" in r.how]
+
+    def __str__(self) -> str:
+        head = ["path", "shape", "rank", "scale", "params", "computed"]
+        body = [[r.path, "x".join(map(str, r.shape)), str(r.rank), f"{r.scale:g}", f"{r.params:,}", r.how]
+                for r in self.rows]
+        widths = [max(len(x) for x in col) for col in zip(head, *body)]
+        fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+        lines = [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, body)]
+        lines.append(f"trainable {self.trainable:,} of {self.total:,} parameters ({100 * self.share:.4f}%)")
+        return "\n".join(lines)
+
+
+def explain(fn: Callable, params: Any, *args, **kwargs) -> Explanation:
+    """Trace ``lorax.lora(fn)`` abstractly and report each adapted weight.
+
+    >>> import jax, jax.numpy as jnp, lorax
+    >>> fn = lambda p, x: x @ p["w"]
+    >>> lp = lorax.init(jax.random.key(0), lorax.LoraConfig(rank=2), fn, {"w": jnp.ones((4, 3))}, jnp.ones((1, 4)))
+    >>> print(lorax.explain(fn, lp, jnp.ones((1, 4))).rows[0].how)
+    factored (dot_general)
+    """
+    rec = transform.Recorder()
+    flat = flatten_call(params, args, kwargs)
+
+    def run(*values):
+        p, a, k = flat.rebuild(values)
+        return transform.call(fn, p, a, k, rng=None, rec=rec)
+
+    jax.eval_shape(run, *[flat.leaves[i] for i in flat.dynamic])
+    rows, trainable, total = [], 0, 0
+    for name, leaf in named_leaves(params):
+        if isinstance(leaf, LoraWeight):
+            total += math.prod(leaf.w.shape) + leaf.num_adapter_params()
+            trainable += leaf.num_adapter_params()
+            rows.append(Row(name, tuple(leaf.w.shape), leaf.rank, leaf.scale,
+                            leaf.num_adapter_params(), _how(rec.uses.get(name, []))))
+        elif isinstance(leaf, Trainable):
+            size = math.prod(leaf.value.shape)
+            total, trainable = total + size, trainable + size
+            rows.append(Row(name, tuple(leaf.value.shape), 0, 1.0, size, "trained fully"))
+        elif hasattr(leaf, "shape"):
+            total += math.prod(leaf.shape)
+    return Explanation(rows, trainable, total)
+
+
+def _how(uses: list[str]) -> str:
+    if not uses:
+        return "unused"
+    materialized = sorted({u.split(": ", 1)[1] for u in uses if u.startswith("materialized")})
+    if materialized:
+        return "materialized: " + ", ".join(materialized)
+    return "factored (" + ", ".join(sorted({u.split(": ", 1)[1] for u in uses})) + ")"

@@ -1,0 +1,92 @@
+"""`lorax.init`: find the weights to adapt and wrap each in a `LoraWeight`."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from lorax._src.config import LoraConfig
+from lorax._src.tracing import flatten_call, trace
+from lorax._src.usage import Use, View, find_uses
+from lorax._src.weight import LoraWeight, Trainable, is_node
+
+
+def init(key: jax.Array, config: LoraConfig, fn: Callable, params: Any, *args, **kwargs) -> Any:
+    """Return ``params`` with each targeted weight replaced by a `LoraWeight` (``b = 0``).
+
+    ``fn(params, *args, **kwargs)`` is traced abstractly (no FLOPs are spent; this also
+    works under ``jax.eval_shape``) to learn how every leaf is used: a weight's contracted
+    axes go to ``a``, its output axes to ``b``, and layers stacked by ``scan`` get one
+    adapter each.
+
+    >>> import jax, jax.numpy as jnp, lorax
+    >>> fn = lambda p, x: jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]
+    >>> params = {"w1": jnp.ones((8, 16)), "b1": jnp.zeros(16), "w2": jnp.ones((16, 2))}
+    >>> lp = lorax.init(jax.random.key(0), lorax.LoraConfig(rank=4), fn, params, jnp.ones((1, 8)))
+    >>> lp["w1"].a.shape, lp["w1"].b.shape, type(lp["b1"]).__name__
+    ((8, 4), (4, 16), 'ArrayImpl')
+    """
+    flat = flatten_call(params, args, kwargs)
+    params_flat = flat.leaves[: flat.num_params]
+    if any(is_node(leaf) for leaf in params_flat):
+        raise ValueError("lorax.init: params already hold LoRA nodes; pass the plain tree "
+                         "(lorax.merge(params) gives one).")
+    closed, _ = trace(fn, flat)
+    views = [View(i, tuple(range(jnp.ndim(flat.leaves[i])))) if i < flat.num_params else None
+             for i in flat.dynamic]
+    uses = find_uses(closed.jaxpr, views)
+
+    chosen: dict[int, Use] = {}
+    for i, name in enumerate(flat.names[: flat.num_params]):
+        leaf_uses = uses.get(i, [])
+        linear = bool(leaf_uses) and all(u.kind != "lookup" for u in leaf_uses)
+        if not config.targets_path(name, params_flat[i], linear):
+            continue
+        if not leaf_uses:
+            raise ValueError(
+                f"lorax.init: target {name!r} (shape {tuple(jnp.shape(params_flat[i]))}) is not "
+                "used as a matmul, einsum, convolution or lookup weight by fn, so it cannot "
+                "take a low-rank adapter. Mark it `trainable=` instead, or change `targets`."
+            )
+        lookups = [u for u in leaf_uses if u.kind == "lookup"]
+        chosen[i] = (lookups or leaf_uses)[0]
+    if not chosen:
+        candidates = [f"  {flat.names[i]} {tuple(jnp.shape(params_flat[i]))}" for i in sorted(uses)]
+        raise ValueError(
+            f"lorax.init: targets={config.targets!r} matched no weight. Weights fn uses as "
+            "matmul/conv/lookup weights:\n" + "\n".join(candidates or ["  (none)"])
+        )
+
+    out = list(flat.leaves)
+    for n, (i, use) in enumerate(sorted(chosen.items())):
+        out[i] = _adapt(jax.random.fold_in(key, n), config, flat.names[i], params_flat[i], use)
+    for i, name in enumerate(flat.names[: flat.num_params]):
+        if i not in chosen and config.is_trainable(name):
+            out[i] = Trainable(params_flat[i])
+    return jax.tree_util.tree_unflatten(flat.treedef, out)[0]
+
+
+def _adapt(key: jax.Array, config: LoraConfig, name: str, w: jax.Array, use: Use) -> LoraWeight:
+    rank = config.rank_for(name)
+    fan_in = math.prod(w.shape[i] for i in use.a_axes)
+    fan_out = math.prod(w.shape[i] for i in use.b_axes)
+    if rank > min(fan_in, fan_out):
+        raise ValueError(
+            f"lorax.init: rank {rank} for {name!r} (shape {tuple(w.shape)}) exceeds min(in, out) = "
+            f"min({fan_in}, {fan_out}); choose rank <= {min(fan_in, fan_out)}."
+        )
+    dtype = config.dtype or w.dtype
+    stack = tuple(w.shape[i] for i in use.stack_axes)
+    a_shape = (*stack, *(w.shape[i] for i in use.a_axes), rank)
+    b_shape = (*stack, rank, *(w.shape[i] for i in use.b_axes))
+    if config.init_a == "gaussian":
+        a = jax.random.normal(key, a_shape, dtype) / rank
+    else:  # PEFT's kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+        bound = 1.0 / math.sqrt(fan_in)
+        a = jax.random.uniform(key, a_shape, dtype, -bound, bound)
+    return LoraWeight(w, a, jnp.zeros(b_shape, dtype), scale=config.scale_for(name),
+                      a_axes=use.a_axes, b_axes=use.b_axes, stack_axes=use.stack_axes,
+                      dropout=config.dropout)

@@ -1,0 +1,43 @@
+"""How lorax names a leaf of a parameter tree: its key path joined with "/"."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
+
+from lorax._src.weight import is_node
+
+
+def render(path: tuple) -> str:
+    """Join a JAX key path with "/": ``params/h/attn/query/kernel``.
+
+    Flax NNX's ``Variable.value`` step is dropped, so linen dicts, NNX ``State`` and
+    equinox modules name the same weight alike.
+
+    >>> import jax
+    >>> [render(p) for p, _ in jax.tree_util.tree_flatten_with_path({"h": [1]})[0]]
+    ['h/0']
+    """
+    parts = []
+    for key in path:
+        if isinstance(key, DictKey):
+            parts.append(str(key.key))
+        elif isinstance(key, GetAttrKey):
+            parts.append(key.name)
+        elif isinstance(key, SequenceKey):
+            parts.append(str(key.idx))
+        elif isinstance(key, FlattenedIndexKey):
+            parts.append(str(key.key))
+        else:
+            parts.append(str(key))
+    if parts and isinstance(path[-1], GetAttrKey) and path[-1].name == "value":
+        parts.pop()
+    return "/".join(parts)
+
+
+def named_leaves(tree: Any) -> list[tuple[str, Any]]:
+    """``(name, leaf)`` for every leaf, lorax's nodes kept whole."""
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)
+    return [(render(path), leaf) for path, leaf in flat]

@@ -1,0 +1,67 @@
+"""Flatten a call ``fn(params, *args, **kwargs)`` into array inputs and trace it."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from lorax._src import compat
+from lorax._src.paths import render
+from lorax._src.weight import LoraWeight, Trainable, is_node
+
+
+def is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct))
+
+
+@dataclasses.dataclass
+class FlatCall:
+    """The leaves of ``(params, args, kwargs)``: arrays and lorax nodes are traced
+    inputs (``dynamic``), anything else (Python flags, callables) stays static."""
+
+    leaves: list
+    names: list[str]
+    treedef: Any
+    dynamic: list[int]
+    num_params: int
+
+    def rebuild(self, values) -> tuple[Any, tuple, dict]:
+        leaves = list(self.leaves)
+        for i, v in zip(self.dynamic, values):
+            leaves[i] = v
+        return jax.tree_util.tree_unflatten(self.treedef, leaves)
+
+    def arrays(self) -> list:
+        """What the traced function receives: ``w`` for a LoraWeight, the value of a Trainable."""
+        return [plain(self.leaves[i]) for i in self.dynamic]
+
+
+def plain(leaf: Any) -> Any:
+    if isinstance(leaf, LoraWeight):
+        return leaf.w
+    if isinstance(leaf, Trainable):
+        return leaf.value
+    return leaf
+
+
+def flatten_call(params: Any, args: tuple, kwargs: dict) -> FlatCall:
+    flat, treedef = jax.tree_util.tree_flatten_with_path((params, args, kwargs), is_leaf=is_node)
+    num_params = len(jax.tree_util.tree_leaves(params, is_leaf=is_node))
+    names = [render(path[1:]) for path, _ in flat]
+    leaves = [leaf for _, leaf in flat]
+    dynamic = [i for i, x in enumerate(leaves) if is_node(x) or is_array(x)]
+    return FlatCall(leaves, names, treedef, dynamic, num_params)
+
+
+def trace(fn: Callable, call: FlatCall) -> tuple[compat.ClosedJaxpr, Any]:
+    """The jaxpr of ``fn`` over the plain arrays of ``call``, and its output tree."""
+
+    def flat_fn(*values):
+        params, args, kwargs = call.rebuild(values)
+        return fn(params, *args, **kwargs)
+
+    closed, out_shape = compat.make_jaxpr(flat_fn, *call.arrays())
+    return closed, jax.tree_util.tree_structure(out_shape)

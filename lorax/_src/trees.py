@@ -1,0 +1,140 @@
+"""Split a LoRA tree into trainable and frozen halves, join them, merge adapters in or out."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from lorax._src.paths import render
+from lorax._src.weight import LoraWeight, Trainable, is_node
+
+
+def _is_leaf(x) -> bool:
+    return x is None or is_node(x)
+
+
+def _map(fn, *trees):
+    """Map ``fn(name, *nodes)`` over lorax nodes and leaves of trees of one structure."""
+    names = [[render(p) for p, _ in jax.tree_util.tree_flatten_with_path(t, is_leaf=_is_leaf)[0]]
+             for t in trees]
+    for other in names[1:]:
+        if other != names[0]:
+            first = next((a, b) for a, b in zip(names[0] + ["<end>"], other + ["<end>"]) if a != b)
+            raise ValueError(f"lorax: trees differ in structure: first difference at {first[0]!r} "
+                             f"against {first[1]!r}.")
+    counter = iter(names[0])
+    return jax.tree.map(lambda *xs: fn(next(counter), *xs), *trees, is_leaf=_is_leaf)
+
+
+def split(params: Any) -> tuple[Any, Any]:
+    """``(trainable, frozen)``: two trees of ``params``' structure with ``None`` holes.
+
+    ``trainable`` holds the adapters (``w=None``) and `Trainable` leaves; ``frozen`` holds
+    every ``w`` (``a=b=None``) and plain leaf. Differentiate with respect to ``trainable``.
+
+    >>> import jax.numpy as jnp, lorax
+    >>> lw = lorax.LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)))
+    >>> trainable, frozen = lorax.split({"w": lw, "bias": jnp.zeros(3)})
+    >>> trainable["bias"] is None, trainable["w"].w is None, frozen["w"].a is None
+    (True, True, True)
+    """
+
+    def halves(name, x):
+        if isinstance(x, LoraWeight):
+            return dataclasses.replace(x, w=None), dataclasses.replace(x, a=None, b=None)
+        if isinstance(x, Trainable):
+            return x, None
+        return None, x
+
+    pairs = _map(lambda name, x: _Pair(halves(name, x)), params)
+    return tuple(jax.tree.map(lambda pair: pair.halves[k], pairs) for k in (0, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Pair:
+    """Not a pytree: holds both halves of one leaf while `split` maps over the tree."""
+
+    halves: tuple
+
+
+def combine(trainable: Any, frozen: Any) -> Any:
+    """Join the halves made by `split` back into one tree.
+
+    >>> import jax.numpy as jnp, lorax
+    >>> lw = lorax.LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)))
+    >>> params = lorax.combine(*lorax.split({"w": lw}))
+    >>> params["w"].w.shape
+    (4, 3)
+    """
+
+    def join(name, t, f):
+        if isinstance(t, LoraWeight) and isinstance(f, LoraWeight):
+            if (t.w, f.a, f.b) != (None, None, None) or _meta(t) != _meta(f):
+                raise ValueError(f"lorax.combine: {name!r}: the trainable and frozen LoraWeights do "
+                                 "not come from one split (their metadata or halves differ).")
+            joined = dataclasses.replace(t, w=f.w)
+            joined.check(name)
+            return joined
+        if t is None:
+            if is_node(f):
+                raise ValueError(f"lorax.combine: {name!r} is missing from the trainable tree.")
+            return f
+        if f is None and isinstance(t, Trainable):
+            return t
+        raise ValueError(f"lorax.combine: {name!r} is {_kind(t)} in trainable and {_kind(f)} in "
+                         "frozen; expected the two halves of lorax.split.")
+
+    return _map(join, trainable, frozen)
+
+
+def _meta(lw: LoraWeight) -> tuple:
+    return lw.scale, lw.a_axes, lw.b_axes, lw.stack_axes, lw.dropout
+
+
+def _kind(x) -> str:
+    return "None" if x is None else type(x).__name__
+
+
+def merge(params: Any) -> Any:
+    """The plain tree: each `LoraWeight` becomes ``w + scale * a @ b`` in ``w``'s dtype.
+
+    >>> import jax.numpy as jnp, lorax
+    >>> lw = lorax.LoraWeight(jnp.zeros((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), scale=2.0)
+    >>> lorax.merge({"w": lw})["w"].tolist()
+    [[2.0, 2.0], [2.0, 2.0]]
+    """
+
+    def plain(name, x):
+        if isinstance(x, LoraWeight):
+            x.check(name)
+            return (x.w + x.delta().astype(x.w.dtype)).astype(x.w.dtype)
+        return x.value if isinstance(x, Trainable) else x
+
+    return _map(plain, params)
+
+
+def unmerge(merged: Any, adapters: Any) -> Any:
+    """Recover the LoRA tree from a merged tree and the adapters (``lorax.split(params)[0]``).
+
+    >>> import jax.numpy as jnp, lorax
+    >>> lw = lorax.LoraWeight(jnp.zeros((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)))
+    >>> trainable, _ = lorax.split({"w": lw})
+    >>> lorax.unmerge(lorax.merge({"w": lw}), trainable)["w"].w.tolist()
+    [[0.0, 0.0], [0.0, 0.0]]
+    """
+
+    def unfold(name, t, m):
+        if isinstance(t, LoraWeight):
+            restored = dataclasses.replace(t, w=(m - t.delta().astype(m.dtype)).astype(m.dtype))
+            restored.check(name)
+            return restored
+        if isinstance(t, Trainable):
+            return Trainable(m)
+        if t is not None:
+            raise ValueError(f"lorax.unmerge: {name!r} in adapters is {_kind(t)}; expected None, "
+                             "a LoraWeight or a Trainable (pass lorax.split(params)[0]).")
+        return m
+
+    return _map(unfold, adapters, merged)

@@ -1,0 +1,18 @@
+import jax
+import numpy as np
+import pytest
+
+
+def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-5):
+    """Compare two pytrees leaf by leaf, naming the first leaf that differs."""
+    a_leaves, a_tree = jax.tree_util.tree_flatten_with_path(actual)
+    e_leaves, e_tree = jax.tree_util.tree_flatten(expected)
+    assert a_tree == e_tree, f"structures differ:\n{a_tree}\n{e_tree}"
+    for (path, a), e in zip(a_leaves, e_leaves):
+        np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(e, np.float64), rtol=rtol,
+                                   atol=atol, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture
+def trees_close():
+    return assert_trees_close
