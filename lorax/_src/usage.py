@@ -62,8 +62,12 @@ def _walk(jaxpr, views, uses) -> list[View | None]:
         if name == "transpose":
             v = vs[0]
             outs = [View(v.leaf, tuple(v.axes[k] for k in p["permutation"]), v.stacked)]
-        elif name in _SAME_LAYOUT:
-            outs = [vs[0]]
+        elif name in _SAME_LAYOUT or (name in ("slice", "dynamic_slice") and vs[0] is not None):
+            outs = [vs[0]]  # a slice keeps every axis; slicing one layer out of a stack ...
+        elif name == "squeeze":  # ... then squeezing it makes that axis a stack axis
+            v, dims = vs[0], p["dimensions"]
+            outs = [View(v.leaf, tuple(a for k, a in enumerate(v.axes) if k not in dims),
+                         (*v.stacked, *(v.axes[k] for k in dims)))]
         elif name == "dot_general":
             (lc, rc), (lb, rb) = p["dimension_numbers"]
             for v, c, b in ((vs[0], lc, lb), (vs[1], rc, rb)):
