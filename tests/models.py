@@ -60,13 +60,14 @@ class GPT(nn.Module):
     heads: int = 4
     max_len: int = 16
     dtype: jnp.dtype = jnp.float32
+    remat: bool = True
 
     @nn.compact
     def __call__(self, ids):
         embed = nn.Embed(self.vocab, self.d, name="wte", dtype=self.dtype)
         pos = self.param("wpe", nn.initializers.normal(0.02), (self.max_len, self.d))
         x = embed(ids) + pos[: ids.shape[1]].astype(self.dtype)
-        blocks = nn.scan(nn.remat(Block), variable_axes={"params": 0}, split_rngs={"params": True},
+        blocks = nn.scan(nn.remat(Block) if self.remat else Block, variable_axes={"params": 0}, split_rngs={"params": True},
                          length=self.layers)
         x, _ = blocks(self.d, self.heads, self.dtype, name="h")(x, None)
         return embed.attend(nn.LayerNorm(dtype=self.dtype)(x))

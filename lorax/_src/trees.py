@@ -77,7 +77,7 @@ def combine(trainable: Any, frozen: Any) -> Any:
             joined = dataclasses.replace(t, w=f.w)
             joined.check(name)
             return joined
-        if t is None:
+        if t is None and f is not None:
             if is_node(f):
                 raise ValueError(f"lorax.combine: {name!r} is missing from the trainable tree.")
             return f

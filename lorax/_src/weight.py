@@ -82,8 +82,8 @@ class LoraWeight:
 
     def subscripts(self, letters: str = string.ascii_letters) -> tuple[str, str, str]:
         """Einsum subscripts of ``a``, ``b`` and ``w``; the rank is the last letter used."""
-        w_sub = letters[: self.w.ndim]
-        rank = letters[self.w.ndim]
+        ndim = len(self.a_axes) + len(self.b_axes) + len(self.stack_axes)
+        w_sub, rank = letters[:ndim], letters[ndim]
         pick = lambda axes: "".join(w_sub[i] for i in axes)  # noqa: E731
         stack = pick(self.stack_axes)
         return stack + pick(self.a_axes) + rank, stack + rank + pick(self.b_axes), w_sub
