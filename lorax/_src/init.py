@@ -25,9 +25,9 @@ def init(key: jax.Array, config: LoraConfig, fn: Callable, params: Any, *args, *
     >>> import jax, jax.numpy as jnp, lorax
     >>> fn = lambda p, x: jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"]
     >>> params = {"w1": jnp.ones((8, 16)), "b1": jnp.zeros(16), "w2": jnp.ones((16, 2))}
-    >>> lp = lorax.init(jax.random.key(0), lorax.LoraConfig(rank=4), fn, params, jnp.ones((1, 8)))
+    >>> lp = lorax.init(jax.random.key(0), lorax.LoraConfig(rank=2), fn, params, jnp.ones((1, 8)))
     >>> lp["w1"].a.shape, lp["w1"].b.shape, type(lp["b1"]).__name__
-    ((8, 4), (4, 16), 'ArrayImpl')
+    ((8, 2), (2, 16), 'ArrayImpl')
     """
     flat = flatten_call(params, args, kwargs)
     params_flat = flat.leaves[: flat.num_params]

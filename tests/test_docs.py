@@ -1,0 +1,26 @@
+"""The README's code and the quickstart example run exactly as written."""
+
+import re
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("index", range(len(re.findall(r"```python\n", (ROOT / "README.md").read_text()))))
+def test_readme_python_blocks_run(index):
+    block = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[index]
+    exec(compile(block, f"README.md block {index}", "exec"), {})
+
+
+def test_quickstart_example_learns_and_merges(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["quickstart.py"])
+    runpy.run_path(str(ROOT / "examples" / "quickstart.py"), run_name="__main__")
+    out = capsys.readouterr().out
+    losses = [float(v) for v in re.findall(r"loss ([0-9.]+)", out.split("LoRA fine-tuning")[1])]
+    assert losses[-1] < 0.05 * losses[0]
+    assert float(re.search(r"max \|difference\| = ([0-9.e+-]+)", out).group(1)) < 1e-4
+    assert "bit-identical after training: True" in out
