@@ -1,0 +1,146 @@
+"""A LLaMA-family decoder in Flax linen, laid out like transformers' LlamaForCausalLM.
+
+Parameter paths mirror the torch module names (``params/layers/self_attn/q_proj/kernel``
+stacked over layers by ``nn.scan``), so `lorax.peft.LLAMA` maps them to PEFT's keys.
+Kernels are Flax's ``[in, out]``: ``kernel = torch_weight.T``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    vocab: int = 49152
+    dim: int = 576
+    layers: int = 30
+    heads: int = 9
+    kv_heads: int = 3
+    hidden: int = 1536
+    rope_theta: float = 100000.0
+    eps: float = 1e-5
+    max_len: int = 2048
+    tie_embeddings: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.heads
+
+
+class RMSNorm(nn.Module):
+    eps: float
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],))
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (scale * x32).astype(x.dtype)
+
+
+def rope(x, positions, theta):
+    """transformers' rotate-half rotary embedding on ``x`` [batch, seq, heads, head_dim]."""
+    hd = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    freqs = positions[..., None].astype(jnp.float32) * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * jnp.cos(emb) + rotated * jnp.sin(emb)).astype(x.dtype)
+
+
+class Attention(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask):
+        c = self.config
+        b, t, _ = x.shape
+        proj = lambda n, name: nn.Dense(n * c.head_dim, use_bias=False, name=name)  # noqa: E731
+        q = proj(c.heads, "q_proj")(x).reshape(b, t, c.heads, c.head_dim)
+        k = proj(c.kv_heads, "k_proj")(x).reshape(b, t, c.kv_heads, c.head_dim)
+        v = proj(c.kv_heads, "v_proj")(x).reshape(b, t, c.kv_heads, c.head_dim)
+        q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+        groups = c.heads // c.kv_heads
+        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(c.head_dim)
+        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+        out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+        return nn.Dense(c.dim, use_bias=False, name="o_proj")(out.reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x):
+        dense = lambda n, name: nn.Dense(n, use_bias=False, name=name)  # noqa: E731
+        h = nn.silu(dense(self.config.hidden, "gate_proj")(x)) * dense(self.config.hidden, "up_proj")(x)
+        return dense(self.config.dim, "down_proj")(h)
+
+
+class DecoderLayer(nn.Module):
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, x, positions, mask):
+        c = self.config
+        x = x + Attention(c, name="self_attn")(RMSNorm(c.eps, name="input_layernorm")(x), positions, mask)
+        x = x + MLP(c, name="mlp")(RMSNorm(c.eps, name="post_attention_layernorm")(x))
+        return x, None
+
+
+class Llama(nn.Module):
+    """``Llama(config).apply(params, ids)`` -> logits [batch, seq, vocab]."""
+
+    config: LlamaConfig
+
+    @nn.compact
+    def __call__(self, ids):
+        c = self.config
+        embed = nn.Embed(c.vocab, c.dim, name="embed_tokens")
+        t = ids.shape[1]
+        positions = jnp.broadcast_to(jnp.arange(t), ids.shape)
+        mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
+        layers = nn.scan(nn.remat(DecoderLayer), variable_axes={"params": 0}, split_rngs={"params": True},
+                         in_axes=(nn.broadcast, nn.broadcast), length=c.layers)
+        x, _ = layers(c, name="layers")(embed(ids), positions, mask)
+        x = RMSNorm(c.eps, name="norm")(x)
+        if c.tie_embeddings:
+            return embed.attend(x)
+        return nn.Dense(c.vocab, use_bias=False, name="lm_head")(x)
+
+
+_LAYER_WEIGHTS = {
+    "self_attn/q_proj/kernel": "self_attn.q_proj.weight", "self_attn/k_proj/kernel": "self_attn.k_proj.weight",
+    "self_attn/v_proj/kernel": "self_attn.v_proj.weight", "self_attn/o_proj/kernel": "self_attn.o_proj.weight",
+    "mlp/gate_proj/kernel": "mlp.gate_proj.weight", "mlp/up_proj/kernel": "mlp.up_proj.weight",
+    "mlp/down_proj/kernel": "mlp.down_proj.weight",
+    "input_layernorm/scale": "input_layernorm.weight",
+    "post_attention_layernorm/scale": "post_attention_layernorm.weight",
+}
+
+
+def params_from_torch_names(config: LlamaConfig, get) -> dict:
+    """Build our params from ``get(torch_name) -> np.ndarray`` (a state dict or a GGUF reader)."""
+    layers: dict = {}
+    for ours, theirs in _LAYER_WEIGHTS.items():
+        stacked = np.stack([get(f"model.layers.{i}.{theirs}") for i in range(config.layers)])
+        if ours.endswith("kernel"):
+            stacked = stacked.transpose(0, 2, 1)
+        node = layers
+        parts = ours.split("/")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = jnp.asarray(stacked, jnp.float32)
+    params = {"embed_tokens": {"embedding": jnp.asarray(get("model.embed_tokens.weight"), jnp.float32)},
+              "layers": layers, "norm": {"scale": jnp.asarray(get("model.norm.weight"), jnp.float32)}}
+    if not config.tie_embeddings:
+        params["lm_head"] = {"kernel": jnp.asarray(get("lm_head.weight").T, jnp.float32)}
+    return {"params": params}

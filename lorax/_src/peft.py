@@ -1,0 +1,229 @@
+"""Hugging Face PEFT's adapter folder: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Written and read through safetensors' numpy API: no torch at run time. A lorax ``a``
+[*contracted, r] becomes ``lora_A.weight`` [r, in] and ``b`` [r, *outputs] becomes
+``lora_B.weight`` [out, r], multi-axis kernels flattened row-major; each layer of an
+``nn.scan`` stack becomes its own module. Scaling travels as ``r`` / ``lora_alpha``.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from lorax._src.config import LoraConfig
+from lorax._src.init import init
+from lorax._src.paths import named_leaves
+from lorax._src.trees import _map
+from lorax._src.weight import LoraWeight, Trainable
+
+PREFIX = "base_model.model."
+CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+
+#: ``(regex on the lorax path, torch module name)``; ``{i}`` is the layer: a regex group, or
+#: the index in the stack of an ``nn.scan``-ed weight.
+Mapping = Callable[[str, tuple[int, ...]], "str | None"] | Sequence[tuple[str, str]]
+
+LLAMA: Mapping = (
+    (r"(?:.*/)?layers(?:_(?P<i>\d+))?/self_attn/(?P<m>[qkvo])_proj/kernel", "model.layers.{i}.self_attn.{m}_proj"),
+    (r"(?:.*/)?layers(?:_(?P<i>\d+))?/mlp/(?P<m>gate|up|down)_proj/kernel", "model.layers.{i}.mlp.{m}_proj"),
+    (r"(?:.*/)?embed_tokens/embedding", "model.embed_tokens"),
+    (r"(?:.*/)?lm_head/kernel", "lm_head"),
+)
+GPT2: Mapping = (
+    (r"(?:.*/)?h(?:_(?P<i>\d+))?/attn/(?P<m>c_attn|c_proj)/kernel", "transformer.h.{i}.attn.{m}"),
+    (r"(?:.*/)?h(?:_(?P<i>\d+))?/mlp/(?P<m>c_fc|c_proj)/kernel", "transformer.h.{i}.mlp.{m}"),
+    (r"(?:.*/)?wte/embedding", "transformer.wte"),
+)
+
+# Keys of peft 0.21's LoraConfig. Keys outside this set are refused; these must hold
+# their inert default (None, False, "none", {} or []) since lorax does not implement them:
+_UNSUPPORTED = ("use_dora", "lora_bias", "layer_replication", "modules_to_save", "target_parameters",
+                "trainable_token_indices", "use_qalora", "use_bdlora", "alora_invocation_tokens",
+                "layers_to_transform", "megatron_config", "arrow_config")
+_KNOWN = {"alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "corda_config",
+          "ensure_weight_tying", "eva_config", "exclude_modules", "fan_in_fan_out", "inference_mode",
+          "init_lora_weights", "kasa_config", "layers_pattern", "loftq_config", "lora_alpha",
+          "lora_dropout", "lora_ga_config", "megatron_core", "monteclora_config", "peft_type",
+          "peft_version", "qalora_group_size", "r", "rank_pattern", "revision", "runtime_config",
+          "target_modules", "task_type", "use_rslora", "velora_config", *_UNSUPPORTED}
+
+
+def module_name(mapping: Mapping, path: str, index: tuple[int, ...]) -> str | None:
+    """The torch module name of lorax ``path`` (layer ``index`` of a stack), or None."""
+    if callable(mapping):
+        return mapping(path, index)
+    for pattern, template in mapping:
+        match = re.fullmatch(pattern, path)
+        if match:
+            groups = {k: v for k, v in match.groupdict().items() if v is not None}
+            if "i" not in groups and index:
+                groups["i"] = ".".join(map(str, index))
+            return template.format(**groups)
+    return None
+
+
+def _suffixes(lw_path: str) -> tuple[str, str]:
+    if lw_path.rsplit("/", 1)[-1] == "embedding":  # a flax nn.Embed table
+        return ".lora_embedding_A", ".lora_embedding_B"
+    return ".lora_A.weight", ".lora_B.weight"
+
+
+def _layers(lw: LoraWeight):
+    """``(stack index, a [in, r], b [r, out])`` per layer of a LoraWeight."""
+    a, b = np.asarray(jax.device_get(lw.a)), np.asarray(jax.device_get(lw.b))
+    stack = a.shape[: len(lw.stack_axes)]
+    for index in np.ndindex(*stack):
+        yield index, a[index].reshape(-1, lw.rank), b[index].reshape(lw.rank, -1)
+
+
+def save_peft(directory: str | Path, params: Any, mapping: Mapping, *, base_model_name_or_path: str = "",
+              task_type: str = "CAUSAL_LM") -> Path:
+    """Write the adapters of ``params`` as a PEFT adapter folder; returns its path.
+
+    >>> import jax, jax.numpy as jnp, lorax, lorax.peft, tempfile
+    >>> fn = lambda p, x: x @ p["q_proj"]["kernel"]
+    >>> lp = lorax.init(jax.random.key(0), lorax.LoraConfig(rank=2), fn, {"q_proj": {"kernel": jnp.ones((4, 3))}}, jnp.ones((1, 4)))
+    >>> folder = lorax.peft.save_peft(tempfile.mkdtemp(), lp, [("q_proj/kernel", "q_proj")])
+    >>> sorted(p.name for p in folder.iterdir())
+    ['adapter_config.json', 'adapter_model.safetensors']
+    """
+    directory = Path(directory)
+    tensors, ranks, alphas = {}, {}, {}
+    for path, leaf in named_leaves(params):
+        if isinstance(leaf, Trainable):
+            raise ValueError(f"lorax.peft: {path!r} is a Trainable leaf; PEFT's modules_to_save "
+                             "export is not supported yet.")
+        if not isinstance(leaf, LoraWeight):
+            continue
+        suffix_a, suffix_b = _suffixes(path)
+        for index, a, b in _layers(leaf):
+            module = module_name(mapping, path, index)
+            if module is None:
+                raise ValueError(f"lorax.peft: the mapping gives no torch module for {path!r}"
+                                 f"{f' layer {index}' if index else ''}.")
+            tensors[PREFIX + module + suffix_a] = np.ascontiguousarray(a.T)
+            tensors[PREFIX + module + suffix_b] = np.ascontiguousarray(b.T)
+            ranks[module], alphas[module] = leaf.rank, leaf.scale * leaf.rank
+    if not tensors:
+        raise ValueError("lorax.peft: params hold no LoraWeight to export.")
+    r = collections.Counter(ranks.values()).most_common(1)[0][0]
+    alpha = collections.Counter(a for m, a in alphas.items() if ranks[m] == r).most_common(1)[0][0]
+    config = {
+        "peft_type": "LORA", "r": r, "lora_alpha": alpha, "use_rslora": False,
+        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in ranks}),
+        "rank_pattern": {m: k for m, k in sorted(ranks.items()) if k != r},
+        "alpha_pattern": {m: a for m, a in sorted(alphas.items()) if a != alpha},
+        "fan_in_fan_out": False, "bias": "none", "modules_to_save": None, "use_dora": False,
+        "lora_dropout": 0.0, "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
+        "inference_mode": True,
+    }
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+    save_file({k: v.astype(np.float32) if v.dtype.kind == "V" else v for k, v in tensors.items()},
+              directory / WEIGHTS_FILE, metadata={"format": "pt"})
+    return directory
+
+
+def _read_config(directory: Path) -> dict:
+    try:
+        config = json.loads((directory / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"lorax.peft: cannot read {directory / CONFIG_FILE}: {err}") from None
+    unknown = sorted(set(config) - _KNOWN)
+    if unknown:
+        raise ValueError(f"lorax.peft: unknown adapter_config.json keys {unknown}; lorax reads peft 0.21's LoRA configs.")
+    if config.get("peft_type") != "LORA":
+        raise ValueError(f"lorax.peft: peft_type is {config.get('peft_type')!r}; only 'LORA' adapters load.")
+    if "r" not in config:
+        raise ValueError("lorax.peft: adapter_config.json has no 'r' (the rank).")
+    for key in _UNSUPPORTED:
+        if config.get(key) not in (None, False, {}, []):
+            raise ValueError(f"lorax.peft: {key}={config[key]!r} is not supported by lorax.")
+    if config.get("bias", "none") != "none":
+        raise ValueError(f"lorax.peft: bias={config['bias']!r} is not supported; only 'none'.")
+    return config
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rule: a key matches a module name ending in ``.key`` (a regex)."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def load_peft(directory: str | Path, fn: Callable, params: Any, *args, mapping: Mapping, **kwargs) -> Any:
+    """Read a PEFT adapter folder onto plain ``params``; returns the LoRA tree.
+
+    ``fn`` and its example arguments are traced as in `lorax.init`, to learn each weight's
+    layout. Every tensor's shape is checked against the base; tensors for modules the base
+    does not have are refused.
+    """
+    directory = Path(directory)
+    config = _read_config(directory)
+    try:
+        tensors = load_file(directory / WEIGHTS_FILE)
+    except Exception as err:  # safetensors raises its own error types for corrupt files
+        raise ValueError(f"lorax.peft: {directory / WEIGHTS_FILE} is missing or corrupt: {err}") from None
+    modules: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
+    for key, value in tensors.items():
+        match = re.fullmatch(r"(.+?)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)", key)
+        if not key.startswith(PREFIX) or not match:
+            raise ValueError(f"lorax.peft: unexpected tensor {key!r}: keys are "
+                             f"'{PREFIX}<module>.lora_A.weight' and the like.")
+        modules[match.group(1)[len(PREFIX):]]["A" if "A" in match.group(2) else "B"] = value
+
+    names = [name for name, leaf in named_leaves(params) if hasattr(leaf, "shape")]
+    targets, rank_of = {}, {}
+    for name in names:
+        for index in ((), (0,)):
+            module = module_name(mapping, name, index)
+            if module in modules:
+                targets[name] = module
+                rank_of[name] = modules[module]["A"].shape[0]
+    if not targets:
+        raise ValueError(f"lorax.peft: no weight of the base maps to the adapter's modules "
+                         f"{sorted(modules)[:5]}...; wrong base or mapping.")
+    lp = init(jax.random.key(0), LoraConfig(rank=config["r"], targets=[re.escape(n) for n in targets],
+                                            rank_pattern={re.escape(n): k for n, k in rank_of.items()}),
+              fn, params, *args, **kwargs)
+    claimed: set[str] = set()
+
+    def fill(name, leaf):
+        if not isinstance(leaf, LoraWeight):
+            return leaf
+        a, b = np.asarray(leaf.a).copy(), np.asarray(leaf.b).copy()
+        stack = a.shape[: len(leaf.stack_axes)]
+        for index in np.ndindex(*stack):
+            module = module_name(mapping, name, index)
+            if module not in modules:
+                raise ValueError(f"lorax.peft: the adapter has no tensors for {module!r} ({name!r} layer {index}).")
+            claimed.add(module)
+            A, B = modules[module]["A"], modules[module]["B"]
+            want_a, want_b = (leaf.rank, math.prod(a.shape[len(stack):-1])), (math.prod(b.shape[len(stack) + 1:]), leaf.rank)
+            if A.shape != want_a or B.shape != want_b:
+                raise ValueError(f"lorax.peft: {module!r}: lora_A {A.shape} / lora_B {B.shape} do not fit "
+                                 f"{name!r} {tuple(leaf.w.shape)}; expected {want_a} / {want_b}.")
+            a[index] = A.T.reshape(a[index].shape)
+            b[index] = B.T.reshape(b[index].shape)
+        r = leaf.rank
+        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
+        scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
+        return LoraWeight(leaf.w, a.astype(leaf.a.dtype), b.astype(leaf.b.dtype), scale=scale,
+                          a_axes=leaf.a_axes, b_axes=leaf.b_axes, stack_axes=leaf.stack_axes)
+
+    out = _map(fill, lp)
+    unclaimed = sorted(set(modules) - claimed)
+    if unclaimed:
+        raise ValueError(f"lorax.peft: adapter modules with no matching weight in the base: {unclaimed}; "
+                         "the adapter is for another base, or the mapping misses them.")
+    return out
