@@ -67,7 +67,10 @@ def module_name(mapping: Mapping, path: str, index: tuple[int, ...]) -> str | No
             groups = {k: v for k, v in match.groupdict().items() if v is not None}
             if "i" not in groups and index:
                 groups["i"] = ".".join(map(str, index))
-            return template.format(**groups)
+            try:
+                return template.format(**groups)
+            except KeyError:  # a per-layer template asked without a layer
+                return None
     return None
 
 

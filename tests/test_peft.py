@@ -1,0 +1,154 @@
+"""PEFT interop: lorax -> PEFT folder -> PeftModel, and PEFT -> lorax, numerically."""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import with_random_b
+
+import lorax
+import lorax.peft
+
+if os.environ.get("CI") == "true":  # CI installs the torch stack: a missing one is a failure
+    import peft
+    import torch
+    import transformers
+else:
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from llama import Llama, LlamaConfig, params_from_torch_names  # noqa: E402
+
+CONFIG = LlamaConfig(vocab=96, dim=48, layers=2, heads=6, kv_heads=2, hidden=64, rope_theta=10000.0, max_len=64)
+IDS = np.array([[1, 5, 7, 9, 11, 2, 3, 40]])
+
+
+def torch_llama(seed=0):
+    hf = transformers.LlamaConfig(
+        vocab_size=CONFIG.vocab, hidden_size=CONFIG.dim, intermediate_size=CONFIG.hidden,
+        num_hidden_layers=CONFIG.layers, num_attention_heads=CONFIG.heads,
+        num_key_value_heads=CONFIG.kv_heads, rope_theta=CONFIG.rope_theta, rms_norm_eps=CONFIG.eps,
+        tie_word_embeddings=True, max_position_embeddings=CONFIG.max_len)
+    torch.manual_seed(seed)
+    return transformers.LlamaForCausalLM(hf).eval()
+
+
+def jax_twin(model):
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    params = params_from_torch_names(CONFIG, state.__getitem__)
+    return (lambda p, ids: Llama(CONFIG).apply(p, ids)), params
+
+
+def torch_logits(model):
+    with torch.no_grad():
+        return model(torch.tensor(IDS)).logits.numpy()
+
+
+def rel_err(a, b):
+    return float(np.abs(np.asarray(a) - b).max() / np.abs(b).max())
+
+
+def test_base_twin_matches_transformers():
+    model = torch_llama()
+    fn, params = jax_twin(model)
+    assert rel_err(fn(params, IDS), torch_logits(model)) < 1e-5
+
+
+def test_lorax_adapter_loads_in_peft_with_equal_logits(tmp_path):
+    model = torch_llama()
+    fn, params = jax_twin(model)
+    config = lorax.LoraConfig(rank=4, alpha=8.0, rank_pattern={r".*/v_proj/kernel": 2})
+    lp = with_random_b(lorax.init(jax.random.key(1), config, fn, params, IDS), scale=0.2)
+    folder = lorax.peft.save_peft(tmp_path / "adapter", lp, lorax.peft.LLAMA)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"], cfg["target_modules"]) == (
+        4, 8.0, ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"])
+    assert cfg["rank_pattern"] == {f"model.layers.{i}.self_attn.v_proj": 2 for i in range(2)}
+    peft_model = peft.PeftModel.from_pretrained(model, str(folder)).eval()
+    ours = lorax.lora(fn)(lp, IDS)
+    theirs = torch_logits(peft_model)
+    assert rel_err(ours, theirs) < 1e-4
+    assert rel_err(fn(params, IDS), theirs) > 1e-2  # the adapter really changes the logits
+
+
+def test_peft_trained_adapter_imports_with_equal_logits(tmp_path):
+    model = peft.get_peft_model(torch_llama(), peft.LoraConfig(
+        r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0,
+        rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 4}, use_rslora=True))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        loss = model(torch.tensor(IDS), labels=torch.tensor(IDS)).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.save_pretrained(str(tmp_path / "adapter"))
+    base = model.get_base_model()
+    with model.disable_adapter():
+        base_logits = torch_logits(model)
+    theirs = torch_logits(model)
+    state = {k.replace("base_layer.", ""): v.detach().numpy() for k, v in base.state_dict().items()
+             if "lora_" not in k}
+    params = params_from_torch_names(CONFIG, state.__getitem__)
+    fn = lambda p, ids: Llama(CONFIG).apply(p, ids)  # noqa: E731
+    np.testing.assert_allclose(fn(params, IDS), base_logits, rtol=1e-4, atol=1e-5)
+    lp = lorax.peft.load_peft(tmp_path / "adapter", fn, params, IDS, mapping=lorax.peft.LLAMA)
+    assert rel_err(lorax.lora(fn)(lp, IDS), theirs) < 1e-4
+    assert rel_err(base_logits, theirs) > 1e-3
+    down = lp["params"]["layers"]["mlp"]["down_proj"]["kernel"]
+    assert down.rank == 2 and down.scale == pytest.approx(16 / np.sqrt(2))
+
+
+def _exported(tmp_path):
+    model = torch_llama()
+    fn, params = jax_twin(model)
+    lp = with_random_b(lorax.init(jax.random.key(1), lorax.LoraConfig(rank=2, targets=r".*q_proj/kernel"),
+                                  fn, params, IDS))
+    return fn, params, lp, lorax.peft.save_peft(tmp_path / "a", lp, lorax.peft.LLAMA)
+
+
+def test_round_trip_through_peft_files_is_exact(tmp_path):
+    fn, params, lp, folder = _exported(tmp_path)
+    back = lorax.peft.load_peft(folder, fn, params, IDS, mapping=lorax.peft.LLAMA)
+    for x, y in zip(jax.tree.leaves(lorax.split(back)[0]), jax.tree.leaves(lorax.split(lp)[0])):
+        np.testing.assert_array_equal(x, y)
+    assert back["params"]["layers"]["self_attn"]["q_proj"]["kernel"].scale == 1.0
+
+
+def test_refuses_wrong_base(tmp_path):
+    fn, _, _, folder = _exported(tmp_path)
+    other = LlamaConfig(vocab=96, dim=36, layers=2, heads=6, kv_heads=2, hidden=64, max_len=64)
+    other_params = Llama(other).init(jax.random.key(0), jnp.asarray(IDS))
+    other_fn = lambda p, ids: Llama(other).apply(p, ids)  # noqa: E731
+    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.q_proj': lora_A \(2, 48\) .* do not fit"):
+        lorax.peft.load_peft(folder, other_fn, other_params, IDS, mapping=lorax.peft.LLAMA)
+
+
+def test_refuses_truncated_safetensors(tmp_path):
+    fn, params, _, folder = _exported(tmp_path)
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-40])
+    with pytest.raises(ValueError, match="adapter_model.safetensors is missing or corrupt"):
+        lorax.peft.load_peft(folder, fn, params, IDS, mapping=lorax.peft.LLAMA)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda c: c.pop("r"), "has no 'r'"),
+    (lambda c: c.update(use_dora=True), "use_dora=True is not supported"),
+    (lambda c: c.update(surprise=1), r"unknown adapter_config.json keys \['surprise'\]"),
+    (lambda c: c.update(peft_type="IA3"), "only 'LORA'"),
+])
+def test_refuses_bad_config(tmp_path, change, match):
+    fn, params, _, folder = _exported(tmp_path)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    change(config)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=match):
+        lorax.peft.load_peft(folder, fn, params, IDS, mapping=lorax.peft.LLAMA)
