@@ -7,6 +7,8 @@
 (1, 3)
 """
 
+from lorax._src.checkpoint import load as load
+from lorax._src.checkpoint import save as save
 from lorax._src.config import LoraConfig as LoraConfig
 from lorax._src.explain import Explanation as Explanation
 from lorax._src.explain import explain as explain
@@ -30,9 +32,11 @@ __all__ = [
     "combine",
     "explain",
     "init",
+    "load",
     "lora",
     "merge",
     "optimizer",
+    "save",
     "split",
     "unmerge",
 ]

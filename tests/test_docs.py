@@ -5,15 +5,19 @@ import runpy
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("index", range(len(re.findall(r"```python\n", (ROOT / "README.md").read_text()))))
-def test_readme_python_blocks_run(index):
-    block = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)[index]
-    exec(compile(block, f"README.md block {index}", "exec"), {})
+def test_readme_python_blocks_run_in_order(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    assert len(blocks) >= 3
+    namespace: dict = {}
+    for index, block in enumerate(blocks):
+        exec(compile(block, f"README.md block {index}", "exec"), namespace)
+    assert namespace["again"]["params"]["layers"]["mlp"]["up_proj"]["kernel"].rank == 8
 
 
 def test_quickstart_example_learns_and_merges(capsys, monkeypatch):
