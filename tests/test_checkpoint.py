@@ -1,5 +1,6 @@
 """Adapter checkpoints: exact round trip, refusal of a wrong base, crash safety, retention."""
 
+import json
 import os
 import subprocess
 import sys
@@ -25,7 +26,11 @@ def _adapted():
 
 def test_round_trip_is_exact_and_writes_only_adapters(tmp_path):
     fn, params, lp, x = _adapted()
-    folder = lorax.save(tmp_path / "ckpt", lp, step=7)
+    folder = lorax.save(tmp_path / "ckpt", lp, step=7, config=lorax.LoraConfig(rank=2, use_rslora=True))
+    record = json.loads((folder / "meta" / "metadata").read_text())
+    assert record["config"]["use_rslora"] is True and record["config"]["targets"] == "all-linear"
+    entry = next(e for e in record["weights"] if e["path"] == "params/h/out/kernel")
+    assert (entry["a_axes"], entry["b_axes"], entry["stack_axes"], entry["scale"]) == ([1, 2], [3], [0], 3.0)
     back = lorax.load(tmp_path / "ckpt", params)
     assert jax.tree.structure(back, is_leaf=lambda n: isinstance(n, lorax.LoraWeight)) == \
         jax.tree.structure(lp, is_leaf=lambda n: isinstance(n, lorax.LoraWeight))

@@ -1,5 +1,6 @@
 """PEFT interop: lorax -> PEFT folder -> PeftModel, and PEFT -> lorax, numerically."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import with_random_b
+from safetensors.numpy import load_file
 
 import lorax
 import lorax.peft
@@ -30,20 +32,20 @@ CONFIG = LlamaConfig(vocab=96, dim=48, layers=2, heads=6, kv_heads=2, hidden=64,
 IDS = np.array([[1, 5, 7, 9, 11, 2, 3, 40]])
 
 
-def torch_llama(seed=0):
+def torch_llama(seed=0, config=CONFIG):
     hf = transformers.LlamaConfig(
-        vocab_size=CONFIG.vocab, hidden_size=CONFIG.dim, intermediate_size=CONFIG.hidden,
-        num_hidden_layers=CONFIG.layers, num_attention_heads=CONFIG.heads,
-        num_key_value_heads=CONFIG.kv_heads, rope_theta=CONFIG.rope_theta, rms_norm_eps=CONFIG.eps,
-        tie_word_embeddings=True, max_position_embeddings=CONFIG.max_len)
+        vocab_size=config.vocab, hidden_size=config.dim, intermediate_size=config.hidden,
+        num_hidden_layers=config.layers, num_attention_heads=config.heads,
+        num_key_value_heads=config.kv_heads, rope_theta=config.rope_theta, rms_norm_eps=config.eps,
+        tie_word_embeddings=config.tie_embeddings, max_position_embeddings=config.max_len)
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(hf).eval()
 
 
-def jax_twin(model):
+def jax_twin(model, config=CONFIG):
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    params = params_from_torch_names(CONFIG, state.__getitem__)
-    return (lambda p, ids: Llama(CONFIG).apply(p, ids)), params
+    params = params_from_torch_names(config, state.__getitem__)
+    return (lambda p, ids: Llama(config).apply(p, ids)), params
 
 
 def torch_logits(model):
@@ -152,3 +154,49 @@ def test_refuses_bad_config(tmp_path, change, match):
     (folder / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=match):
         lorax.peft.load_peft(folder, fn, params, IDS, mapping=lorax.peft.LLAMA)
+
+
+def test_untied_embedding_and_head_adapters_travel_both_ways(tmp_path):
+    untied = dataclasses.replace(CONFIG, tie_embeddings=False)
+    hf = torch_llama(config=untied)
+    fn, params = jax_twin(hf, untied)
+    config = lorax.LoraConfig(rank=3, alpha=3.0, targets=r".*(embed_tokens/embedding|lm_head/kernel|q_proj/kernel)")
+    lp = with_random_b(lorax.init(jax.random.key(2), config, fn, params, IDS), scale=0.2)
+    folder = lorax.peft.save_peft(tmp_path / "e", lp, lorax.peft.LLAMA)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    assert tensors["base_model.model.model.embed_tokens.lora_embedding_A"].shape == (3, 96)
+    assert tensors["base_model.model.model.embed_tokens.lora_embedding_B"].shape == (48, 3)
+    assert tensors["base_model.model.lm_head.lora_B.weight"].shape == (96, 3)
+    theirs = torch_logits(peft.PeftModel.from_pretrained(hf, str(folder)).eval())
+    assert rel_err(lorax.lora(fn)(lp, IDS), theirs) < 1e-4
+    back = lorax.peft.load_peft(folder, fn, params, IDS, mapping=lorax.peft.LLAMA)
+    assert rel_err(lorax.lora(fn)(back, IDS), theirs) < 1e-4
+
+
+def test_modules_to_save_travel_both_ways(tmp_path):
+    untied = dataclasses.replace(CONFIG, tie_embeddings=False)
+    model = peft.get_peft_model(torch_llama(config=untied), peft.LoraConfig(
+        r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head", "model.norm"]))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(3):
+        loss = model(torch.tensor(IDS), labels=torch.tensor(IDS)).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.save_pretrained(str(tmp_path / "in"))
+    theirs = torch_logits(model)
+    with model.disable_adapter():
+        base = torch_logits(model)
+    fn, params = jax_twin(torch_llama(config=untied), untied)
+    np.testing.assert_allclose(fn(params, IDS), base, rtol=1e-4, atol=1e-5)
+    lp = lorax.peft.load_peft(tmp_path / "in", fn, params, IDS, mapping=lorax.peft.LLAMA)
+    assert isinstance(lp["params"]["lm_head"]["kernel"], lorax.Trainable)
+    assert isinstance(lp["params"]["norm"]["scale"], lorax.Trainable)
+    assert rel_err(lorax.lora(fn)(lp, IDS), theirs) < 1e-4
+    # and back out: PEFT reads lorax's export of the same adapter
+    folder = lorax.peft.save_peft(tmp_path / "out", lp, lorax.peft.LLAMA)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert cfg["modules_to_save"] == ["lm_head", "model.norm"]
+    again = peft.PeftModel.from_pretrained(torch_llama(config=untied), str(folder)).eval()
+    assert rel_err(lorax.lora(fn)(lp, IDS), torch_logits(again)) < 1e-4

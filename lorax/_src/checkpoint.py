@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lorax._src.config import LoraConfig
 from lorax._src.paths import named_leaves
 from lorax._src.sharding import factor_shardings
 from lorax._src.trees import _map
@@ -43,11 +44,14 @@ def _manager(directory: str | Path, keep: int | None = None) -> ocp.CheckpointMa
     return ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
 
-def save(directory: str | Path, params: Any, *, step: int = 0, keep: int | None = None) -> Path:
+def save(directory: str | Path, params: Any, *, step: int = 0, keep: int | None = None,
+         config: LoraConfig | None = None) -> Path:
     """Write the adapters of ``params`` as step ``step`` under ``directory``.
 
     Each step is written to a temporary folder and renamed when complete (orbax), so a
     crash mid-save leaves earlier steps loadable; ``keep`` keeps only the newest steps.
+    Each weight's rank, scale and axes are recorded; ``config`` (targets, rsLoRA, ...) too
+    when given.
 
     >>> import jax, jax.numpy as jnp, lorax, tempfile
     >>> fn = lambda p, x: x @ p["w"]
@@ -60,7 +64,7 @@ def save(directory: str | Path, params: Any, *, step: int = 0, keep: int | None 
     meta, arrays = _entries(params)
     if not meta:
         raise ValueError("lorax.save: params hold no LoraWeight or Trainable leaf to save.")
-    record = {"format": FORMAT, "weights": meta}
+    record = {"format": FORMAT, "weights": meta, "config": config.record() if config else None}
     with _manager(directory, keep) as manager:
         manager.save(step, args=ocp.args.Composite(adapters=ocp.args.StandardSave(arrays),
                                                    meta=ocp.args.JsonSave(record)))

@@ -88,6 +88,11 @@ class LoraConfig:
         _patterns(list(self.rank_pattern), "rank_pattern")
         _patterns(list(self.alpha_pattern), "alpha_pattern")
 
+    def record(self) -> dict:
+        """A JSON-able description (callables and dtypes by name), for checkpoint metadata."""
+        plain = lambda v: v if isinstance(v, (int, float, str, bool, type(None), list, dict, tuple)) else repr(v)  # noqa: E731
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
     def rank_for(self, path: str) -> int:
         return first_match(self.rank_pattern, path, self.rank)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
@@ -35,7 +36,9 @@ Mapping = Callable[[str, tuple[int, ...]], "str | None"] | Sequence[tuple[str, s
 LLAMA: Mapping = (
     (r"(?:.*/)?layers(?:_(?P<i>\d+))?/self_attn/(?P<m>[qkvo])_proj/kernel", "model.layers.{i}.self_attn.{m}_proj"),
     (r"(?:.*/)?layers(?:_(?P<i>\d+))?/mlp/(?P<m>gate|up|down)_proj/kernel", "model.layers.{i}.mlp.{m}_proj"),
+    (r"(?:.*/)?layers(?:_(?P<i>\d+))?/(?P<m>input_layernorm|post_attention_layernorm)/scale", "model.layers.{i}.{m}"),
     (r"(?:.*/)?embed_tokens/embedding", "model.embed_tokens"),
+    (r"(?:.*/)?norm/scale", "model.norm"),
     (r"(?:.*/)?lm_head/kernel", "lm_head"),
 )
 GPT2: Mapping = (
@@ -46,7 +49,7 @@ GPT2: Mapping = (
 
 # Keys of peft 0.21's LoraConfig. Keys outside this set are refused; these must hold
 # their inert default (None, False, "none", {} or []) since lorax does not implement them:
-_UNSUPPORTED = ("use_dora", "lora_bias", "layer_replication", "modules_to_save", "target_parameters",
+_UNSUPPORTED = ("use_dora", "lora_bias", "layer_replication", "target_parameters",
                 "trainable_token_indices", "use_qalora", "use_bdlora", "alora_invocation_tokens",
                 "layers_to_transform", "megatron_config", "arrow_config")
 _KNOWN = {"alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "corda_config",
@@ -54,7 +57,7 @@ _KNOWN = {"alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "c
           "init_lora_weights", "kasa_config", "layers_pattern", "loftq_config", "lora_alpha",
           "lora_dropout", "lora_ga_config", "megatron_core", "monteclora_config", "peft_type",
           "peft_version", "qalora_group_size", "r", "rank_pattern", "revision", "runtime_config",
-          "target_modules", "task_type", "use_rslora", "velora_config", *_UNSUPPORTED}
+          "target_modules", "task_type", "use_rslora", "velora_config", "modules_to_save", *_UNSUPPORTED}
 
 
 def module_name(mapping: Mapping, path: str, index: tuple[int, ...]) -> str | None:
@@ -100,11 +103,13 @@ def save_peft(directory: str | Path, params: Any, mapping: Mapping, *, base_mode
     ['adapter_config.json', 'adapter_model.safetensors']
     """
     directory = Path(directory)
-    tensors, ranks, alphas = {}, {}, {}
+    tensors, ranks, alphas, saved = {}, {}, {}, set()
     for path, leaf in named_leaves(params):
         if isinstance(leaf, Trainable):
-            raise ValueError(f"lorax.peft: {path!r} is a Trainable leaf; PEFT's modules_to_save "
-                             "export is not supported yet.")
+            for module, name, value in _full_tensors(mapping, path, np.asarray(jax.device_get(leaf.value))):
+                tensors[PREFIX + name] = np.ascontiguousarray(value)
+                saved.add(module)
+            continue
         if not isinstance(leaf, LoraWeight):
             continue
         suffix_a, suffix_b = _suffixes(path)
@@ -116,7 +121,7 @@ def save_peft(directory: str | Path, params: Any, mapping: Mapping, *, base_mode
             tensors[PREFIX + module + suffix_a] = np.ascontiguousarray(a.T)
             tensors[PREFIX + module + suffix_b] = np.ascontiguousarray(b.T)
             ranks[module], alphas[module] = leaf.rank, leaf.scale * leaf.rank
-    if not tensors:
+    if not ranks:
         raise ValueError("lorax.peft: params hold no LoraWeight to export.")
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
     alpha = collections.Counter(a for m, a in alphas.items() if ranks[m] == r).most_common(1)[0][0]
@@ -125,7 +130,7 @@ def save_peft(directory: str | Path, params: Any, mapping: Mapping, *, base_mode
         "target_modules": sorted({m.rsplit(".", 1)[-1] for m in ranks}),
         "rank_pattern": {m: k for m, k in sorted(ranks.items()) if k != r},
         "alpha_pattern": {m: a for m, a in sorted(alphas.items()) if a != alpha},
-        "fan_in_fan_out": False, "bias": "none", "modules_to_save": None, "use_dora": False,
+        "fan_in_fan_out": False, "bias": "none", "modules_to_save": sorted(saved) or None, "use_dora": False,
         "lora_dropout": 0.0, "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
         "inference_mode": True,
     }
@@ -134,6 +139,21 @@ def save_peft(directory: str | Path, params: Any, mapping: Mapping, *, base_mode
     save_file({k: v.astype(np.float32) if v.dtype.kind == "V" else v for k, v in tensors.items()},
               directory / WEIGHTS_FILE, metadata={"format": "pt"})
     return directory
+
+
+def _full_tensors(mapping: Mapping, path: str, value: np.ndarray):
+    """``(module, torch tensor name, value)`` for a leaf trained fully (``modules_to_save``).
+
+    A kernel is transposed to torch's [out, in]; a leaf whose module name needs a layer is
+    split along its first (stacked) axis."""
+    param = "bias" if path.endswith("/bias") else "weight"
+    kernel = path.endswith("/kernel")
+    layers = [((), value)] if module_name(mapping, path, ()) else list(enumerate(value))
+    for index, layer in layers:
+        module = module_name(mapping, path, (index,) if layers[0][0] != () else ())
+        if module is None:
+            raise ValueError(f"lorax.peft: the mapping gives no torch module for the Trainable leaf {path!r}.")
+        yield module, f"{module}.{param}", layer.T if kernel else layer
 
 
 def _read_config(directory: Path) -> dict:
@@ -178,12 +198,17 @@ def load_peft(directory: str | Path, fn: Callable, params: Any, *args, mapping: 
     except Exception as err:  # safetensors raises its own error types for corrupt files
         raise ValueError(f"lorax.peft: {directory / WEIGHTS_FILE} is missing or corrupt: {err}") from None
     modules: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
+    full: dict[str, np.ndarray] = {}  # modules_to_save tensors by torch name
+    saved = config.get("modules_to_save") or []
     for key, value in tensors.items():
         match = re.fullmatch(r"(.+?)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)", key)
-        if not key.startswith(PREFIX) or not match:
+        if key.startswith(PREFIX) and match:
+            modules[match.group(1)[len(PREFIX):]]["A" if "A" in match.group(2) else "B"] = value
+        elif key.startswith(PREFIX) and any(key.rsplit(".", 1)[0].endswith(m) for m in saved):
+            full[key[len(PREFIX):]] = value
+        else:
             raise ValueError(f"lorax.peft: unexpected tensor {key!r}: keys are "
-                             f"'{PREFIX}<module>.lora_A.weight' and the like.")
-        modules[match.group(1)[len(PREFIX):]]["A" if "A" in match.group(2) else "B"] = value
+                             f"'{PREFIX}<module>.lora_A.weight' and the like, or modules_to_save.")
 
     names = [name for name, leaf in named_leaves(params) if hasattr(leaf, "shape")]
     targets, rank_of = {}, {}
@@ -205,27 +230,46 @@ def load_peft(directory: str | Path, fn: Callable, params: Any, *args, mapping: 
         if not isinstance(leaf, LoraWeight):
             return leaf
         a, b = np.asarray(leaf.a).copy(), np.asarray(leaf.b).copy()
-        stack = a.shape[: len(leaf.stack_axes)]
+        stack, r = a.shape[: len(leaf.stack_axes)], leaf.rank
+        want_a, want_b = (r, math.prod(a.shape[len(stack):-1])), (math.prod(b.shape[len(stack) + 1:]), r)
+        scales = set()
         for index in np.ndindex(*stack):
             module = module_name(mapping, name, index)
             if module not in modules:
                 raise ValueError(f"lorax.peft: the adapter has no tensors for {module!r} ({name!r} layer {index}).")
             claimed.add(module)
             A, B = modules[module]["A"], modules[module]["B"]
-            want_a, want_b = (leaf.rank, math.prod(a.shape[len(stack):-1])), (math.prod(b.shape[len(stack) + 1:]), leaf.rank)
             if A.shape != want_a or B.shape != want_b:
                 raise ValueError(f"lorax.peft: {module!r}: lora_A {A.shape} / lora_B {B.shape} do not fit "
                                  f"{name!r} {tuple(leaf.w.shape)}; expected {want_a} / {want_b}.")
-            a[index] = A.T.reshape(a[index].shape)
-            b[index] = B.T.reshape(b[index].shape)
-        r = leaf.rank
-        alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
-        scale = alpha / (math.sqrt(r) if config.get("use_rslora") else r)
-        return LoraWeight(leaf.w, a.astype(leaf.a.dtype), b.astype(leaf.b.dtype), scale=scale,
+            a[index], b[index] = A.T.reshape(a[index].shape), B.T.reshape(b[index].shape)
+            alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
+            scales.add(alpha / (math.sqrt(r) if config.get("use_rslora") else r))
+        if len(scales) > 1:
+            raise ValueError(f"lorax.peft: the layers of {name!r} have different scales {sorted(scales)}; "
+                             "one stacked weight holds one scale.")
+        return LoraWeight(leaf.w, jnp.asarray(a, leaf.a.dtype), jnp.asarray(b, leaf.b.dtype), scale=scales.pop(),
                           a_axes=leaf.a_axes, b_axes=leaf.b_axes, stack_axes=leaf.stack_axes)
 
-    out = _map(fill, lp)
-    unclaimed = sorted(set(modules) - claimed)
+    def fill_full(name, leaf):
+        if isinstance(leaf, LoraWeight) or not hasattr(leaf, "shape"):
+            return leaf
+        wanted = list(_full_tensors(mapping, name, np.zeros(leaf.shape, np.float32))) \
+            if module_name(mapping, name, ()) or module_name(mapping, name, (0,)) else []
+        if not wanted or not all(torch_name in full for _, torch_name, _ in wanted):
+            return leaf
+        layers = []
+        for _, torch_name, like in wanted:
+            value = full[torch_name]
+            if value.shape != like.shape:
+                raise ValueError(f"lorax.peft: {torch_name!r} {value.shape} does not fit {name!r}; expected {like.shape}.")
+            claimed.add(torch_name)
+            layers.append(value.T if name.endswith("/kernel") else value)
+        value = layers[0] if module_name(mapping, name, ()) else np.stack(layers)
+        return Trainable(jnp.asarray(value, leaf.dtype))
+
+    out = _map(fill_full, _map(fill, lp))
+    unclaimed = sorted((set(modules) | set(full)) - claimed)
     if unclaimed:
         raise ValueError(f"lorax.peft: adapter modules with no matching weight in the base: {unclaimed}; "
                          "the adapter is for another base, or the mapping misses them.")
