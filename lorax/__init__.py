@@ -14,6 +14,7 @@ from lorax._src.explain import Explanation as Explanation
 from lorax._src.explain import explain as explain
 from lorax._src.init import init as init
 from lorax._src.optim import optimizer as optimizer
+from lorax._src.sharding import partition_specs as partition_specs
 from lorax._src.transform import lora as lora
 from lorax._src.trees import combine as combine
 from lorax._src.trees import merge as merge
@@ -36,6 +37,7 @@ __all__ = [
     "lora",
     "merge",
     "optimizer",
+    "partition_specs",
     "save",
     "split",
     "unmerge",

@@ -16,8 +16,8 @@ import lorax
 def test_public_api_is_pinned():
     assert lorax.__all__ == sorted(lorax.__all__)
     assert lorax.__all__ == ["Explanation", "LoraConfig", "LoraWeight", "Trainable", "combine",
-                             "explain", "init", "load", "lora", "merge", "optimizer", "save", "split",
-                             "unmerge"]
+                             "explain", "init", "load", "lora", "merge", "optimizer", "partition_specs",
+                             "save", "split", "unmerge"]
 
 
 @pytest.mark.parametrize("d, layers, rank, expected", [

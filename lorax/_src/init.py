@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from lorax._src.config import LoraConfig
+from lorax._src.sharding import place_factors
 from lorax._src.tracing import flatten_call, trace
 from lorax._src.usage import Use, View, find_uses
 from lorax._src.weight import LoraWeight, Trainable, is_node
@@ -87,6 +88,6 @@ def _adapt(key: jax.Array, config: LoraConfig, name: str, w: jax.Array, use: Use
     else:  # PEFT's kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
         bound = 1.0 / math.sqrt(fan_in)
         a = jax.random.uniform(key, a_shape, dtype, -bound, bound)
-    return LoraWeight(w, a, jnp.zeros(b_shape, dtype), scale=config.scale_for(name),
-                      a_axes=use.a_axes, b_axes=use.b_axes, stack_axes=use.stack_axes,
-                      dropout=config.dropout)
+    return place_factors(LoraWeight(w, a, jnp.zeros(b_shape, dtype), scale=config.scale_for(name),
+                                    a_axes=use.a_axes, b_axes=use.b_axes, stack_axes=use.stack_axes,
+                                    dropout=config.dropout))
