@@ -42,6 +42,10 @@ def mesh():
     return Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
 
 
+def sharded_params(m, *specs):
+    return {k: jax.device_put(v, NamedSharding(m, s)) for (k, v), s in zip(base_params().items(), specs)}
+
+
 def adapted(params):
     x = jnp.ones((16, D))
     lp = lorax.init(jax.random.key(1), lorax.LoraConfig(rank=4), fn, params, x)
@@ -72,7 +76,7 @@ def collective_bytes(hlo: str) -> int:
 def test_init_places_factors_after_the_base_weight(layout):
     s1, s2, _ = LAYOUTS[layout]
     m = mesh()
-    params = {k: jax.device_put(v, NamedSharding(m, s)) for (k, v), s in zip(base_params().items(), (s1, s2))}
+    params = sharded_params(m, s1, s2)
     lp = adapted(params)
     for name, spec in (("w1", s1), ("w2", s2)):
         lw = lp[name]
@@ -86,7 +90,7 @@ def test_init_places_factors_after_the_base_weight(layout):
 def test_jit_step_with_named_shardings_matches_single_device(layout):
     s1, s2, sx = LAYOUTS[layout]
     m = mesh()
-    params = {k: jax.device_put(v, NamedSharding(m, s)) for (k, v), s in zip(base_params().items(), (s1, s2))}
+    params = sharded_params(m, s1, s2)
     lp = adapted(params)
     x = jax.device_put(jax.random.normal(jax.random.key(2), (16, D)), NamedSharding(m, sx))
     specs = lorax.partition_specs(lp)
@@ -146,8 +150,7 @@ def test_shard_map_data_parallel_matches_single_device():
 
 def test_merge_keeps_w_sharding_and_can_donate():
     m = mesh()
-    params = {"w1": jax.device_put(base_params()["w1"], NamedSharding(m, P(None, "model"))),
-              "w2": jax.device_put(base_params()["w2"], NamedSharding(m, P("model", None)))}
+    params = sharded_params(m, P(None, "model"), P("model", None))
     lp = adapted(params)
     expected = jax.device_get(lorax.merge(jax.device_get(lp)))
     merged = jax.jit(lorax.merge, donate_argnums=0)(lp)
@@ -171,3 +174,24 @@ def test_flax_partitioning_metadata_is_respected():
     kernel = specs["params"]["Dense_0"]["kernel"].value
     assert (kernel.w, kernel.a, kernel.b) == (P(None, "model"), P(None, None), P(None, "model"))
     assert [r.path for r in lorax.explain(apply, lp, x).rows] == ["params/Dense_0/kernel"]
+
+
+def test_nnx_sharding_metadata_is_respected():
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            init = nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, "model"))
+            self.lin = nnx.Linear(D, H, kernel_init=init, rngs=rngs)
+
+        def __call__(self, x):
+            return self.lin(x)
+
+    with jax.set_mesh(mesh()):
+        graphdef, state = nnx.split(Net(nnx.Rngs(0)))
+    apply = lambda s, x: nnx.merge(graphdef, s)(x)  # noqa: E731
+    lp = lorax.init(jax.random.key(1), lorax.LoraConfig(rank=2), apply, state, jnp.ones((4, D)))
+    kernel = lp["lin"]["kernel"].get_value()
+    assert (kernel.a.sharding.spec, kernel.b.sharding.spec) == (P(None, None), P(None, "model"))
+    specs = lorax.partition_specs(lp, nnx.get_partition_spec(state))
+    assert specs["lin"]["kernel"].get_value().b == P(None, "model")

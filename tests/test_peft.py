@@ -53,6 +53,17 @@ def torch_logits(model):
         return model(torch.tensor(IDS)).logits.numpy()
 
 
+def train_in_torch(model, steps=3):
+    """A few SGD steps in torch, so every adapter (and module to save) is non-trivial."""
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(steps):
+        loss = model(torch.tensor(IDS), labels=torch.tensor(IDS)).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+
+
 def rel_err(a, b):
     return float(np.abs(np.asarray(a) - b).max() / np.abs(b).max())
 
@@ -84,13 +95,7 @@ def test_peft_trained_adapter_imports_with_equal_logits(tmp_path):
     model = peft.get_peft_model(torch_llama(), peft.LoraConfig(
         r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0,
         rank_pattern={"down_proj": 2}, alpha_pattern={"v_proj": 4}, use_rslora=True))
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    for _ in range(3):
-        loss = model(torch.tensor(IDS), labels=torch.tensor(IDS)).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    train_in_torch(model)
     model.save_pretrained(str(tmp_path / "adapter"))
     base = model.get_base_model()
     with model.disable_adapter():
@@ -177,13 +182,7 @@ def test_modules_to_save_travel_both_ways(tmp_path):
     untied = dataclasses.replace(CONFIG, tie_embeddings=False)
     model = peft.get_peft_model(torch_llama(config=untied), peft.LoraConfig(
         r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head", "model.norm"]))
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
-    for _ in range(3):
-        loss = model(torch.tensor(IDS), labels=torch.tensor(IDS)).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval()
+    train_in_torch(model)
     model.save_pretrained(str(tmp_path / "in"))
     theirs = torch_logits(model)
     with model.disable_adapter():
@@ -200,3 +199,16 @@ def test_modules_to_save_travel_both_ways(tmp_path):
     assert cfg["modules_to_save"] == ["lm_head", "model.norm"]
     again = peft.PeftModel.from_pretrained(torch_llama(config=untied), str(folder)).eval()
     assert rel_err(lorax.lora(fn)(lp, IDS), torch_logits(again)) < 1e-4
+
+
+@pytest.mark.parametrize("mapping, path, index, expected", [
+    (lorax.peft.LLAMA, "params/layers/self_attn/q_proj/kernel", (3,), "model.layers.3.self_attn.q_proj"),
+    (lorax.peft.LLAMA, "params/layers_7/mlp/down_proj/kernel", (), "model.layers.7.mlp.down_proj"),
+    (lorax.peft.LLAMA, "params/layers/self_attn/q_proj/kernel", (), None),  # a stack needs its layer
+    (lorax.peft.GPT2, "params/h/attn/c_attn/kernel", (0,), "transformer.h.0.attn.c_attn"),
+    (lorax.peft.GPT2, "params/h_11/mlp/c_fc/kernel", (), "transformer.h.11.mlp.c_fc"),
+    (lorax.peft.GPT2, "params/wte/embedding", (), "transformer.wte"),
+    (lambda path, index: f"custom.{path}.{index}", "x", (1,), "custom.x.(1,)"),
+])
+def test_module_names(mapping, path, index, expected):
+    assert lorax.peft.module_name(mapping, path, index) == expected

