@@ -27,6 +27,7 @@ class LlamaConfig:
     eps: float = 1e-5
     max_len: int = 2048
     tie_embeddings: bool = True
+    remat: bool = True  # recompute each layer in the backward: less memory, about 1/3 more compute
 
     @property
     def head_dim(self) -> int:
@@ -108,7 +109,7 @@ class Llama(nn.Module):
         t = ids.shape[1]
         positions = jnp.broadcast_to(jnp.arange(t), ids.shape)
         mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
-        layers = nn.scan(nn.remat(DecoderLayer), variable_axes={"params": 0}, split_rngs={"params": True},
+        layers = nn.scan(nn.remat(DecoderLayer) if c.remat else DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(nn.broadcast, nn.broadcast), length=c.layers)
         x, _ = layers(c, name="layers")(embed(ids), positions, mask)
         x = RMSNorm(c.eps, name="norm")(x)

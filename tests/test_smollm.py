@@ -71,3 +71,31 @@ def test_lora_on_the_real_model_starts_at_the_base(smol):
     assert report.trainable == 30 * 8 * ((576 + 576) + (576 + 192)) == 460_800
     assert not report.materialized
     np.testing.assert_array_equal(lorax.lora(fn)(lp, ids), fn(params, ids))
+
+
+def test_finetune_example_smoke_and_resume(tmp_path, capsys):
+    import finetune_smollm
+
+    tiny = ["--steps", "2", "--seq", "32", "--batch", "1", "--eval-batches", "1", "--new-tokens", "2",
+            "--out", str(tmp_path)]
+    summary = finetune_smollm.main(tiny)
+    out = capsys.readouterr().out
+    assert "trainable parameters: 460,800 of" in out and "held-out loss" in out and "--- after ---" in out
+    assert summary["trainable"] == 460_800 and summary["after_loss"] > 0
+    for name in ("loss.png", "summary.json", "peft/adapter_config.json", "peft/adapter_model.safetensors", "adapter/2"):
+        assert (tmp_path / name).exists(), name
+    finetune_smollm.main([*tiny, "--resume", "--steps", "1"])
+    assert (tmp_path / "adapter" / "3").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--targets", r".*/nothing"], "matched no weight"),
+    (["--seq", "9000"], "--seq 9000 exceeds the model's context of 8192 tokens"),
+])
+def test_finetune_example_bad_input(tmp_path, capsys, flags, message):
+    import finetune_smollm
+
+    with pytest.raises(SystemExit) as exit_info:
+        finetune_smollm.main([*flags, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
