@@ -26,7 +26,7 @@ TARGETS = {"qv": r".*/(q|v)_proj/kernel", "all-linear": "all-linear"}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=120)
+    p.add_argument("--steps", type=int, default=400)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
     p.add_argument("--targets", default="qv", help="'qv', 'all-linear', or a regex on parameter paths")

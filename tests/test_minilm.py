@@ -35,5 +35,5 @@ def test_bbc_labels_come_from_folders():
     import classify_minilm
 
     texts, labels, classes = classify_minilm.bbc_news()
-    assert len(texts) == 2225 and classes == ["business", "entertainment", "politics", "sport", "tech"]
+    assert len(texts) == 2225 and classes == ["business", "entertainment", "politics", "sports", "tech"]
     assert sorted(set(labels.tolist())) == [0, 1, 2, 3, 4]
