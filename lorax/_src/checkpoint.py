@@ -14,7 +14,7 @@ from lorax._src.config import LoraConfig
 from lorax._src.paths import named_leaves
 from lorax._src.sharding import factor_shardings
 from lorax._src.trees import _map
-from lorax._src.weight import LoraWeight, Trainable
+from lorax._src.weight import LoraWeight, Trainable, factor_shapes
 
 FORMAT = 1
 
@@ -108,10 +108,11 @@ def load(directory: str | Path, base: Any, *, step: int | None = None) -> Any:
 
 def _shell(entry: dict, w, a=None, b=None) -> LoraWeight:
     """The LoraWeight an entry describes; factors as shapes unless given."""
-    r, shape, dtype = entry["rank"], entry["shape"], jnp.dtype(entry["factor_dtype"])
-    stack = [shape[i] for i in entry["stack_axes"]]
-    a = a if a is not None else jax.ShapeDtypeStruct((*stack, *(shape[i] for i in entry["a_axes"]), r), dtype)
-    b = b if b is not None else jax.ShapeDtypeStruct((*stack, r, *(shape[i] for i in entry["b_axes"])), dtype)
+    dtype = jnp.dtype(entry["factor_dtype"])
+    a_shape, b_shape = factor_shapes(entry["shape"], entry["rank"], entry["a_axes"], entry["b_axes"],
+                                     entry["stack_axes"])
+    a = a if a is not None else jax.ShapeDtypeStruct(a_shape, dtype)
+    b = b if b is not None else jax.ShapeDtypeStruct(b_shape, dtype)
     return LoraWeight(w, a, b, scale=entry["scale"], a_axes=tuple(entry["a_axes"]),
                       b_axes=tuple(entry["b_axes"]), stack_axes=tuple(entry["stack_axes"]),
                       dropout=entry["dropout"])

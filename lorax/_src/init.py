@@ -12,7 +12,7 @@ from lorax._src.config import LoraConfig
 from lorax._src.sharding import place_factors
 from lorax._src.tracing import flatten_call, trace
 from lorax._src.usage import Use, View, find_uses
-from lorax._src.weight import LoraWeight, Trainable, is_node
+from lorax._src.weight import LoraWeight, Trainable, factor_shapes, is_node
 
 
 def init(key: jax.Array, config: LoraConfig, fn: Callable, params: Any, *args, **kwargs) -> Any:
@@ -80,9 +80,7 @@ def _adapt(key: jax.Array, config: LoraConfig, name: str, w: jax.Array, use: Use
             f"min({fan_in}, {fan_out}); choose rank <= {min(fan_in, fan_out)}."
         )
     dtype = config.dtype or w.dtype
-    stack = tuple(w.shape[i] for i in use.stack_axes)
-    a_shape = (*stack, *(w.shape[i] for i in use.a_axes), rank)
-    b_shape = (*stack, rank, *(w.shape[i] for i in use.b_axes))
+    a_shape, b_shape = factor_shapes(w.shape, rank, use.a_axes, use.b_axes, use.stack_axes)
     if config.init_a == "gaussian":
         a = jax.random.normal(key, a_shape, dtype) / rank
     else:  # PEFT's kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))

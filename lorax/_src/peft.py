@@ -147,13 +147,12 @@ def _full_tensors(mapping: Mapping, path: str, value: np.ndarray):
     A kernel is transposed to torch's [out, in]; a leaf whose module name needs a layer is
     split along its first (stacked) axis."""
     param = "bias" if path.endswith("/bias") else "weight"
-    kernel = path.endswith("/kernel")
-    layers = [((), value)] if module_name(mapping, path, ()) else list(enumerate(value))
-    for index, layer in layers:
-        module = module_name(mapping, path, (index,) if layers[0][0] != () else ())
+    stacked = module_name(mapping, path, ()) is None
+    for index, layer in (enumerate(value) if stacked else [(None, value)]):
+        module = module_name(mapping, path, (index,) if stacked else ())
         if module is None:
             raise ValueError(f"lorax.peft: the mapping gives no torch module for the Trainable leaf {path!r}.")
-        yield module, f"{module}.{param}", layer.T if kernel else layer
+        yield module, f"{module}.{param}", layer.T if path.endswith("/kernel") else layer
 
 
 def _read_config(directory: Path) -> dict:
@@ -254,9 +253,11 @@ def load_peft(directory: str | Path, fn: Callable, params: Any, *args, mapping: 
     def fill_full(name, leaf):
         if isinstance(leaf, LoraWeight) or not hasattr(leaf, "shape"):
             return leaf
-        wanted = list(_full_tensors(mapping, name, np.zeros(leaf.shape, np.float32))) \
-            if module_name(mapping, name, ()) or module_name(mapping, name, (0,)) else []
-        if not wanted or not all(torch_name in full for _, torch_name, _ in wanted):
+        if not (module_name(mapping, name, ()) or module_name(mapping, name, (0,))):
+            return leaf
+        shape_only = np.broadcast_to(np.float32(0), leaf.shape)  # names and shapes, no copy of the base
+        wanted = list(_full_tensors(mapping, name, shape_only))
+        if not all(torch_name in full for _, torch_name, _ in wanted):
             return leaf
         layers = []
         for _, torch_name, like in wanted:
@@ -268,7 +269,9 @@ def load_peft(directory: str | Path, fn: Callable, params: Any, *args, mapping: 
         value = layers[0] if module_name(mapping, name, ()) else np.stack(layers)
         return Trainable(jnp.asarray(value, leaf.dtype))
 
-    out = _map(fill_full, _map(fill, lp))
+    out = _map(fill, lp)
+    if full:
+        out = _map(fill_full, out)
     unclaimed = sorted((set(modules) | set(full)) - claimed)
     if unclaimed:
         raise ValueError(f"lorax.peft: adapter modules with no matching weight in the base: {unclaimed}; "

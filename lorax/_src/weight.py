@@ -12,6 +12,18 @@ import jax.numpy as jnp
 Axes = tuple[int, ...]
 
 
+def factor_shapes(w_shape, rank: int, a_axes: Axes, b_axes: Axes, stack_axes: Axes = ()):
+    """The shapes of ``a`` and ``b`` for a weight of ``w_shape``: ``(*stack, *a_axes, rank)``
+    and ``(*stack, rank, *b_axes)``.
+
+    >>> factor_shapes((2, 8, 4), 3, a_axes=(1,), b_axes=(2,), stack_axes=(0,))
+    ((2, 8, 3), (2, 3, 4))
+    """
+    dims = lambda axes: tuple(w_shape[i] for i in axes)  # noqa: E731
+    stack = dims(stack_axes)
+    return (*stack, *dims(a_axes), rank), (*stack, rank, *dims(b_axes))
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class LoraWeight:
@@ -53,9 +65,7 @@ class LoraWeight:
 
     def expected_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """The shapes ``a`` and ``b`` must have to fit ``w``."""
-        dims = lambda axes: tuple(self.w.shape[i] for i in axes)  # noqa: E731
-        stack, rank = dims(self.stack_axes), self.a.shape[-1]
-        return (*stack, *dims(self.a_axes), rank), (*stack, rank, *dims(self.b_axes))
+        return factor_shapes(self.w.shape, self.a.shape[-1], self.a_axes, self.b_axes, self.stack_axes)
 
     def check(self, path: str = "") -> None:
         """Raise ``ValueError`` naming ``path`` if the factors do not fit ``w``."""
