@@ -62,8 +62,8 @@ def test_bf16_compute_keeps_base_dtype_and_runs_adapters_in_bf16():
     fn, _, lp, x = _adapted("gpt-bf16")
     assert lorax.lora(fn)(lp, x).dtype == jnp.bfloat16
     text = str(jax.make_jaxpr(lorax.lora(fn))(lp, x))
-    # the rank-2 intermediates x·A of shape [batch 2, seq 8, r 2] stay in the compute dtype
-    assert "bf16[2,8,2]" in text and "f32[2,8,2]" not in text
+    # the rank-2 intermediates x·A, [batch 2 × seq 8 rows, r 2], stay in the compute dtype
+    assert "bf16[16,2]" in text and "f32[16,2]" not in text
 
 
 def test_tied_embedding_targeted_explicitly_factors_lookup_and_head():
@@ -97,6 +97,25 @@ def test_conv_factors_are_window_conv_and_1x1():
     _, _, lp, _ = _adapted("conv")
     k = lp["params"]["Conv_0"]["kernel"]  # HWIO [3, 3, 3, 8]
     assert (k.a.shape, k.b.shape) == ((3, 3, 3, 2), (2, 8))
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_scanned_layers_save_no_copy_of_frozen_weights(remat):
+    """Stopping W's gradient inside a scan body made JAX save every layer's W as a
+    residual: a stacked copy of the frozen weights, written each step."""
+    from models import GPT
+
+    model, x = GPT(remat=remat, vocab=16), jax.random.randint(KEY, (2, 8), 0, 16)
+    fn = lambda p, x: model.apply(p, x)  # noqa: E731
+    lp = lorax.init(KEY, lorax.LoraConfig(rank=2), fn, model.init(KEY, x), x)
+    trainable, frozen = lorax.split(lp)
+    stacked = {lw.w.shape for lw in jax.tree.leaves(lp, is_leaf=lambda v: isinstance(v, lorax.LoraWeight))
+               if isinstance(lw, lorax.LoraWeight)}
+    loss = lambda t: jnp.sum(lorax.lora(fn)(lorax.combine(t, frozen), x))  # noqa: E731
+    jaxpr = jax.make_jaxpr(jax.grad(loss))(trainable).jaxpr
+    made = {tuple(v.aval.shape) for eqn in jaxpr.eqns for v in eqn.outvars
+            if eqn.primitive.name != "stop_gradient"}  # the one at entry is a no-op
+    assert stacked and not stacked & made
 
 
 def test_composition_jit_grad_vmap():

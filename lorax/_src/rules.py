@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lorax._src import compat
+from lorax._src.lowrank import low_rank_update
 from lorax._src.tracked import Tracked
 
 Rule = Callable[..., "list | None"]
@@ -144,16 +145,6 @@ def _letters():
     return iter(string.ascii_letters)
 
 
-def _two_step(x_sub, x, first_sub, first, second_sub, second, out_sub, scale, **kw):
-    """``einsum(x, first, second)`` as two products: x with ``first``, then ``second``.
-
-    The intermediate keeps only the letters still needed, so it is rank-sized; the
-    scale is applied there, where it is cheapest."""
-    keep = "".join(c for c in dict.fromkeys(x_sub + first_sub) if c in out_sub or c in second_sub)
-    t = jnp.einsum(f"{x_sub},{first_sub}->{keep}", x, first, **kw) * scale
-    return jnp.einsum(f"{keep},{second_sub}->{out_sub}", t, second.astype(t.dtype), **kw)
-
-
 @register_rule("dot_general")
 def _dot_general(eqn, invals, rec):
     lhs, rhs = invals
@@ -162,7 +153,7 @@ def _dot_general(eqn, invals, rec):
     weight_is_lhs = isinstance(lhs, Tracked)
     t, x = (lhs, rhs) if weight_is_lhs else (rhs, lhs)
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    base = compat.bind(eqn, [t.frozen_w(), x] if weight_is_lhs else [x, t.frozen_w()])[0]
+    base = compat.bind(eqn, [t.weight.w, x] if weight_is_lhs else [x, t.weight.w])[0]
 
     w_nd, x_nd = t.weight.w.ndim, jnp.ndim(x)
     letters = _letters()
@@ -190,7 +181,7 @@ def _dot_general(eqn, invals, rec):
     (f1_sub, f1), (f2_sub, f2) = order
     kw = dict(precision=eqn.params.get("precision"),
               preferred_element_type=eqn.params.get("preferred_element_type"))
-    update = _two_step("".join(x_sub), t.adapter_input(x, rec.next_use()), f1_sub, f1,
+    update = low_rank_update("".join(x_sub), t.adapter_input(x, rec.next_use()), f1_sub, f1,
                        f2_sub, f2, out, lw.scale, **kw)
     return [base + update.astype(base.dtype)]
 
@@ -222,7 +213,7 @@ def _conv(eqn, invals, rec):
     if (p["feature_group_count"], p["batch_group_count"]) != (1, 1) or lw.stack_axes or \
             lw.b_axes != (out_axis,):
         return None
-    base = compat.bind(eqn, [x, t.frozen_w()])[0]
+    base = compat.bind(eqn, [x, t.weight.w])[0]
     kernel = _as_kernel(t, out_axis)
     y = compat.bind(eqn, [t.adapter_input(x, rec.next_use()), kernel])[0]
     _, b = t.factors(lw.w.dtype)
@@ -240,7 +231,7 @@ def _gather(eqn, invals, rec):
     if j is None or lw.stack_axes or j in dn.collapsed_slice_dims or j in dn.start_index_map \
             or j in dn.operand_batching_dims or p["slice_sizes"][j] != lw.w.shape[j]:
         return None
-    base = compat.bind(eqn, [t.frozen_w(), indices])[0]
+    base = compat.bind(eqn, [t.weight.w, indices])[0]
     table = _as_kernel(t, j)
     sizes = list(p["slice_sizes"])
     sizes[j] = lw.rank

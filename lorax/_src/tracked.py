@@ -6,7 +6,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 
 from lorax._src.weight import LoraWeight
 
@@ -15,18 +14,19 @@ from lorax._src.weight import LoraWeight
 @dataclasses.dataclass(frozen=True)
 class Tracked:
     """A LoraWeight (possibly transposed, cast, or sliced from a stack) flowing through
-    a jaxpr, with the dropout key of its adapter and the path it came from."""
+    a jaxpr, with the dropout key of its adapter and the path it came from.
+
+    ``weight.w`` is already gradient-stopped: `lorax.lora` stops it once, where the
+    weight enters. Stopping it again inside a scan body would make JAX save each slice
+    as a residual, a stacked copy of W per step."""
 
     weight: LoraWeight
     key: jax.Array | None
     label: str = dataclasses.field(metadata=dict(static=True))
 
-    def frozen_w(self) -> jax.Array:
-        return lax.stop_gradient(self.weight.w)
-
     def materialize(self) -> jax.Array:
         """``w + scale * a @ b``: the dense weight, for uses with no factored rule."""
-        w = self.frozen_w()
+        w = self.weight.w
         return w + self.weight.delta().astype(w.dtype)
 
     def factors(self, dtype) -> tuple[jax.Array, jax.Array]:

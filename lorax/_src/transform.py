@@ -173,7 +173,7 @@ def call(fn: Callable, params: Any, args: tuple, kwargs: dict, *, rng: jax.Array
         if isinstance(leaf, LoraWeight):
             leaf.check(name)
             key = None if rng is None or leaf.dropout == 0.0 else jax.random.fold_in(rng, n)
-            invals.append(Tracked(leaf, key, name))
+            invals.append(Tracked(dataclasses.replace(leaf, w=lax.stop_gradient(leaf.w)), key, name))
         else:
             invals.append(leaf.value if isinstance(leaf, Trainable) else leaf)
     outs = eval_jaxpr(closed.jaxpr, closed.consts, invals, rec)
