@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import pytest
 from conftest import assert_trees_close
 
+import lorax
 from lorax._src.lowrank import low_rank_update
 
 CASES = [
@@ -40,3 +41,14 @@ def test_rows_stay_contiguous_no_activation_transpose():
     x, a, b = jnp.ones((2, 3, 4)), jnp.ones((4, 2)), jnp.ones((2, 5))
     jaxpr = jax.make_jaxpr(lambda x: low_rank_update("bsd", x, "dr", a, "ro", b, "bso", 1.0))(x)
     assert not [e for e in jaxpr.eqns if e.primitive.name == "transpose" and e.invars[0].aval.size >= x.size]
+
+
+def test_adapters_reading_one_input_share_its_view():
+    """q, k and v read one x: one 2-D view of it, so their gradients keep one residual."""
+    fn = lambda p, x: [x @ p[n] for n in "qkv"]  # noqa: E731
+    params = {n: jnp.ones((4, 3)) for n in "qkv"}
+    x = jnp.ones((2, 5, 4))
+    lp = lorax.init(jax.random.key(0), lorax.LoraConfig(rank=2), fn, params, x)
+    jaxpr = jax.make_jaxpr(lorax.lora(fn))(lp, x)
+    views = [e for e in jaxpr.eqns if e.primitive.name == "reshape" and e.invars[0].aval.shape == x.shape]
+    assert len(views) == 1

@@ -182,7 +182,7 @@ def _dot_general(eqn, invals, rec):
     kw = dict(precision=eqn.params.get("precision"),
               preferred_element_type=eqn.params.get("preferred_element_type"))
     update = low_rank_update("".join(x_sub), t.adapter_input(x, rec.next_use()), f1_sub, f1,
-                       f2_sub, f2, out, lw.scale, **kw)
+                             f2_sub, f2, out, lw.scale, rec.views, **kw)
     return [base + update.astype(base.dtype)]
 
 

@@ -18,6 +18,7 @@ import jax
 from jax import lax
 
 from lorax._src import compat
+from lorax._src.lowrank import Views
 from lorax._src.rules import RULES, register_rule
 from lorax._src.tracing import flatten_call, trace
 from lorax._src.tracked import Tracked, unwrap
@@ -26,10 +27,12 @@ from lorax._src.weight import LoraWeight, Trainable
 
 @dataclasses.dataclass
 class Recorder:
-    """Counts adapter uses (for distinct dropout masks) and notes how each was computed."""
+    """Counts adapter uses (for distinct dropout masks), notes how each was computed and
+    keeps the activation views adapters share."""
 
     uses: dict[str, list[str]] = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
     count: int = 0
+    views: Views = dataclasses.field(default_factory=Views)
 
     def next_use(self) -> int:
         self.count += 1
