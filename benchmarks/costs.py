@@ -1,7 +1,9 @@
-"""Compiled train-step costs (XLA flops and bytes) of full fine-tuning vs LoRA.
+"""The benchmark workload: train steps and forwards of full fine-tuning vs LoRA, on a GPT.
 
-Deterministic measures for tests and for `benchmarks/run.py`: nothing here runs a step,
-everything is lowered and compiled from shapes alone.
+One place builds every variant, so the compiled costs (XLA flops and bytes, deterministic,
+from shapes alone) and the wall times (`walltime.py`, on real arrays) measure the same
+programs. Every train step has the signature ``step(trained, opt_state, *rest) ->
+(trained, opt_state, loss)``.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +24,9 @@ from models import GPT  # noqa: E402
 
 ALL_LINEAR = "all-linear"
 QV = r".*/(query|value)/kernel"
+GPT2_SMALL = dict(d=768, heads=12, layers=4, vocab=2048, batch=4, seq=128)
+LABELS = {"full": "full fine-tuning", "lora": "LoRA", "materialized": "materialized LoRA (W + s·A·B each step)",
+          "frozen": "frozen model, input gradient only (LoRA's floor)"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +44,7 @@ class Cost:
         return self.argument_bytes + self.output_bytes + self.temp_bytes - self.alias_bytes
 
 
-def _cost(fn, *args) -> Cost:
+def cost(fn: Callable, *args) -> Cost:
     compiled = jax.jit(fn).lower(*args).compile()
     mem = compiled.memory_analysis()
     outs = jax.eval_shape(fn, *args)
@@ -51,51 +57,71 @@ def _xent(logits, ids):
     return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
 
 
-def train_step_costs(*, d=768, heads=12, layers=2, vocab=8192, batch=4, seq=128, rank=8,
-                     targets=ALL_LINEAR, variants=("full", "lora", "materialized")) -> dict[str, Cost]:
-    """Costs of one Adam step at the given widths (GPT-2-small: d=768, 12 heads)."""
+def _model(*, d, heads, layers, vocab, batch, seq, concrete: bool):
+    """``(fn, params, ids)``: real arrays when ``concrete``, else shapes only."""
     model = GPT(vocab=vocab, d=d, layers=layers, heads=heads, max_len=seq, remat=False)
-    ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
     fn = lambda p, ids: model.apply(p, ids)  # noqa: E731
-    params = jax.eval_shape(model.init, jax.random.key(0), ids)
+    if concrete:
+        ids = jax.random.randint(jax.random.key(1), (batch, seq), 0, vocab)
+        return fn, model.init(jax.random.key(0), ids), ids
+    ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+    return fn, jax.eval_shape(model.init, jax.random.key(0), ids), ids
+
+
+def _adapt(fn, params, ids, rank, targets, concrete):
     config = lorax.LoraConfig(rank=rank, alpha=2.0 * rank, targets=targets)
-    lp = jax.eval_shape(lambda p: lorax.init(jax.random.key(0), config, fn, p, ids), params)
-    trainable, frozen = lorax.split(lp)
+    make = lambda p: lorax.init(jax.random.key(0), config, fn, p, ids)  # noqa: E731
+    return make(params) if concrete else jax.eval_shape(make, params)
+
+
+def train_steps(*, rank=8, targets=ALL_LINEAR, variants=("full", "lora", "materialized"), concrete=False,
+                **widths) -> dict[str, tuple[Callable, tuple]]:
+    """``{variant: (step, args)}`` for one Adam step; ``widths`` default to `GPT2_SMALL`."""
+    fn, params, ids = _model(**{**GPT2_SMALL, **widths}, concrete=concrete)
     tx = optax.adam(1e-3)
+    init = tx.init if concrete else (lambda p: jax.eval_shape(tx.init, p))
+
+    def adam(loss, trained, opt):
+        value, g = jax.value_and_grad(loss)(trained)
+        updates, opt = tx.update(g, opt, trained)
+        return optax.apply_updates(trained, updates), opt, value
+
     out = {}
     if "full" in variants:
-        def full(p, opt, ids):
-            loss, g = jax.value_and_grad(lambda p: _xent(fn(p, ids), ids))(p)
-            updates, opt = tx.update(g, opt, p)
-            return optax.apply_updates(p, updates), opt, loss
+        out["full"] = (lambda p, opt, ids: adam(lambda p: _xent(fn(p, ids), ids), p, opt),
+                       (params, init(params), ids))
+    if "frozen" in variants:  # trains the positional table only: every layer's input gradient, no weight's
+        wpe, rest = params["params"]["wpe"], params
 
-        out["full"] = _cost(full, params, jax.eval_shape(tx.init, params), ids)
+        def frozen(wpe, opt, rest, ids):
+            return adam(lambda w: _xent(fn({"params": {**rest["params"], "wpe": w}}, ids), ids), wpe, opt)
 
-    def lora_step(forward):
-        def step(t, f, opt, ids):
-            loss, g = jax.value_and_grad(lambda t: _xent(forward(lorax.combine(t, f), ids), ids))(t)
-            updates, opt = tx.update(g, opt, t)
-            return optax.apply_updates(t, updates), opt, loss
-
-        return step
-
-    opt = jax.eval_shape(tx.init, trainable)
-    if "lora" in variants:
-        out["lora"] = _cost(lora_step(lorax.lora(fn)), trainable, frozen, opt, ids)
-    if "materialized" in variants:
-        out["materialized"] = _cost(lora_step(lambda p, ids: fn(lorax.merge(p), ids)),
-                                    trainable, frozen, opt, ids)
+        out["frozen"] = (frozen, (wpe, init(wpe), rest, ids))
+    if {"lora", "materialized"} & set(variants):
+        trainable, frozen_part = lorax.split(_adapt(fn, params, ids, rank, targets, concrete))
+        forwards = {"lora": lorax.lora(fn), "materialized": lambda p, ids: fn(lorax.merge(p), ids)}
+        for name in ("lora", "materialized"):
+            if name in variants:
+                forward = forwards[name]
+                step = lambda t, opt, f, ids, forward=forward: adam(  # noqa: E731
+                    lambda t: _xent(forward(lorax.combine(t, f), ids), ids), t, opt)
+                out[name] = (step, (trainable, init(trainable), frozen_part, ids))
     return out
 
 
-def inference_costs(*, d=768, heads=12, layers=2, vocab=8192, batch=4, seq=128, rank=8) -> dict[str, Cost]:
+def train_step_costs(*, variants=("full", "lora", "materialized"), **kw) -> dict[str, Cost]:
+    """Compiled costs of one Adam step (GPT-2-small widths unless given)."""
+    return {name: cost(step, *args) for name, (step, args) in train_steps(variants=variants, **kw).items()}
+
+
+def forwards(*, rank=8, concrete=False, **widths) -> dict[str, tuple[Callable, tuple]]:
+    """``{variant: (forward, args)}``: the base, merged LoRA and unmerged (factored) LoRA."""
+    fn, params, ids = _model(**{**GPT2_SMALL, **widths}, concrete=concrete)
+    lp = _adapt(fn, params, ids, rank, ALL_LINEAR, concrete)
+    merged = lorax.merge(lp) if concrete else jax.eval_shape(lorax.merge, lp)
+    return {"base": (fn, (params, ids)), "merged": (fn, (merged, ids)), "unmerged": (lorax.lora(fn), (lp, ids))}
+
+
+def inference_costs(**kw) -> dict[str, Cost]:
     """Forward costs: base, merged LoRA, unmerged (factored) LoRA."""
-    model = GPT(vocab=vocab, d=d, layers=layers, heads=heads, max_len=seq, remat=False)
-    ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
-    fn = lambda p, ids: model.apply(p, ids)  # noqa: E731
-    params = jax.eval_shape(model.init, jax.random.key(0), ids)
-    config = lorax.LoraConfig(rank=rank)
-    lp = jax.eval_shape(lambda p: lorax.init(jax.random.key(0), config, fn, p, ids), params)
-    return {"base": _cost(fn, params, ids),
-            "merged": _cost(fn, jax.eval_shape(lorax.merge, lp), ids),
-            "unmerged": _cost(lorax.lora(fn), lp, ids)}
+    return {name: cost(fn, *args) for name, (fn, args) in forwards(**kw).items()}

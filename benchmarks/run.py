@@ -1,68 +1,252 @@
-"""Compiled-cost benchmark: LoRA vs full fine-tuning vs materialized LoRA.
+"""LoRA vs full fine-tuning vs materialized LoRA vs PEFT: one command, a table, JSON and a chart.
 
-    python benchmarks/run.py            # GPT-2-small widths, as in the README
-    python benchmarks/run.py --quick    # small widths, a smoke run
+    python benchmarks/run.py            # GPT-2-small widths and SmolLM2-135M, as in the README (~15 min)
+    python benchmarks/run.py --quick    # small widths, few steps: a smoke run (~1 min)
 
-Prints a markdown table and writes JSON (XLA cost_analysis / memory_analysis of the
-compiled Adam train step; deterministic, no step is run).
+1. compiled costs of an Adam train step (XLA cost_analysis / memory_analysis);
+2. wall time per step, variants interleaved in this process (median after warm-up), tokens/s;
+3. the same against rank and sequence length (the chart);
+4. inference: base vs merged vs unmerged LoRA forward;
+5. SmolLM2-135M: lorax against PEFT on torch, each framework in its own process
+   (`smollm_step.py`): step time, peak RSS, and the adapter file against the base's.
+Writes results/benchmark.json, results/benchmark.md and results/performance.png.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
 
 import costs
+import walltime
 
 HERE = Path(__file__).resolve().parent
+QUICK = dict(d=128, heads=4, layers=2, vocab=512, batch=2, seq=32)
+TARGETS = {"LoRA q,v": costs.QV, "LoRA all-linear": costs.ALL_LINEAR}
+COLORS = {"full fine-tuning": "tab:gray", "LoRA q,v": "tab:blue", "LoRA all-linear": "tab:green",
+          "materialized LoRA all-linear": "tab:red"}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.default_backend()})"
+
+
+def train_programs(widths: dict, rank: int = 8, materialized: bool = True, frozen: bool = False) -> dict:
+    """Named train steps on real arrays: full, LoRA on q,v and all-linear, and references."""
+    base = ("full",) + (("frozen",) if frozen else ())
+    programs = dict(costs.train_steps(variants=base, concrete=True, **widths))
+    for label, targets in TARGETS.items():
+        variants = ("lora", "materialized") if materialized and targets == costs.ALL_LINEAR else ("lora",)
+        steps = costs.train_steps(variants=variants, targets=targets, rank=rank, concrete=True, **widths)
+        programs[label] = steps["lora"]
+        if "materialized" in steps:
+            programs["materialized LoRA all-linear"] = steps["materialized"]
+    return programs
+
+
+def compiled_table(widths: dict) -> list[dict]:
+    """Flops and step memory of each variant, compiled from shapes (no donation)."""
+    rows = [dict(variant="full fine-tuning", rank=None, cost=costs.train_step_costs(variants=("full",), **widths)["full"])]
+    for label, targets in TARGETS.items():
+        rows.append(dict(variant=label, rank=8, cost=costs.train_step_costs(
+            variants=("lora",), targets=targets, **widths)["lora"]))
+    rows.append(dict(variant="materialized LoRA all-linear", rank=8, cost=costs.train_step_costs(
+        variants=("materialized",), **widths)["materialized"]))
+    full = rows[0]["cost"]
+    return [dict(variant=r["variant"], rank=r["rank"], gflops=r["cost"].flops / 1e9,
+                 flops_over_full=r["cost"].flops / full.flops, step_mib=r["cost"].step_bytes / 2**20,
+                 memory_over_full=r["cost"].step_bytes / full.step_bytes) for r in rows]
+
+
+def wall_table(widths: dict, repeats: int, warmup: int) -> list[dict]:
+    timings = walltime.interleaved(train_programs(widths, frozen=True), repeats=repeats, warmup=warmup)
+    full = timings["full"].seconds
+    tokens = widths["batch"] * widths["seq"]
+    names = {"full": "full fine-tuning", "frozen": costs.LABELS["frozen"]}
+    return [dict(variant=names.get(k, k), s_per_step=t.seconds, tokens_per_s=tokens / t.seconds,
+                 time_over_full=t.seconds / full) for k, t in timings.items()]
+
+
+def rank_sweep(widths: dict, ranks, repeats: int, warmup: int) -> list[dict]:
+    programs = dict(costs.train_steps(variants=("full",), concrete=True, **widths))
+    for rank in ranks:
+        for label, targets in TARGETS.items():
+            programs[(label, rank)] = costs.train_steps(variants=("lora",), targets=targets, rank=rank,
+                                                        concrete=True, **widths)["lora"]
+    timings = walltime.interleaved(programs, repeats=repeats, warmup=warmup)
+    full = timings.pop("full")
+    return [dict(variant=label, rank=rank, s_per_step=t.seconds, time_over_full=t.seconds / full.seconds,
+                 flops_over_full=t.flops / full.flops) for (label, rank), t in timings.items()]
+
+
+def seq_sweep(widths: dict, seqs, repeats: int, warmup: int) -> list[dict]:
+    rows = []
+    for seq in seqs:
+        w = dict(widths, seq=seq)
+        timings = walltime.interleaved(train_programs(w), repeats=repeats, warmup=warmup)
+        rows += [dict(variant="full fine-tuning" if k == "full" else k, seq=seq, s_per_step=t.seconds,
+                      gflops=t.flops / 1e9) for k, t in timings.items()]
+    return rows
+
+
+def inference_table(widths: dict, repeats: int, warmup: int) -> list[dict]:
+    timings = walltime.interleaved(costs.forwards(concrete=True, **widths), repeats=repeats, warmup=warmup,
+                                   stateful=False)
+    base = timings["base"]
+    return [dict(variant=k, s_per_call=t.seconds, time_over_base=t.seconds / base.seconds,
+                 flops_over_base=t.flops / base.flops) for k, t in timings.items()]
+
+
+def smollm_runs(quick: bool) -> list[dict]:
+    """Each framework in a fresh process: lorax and PEFT on q,v and all-linear, full FT for scale."""
+    shape = ["--batch", "1", "--seq", "32", "--steps", "2", "--warmup", "1"] if quick else []
+    jobs = [["lorax", "--targets", "qv"], ["peft", "--targets", "qv"]]
+    if not quick:
+        jobs += [["lorax", "--targets", "all-linear"], ["peft", "--targets", "all-linear"],
+                 ["jax-full"], ["torch-full"]]
+    rows = []
+    for job in jobs:
+        print(f"  SmolLM2: {' '.join(job)} ...", flush=True)
+        done = subprocess.run([sys.executable, str(HERE / "smollm_step.py"), *job, *shape],
+                              capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"smollm_step.py {' '.join(job)} failed:\n{done.stderr[-3000:]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def adapter_sizes(smollm: list[dict]) -> list[dict]:
+    """Each adapter file against the GGUF checkpoint and the same weights in fp32."""
+    from gguf import GGUFReader
+
+    sys.path.insert(0, str(HERE.parent / "examples"))
+    import smollm as model_file
+
+    path = model_file.gguf_path()
+    gguf, fp32 = path.stat().st_size, 4 * sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
+    return [dict(framework=r["framework"], targets=r["targets"], adapter_bytes=r["adapter_bytes"],
+                 over_gguf_q4=r["adapter_bytes"] / gguf, over_fp32_base=r["adapter_bytes"] / fp32,
+                 gguf_bytes=gguf, fp32_base_bytes=fp32) for r in smollm if r["adapter_bytes"]]
+
+
+def markdown(report: dict) -> str:
+    f = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
+    lines = [f"Machine: {report['machine']}. GPT widths {report['widths']}, Adam, fp32, r=8 unless stated.", "",
+             "**Compiled train step** (XLA cost / memory analysis)", "",
+             "| variant | GFLOPs | flops / full | step MiB | memory / full |", "|---|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['gflops']:.2f} | {r['flops_over_full']:.3f} | {r['step_mib']:.0f} | "
+              f"{r['memory_over_full']:.3f} |" for r in report["compiled"]]
+    lines += ["", f"**Wall time per train step** (median of {report['repeats']}, interleaved in one process)", "",
+              "| variant | s / step | tokens / s | time / full |", "|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['s_per_step']:.3f} | {r['tokens_per_s']:.0f} | {r['time_over_full']:.3f} |"
+              for r in report["wall"]]
+    lines += ["", "**Inference** (forward, all-linear adapters)", "",
+              "| variant | ms / call | time / base | flops / base |", "|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {1e3 * r['s_per_call']:.1f} | {r['time_over_base']:.3f} | "
+              f"{r['flops_over_base']:.4f} |" for r in report["inference"]]
+    lines += ["", "**SmolLM2-135M train step, lorax vs PEFT** (each in its own process, same batch, targets, "
+              "rank, fp32, AdamW)", "",
+              "| framework | targets | batch × seq | s / step | tokens / s | trained params | peak RSS MiB |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['framework']} | {r['targets'] or 'all (full FT)'} | {r['batch']} × {r['seq']} | "
+              f"{r['s_per_step']:.2f} | {r['tokens_per_s']:.0f} | {r['trained_params']:,} | "
+              f"{f(r['train_peak_rss_mib'], '.0f')} |" for r in report["smollm"]]
+    by = {(r["framework"], r["targets"]): r for r in report["smollm"]}
+    for targets in ("qv", "all-linear"):
+        if ("lorax", targets) in by and ("peft", targets) in by:
+            a, b = by[("lorax", targets)], by[("peft", targets)]
+            lines.append(f"\nlorax / PEFT, {targets}: time {a['s_per_step'] / b['s_per_step']:.3f}, "
+                         f"peak RSS {f(a['train_peak_rss_mib'] and b['train_peak_rss_mib'] and a['train_peak_rss_mib'] / b['train_peak_rss_mib'], '.3f')}")
+    lines += ["", "**Adapter file** (PEFT `adapter_model.safetensors`) against the base checkpoint", "",
+              "| framework | targets | adapter MiB | / GGUF Q4_1 file | / fp32 weights |", "|---|---|---|---|---|"]
+    lines += [f"| {r['framework']} | {r['targets']} | {r['adapter_bytes'] / 2**20:.2f} | {r['over_gguf_q4']:.4f} | "
+              f"{r['over_fp32_base']:.4f} |" for r in report["adapters"]]
+    return "\n".join(lines)
+
+
+def chart(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ((t_rank, t_seq), (f_rank, f_seq)) = plt.subplots(2, 2, figsize=(10, 7))
+    for label in TARGETS:
+        rows = [r for r in report["ranks"] if r["variant"] == label]
+        ranks = [r["rank"] for r in rows]
+        t_rank.plot(ranks, [r["time_over_full"] for r in rows], "o-", color=COLORS[label], label=label)
+        f_rank.plot(ranks, [r["flops_over_full"] for r in rows], "o-", color=COLORS[label], label=label)
+    for ax, what in ((t_rank, "step time / full fine-tuning"), (f_rank, "flops / full fine-tuning")):
+        ax.axhline(1.0, color="gray", ls="--", label="full fine-tuning")
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(ranks, [str(r) for r in ranks])
+        ax.set_xlabel("rank")
+        ax.set_ylabel(what)
+        ax.set_ylim(0, 1.15)
+        ax.legend(fontsize=8)
+    variants = dict.fromkeys(r["variant"] for r in report["seqs"])
+    seqs = sorted({r["seq"] for r in report["seqs"]})
+    for v in variants:
+        rows = [r for r in report["seqs"] if r["variant"] == v]
+        t_seq.plot([r["seq"] for r in rows], [r["s_per_step"] for r in rows], "o-", color=COLORS[v], label=v)
+        f_seq.plot([r["seq"] for r in rows], [r["gflops"] for r in rows], "o-", color=COLORS[v], label=v)
+    for ax, what in ((t_seq, "seconds / step"), (f_seq, "GFLOPs / step")):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(seqs, [str(q) for q in seqs])
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length (rank 8)")
+        ax.set_ylabel(what)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Adam train step, GPT {report['widths']['d']}-wide × {report['widths']['layers']} layers, "
+                 f"batch {report['widths']['batch']}; {report['machine'].split(',')[0]}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small widths for a smoke run")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "costs.json")
+    parser.add_argument("--quick", action="store_true", help="small widths and few steps: a smoke run")
+    parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
-    widths = (dict(d=128, heads=4, layers=2, vocab=512, batch=2, seq=32) if args.quick else
-              dict(d=768, heads=12, layers=4, vocab=2048, batch=4, seq=128))
+    widths = QUICK if args.quick else costs.GPT2_SMALL
+    repeats, warmup = (3, 1) if args.quick else (12, 2)
+    ranks, seqs = ((1, 8), (16, 32)) if args.quick else ((1, 4, 8, 16, 64), (32, 64, 128, 256))
 
-    rows = []
-    full = costs.train_step_costs(**widths, variants=("full",))["full"]
-    rows.append(("full fine-tuning", "-", full))
-    for label, targets in (("LoRA q,v", costs.QV), ("LoRA all-linear", costs.ALL_LINEAR)):
-        c = costs.train_step_costs(**widths, targets=targets, variants=("lora",))["lora"]
-        rows.append((label, 8, c))
-    mat = costs.train_step_costs(**widths, variants=("materialized",))["materialized"]
-    rows.append(("materialized LoRA all-linear (W+sAB each step)", 8, mat))
-    for rank in (1, 64):
-        rows.append((f"LoRA all-linear r={rank}", rank,
-                     costs.train_step_costs(**widths, rank=rank, variants=("lora",))["lora"]))
-    weight_bound = dict(widths, batch=1, seq=32)
-    wb = costs.train_step_costs(**weight_bound, variants=("full", "lora"))
-    inference = costs.inference_costs(**widths)
+    report = dict(machine=machine(), widths=widths, repeats=repeats)
+    print("compiled costs ...", flush=True)
+    report["compiled"] = compiled_table(widths)
+    print("wall time ...", flush=True)
+    report["wall"] = wall_table(widths, repeats, warmup)
+    print("rank sweep ...", flush=True)
+    report["ranks"] = rank_sweep(widths, ranks, repeats, warmup)
+    print("sequence sweep ...", flush=True)
+    report["seqs"] = seq_sweep(widths, seqs, repeats, warmup)
+    print("inference ...", flush=True)
+    report["inference"] = inference_table(widths, repeats, warmup)
+    print("SmolLM2-135M, one process per framework ...", flush=True)
+    report["smollm"] = smollm_runs(args.quick)
+    report["adapters"] = adapter_sizes(report["smollm"])
 
-    lines = [f"Train step (Adam, fp32), widths {widths}, {jax.default_backend()} / {platform.processor() or platform.machine()}",
-             "", "| variant | rank | GFLOPs | flops / full | step MiB | MiB / full |", "|---|---|---|---|---|---|"]
-    for label, rank, c in rows:
-        lines.append(f"| {label} | {rank} | {c.flops / 1e9:.2f} | {c.flops / full.flops:.3f} | "
-                     f"{c.step_bytes / 2**20:.1f} | {c.step_bytes / full.step_bytes:.3f} |")
-    lines += ["", f"Weight-bound step (batch 1, seq 32): LoRA memory / full = "
-              f"{wb['lora'].step_bytes / wb['full'].step_bytes:.3f}",
-              f"Inference flops: merged / base = {inference['merged'].flops / inference['base'].flops:.4f}, "
-              f"unmerged / base = {inference['unmerged'].flops / inference['base'].flops:.4f}"]
-    print("\n".join(lines))
-
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"widths": widths, "backend": jax.default_backend(), "jax": jax.__version__,
-              "train": [{"variant": label, "rank": rank, "flops": c.flops, "step_bytes": c.step_bytes,
-                         "flops_over_full": c.flops / full.flops} for label, rank, c in rows],
-              "weight_bound_memory_ratio": wb["lora"].step_bytes / wb["full"].step_bytes,
-              "inference_flops": {k: v.flops for k, v in inference.items()}}
-    args.out.write_text(json.dumps(record, indent=2))
-    print(f"\nwrote {args.out}")
+    table = markdown(report)
+    print("\n" + table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "benchmark.json").write_text(json.dumps(report, indent=2))
+    (args.out / "benchmark.md").write_text(table + "\n")
+    chart(report, args.out / "performance.png")
+    print(f"\nwrote {args.out}/benchmark.json, benchmark.md, performance.png")
+    return report
 
 
 if __name__ == "__main__":

@@ -1,0 +1,167 @@
+"""One framework's SmolLM2-135M train step, timed in a process of its own; prints one JSON line.
+
+    python benchmarks/smollm_step.py lorax --targets qv
+    python benchmarks/smollm_step.py peft --targets all-linear
+    python benchmarks/smollm_step.py torch-full          # full fine-tuning, for scale
+
+lorax runs the JAX LLaMA of ``examples/`` on the GGUF weights; PEFT runs transformers' load
+of the same file. Both: fp32, AdamW, the same random token batch, rank, alpha and targets,
+no dropout. Peak RSS is the process's high-water mark reset after loading (the training
+phase, model included) and, separately, over the whole process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FRAMEWORKS = ("lorax", "jax-full", "peft", "torch-full")
+PEFT_TARGETS = {"qv": ["q_proj", "v_proj"], "all-linear": "all-linear"}
+LORAX_TARGETS = {"qv": r".*/(q|v)_proj/kernel", "all-linear": "all-linear"}
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _tokens(batch: int, seq: int, vocab: int):
+    import numpy as np
+
+    return np.random.default_rng(0).integers(0, vocab, (batch, seq + 1)).astype(np.int32)
+
+
+def lorax_step(args):
+    """``(step, trainable_count, adapter_bytes)``; ``step()`` runs one step and waits."""
+    import jax
+    import optax
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    import smollm
+    from llama import Llama
+
+    import lorax
+    import lorax.peft
+
+    config, base, _ = smollm.load()
+    config = type(config)(**{**config.__dict__, "remat": False})
+    fn = lambda p, ids: Llama(config).apply(p, ids)  # noqa: E731
+    ids = jax.numpy.asarray(_tokens(args.batch, args.seq, config.vocab))
+    tx = optax.adamw(1e-4, weight_decay=0.0)
+
+    def xent(logits, ids):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+
+    if args.framework == "jax-full":
+        state, rest, forward, adapter_bytes = base, (), fn, None
+    else:
+        config_l = lorax.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=LORAX_TARGETS[args.targets])
+        params = lorax.init(jax.random.key(0), config_l, fn, base, ids[:, :-1])
+        state, frozen = lorax.split(params)
+        rest, forward = (frozen,), lambda t, f, x: lorax.lora(fn)(lorax.combine(t, f), x)
+        with __import__("tempfile").TemporaryDirectory() as tmp:
+            lorax.peft.save_peft(Path(tmp), params, lorax.peft.LLAMA)
+            adapter_bytes = (Path(tmp) / "adapter_model.safetensors").stat().st_size
+    count = sum(x.size for x in jax.tree.leaves(state))
+    opt = tx.init(state)
+
+    @jax.jit
+    def step(state, opt, *rest_and_ids):
+        *rest, ids = rest_and_ids
+        loss, g = jax.value_and_grad(lambda s: xent(forward(s, *rest, ids[:, :-1]), ids))(state)
+        updates, opt = tx.update(g, opt, state)
+        return optax.apply_updates(state, updates), opt, loss
+
+    box = [state, opt]
+
+    def run():
+        box[0], box[1], loss = step(box[0], box[1], *rest, ids)
+        return float(loss)
+
+    return run, count, adapter_bytes
+
+
+def torch_step(args):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    import smollm
+
+    path = smollm.gguf_path()
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    adapter_bytes = None
+    if args.framework == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
+                                                 target_modules=PEFT_TARGETS[args.targets]))
+    model.train()
+    trained = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trained, lr=1e-4, weight_decay=0.0)
+    ids = torch.from_numpy(_tokens(args.batch, args.seq, model.config.vocab_size)).long()
+
+    def run():
+        out = model(input_ids=ids[:, :-1], labels=None)
+        loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    if args.framework == "peft":
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            adapter_bytes = (Path(tmp) / "adapter_model.safetensors").stat().st_size
+    return run, sum(p.numel() for p in trained), adapter_bytes
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("framework", choices=FRAMEWORKS)
+    p.add_argument("--targets", choices=tuple(PEFT_TARGETS), default="qv")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    args = p.parse_args(argv)
+
+    run, count, adapter_bytes = (lorax_step if args.framework in ("lorax", "jax-full") else torch_step)(args)
+    load_peak = _peak_rss_mib()
+    reset = _reset_peak_rss()
+    losses = [run() for _ in range(args.warmup)]
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        losses.append(run())
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    print(json.dumps(dict(
+        framework=args.framework, targets=None if "full" in args.framework else args.targets, rank=args.rank,
+        batch=args.batch, seq=args.seq, s_per_step=median, tokens_per_s=args.batch * args.seq / median,
+        trained_params=count, train_peak_rss_mib=_peak_rss_mib() if reset else None,
+        process_peak_rss_mib=max(load_peak, _peak_rss_mib()), adapter_bytes=adapter_bytes,
+        first_loss=losses[0], last_loss=losses[-1])))
+
+
+if __name__ == "__main__":
+    main()

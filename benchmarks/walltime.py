@@ -1,0 +1,55 @@
+"""Wall time of compiled programs, measured side by side in one process.
+
+Variants run interleaved (one step of each in turn), so drift of the machine — on this
+2-core CPU about 10% between runs — falls on all of them alike; each reports the median
+of ``repeats`` timed calls after ``warmup`` untimed ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from typing import Callable
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    seconds: float  # median per call
+    flops: float  # XLA's count for the compiled program that was timed
+
+
+def _runner(fn: Callable, args: tuple, stateful: bool):
+    """``(call, compiled)``; stateful train steps donate and get back (trained, opt_state)."""
+    if not stateful:
+        compiled = jax.jit(fn).lower(*args).compile()
+        return (lambda: jax.block_until_ready(compiled(*args))), compiled
+    args = list(jax.tree.map(lambda x: x.copy(), args[:2])) + list(args[2:])
+    compiled = jax.jit(fn, donate_argnums=(0, 1)).lower(*args).compile()
+
+    def run():
+        trained, opt, loss = compiled(*args)
+        args[0], args[1] = trained, opt
+        jax.block_until_ready(loss)
+
+    return run, compiled
+
+
+def interleaved(programs: dict[str, tuple[Callable, tuple]], *, repeats: int = 12, warmup: int = 2,
+                stateful: bool = True) -> dict[str, Timing]:
+    """Median seconds per call of each program, timed in turns, with its compiled flops."""
+    built = {name: _runner(fn, args, stateful) for name, (fn, args) in programs.items()}
+    runs = {name: run for name, (run, _) in built.items()}
+    for run in runs.values():
+        for _ in range(warmup):
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: Timing(statistics.median(t), float(built[name][1].cost_analysis()["flops"]))
+            for name, t in times.items()}

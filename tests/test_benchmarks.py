@@ -1,0 +1,51 @@
+"""The benchmark command runs end to end (`--quick`); its numbers are checked where deterministic."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    if os.environ.get("CI") != "true":  # in CI the PEFT comparison must run, not skip
+        pytest.importorskip("peft")
+    out = tmp_path_factory.mktemp("bench")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out, json.loads((out / "benchmark.json").read_text()), done.stdout
+
+
+def test_quick_run_writes_table_json_and_chart(quick):
+    out, report, stdout = quick
+    assert "| LoRA all-linear |" in stdout and "lorax / PEFT, qv: time" in stdout
+    assert (out / "performance.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "benchmark.md").read_text().strip() in stdout
+
+
+def test_quick_run_reports_every_section(quick):
+    _, report, _ = quick
+    variants = {r["variant"] for r in report["wall"]}
+    assert {"full fine-tuning", "LoRA q,v", "LoRA all-linear", "materialized LoRA all-linear"} <= variants
+    assert all(r["s_per_step"] > 0 for r in report["wall"])
+    assert {r["framework"] for r in report["smollm"]} == {"lorax", "peft"}
+    assert {r["rank"] for r in report["ranks"]} == {1, 8}
+
+
+def test_deterministic_measures_hold_in_the_quick_run(quick):
+    _, report, _ = quick
+    flops = {r["variant"]: r["flops_over_full"] for r in report["compiled"]}
+    assert flops["LoRA q,v"] < flops["LoRA all-linear"] < 0.8 < 1.0 <= flops["materialized LoRA all-linear"]
+    inference = {r["variant"]: r["flops_over_base"] for r in report["inference"]}
+    assert inference["merged"] == 1.0 and 1.0 < inference["unmerged"] < 1.1
+    # lorax and PEFT train the same adapters and write byte-identical-size PEFT files
+    lorax_run, peft_run = sorted(report["smollm"], key=lambda r: r["framework"])
+    assert lorax_run["trained_params"] == peft_run["trained_params"] == 460_800
+    assert lorax_run["adapter_bytes"] == peft_run["adapter_bytes"]
+    assert abs(lorax_run["first_loss"] - peft_run["first_loss"]) < 1e-3 * abs(peft_run["first_loss"])
