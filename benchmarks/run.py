@@ -72,11 +72,11 @@ def compiled_table(widths: dict) -> list[dict]:
 
 def wall_table(widths: dict, repeats: int, warmup: int) -> list[dict]:
     timings = walltime.interleaved(train_programs(widths, frozen=True), repeats=repeats, warmup=warmup)
-    full = timings["full"].seconds
+    full = timings["full"]
     tokens = widths["batch"] * widths["seq"]
     names = {"full": "full fine-tuning", "frozen": costs.LABELS["frozen"]}
     return [dict(variant=names.get(k, k), s_per_step=t.seconds, tokens_per_s=tokens / t.seconds,
-                 time_over_full=t.seconds / full) for k, t in timings.items()]
+                 time_over_full=t.over(full)) for k, t in timings.items()]
 
 
 def rank_sweep(widths: dict, ranks, repeats: int, warmup: int) -> list[dict]:
@@ -87,7 +87,7 @@ def rank_sweep(widths: dict, ranks, repeats: int, warmup: int) -> list[dict]:
                                                         concrete=True, **widths)["lora"]
     timings = walltime.interleaved(programs, repeats=repeats, warmup=warmup)
     full = timings.pop("full")
-    return [dict(variant=label, rank=rank, s_per_step=t.seconds, time_over_full=t.seconds / full.seconds,
+    return [dict(variant=label, rank=rank, s_per_step=t.seconds, time_over_full=t.over(full),
                  flops_over_full=t.flops / full.flops) for (label, rank), t in timings.items()]
 
 
@@ -105,7 +105,7 @@ def inference_table(widths: dict, repeats: int, warmup: int) -> list[dict]:
     timings = walltime.interleaved(costs.forwards(concrete=True, **widths), repeats=repeats, warmup=warmup,
                                    stateful=False)
     base = timings["base"]
-    return [dict(variant=k, s_per_call=t.seconds, time_over_base=t.seconds / base.seconds,
+    return [dict(variant=k, s_per_call=t.seconds, time_over_base=t.over(base),
                  flops_over_base=t.flops / base.flops) for k, t in timings.items()]
 
 
@@ -221,7 +221,7 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
     widths = QUICK if args.quick else costs.GPT2_SMALL
-    repeats, warmup = (3, 1) if args.quick else (12, 2)
+    repeats, warmup = (3, 1) if args.quick else (20, 2)
     ranks, seqs = ((1, 8), (16, 32)) if args.quick else ((1, 4, 8, 16, 64), (32, 64, 128, 256))
 
     report = dict(machine=machine(), widths=widths, repeats=repeats)

@@ -2,7 +2,8 @@
 
 Variants run interleaved (one step of each in turn), so drift of the machine — on this
 2-core CPU about 10% between runs — falls on all of them alike; each reports the median
-of ``repeats`` timed calls after ``warmup`` untimed ones.
+of ``repeats`` timed calls after ``warmup`` untimed ones, and ratios between variants are
+medians of the ratios within each round.
 """
 
 from __future__ import annotations
@@ -17,8 +18,17 @@ import jax
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
-    seconds: float  # median per call
+    times: tuple[float, ...]  # seconds of each timed call, one per round
     flops: float  # XLA's count for the compiled program that was timed
+
+    @property
+    def seconds(self) -> float:
+        """Median seconds per call."""
+        return statistics.median(self.times)
+
+    def over(self, reference: "Timing") -> float:
+        """Median of the per-round ratios: a round's drift divides out."""
+        return statistics.median(t / r for t, r in zip(self.times, reference.times))
 
 
 def _runner(fn: Callable, args: tuple, stateful: bool):
@@ -51,5 +61,5 @@ def interleaved(programs: dict[str, tuple[Callable, tuple]], *, repeats: int = 1
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
-    return {name: Timing(statistics.median(t), float(built[name][1].cost_analysis()["flops"]))
+    return {name: Timing(tuple(t), float(built[name][1].cost_analysis()["flops"]))
             for name, t in times.items()}
