@@ -25,8 +25,6 @@ from models import GPT  # noqa: E402
 ALL_LINEAR = "all-linear"
 QV = r".*/(query|value)/kernel"
 GPT2_SMALL = dict(d=768, heads=12, layers=4, vocab=2048, batch=4, seq=128)
-LABELS = {"full": "full fine-tuning", "lora": "LoRA", "materialized": "materialized LoRA (W + s·A·B each step)",
-          "frozen": "frozen model, input gradient only (LoRA's floor)"}
 
 
 @dataclasses.dataclass(frozen=True)

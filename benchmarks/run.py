@@ -29,8 +29,9 @@ import walltime
 
 HERE = Path(__file__).resolve().parent
 QUICK = dict(d=128, heads=4, layers=2, vocab=512, batch=2, seq=32)
+FULL, FLOOR = "full fine-tuning", "frozen model, input gradient only (LoRA's floor)"
 TARGETS = {"LoRA q,v": costs.QV, "LoRA all-linear": costs.ALL_LINEAR}
-COLORS = {"full fine-tuning": "tab:gray", "LoRA q,v": "tab:blue", "LoRA all-linear": "tab:green",
+COLORS = {FULL: "tab:gray", "LoRA q,v": "tab:blue", "LoRA all-linear": "tab:green",
           "materialized LoRA all-linear": "tab:red"}
 
 
@@ -43,13 +44,14 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.default_backend()})"
 
 
-def train_programs(widths: dict, rank: int = 8, materialized: bool = True, frozen: bool = False) -> dict:
-    """Named train steps on real arrays: full, LoRA on q,v and all-linear, and references."""
-    base = ("full",) + (("frozen",) if frozen else ())
-    programs = dict(costs.train_steps(variants=base, concrete=True, **widths))
+def train_programs(widths: dict, *, concrete: bool = True, floor: bool = False) -> dict:
+    """Train steps by table label: full FT, LoRA on q,v and all-linear, materialized LoRA, and
+    (``floor``) the frozen model's input gradient. Real arrays when ``concrete``, else shapes."""
+    steps = costs.train_steps(variants=("full", "frozen") if floor else ("full",), concrete=concrete, **widths)
+    programs = {FULL: steps["full"]} | ({FLOOR: steps["frozen"]} if floor else {})
     for label, targets in TARGETS.items():
-        variants = ("lora", "materialized") if materialized and targets == costs.ALL_LINEAR else ("lora",)
-        steps = costs.train_steps(variants=variants, targets=targets, rank=rank, concrete=True, **widths)
+        variants = ("lora", "materialized") if targets == costs.ALL_LINEAR else ("lora",)
+        steps = costs.train_steps(variants=variants, targets=targets, concrete=concrete, **widths)
         programs[label] = steps["lora"]
         if "materialized" in steps:
             programs["materialized LoRA all-linear"] = steps["materialized"]
@@ -58,35 +60,29 @@ def train_programs(widths: dict, rank: int = 8, materialized: bool = True, froze
 
 def compiled_table(widths: dict) -> list[dict]:
     """Flops and step memory of each variant, compiled from shapes (no donation)."""
-    rows = [dict(variant="full fine-tuning", rank=None, cost=costs.train_step_costs(variants=("full",), **widths)["full"])]
-    for label, targets in TARGETS.items():
-        rows.append(dict(variant=label, rank=8, cost=costs.train_step_costs(
-            variants=("lora",), targets=targets, **widths)["lora"]))
-    rows.append(dict(variant="materialized LoRA all-linear", rank=8, cost=costs.train_step_costs(
-        variants=("materialized",), **widths)["materialized"]))
-    full = rows[0]["cost"]
-    return [dict(variant=r["variant"], rank=r["rank"], gflops=r["cost"].flops / 1e9,
-                 flops_over_full=r["cost"].flops / full.flops, step_mib=r["cost"].step_bytes / 2**20,
-                 memory_over_full=r["cost"].step_bytes / full.step_bytes) for r in rows]
+    compiled = {label: costs.cost(step, *args) for label, (step, args) in
+                train_programs(widths, concrete=False).items()}
+    full = compiled[FULL]
+    return [dict(variant=label, gflops=c.flops / 1e9, flops_over_full=c.flops / full.flops,
+                 step_mib=c.step_bytes / 2**20, memory_over_full=c.step_bytes / full.step_bytes)
+            for label, c in compiled.items()]
 
 
 def wall_table(widths: dict, repeats: int, warmup: int) -> list[dict]:
-    timings = walltime.interleaved(train_programs(widths, frozen=True), repeats=repeats, warmup=warmup)
-    full = timings["full"]
+    timings = walltime.interleaved(train_programs(widths, floor=True), repeats=repeats, warmup=warmup)
     tokens = widths["batch"] * widths["seq"]
-    names = {"full": "full fine-tuning", "frozen": costs.LABELS["frozen"]}
-    return [dict(variant=names.get(k, k), s_per_step=t.seconds, tokens_per_s=tokens / t.seconds,
-                 time_over_full=t.over(full)) for k, t in timings.items()]
+    return [dict(variant=k, s_per_step=t.seconds, tokens_per_s=tokens / t.seconds,
+                 time_over_full=t.over(timings[FULL])) for k, t in timings.items()]
 
 
 def rank_sweep(widths: dict, ranks, repeats: int, warmup: int) -> list[dict]:
-    programs = dict(costs.train_steps(variants=("full",), concrete=True, **widths))
+    programs = {FULL: costs.train_steps(variants=("full",), concrete=True, **widths)["full"]}
     for rank in ranks:
         for label, targets in TARGETS.items():
             programs[(label, rank)] = costs.train_steps(variants=("lora",), targets=targets, rank=rank,
                                                         concrete=True, **widths)["lora"]
     timings = walltime.interleaved(programs, repeats=repeats, warmup=warmup)
-    full = timings.pop("full")
+    full = timings.pop(FULL)
     return [dict(variant=label, rank=rank, s_per_step=t.seconds, time_over_full=t.over(full),
                  flops_over_full=t.flops / full.flops) for (label, rank), t in timings.items()]
 
@@ -96,7 +92,7 @@ def seq_sweep(widths: dict, seqs, repeats: int, warmup: int) -> list[dict]:
     for seq in seqs:
         w = dict(widths, seq=seq)
         timings = walltime.interleaved(train_programs(w), repeats=repeats, warmup=warmup)
-        rows += [dict(variant="full fine-tuning" if k == "full" else k, seq=seq, s_per_step=t.seconds,
+        rows += [dict(variant=k, seq=seq, s_per_step=t.seconds,
                       gflops=t.flops / 1e9) for k, t in timings.items()]
     return rows
 
@@ -167,8 +163,10 @@ def markdown(report: dict) -> str:
     for targets in ("qv", "all-linear"):
         if ("lorax", targets) in by and ("peft", targets) in by:
             a, b = by[("lorax", targets)], by[("peft", targets)]
+            rss = None if None in (a["train_peak_rss_mib"], b["train_peak_rss_mib"]) else \
+                a["train_peak_rss_mib"] / b["train_peak_rss_mib"]
             lines.append(f"\nlorax / PEFT, {targets}: time {a['s_per_step'] / b['s_per_step']:.3f}, "
-                         f"peak RSS {f(a['train_peak_rss_mib'] and b['train_peak_rss_mib'] and a['train_peak_rss_mib'] / b['train_peak_rss_mib'], '.3f')}")
+                         f"peak RSS {f(rss, '.3f')}")
     lines += ["", "**Adapter file** (PEFT `adapter_model.safetensors`) against the base checkpoint", "",
               "| framework | targets | adapter MiB | / GGUF Q4_1 file | / fp32 weights |", "|---|---|---|---|---|"]
     lines += [f"| {r['framework']} | {r['targets']} | {r['adapter_bytes'] / 2**20:.2f} | {r['over_gguf_q4']:.4f} | "

@@ -17,6 +17,7 @@ import json
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -71,11 +72,11 @@ def lorax_step(args):
     if args.framework == "jax-full":
         state, rest, forward, adapter_bytes = base, (), fn, None
     else:
-        config_l = lorax.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=LORAX_TARGETS[args.targets])
-        params = lorax.init(jax.random.key(0), config_l, fn, base, ids[:, :-1])
+        lora_config = lorax.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=LORAX_TARGETS[args.targets])
+        params = lorax.init(jax.random.key(0), lora_config, fn, base, ids[:, :-1])
         state, frozen = lorax.split(params)
         rest, forward = (frozen,), lambda t, f, x: lorax.lora(fn)(lorax.combine(t, f), x)
-        with __import__("tempfile").TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp:
             lorax.peft.save_peft(Path(tmp), params, lorax.peft.LLAMA)
             adapter_bytes = (Path(tmp) / "adapter_model.safetensors").stat().st_size
     count = sum(x.size for x in jax.tree.leaves(state))
@@ -126,8 +127,6 @@ def torch_step(args):
         return float(loss)
 
     if args.framework == "peft":
-        import tempfile
-
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
             adapter_bytes = (Path(tmp) / "adapter_model.safetensors").stat().st_size
