@@ -7,12 +7,15 @@
 (1, 3)
 """
 
+from lorax._src.adapter import Adapter as Adapter
 from lorax._src.checkpoint import load as load
 from lorax._src.checkpoint import save as save
 from lorax._src.config import LoraConfig as LoraConfig
 from lorax._src.explain import Explanation as Explanation
 from lorax._src.explain import explain as explain
 from lorax._src.init import init as init
+from lorax._src.kinds import DoraWeight as DoraWeight
+from lorax._src.kinds import LoraWeight as LoraWeight
 from lorax._src.optim import optimizer as optimizer
 from lorax._src.sharding import partition_specs as partition_specs
 from lorax._src.transform import lora as lora
@@ -20,12 +23,13 @@ from lorax._src.trees import combine as combine
 from lorax._src.trees import merge as merge
 from lorax._src.trees import split as split
 from lorax._src.trees import unmerge as unmerge
-from lorax._src.weight import LoraWeight as LoraWeight
-from lorax._src.weight import Trainable as Trainable
+from lorax._src.trainable import Trainable as Trainable
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Adapter",
+    "DoraWeight",
     "Explanation",
     "LoraConfig",
     "LoraWeight",

@@ -15,7 +15,7 @@ import lorax
 
 def test_public_api_is_pinned():
     assert lorax.__all__ == sorted(lorax.__all__)
-    assert lorax.__all__ == ["Explanation", "LoraConfig", "LoraWeight", "Trainable", "combine",
+    assert lorax.__all__ == ["Adapter", "DoraWeight", "Explanation", "LoraConfig", "LoraWeight", "Trainable", "combine",
                              "explain", "init", "load", "lora", "merge", "optimizer", "partition_specs",
                              "save", "split", "unmerge"]
 
@@ -65,11 +65,11 @@ def test_predicate_targets_exclude_and_trainable():
     assert isinstance(lp["Dense_0"]["bias"], lorax.Trainable)
 
 
-def test_init_a_distributions():
+def test_init_distributions():
     fn, params, x = make_case("mlp")
     kaiming = lorax.init(KEY, lorax.LoraConfig(rank=4), fn, params, x)["params"]["Dense_1"]["kernel"]
     assert float(jnp.abs(kaiming.a).max()) <= 1 / np.sqrt(16)
-    gauss = lorax.init(KEY, lorax.LoraConfig(rank=4, init_a="gaussian", dtype=jnp.bfloat16),
+    gauss = lorax.init(KEY, lorax.LoraConfig(rank=4, init="gaussian", dtype=jnp.bfloat16),
                        fn, params, x)["params"]["Dense_1"]["kernel"]
     assert gauss.a.dtype == gauss.b.dtype == jnp.bfloat16
     assert 0.1 < float(jnp.std(gauss.a.astype(jnp.float32))) < 0.5  # std 1/r = 0.25
@@ -108,7 +108,7 @@ def test_target_that_is_not_a_matmul_weight_is_refused():
     (dict(targets="(unclosed"), r"LoraConfig.targets: '\(unclosed' is not a valid regex"),
     (dict(exclude=["[bad"]), "LoraConfig.exclude"),
     (dict(dropout=1.0), "dropout must be in"),
-    (dict(init_a="zeros"), "init_a must be"),
+    (dict(init="zeros"), "init must be"),
 ])
 def test_bad_config(kwargs, match):
     with pytest.raises(ValueError, match=match):

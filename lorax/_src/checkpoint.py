@@ -14,7 +14,8 @@ from lorax._src.config import LoraConfig
 from lorax._src.paths import named_leaves
 from lorax._src.sharding import factor_shardings
 from lorax._src.trees import _map
-from lorax._src.weight import LoraWeight, Trainable, factor_shapes
+from lorax._src.adapter import KINDS, Adapter
+from lorax._src.trainable import Trainable
 
 FORMAT = 1
 
@@ -25,13 +26,13 @@ def _entries(params: Any) -> tuple[list[dict], list[dict]]:
 
     meta, arrays = [], []
     for path, leaf in named_leaves(params):
-        if isinstance(leaf, LoraWeight):
-            meta.append(dict(path=path, kind="lora", shape=list(leaf.w.shape), dtype=str(leaf.w.dtype),
+        if isinstance(leaf, Adapter):
+            meta.append(dict(path=path, kind=leaf.kind, shape=list(leaf.shape), dtype=str(leaf.w.dtype),
                              rank=leaf.rank, scale=leaf.scale, a_axes=list(leaf.a_axes),
                              b_axes=list(leaf.b_axes), stack_axes=list(leaf.stack_axes),
                              dropout=leaf.dropout, factor_dtype=str(leaf.a.dtype),
                              lorax_version=lorax.__version__))
-            arrays.append({"a": leaf.a, "b": leaf.b})
+            arrays.append(leaf.trained())
         elif isinstance(leaf, Trainable):
             meta.append(dict(path=path, kind="trainable", shape=list(leaf.value.shape),
                              dtype=str(leaf.value.dtype)))
@@ -93,7 +94,7 @@ def load(directory: str | Path, base: Any, *, step: int | None = None) -> Any:
             leaf = leaves.get(path)
             if leaf is None:
                 problems.append(f"  {path}: not in the base")
-            elif isinstance(leaf, (LoraWeight, Trainable)):
+            elif isinstance(leaf, (Adapter, Trainable)):
                 problems.append(f"  {path}: the base already holds a lorax node here; pass the plain tree")
             elif list(np.shape(leaf)) != e["shape"] or str(leaf.dtype) != e["dtype"]:
                 problems.append(f"  {path}: base has {tuple(np.shape(leaf))} {leaf.dtype}, the adapter "
@@ -106,16 +107,15 @@ def load(directory: str | Path, base: Any, *, step: int | None = None) -> Any:
     return _map(lambda path, leaf: restored.get(path, leaf), base)
 
 
-def _shell(entry: dict, w, a=None, b=None) -> LoraWeight:
-    """The LoraWeight an entry describes; factors as shapes unless given."""
-    dtype = jnp.dtype(entry["factor_dtype"])
-    a_shape, b_shape = factor_shapes(entry["shape"], entry["rank"], entry["a_axes"], entry["b_axes"],
-                                     entry["stack_axes"])
-    a = a if a is not None else jax.ShapeDtypeStruct(a_shape, dtype)
-    b = b if b is not None else jax.ShapeDtypeStruct(b_shape, dtype)
-    return LoraWeight(w, a, b, scale=entry["scale"], a_axes=tuple(entry["a_axes"]),
-                      b_axes=tuple(entry["b_axes"]), stack_axes=tuple(entry["stack_axes"]),
-                      dropout=entry["dropout"])
+def _shell(entry: dict, w, arrays: dict | None = None) -> Adapter:
+    """The adapter an entry describes; trained arrays as shapes unless given."""
+    kind = KINDS[entry["kind"]]
+    shell = kind(w, *[None] * len(kind.trained_fields()), scale=entry["scale"], a_axes=tuple(entry["a_axes"]),
+                 b_axes=tuple(entry["b_axes"]), stack_axes=tuple(entry["stack_axes"]), dropout=entry["dropout"])
+    if arrays is None:
+        dtype = jnp.dtype(entry["factor_dtype"])
+        arrays = {n: jax.ShapeDtypeStruct(s, dtype) for n, s in shell.expected_shapes(entry["rank"]).items()}
+    return shell.replace(**arrays)
 
 
 def _abstract(entry: dict, w) -> dict:
@@ -126,11 +126,10 @@ def _abstract(entry: dict, w) -> dict:
         return {"value": jax.ShapeDtypeStruct(w.shape, w.dtype, sharding=placed)}
     shell = _shell(entry, w)
     shardings = factor_shardings(shell, sharding)
-    return {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-            for k, x, s in zip("ab", (shell.a, shell.b), shardings)}
+    return {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings[k]) for k, x in shell.trained().items()}
 
 
 def _node(entry: dict, w, arrays: dict):
     if entry["kind"] == "trainable":
         return Trainable(arrays["value"])
-    return _shell(entry, w, arrays["a"], arrays["b"])
+    return _shell(entry, w, arrays)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
+
+from lorax._src.initializers import valid_init
 
 Targets = str | Sequence[str] | Callable[[str, Any], bool]
 
@@ -25,12 +28,25 @@ def _patterns(value: str | Sequence[str] | None, field: str) -> tuple[re.Pattern
     return tuple(compiled)
 
 
-def first_match(patterns: Mapping[str, Any], path: str, default: Any) -> Any:
-    """The value of the first ``{regex: value}`` entry that fully matches ``path``."""
-    for pattern, value in patterns.items():
-        if re.fullmatch(pattern, path):
+def first_match(patterns: Sequence[tuple[re.Pattern, Any]], path: str, default: Any) -> Any:
+    """The value of the first ``(regex, value)`` entry that fully matches ``path``."""
+    for pattern, value in patterns:
+        if pattern.fullmatch(path):
             return value
     return default
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSpec:
+    """What `LoraConfig` asks for one weight, resolved once: the adapter ``kind`` (its
+    name in `lorax._src.adapter.KINDS`), rank, scale, initialisation, dropout and dtype."""
+
+    kind: str
+    rank: int
+    scale: float
+    init: str
+    dropout: float
+    dtype: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,12 +65,15 @@ class LoraConfig:
       rank_pattern, alpha_pattern: ``{regex: value}``; the first full match wins.
       use_rslora: scale by ``alpha / sqrt(rank)`` (Kalajdzievski 2023).
       dropout: dropout rate on the adapter input (on only when `lorax.lora` gets ``rng``).
-      init_a: ``"kaiming_uniform"`` (PEFT's default) or ``"gaussian"`` (std 1/r).
+      init: ``"kaiming_uniform"`` (PEFT's default), ``"gaussian"`` (std 1/r), ``"pissa"``
+        (top-r singular vectors of W; the base becomes the residual), ``"pissa_niter_K"``
+        (the same by randomized SVD) or ``"olora"`` (QR). Outputs are unchanged at init.
+      use_dora: DoRA (a trained magnitude per output unit) instead of plain LoRA.
       dtype: adapter dtype; default the weight's.
       trainable: regexes of plain leaves trained fully (PEFT's ``modules_to_save``).
 
     >>> import lorax
-    >>> lorax.LoraConfig(rank=8, alpha=16.0).scale_for("h/query/kernel")
+    >>> lorax.LoraConfig(rank=8, alpha=16.0).resolve("h/query/kernel", None, linear=True).scale
     2.0
     """
 
@@ -66,9 +85,10 @@ class LoraConfig:
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
     use_rslora: bool = False
     dropout: float = 0.0
-    init_a: Literal["kaiming_uniform", "gaussian"] = "kaiming_uniform"
+    init: str = "kaiming_uniform"
     dtype: Any = None
     trainable: str | Sequence[str] | None = None
+    use_dora: bool = False
 
     def __post_init__(self):
         for path, rank in {"rank": self.rank, **self.rank_pattern}.items():
@@ -79,8 +99,9 @@ class LoraConfig:
                 raise ValueError(f"LoraConfig: alpha for {path!r} must be > 0, got {alpha!r}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig: dropout must be in [0, 1), got {self.dropout!r}.")
-        if self.init_a not in ("kaiming_uniform", "gaussian"):
-            raise ValueError(f"LoraConfig: init_a must be 'kaiming_uniform' or 'gaussian', got {self.init_a!r}.")
+        if not valid_init(self.init):
+            raise ValueError("LoraConfig: init must be 'kaiming_uniform', 'gaussian', 'pissa', "
+                             f"'pissa_niter_K' or 'olora', got {self.init!r}.")
         if not callable(self.targets) and self.targets != ALL_LINEAR:
             _patterns(self.targets, "targets")
         _patterns(self.exclude, "exclude")
@@ -93,23 +114,34 @@ class LoraConfig:
         plain = lambda v: v if isinstance(v, (int, float, str, bool, type(None), list, dict, tuple)) else repr(v)  # noqa: E731
         return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
-    def rank_for(self, path: str) -> int:
-        return first_match(self.rank_pattern, path, self.rank)
+    @functools.cached_property
+    def _compiled(self) -> dict[str, Any]:
+        """The regexes, compiled once."""
+        return dict(exclude=_patterns(self.exclude, "exclude"),
+                    targets=() if callable(self.targets) or self.targets == ALL_LINEAR
+                    else _patterns(self.targets, "targets"),
+                    trainable=_patterns(self.trainable, "trainable"),
+                    rank=[(re.compile(k), v) for k, v in self.rank_pattern.items()],
+                    alpha=[(re.compile(k), v) for k, v in self.alpha_pattern.items()])
 
-    def scale_for(self, path: str) -> float:
-        rank = self.rank_for(path)
-        alpha = first_match(self.alpha_pattern, path, self.alpha if self.alpha is not None else rank)
-        return alpha / (math.sqrt(rank) if self.use_rslora else rank)
-
-    def targets_path(self, path: str, leaf: Any, linear: bool) -> bool:
-        """Whether ``path`` is asked for (``linear``: used by a matmul or convolution)."""
-        if any(p.fullmatch(path) for p in _patterns(self.exclude, "exclude")):
-            return False
+    def resolve(self, path: str, leaf: Any, linear: bool) -> AdapterSpec | None:
+        """The `AdapterSpec` for ``path``, or None when it is not a target (``linear``: the
+        leaf is used by a matmul or convolution, for ``"all-linear"``)."""
+        patterns = self._compiled
+        if any(p.fullmatch(path) for p in patterns["exclude"]):
+            return None
         if callable(self.targets):
-            return bool(self.targets(path, leaf))
-        if self.targets == ALL_LINEAR:
-            return linear
-        return any(p.fullmatch(path) for p in _patterns(self.targets, "targets"))
+            wanted = bool(self.targets(path, leaf))
+        elif self.targets == ALL_LINEAR:
+            wanted = linear
+        else:
+            wanted = any(p.fullmatch(path) for p in patterns["targets"])
+        if not wanted:
+            return None
+        rank = first_match(patterns["rank"], path, self.rank)
+        alpha = first_match(patterns["alpha"], path, self.alpha if self.alpha is not None else rank)
+        scale = alpha / (math.sqrt(rank) if self.use_rslora else rank)
+        return AdapterSpec("dora" if self.use_dora else "lora", rank, scale, self.init, self.dropout, self.dtype)
 
     def is_trainable(self, path: str) -> bool:
-        return any(p.fullmatch(path) for p in _patterns(self.trainable, "trainable"))
+        return any(p.fullmatch(path) for p in self._compiled["trainable"])

@@ -11,17 +11,22 @@ import jax
 from lorax._src import transform
 from lorax._src.paths import named_leaves
 from lorax._src.tracing import flatten_call
-from lorax._src.weight import LoraWeight, Trainable
+from lorax._src.adapter import Adapter
+from lorax._src.trainable import Trainable
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
+    """One adapted (or fully trained) weight: ``kind`` is the adapter kind ("lora",
+    "dora") or "trainable"; ``how`` says how its uses were computed."""
+
     path: str
     shape: tuple[int, ...]
     rank: int
     scale: float
     params: int
     how: str
+    kind: str = "lora"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +44,8 @@ class Explanation:
         return [r.path for r in self.rows if "materialized" in r.how]
 
     def __str__(self) -> str:
-        head = ["path", "shape", "rank", "scale", "params", "computed"]
-        body = [[r.path, "x".join(map(str, r.shape)), str(r.rank), f"{r.scale:g}", f"{r.params:,}", r.how]
+        head = ["path", "shape", "kind", "rank", "scale", "params", "computed"]
+        body = [[r.path, "x".join(map(str, r.shape)), r.kind, str(r.rank), f"{r.scale:g}", f"{r.params:,}", r.how]
                 for r in self.rows]
         widths = [max(len(x) for x in col) for col in zip(head, *body)]
         fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
@@ -58,34 +63,34 @@ def explain(fn: Callable, params: Any, *args, **kwargs) -> Explanation:
     >>> print(lorax.explain(fn, lp, jnp.ones((1, 4))).rows[0].how)
     factored (dot_general)
     """
-    rec = transform.Recorder()
+    ctx = transform.Context()
     flat = flatten_call(params, args, kwargs)
 
     def run(*values):
         p, a, k = flat.rebuild(values)
-        return transform.call(fn, p, a, k, rng=None, rec=rec)
+        return transform.call(fn, p, a, k, rng=None, ctx=ctx)
 
     jax.eval_shape(run, *[flat.leaves[i] for i in flat.dynamic])
     rows, trainable, total = [], 0, 0
     for name, leaf in named_leaves(params):
-        if isinstance(leaf, LoraWeight):
-            total += math.prod(leaf.w.shape) + leaf.num_adapter_params()
+        if isinstance(leaf, Adapter):
+            total += math.prod(leaf.shape) + leaf.num_adapter_params()
             trainable += leaf.num_adapter_params()
-            rows.append(Row(name, tuple(leaf.w.shape), leaf.rank, leaf.scale,
-                            leaf.num_adapter_params(), _how(rec.uses.get(name, []))))
+            rows.append(Row(name, leaf.shape, leaf.rank, leaf.scale, leaf.num_adapter_params(),
+                            _how(ctx.uses.get(name, [])), leaf.kind))
         elif isinstance(leaf, Trainable):
             size = math.prod(leaf.value.shape)
             total, trainable = total + size, trainable + size
-            rows.append(Row(name, tuple(leaf.value.shape), 0, 1.0, size, "trained fully"))
+            rows.append(Row(name, tuple(leaf.value.shape), 0, 1.0, size, "trained fully", "trainable"))
         elif hasattr(leaf, "shape"):
             total += math.prod(leaf.shape)
     return Explanation(rows, trainable, total)
 
 
-def _how(uses: list[str]) -> str:
+def _how(uses: list[transform.How]) -> str:
     if not uses:
         return "unused"
-    materialized = sorted({u.split(": ", 1)[1] for u in uses if u.startswith("materialized")})
+    materialized = sorted({u.reason for u in uses if not u.factored})
     if materialized:
         return "materialized: " + ", ".join(materialized)
-    return "factored (" + ", ".join(sorted({u.split(": ", 1)[1] for u in uses})) + ")"
+    return "factored (" + ", ".join(sorted({u.primitive for u in uses})) + ")"

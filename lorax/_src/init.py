@@ -1,22 +1,25 @@
-"""`lorax.init`: find the weights to adapt and wrap each in a `LoraWeight`."""
+"""`lorax.init`: find the weights to adapt and put an adapter node in place of each."""
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
-from lorax._src.config import LoraConfig
+from lorax._src.adapter import KINDS, Adapter, fan_in_out
+from lorax._src.config import AdapterSpec, LoraConfig
 from lorax._src.sharding import place_factors
+from lorax._src.table import supports
 from lorax._src.tracing import flatten_call, trace
+from lorax._src.trainable import Trainable, is_node
+from lorax._src.transform import lora  # noqa: F401  (registers the rules and kinds)
 from lorax._src.usage import Use, View, find_uses
-from lorax._src.weight import LoraWeight, Trainable, factor_shapes, is_node
 
 
 def init(key: jax.Array, config: LoraConfig, fn: Callable, params: Any, *args, **kwargs) -> Any:
-    """Return ``params`` with each targeted weight replaced by a `LoraWeight` (``b = 0``).
+    """Return ``params`` with each targeted weight replaced by an adapter (`LoraWeight`, or
+    `DoraWeight` with ``use_dora``) that leaves ``fn``'s outputs unchanged.
 
     ``fn(params, *args, **kwargs)`` is traced abstractly (no FLOPs are spent; this also
     works under ``jax.eval_shape``) to learn how every leaf is used: a weight's contracted
@@ -40,11 +43,12 @@ def init(key: jax.Array, config: LoraConfig, fn: Callable, params: Any, *args, *
              for i in flat.dynamic]
     uses = find_uses(closed.jaxpr, views)
 
-    chosen: dict[int, Use] = {}
+    chosen: dict[int, tuple[AdapterSpec, Use]] = {}
     for i, name in enumerate(flat.names[: flat.num_params]):
         leaf_uses = uses.get(i, [])
-        linear = bool(leaf_uses) and all(u.kind != "lookup" for u in leaf_uses)
-        if not config.targets_path(name, params_flat[i], linear):
+        linear = bool(leaf_uses) and not any(u.lookup for u in leaf_uses)
+        spec = config.resolve(name, params_flat[i], linear)
+        if spec is None:
             continue
         if not leaf_uses:
             raise ValueError(
@@ -52,8 +56,8 @@ def init(key: jax.Array, config: LoraConfig, fn: Callable, params: Any, *args, *
                 "used as a matmul, einsum, convolution or lookup weight by fn, so it cannot "
                 "take a low-rank adapter. Mark it `trainable=` instead, or change `targets`."
             )
-        lookups = [u for u in leaf_uses if u.kind == "lookup"]
-        chosen[i] = (lookups or leaf_uses)[0]
+        lookups = [u for u in leaf_uses if u.lookup]
+        chosen[i] = spec, (lookups or leaf_uses)[0]
     if not chosen:
         candidates = [f"  {flat.names[i]} {tuple(jnp.shape(params_flat[i]))}" for i in sorted(uses)]
         raise ValueError(
@@ -62,30 +66,25 @@ def init(key: jax.Array, config: LoraConfig, fn: Callable, params: Any, *args, *
         )
 
     out = list(flat.leaves)
-    for n, (i, use) in enumerate(sorted(chosen.items())):
-        out[i] = _adapt(jax.random.fold_in(key, n), config, flat.names[i], params_flat[i], use)
+    for n, (i, (spec, use)) in enumerate(sorted(chosen.items())):
+        out[i] = _adapt(jax.random.fold_in(key, n), spec, flat.names[i], params_flat[i], use)
     for i, name in enumerate(flat.names[: flat.num_params]):
         if i not in chosen and config.is_trainable(name):
             out[i] = Trainable(params_flat[i])
     return jax.tree_util.tree_unflatten(flat.treedef, out)[0]
 
 
-def _adapt(key: jax.Array, config: LoraConfig, name: str, w: jax.Array, use: Use) -> LoraWeight:
-    rank = config.rank_for(name)
-    fan_in = math.prod(w.shape[i] for i in use.a_axes)
-    fan_out = math.prod(w.shape[i] for i in use.b_axes)
-    if rank > min(fan_in, fan_out):
+def _adapt(key: jax.Array, spec: AdapterSpec, name: str, w: jax.Array, use: Use) -> Adapter:
+    fan_in, fan_out = fan_in_out(w.shape, use.a_axes, use.b_axes)
+    if spec.rank > min(fan_in, fan_out):
         raise ValueError(
-            f"lorax.init: rank {rank} for {name!r} (shape {tuple(w.shape)}) exceeds min(in, out) = "
+            f"lorax.init: rank {spec.rank} for {name!r} (shape {tuple(w.shape)}) exceeds min(in, out) = "
             f"min({fan_in}, {fan_out}); choose rank <= {min(fan_in, fan_out)}."
         )
-    dtype = config.dtype or w.dtype
-    a_shape, b_shape = factor_shapes(w.shape, rank, use.a_axes, use.b_axes, use.stack_axes)
-    if config.init_a == "gaussian":
-        a = jax.random.normal(key, a_shape, dtype) / rank
-    else:  # PEFT's kaiming_uniform_(a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-        bound = 1.0 / math.sqrt(fan_in)
-        a = jax.random.uniform(key, a_shape, dtype, -bound, bound)
-    return place_factors(LoraWeight(w, a, jnp.zeros(b_shape, dtype), scale=config.scale_for(name),
-                                    a_axes=use.a_axes, b_axes=use.b_axes, stack_axes=use.stack_axes,
-                                    dropout=config.dropout))
+    kind = KINDS[spec.kind]
+    if not supports(use.primitive, kind):
+        raise ValueError(
+            f"lorax.init: {kind.__name__} has no factored rule for {name!r} (shape {tuple(w.shape)}), "
+            f"used through {use.primitive!r}; exclude it (`exclude=`) or use plain LoRA for it."
+        )
+    return place_factors(kind.create(key, spec, w, use))

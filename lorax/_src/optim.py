@@ -1,25 +1,29 @@
-"""`lorax.optimizer`: an optax transformation that trains adapters only."""
+"""`lorax.optimizer`: an optax transformation that trains adapters only (LoRA+ optional)."""
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from lorax._src.weight import LoraWeight, Trainable, is_node
+from lorax._src.adapter import Adapter
+from lorax._src.trainable import Trainable, is_node
 
-TRAIN, FROZEN = "lora_trainable", "lora_frozen"
+TRAIN, TRAIN_B, FROZEN = "lora_trainable", "lora_trainable_b", "lora_frozen"
 
 
-def labels(params: Any) -> Any:
-    """The tree of ``params`` with each leaf labelled ``TRAIN`` or ``FROZEN``."""
+def labels(params: Any, b_group: str = TRAIN) -> Any:
+    """The tree of ``params`` (whole, or either half of `lorax.split`) with each leaf
+    labelled ``TRAIN``, ``b_group`` (the trained arrays of LoRA+'s B group) or ``FROZEN``."""
 
     def label(x):
-        if isinstance(x, LoraWeight):
-            return dataclasses.replace(x, w=FROZEN, a=TRAIN, b=TRAIN)
+        if isinstance(x, Adapter):
+            groups = {"a": TRAIN, "b": b_group}
+            return x.replace(**{n: None if getattr(x, n) is None else FROZEN for n in x.frozen_fields()},
+                             **{n: None if getattr(x, n) is None else groups[x.group(n)]
+                                for n in x.trained_fields()})
         return Trainable(TRAIN) if isinstance(x, Trainable) else FROZEN
 
     return jax.tree.map(label, params, is_leaf=is_node)
@@ -32,13 +36,18 @@ def freeze() -> optax.GradientTransformation:
         lambda g: jnp.full_like(g, -0.0), updates))
 
 
-def optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+def optimizer(tx: optax.GradientTransformation, *, b_lr_ratio: float | None = None) -> optax.GradientTransformation:
     """Wrap ``tx`` to update adapters (and `Trainable` leaves) only.
 
     Gradients may be taken with respect to the whole tree; frozen leaves get no optimizer
     state and stay bit-identical. (``optax.masked`` alone would pass their raw gradient
     through.) For the cheapest step, differentiate ``lorax.split(params)[0]`` instead and
-    return only what changed.
+    return only what changed; the wrapper works on that half too.
+
+    ``b_lr_ratio=λ`` is LoRA+ (Hayou et al. 2024): ``b`` (and DoRA's magnitude, as PEFT
+    does) get ``λ×`` the updates of ``a``, from their own copy of ``tx``. For SGD and for
+    Adam-like optimizers (whose update is ``lr × a normalised step``, weight decay included)
+    that is exactly ``λ×`` the learning rate.
 
     >>> import jax, jax.numpy as jnp, optax, lorax
     >>> lw = lorax.LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)))
@@ -47,6 +56,9 @@ def optimizer(tx: optax.GradientTransformation) -> optax.GradientTransformation:
     >>> len(jax.tree.leaves(state))  # adam's count, mu and nu for a and b only
     5
     """
-    transforms = {TRAIN: tx, FROZEN: freeze()}
-    partition = getattr(optax, "partition", None) or optax.multi_transform
-    return partition(transforms, labels)
+    if b_lr_ratio is None:
+        return optax.partition({TRAIN: tx, FROZEN: freeze()}, labels)
+    if not b_lr_ratio > 0 or b_lr_ratio == float("inf"):
+        raise ValueError(f"lorax.optimizer: b_lr_ratio must be a finite number > 0, got {b_lr_ratio!r}.")
+    transforms = {TRAIN: tx, TRAIN_B: optax.chain(tx, optax.scale(b_lr_ratio)), FROZEN: freeze()}
+    return optax.partition(transforms, lambda params: labels(params, TRAIN_B))

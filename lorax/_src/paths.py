@@ -7,7 +7,7 @@ from typing import Any
 import jax
 from jax.tree_util import DictKey, FlattenedIndexKey, GetAttrKey, SequenceKey
 
-from lorax._src.weight import is_node
+from lorax._src.trainable import is_node
 
 
 def render(path: tuple) -> str:

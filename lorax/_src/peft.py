@@ -24,7 +24,8 @@ from lorax._src.config import LoraConfig
 from lorax._src.init import init
 from lorax._src.paths import named_leaves
 from lorax._src.trees import _map
-from lorax._src.weight import LoraWeight, Trainable
+from lorax._src.kinds import LoraWeight
+from lorax._src.trainable import Trainable
 
 PREFIX = "base_model.model."
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"

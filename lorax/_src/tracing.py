@@ -10,7 +10,8 @@ import numpy as np
 
 from lorax._src import compat
 from lorax._src.paths import render
-from lorax._src.weight import LoraWeight, Trainable, is_node
+from lorax._src.adapter import Adapter
+from lorax._src.trainable import Trainable, is_node
 
 
 def is_array(x: Any) -> bool:
@@ -35,12 +36,12 @@ class FlatCall:
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
     def arrays(self) -> list:
-        """What the traced function receives: ``w`` for a LoraWeight, the value of a Trainable."""
+        """What the traced function receives: ``w`` for an adapter, the value of a Trainable."""
         return [plain(self.leaves[i]) for i in self.dynamic]
 
 
 def plain(leaf: Any) -> Any:
-    if isinstance(leaf, LoraWeight):
+    if isinstance(leaf, Adapter):
         return leaf.w
     if isinstance(leaf, Trainable):
         return leaf.value

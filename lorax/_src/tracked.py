@@ -1,4 +1,4 @@
-"""The value a LoRA weight takes while `lorax.lora` evaluates a function."""
+"""The value an adapted weight takes while `lorax.lora` evaluates a function."""
 
 from __future__ import annotations
 
@@ -7,30 +7,26 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from lorax._src.weight import LoraWeight
+from lorax._src.adapter import Adapter
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Tracked:
-    """A LoraWeight (possibly transposed, cast, or sliced from a stack) flowing through
-    a jaxpr, with the dropout key of its adapter and the path it came from.
+    """An adapter (possibly transposed, cast, or sliced from a stack) flowing through a
+    jaxpr, with the dropout key of its adapter and the path it came from.
 
     ``weight.w`` is already gradient-stopped: `lorax.lora` stops it once, where the
     weight enters. Stopping it again inside a scan body would make JAX save each slice
     as a residual, a stacked copy of W per step."""
 
-    weight: LoraWeight
+    weight: Adapter
     key: jax.Array | None
     label: str = dataclasses.field(metadata=dict(static=True))
 
     def materialize(self) -> jax.Array:
-        """``w + scale * a @ b``: the dense weight, for uses with no factored rule."""
-        w = self.weight.w
-        return w + self.weight.delta().astype(w.dtype)
-
-    def factors(self, dtype) -> tuple[jax.Array, jax.Array]:
-        return self.weight.a.astype(dtype), self.weight.b.astype(dtype)
+        """The dense weight, for uses with no factored rule."""
+        return self.weight.merged()
 
     def adapter_input(self, x: jax.Array, use: int) -> jax.Array:
         """``x`` with inverted dropout at the adapter's rate when a key was given."""
@@ -40,8 +36,11 @@ class Tracked:
         keep = jax.random.bernoulli(jax.random.fold_in(self.key, use), 1.0 - rate, x.shape)
         return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
-    def with_weight(self, **changes) -> "Tracked":
-        return dataclasses.replace(self, weight=dataclasses.replace(self.weight, **changes))
+    def with_weight(self, weight: Adapter) -> Tracked:
+        return dataclasses.replace(self, weight=weight)
+
+    def replace(self, **changes) -> Tracked:
+        return dataclasses.replace(self, **changes)
 
 
 def unwrap(value):

@@ -1,10 +1,10 @@
-"""`lorax.lora`: run any JAX function on a tree holding LoraWeight nodes, factored.
+"""`lorax.lora`: run any JAX function on a tree holding adapter nodes, factored.
 
-The function is traced to a jaxpr over the plain weights, then evaluated again with
-each LoRA weight bound to a `Tracked` value. Equations that consume one use a factored
-rule (`lorax._src.rules`); control flow (jit, remat, scan, cond, while) is re-expressed
-through public ``jax`` / ``jax.lax`` calls with the body interpreted the same way; any
-other use materializes ``w + s·a·b`` for that use alone and is recorded for `explain`.
+The function is traced to a jaxpr over the plain weights, then evaluated again with each
+adapted weight bound to a `Tracked` value. An equation that consumes one is computed by its
+rule in the table (`lorax._src.table`): views stay lazy, products run factored, control flow
+is re-expressed with the body interpreted the same way. A use with no rule materializes the
+adapted weight for that use alone, and the reason is recorded for `explain`.
 """
 
 from __future__ import annotations
@@ -17,20 +17,34 @@ from typing import Any, Callable
 import jax
 from jax import lax
 
+import lorax._src.kinds  # noqa: F401  (registers the adapter kinds and their rules)
+import lorax._src.rules  # noqa: F401  (registers the view, product and control rules)
 from lorax._src import compat
+from lorax._src.adapter import Adapter
 from lorax._src.lowrank import Views
-from lorax._src.rules import RULES, register_rule
+from lorax._src.table import RULES
 from lorax._src.tracing import flatten_call, trace
 from lorax._src.tracked import Tracked, unwrap
-from lorax._src.weight import LoraWeight, Trainable
+from lorax._src.trainable import Trainable
+
+
+@dataclasses.dataclass(frozen=True)
+class How:
+    """How one use of an adapted weight was computed: through ``primitive``, factored or
+    materialized (then ``reason`` says why)."""
+
+    primitive: str
+    factored: bool
+    reason: str = ""
 
 
 @dataclasses.dataclass
-class Recorder:
-    """Counts adapter uses (for distinct dropout masks), notes how each was computed and
+class Context:
+    """What rules see of the interpreter during one `lorax.lora` call: it evaluates bodies,
+    counts adapter uses (for distinct dropout masks), notes how each use was computed and
     keeps the activation views adapters share."""
 
-    uses: dict[str, list[str]] = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
+    uses: dict[str, list[How]] = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
     count: int = 0
     views: Views = dataclasses.field(default_factory=Views)
 
@@ -38,153 +52,76 @@ class Recorder:
         self.count += 1
         return self.count
 
-    def note(self, label: str, how: str) -> None:
+    def note(self, label: str, how: How) -> None:
         self.uses[label].append(how)
 
-
-def eval_jaxpr(jaxpr: compat.Jaxpr, consts: list, args: list, rec: Recorder) -> list:
-    """Evaluate ``jaxpr``; outputs may still be `Tracked` (a weight passed through)."""
-    env: dict = {}
-    for var, val in zip(jaxpr.constvars, consts):
-        env[var] = val
-    for var, val in zip(jaxpr.invars, args):
-        env[var] = val
-    for eqn in jaxpr.eqns:
-        invals = [compat.read(env, v) for v in eqn.invars]
-        if any(isinstance(v, Tracked) for v in invals):
-            outvals = _apply(eqn, invals, rec)
-        else:
-            outvals = compat.bind(eqn, invals)
-        for var, val in zip(eqn.outvars, outvals):
+    def eval(self, jaxpr: compat.Jaxpr, consts: list, args: list) -> list:
+        """Evaluate ``jaxpr``; outputs may still be `Tracked` (a weight passed through)."""
+        env: dict = {}
+        for var, val in zip(jaxpr.constvars, consts):
             env[var] = val
-    return [compat.read(env, v) for v in jaxpr.outvars]
+        for var, val in zip(jaxpr.invars, args):
+            env[var] = val
+        for eqn in jaxpr.eqns:
+            invals = [compat.read(env, v) for v in eqn.invars]
+            if any(isinstance(v, Tracked) for v in invals):
+                outvals = self._apply(eqn, invals)
+            else:
+                outvals = compat.bind(eqn, invals)
+            for var, val in zip(eqn.outvars, outvals):
+                env[var] = val
+        return [compat.read(env, v) for v in jaxpr.outvars]
 
+    def closed_fn(self, jaxpr: compat.Jaxpr, consts: list) -> Callable[..., list]:
+        """A function evaluating ``jaxpr`` whose outputs are plain arrays."""
 
-def _apply(eqn, invals: list, rec: Recorder) -> list:
-    name = eqn.primitive.name
-    rule = RULES.get(name)
-    out = rule(eqn, invals, rec) if rule else None
-    labels = {v.label for v in invals if isinstance(v, Tracked)}
-    if out is None:
-        for label in sorted(labels):
-            rec.note(label, f"materialized: {name}")
-        return compat.bind(eqn, [unwrap(v) for v in invals])
-    if name in _FACTORED:
-        for label in labels:
-            rec.note(label, f"factored: {name}")
-    return out
+        def run(*args):
+            return [unwrap(v) for v in self.eval(jaxpr, consts, list(args))]
 
+        return run
 
-_FACTORED = {"dot_general", "conv_general_dilated", "gather"}
+    def materialized(self, value: Any, why: str) -> Any:
+        """``value`` as a plain array, noting why when it was an adapted weight."""
+        if isinstance(value, Tracked):
+            self.note(value.label, How(why, factored=False, reason=why))
+        return unwrap(value)
 
-
-def _closed_fn(jaxpr, consts, rec: Recorder) -> Callable[..., list]:
-    """A function evaluating ``jaxpr`` whose outputs are plain arrays."""
-
-    def run(*args):
-        return [unwrap(v) for v in eval_jaxpr(jaxpr, consts, list(args), rec)]
-
-    return run
-
-
-@register_rule(*compat.JIT)
-def _inline(eqn, invals, rec):
-    """Nested jit: inline its body so the weight keeps flowing factored."""
-    jaxpr, consts = compat.sub_jaxpr(eqn)
-    return eval_jaxpr(jaxpr, consts, invals, rec)
-
-
-@register_rule(*compat.REMAT)
-def _remat(eqn, invals, rec):
-    jaxpr, consts = compat.sub_jaxpr(eqn)
-    run = jax.checkpoint(_closed_fn(jaxpr, consts, rec), prevent_cse=eqn.params["prevent_cse"],
-                         policy=eqn.params["policy"])
-    return run(*invals)
-
-
-@register_rule(compat.COND)
-def _cond(eqn, invals, rec):
-    index, *operands = invals
-    branches = [_closed_fn(br.jaxpr, br.consts, rec) for br in eqn.params["branches"]]
-    return lax.switch(unwrap(index), branches, *operands)
-
-
-@register_rule(compat.WHILE)
-def _while(eqn, invals, rec):
-    p = eqn.params
-    nc, nb = p["cond_nconsts"], p["body_nconsts"]
-    cond_consts, body_consts = invals[:nc], invals[nc:nc + nb]
-    init = [_materialized(v, "while_loop carry", rec) for v in invals[nc + nb:]]
-    cond = _closed_fn(p["cond_jaxpr"].jaxpr, p["cond_jaxpr"].consts, rec)
-    body = _closed_fn(p["body_jaxpr"].jaxpr, p["body_jaxpr"].consts, rec)
-    return lax.while_loop(lambda c: cond(*cond_consts, *c)[0], lambda c: body(*body_consts, *c), init)
-
-
-@register_rule(compat.SCAN)
-def _scan(eqn, invals, rec):
-    """Weights stacked along the scanned axis are sliced together with their factors."""
-    p = eqn.params
-    nc, nk = p["num_consts"], p["num_carry"]
-    consts, init, xs = invals[:nc], invals[nc:nc + nk], invals[nc + nk:]
-    init = [_materialized(v, "scan carry", rec) for v in init]
-    xs, rebuilds = zip(*[_scan_slice(v, p["length"], rec) for v in xs]) if xs else ((), ())
-    inner = p["jaxpr"]
-
-    def body(carry, x):
-        x = [rebuild(v) for rebuild, v in zip(rebuilds, x)]
-        out = [unwrap(v) for v in eval_jaxpr(inner.jaxpr, inner.consts, [*consts, *carry, *x], rec)]
-        return out[:nk], out[nk:]
-
-    carry, ys = lax.scan(body, init, list(xs), length=p["length"], reverse=p["reverse"],
-                         unroll=p["unroll"], _split_transpose=p.get("_split_transpose", False))
-    return [*carry, *ys]
-
-
-def _scan_slice(value, length: int, rec: Recorder):
-    """What ``lax.scan`` receives for one ``xs`` input, and how to rebuild each slice."""
-    if not isinstance(value, Tracked):
-        return value, lambda v: v
-    lw = value.weight
-    if not lw.stack_axes or lw.stack_axes[0] != 0:
-        return _materialized(value, "scan over a non-stacked axis", rec), lambda v: v
-    keys = None if value.key is None else jax.random.split(value.key, length)
-    down = lambda axes: tuple(i - 1 for i in axes)  # noqa: E731
-    meta = dict(scale=lw.scale, a_axes=down(lw.a_axes), b_axes=down(lw.b_axes),
-                stack_axes=down(lw.stack_axes[1:]), dropout=lw.dropout)
-
-    def rebuild(sliced):
-        w, a, b, key = sliced
-        return Tracked(LoraWeight(w, a, b, **meta), key, value.label)
-
-    return (lw.w, lw.a, lw.b, keys), rebuild
-
-
-def _materialized(value, why: str, rec: Recorder):
-    if isinstance(value, Tracked):
-        rec.note(value.label, f"materialized: {why}")
-    return unwrap(value)
+    def _apply(self, eqn, invals: list) -> list:
+        name = eqn.primitive.name
+        tracked = [v for v in invals if isinstance(v, Tracked)]
+        entry = RULES.get(name)
+        handler = entry.handler(type(tracked[0].weight)) if entry else None
+        out = handler(eqn, invals, self) if handler else None
+        if out is None:
+            for label in sorted({v.label for v in tracked}):
+                self.note(label, How(name, factored=False, reason=name))
+            return compat.bind(eqn, [unwrap(v) for v in invals])
+        if entry.kind == "product":
+            for label in {v.label for v in tracked}:
+                self.note(label, How(name, factored=True))
+        return out
 
 
 def call(fn: Callable, params: Any, args: tuple, kwargs: dict, *, rng: jax.Array | None,
-         rec: Recorder) -> Any:
-    """``fn(params, *args, **kwargs)`` with LoRA weights factored; see `lora`."""
+         ctx: Context) -> Any:
+    """``fn(params, *args, **kwargs)`` with adapted weights factored; see `lora`."""
     flat = flatten_call(params, args, kwargs)
     closed, out_tree = trace(fn, flat)
     invals = []
     for n, i in enumerate(flat.dynamic):
         leaf, name = flat.leaves[i], flat.names[i]
-        if isinstance(leaf, LoraWeight):
+        if isinstance(leaf, Adapter):
             leaf.check(name)
             key = None if rng is None or leaf.dropout == 0.0 else jax.random.fold_in(rng, n)
-            invals.append(Tracked(dataclasses.replace(leaf, w=lax.stop_gradient(leaf.w)), key, name))
+            invals.append(Tracked(leaf.replace(w=lax.stop_gradient(leaf.w)), key, name))
         else:
             invals.append(leaf.value if isinstance(leaf, Trainable) else leaf)
-    outs = eval_jaxpr(closed.jaxpr, closed.consts, invals, rec)
-    return jax.tree_util.tree_unflatten(out_tree, [_materialized(v, "returned", rec) for v in outs])
+    outs = ctx.eval(closed.jaxpr, closed.consts, invals)
+    return jax.tree_util.tree_unflatten(out_tree, [ctx.materialized(v, "returned") for v in outs])
 
 
 def lora(fn: Callable, *, rng: jax.Array | None = None) -> Callable:
-    """Make ``fn(params, *args, **kwargs)`` accept a tree holding `LoraWeight` nodes.
+    """Make ``fn(params, *args, **kwargs)`` accept a tree holding adapter nodes.
 
     Each dense, einsum, convolution and embedding use of a LoRA weight computes
     ``x·W + s·(x·A)·B`` (and its convolution / lookup / transposed forms) without ever
@@ -201,6 +138,6 @@ def lora(fn: Callable, *, rng: jax.Array | None = None) -> Callable:
 
     @functools.wraps(fn)
     def wrapped(params, *args, **kwargs):
-        return call(fn, params, args, kwargs, rng=rng, rec=Recorder())
+        return call(fn, params, args, kwargs, rng=rng, ctx=Context())
 
     return wrapped

@@ -8,7 +8,8 @@ from typing import Any
 import jax
 
 from lorax._src.paths import render
-from lorax._src.weight import LoraWeight, Trainable, is_node
+from lorax._src.adapter import Adapter
+from lorax._src.trainable import Trainable, is_node
 
 
 def _is_leaf(x) -> bool:
@@ -31,8 +32,9 @@ def _map(fn, *trees):
 def split(params: Any) -> tuple[Any, Any]:
     """``(trainable, frozen)``: two trees of ``params``' structure with ``None`` holes.
 
-    ``trainable`` holds the adapters (``w=None``) and `Trainable` leaves; ``frozen`` holds
-    every ``w`` (``a=b=None``) and plain leaf. Differentiate with respect to ``trainable``.
+    ``trainable`` holds each adapter's trained arrays (its frozen fields ``None``) and
+    `Trainable` leaves; ``frozen`` holds every frozen field (trained ones ``None``) and plain
+    leaf. Differentiate with respect to ``trainable``.
 
     >>> import jax.numpy as jnp, lorax
     >>> lw = lorax.LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)))
@@ -42,8 +44,9 @@ def split(params: Any) -> tuple[Any, Any]:
     """
 
     def halves(name, x):
-        if isinstance(x, LoraWeight):
-            return dataclasses.replace(x, w=None), dataclasses.replace(x, a=None, b=None)
+        if isinstance(x, Adapter):
+            return (x.replace(**dict.fromkeys(x.frozen_fields())),
+                    x.replace(**dict.fromkeys(x.trained_fields())))
         if isinstance(x, Trainable):
             return x, None
         return None, x
@@ -70,11 +73,12 @@ def combine(trainable: Any, frozen: Any) -> Any:
     """
 
     def join(name, t, f):
-        if isinstance(t, LoraWeight) and isinstance(f, LoraWeight):
-            if (t.w, f.a, f.b) != (None, None, None) or _meta(t) != _meta(f):
-                raise ValueError(f"lorax.combine: {name!r}: the trainable and frozen LoraWeights do "
-                                 "not come from one split (their metadata or halves differ).")
-            joined = dataclasses.replace(t, w=f.w)
+        if isinstance(t, Adapter) and isinstance(f, Adapter):
+            holes = [getattr(t, n) for n in t.frozen_fields()] + [getattr(f, n) for n in f.trained_fields()]
+            if type(t) is not type(f) or any(h is not None for h in holes) or t.meta != f.meta:
+                raise ValueError(f"lorax.combine: {name!r}: the trainable and frozen {type(t).__name__}s "
+                                 "do not come from one split (their kind, metadata or halves differ).")
+            joined = t.replace(**{n: getattr(f, n) for n in f.frozen_fields()})
             joined.check(name)
             return joined
         if t is None and f is not None:
@@ -89,16 +93,13 @@ def combine(trainable: Any, frozen: Any) -> Any:
     return _map(join, trainable, frozen)
 
 
-def _meta(lw: LoraWeight) -> tuple:
-    return lw.scale, lw.a_axes, lw.b_axes, lw.stack_axes, lw.dropout
-
-
 def _kind(x) -> str:
     return "None" if x is None else type(x).__name__
 
 
 def merge(params: Any) -> Any:
-    """The plain tree: each `LoraWeight` becomes ``w + scale * a @ b`` in ``w``'s dtype.
+    """The plain tree: each adapter becomes the weight it stands for (``w + scale * a @ b``
+    for LoRA) in ``w``'s dtype.
 
     >>> import jax.numpy as jnp, lorax
     >>> lw = lorax.LoraWeight(jnp.zeros((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), scale=2.0)
@@ -107,9 +108,9 @@ def merge(params: Any) -> Any:
     """
 
     def plain(name, x):
-        if isinstance(x, LoraWeight):
+        if isinstance(x, Adapter):
             x.check(name)
-            return (x.w + x.delta().astype(x.w.dtype)).astype(x.w.dtype)
+            return x.merged()
         return x.value if isinstance(x, Trainable) else x
 
     return _map(plain, params)
@@ -117,6 +118,9 @@ def merge(params: Any) -> Any:
 
 def unmerge(merged: Any, adapters: Any) -> Any:
     """Recover the LoRA tree from a merged tree and the adapters (``lorax.split(params)[0]``).
+
+    Exact for kinds whose merge adds a delta that does not depend on ``w`` (LoRA); a DoRA
+    merge rescales ``w`` itself, so `unmerge` refuses it (`Adapter.unmerged`).
 
     >>> import jax.numpy as jnp, lorax
     >>> lw = lorax.LoraWeight(jnp.zeros((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)))
@@ -126,15 +130,15 @@ def unmerge(merged: Any, adapters: Any) -> Any:
     """
 
     def unfold(name, t, m):
-        if isinstance(t, LoraWeight):
-            restored = dataclasses.replace(t, w=(m - t.delta().astype(m.dtype)).astype(m.dtype))
+        if isinstance(t, Adapter):
+            restored = t.replace(w=t.unmerged(m, name))
             restored.check(name)
             return restored
         if isinstance(t, Trainable):
             return Trainable(m)
         if t is not None:
             raise ValueError(f"lorax.unmerge: {name!r} in adapters is {_kind(t)}; expected None, "
-                             "a LoraWeight or a Trainable (pass lorax.split(params)[0]).")
+                             "an adapter or a Trainable (pass lorax.split(params)[0]).")
         return m
 
     return _map(unfold, adapters, merged)

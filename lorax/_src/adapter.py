@@ -1,0 +1,215 @@
+"""The adapter contract: what every node `lorax.init` puts in place of a weight declares.
+
+An adapter kind is a frozen dataclass subclassing `Adapter`. Its fields say what is what:
+
+- ``w``: the frozen base weight (``frozen_field``);
+- its trained arrays (``trained_field``), each laid out in terms of W's axes: `layout`
+  names, per axis of each trained array, the W axis it stands for or `RANK`;
+- static metadata shared by all kinds: ``scale``, ``a_axes`` (W's contracted axes),
+  ``b_axes`` (its output axes), ``stack_axes`` (stacked layers), ``dropout``.
+
+Everything generic — split/combine, optimizer labels, sharding specs, checkpoints, slicing a
+stack inside ``scan``, transposes and casts inside `lorax.lora` — reads these declarations;
+a kind adds only its own maths (`delta`, `merged`, its initialisation and its product rules).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import string
+from typing import Any, Callable, ClassVar
+
+import jax
+import jax.numpy as jnp
+
+Axes = tuple[int, ...]
+RANK = "rank"  # a layout entry for the adapter's rank axis
+
+
+def frozen_field(**kw) -> Any:
+    return dataclasses.field(metadata=dict(role="frozen"), **kw)
+
+
+def trained_field(group: str = "a", **kw) -> Any:
+    """A trained array; ``group`` ("a" or "b") is its LoRA+ learning-rate group."""
+    return dataclasses.field(metadata=dict(role="trained", group=group), **kw)
+
+
+def static_field(default: Any) -> Any:
+    return dataclasses.field(default=default, kw_only=True, metadata=dict(static=True))
+
+
+KINDS: dict[str, type[Adapter]] = {}
+
+
+def register_kind(cls: type[Adapter]) -> type[Adapter]:
+    """Make ``cls`` a pytree and a kind that checkpoints and PEFT I/O can name."""
+    KINDS[cls.kind] = cls
+    return jax.tree_util.register_dataclass(cls)
+
+
+@dataclasses.dataclass(frozen=True)
+class Adapter:
+    """The base of every adapter kind; see the module docstring for the contract."""
+
+    kind: ClassVar[str]
+
+    w: Any = frozen_field()
+    scale: float = static_field(1.0)
+    a_axes: Axes = static_field((0,))
+    b_axes: Axes = static_field((1,))
+    stack_axes: Axes = static_field(())
+    dropout: float = static_field(0.0)
+
+    # ------------------------------------------------------------------ declarations
+
+    @classmethod
+    def fields_with(cls, role: str) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("role") == role)
+
+    @classmethod
+    def trained_fields(cls) -> tuple[str, ...]:
+        return cls.fields_with("trained")
+
+    @classmethod
+    def frozen_fields(cls) -> tuple[str, ...]:
+        return cls.fields_with("frozen")
+
+    @classmethod
+    def array_fields(cls) -> tuple[str, ...]:
+        return cls.frozen_fields() + cls.trained_fields()
+
+    @classmethod
+    def group(cls, name: str) -> str:
+        return {f.name: f.metadata.get("group") for f in dataclasses.fields(cls)}[name]
+
+    def layout(self) -> dict[str, tuple[int | str, ...]]:
+        """Per trained field, the W axis (or `RANK`) behind each of its axes."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ derived
+
+    @property
+    def rank(self) -> int:
+        name, entries = next(iter(self.layout().items()))
+        return getattr(self, name).shape[entries.index(RANK)]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.w.shape)
+
+    @property
+    def dtype(self):
+        return self.w.dtype
+
+    @property
+    def meta(self) -> dict:
+        """The static fields: what two halves of one split must agree on."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("static")}
+
+    def trained(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.trained_fields()}
+
+    def expected_shapes(self, rank: int | None = None) -> dict[str, tuple[int, ...]]:
+        """The shape each trained field must have to fit ``w``."""
+        rank = self.rank if rank is None else rank
+        return {name: tuple(rank if e == RANK else self.w.shape[e] for e in entries)
+                for name, entries in self.layout().items()}
+
+    def check(self, path: str = "") -> None:
+        """Raise ``ValueError`` naming ``path`` if the trained arrays do not fit ``w``."""
+        where = f"{type(self).__name__} at {path!r}" if path else type(self).__name__
+        axes = sorted(self.a_axes + self.b_axes + self.stack_axes)
+        if axes != list(range(len(self.w.shape))):
+            raise ValueError(
+                f"{where}: a_axes={self.a_axes}, b_axes={self.b_axes} and stack_axes="
+                f"{self.stack_axes} must split the {len(self.w.shape)} axes of w {self.shape} "
+                "exactly once each."
+            )
+        want = self.expected_shapes()
+        got = {name: tuple(getattr(self, name).shape) for name in want}
+        if got != want:
+            show = lambda d: " and ".join(f"{k} {v}" for k, v in d.items())  # noqa: E731
+            raise ValueError(f"{where}: factors do not fit w {self.shape}: got {show(got)}, "
+                             f"expected {show(want)}.")
+
+    def num_adapter_params(self) -> int:
+        return sum(math.prod(x.shape) for x in self.trained().values())
+
+    def subscripts(self, letters: str = string.ascii_letters) -> dict[str, str]:
+        """Einsum subscripts of ``w`` (key ``"w"``) and of each trained field; the rank
+        takes the first letter after W's."""
+        ndim = len(self.a_axes) + len(self.b_axes) + len(self.stack_axes)
+        w_sub, rank = letters[:ndim], letters[ndim]
+        subs = {name: "".join(rank if e == RANK else w_sub[e] for e in entries)
+                for name, entries in self.layout().items()}
+        return {"w": w_sub, **subs}
+
+    # ------------------------------------------------------------------ the maths a kind supplies
+
+    def delta(self) -> jax.Array:
+        """``merged() - w`` laid out like ``w``."""
+        return self.merged() - self.w
+
+    def merged(self) -> jax.Array:
+        """The plain weight this adapter stands for, in ``w``'s dtype."""
+        raise NotImplementedError
+
+    def unmerged(self, merged: jax.Array, path: str = "") -> jax.Array:
+        """The ``w`` whose merge is ``merged``; kinds whose merge cannot be undone refuse."""
+        raise ValueError(f"lorax.unmerge: {path!r} is a {type(self).__name__}, whose merge does not "
+                         "add a delta independent of w, so w cannot be recovered; keep the unmerged tree.")
+
+    # ------------------------------------------------------------------ generic reshaping
+
+    def replace(self, **changes) -> Adapter:
+        return dataclasses.replace(self, **changes)
+
+    def map_trained(self, fn: Callable[[str, jax.Array, tuple], jax.Array], **changes) -> Adapter:
+        """Apply ``fn(name, array, layout)`` to each trained array."""
+        layout = self.layout()
+        return self.replace(**{n: fn(n, getattr(self, n), layout[n]) for n in layout}, **changes)
+
+    def relayout(self, new_position: dict[int, int], **changes) -> Adapter:
+        """The same adapter for a ``w`` whose axes moved (``old -> new``; axes left out were
+        squeezed away); trained arrays keep their layout, only the axis numbers change."""
+        remap = lambda axes: tuple(new_position[i] for i in axes if i in new_position)  # noqa: E731
+        return self.replace(a_axes=remap(self.a_axes), b_axes=remap(self.b_axes),
+                            stack_axes=remap(self.stack_axes), **changes)
+
+    def take_stack(self, index_for: Callable[[int], Any], **changes) -> Adapter:
+        """Index each trained array along its stack axes: ``index_for(w_axis)`` gives the
+        index (a slice, or an int to drop the axis) for each stacked axis of W."""
+
+        def take(name, x, entries):
+            index = tuple(index_for(e) if e in self.stack_axes else slice(None) for e in entries)
+            return x[index]
+
+        return self.map_trained(take, **changes)
+
+    def unstacked(self, **changes) -> Adapter:
+        """One layer of a stack sliced off axis 0 (inside ``scan``): axis numbers shift down."""
+        down = lambda axes: tuple(i - 1 for i in axes)  # noqa: E731
+        return self.replace(a_axes=down(self.a_axes), b_axes=down(self.b_axes),
+                            stack_axes=down(self.stack_axes[1:]), **changes)
+
+    def cast(self, dtype) -> dict[str, jax.Array]:
+        return {n: x.astype(dtype) for n, x in self.trained().items()}
+
+
+def is_adapter(x: Any) -> bool:
+    return isinstance(x, Adapter)
+
+
+def fan_in_out(w_shape, a_axes: Axes, b_axes: Axes) -> tuple[int, int]:
+    return math.prod(w_shape[i] for i in a_axes), math.prod(w_shape[i] for i in b_axes)
+
+
+def as_matrices(w: jax.Array, a_axes: Axes, b_axes: Axes, stack_axes: Axes) -> jax.Array:
+    """``w`` as ``[*stack, in, out]`` matrices (contracted axes flattened into ``in``)."""
+    w = jnp.transpose(w, (*stack_axes, *a_axes, *b_axes))
+    stack = w.shape[: len(stack_axes)]
+    fan_in, fan_out = fan_in_out(w.shape, range(len(stack), len(stack) + len(a_axes)),
+                                 range(len(stack) + len(a_axes), w.ndim))
+    return w.reshape(*stack, fan_in, fan_out)

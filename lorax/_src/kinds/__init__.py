@@ -1,0 +1,7 @@
+"""Adapter kinds, one module each: its node (an `Adapter`) and its product rules.
+
+Adding a kind is a new module here, imported below, that defines a registered `Adapter`
+subclass (`register_kind`), its ``create`` classmethod and its ``apply`` handlers."""
+
+from lorax._src.kinds.dora import DoraWeight as DoraWeight
+from lorax._src.kinds.lora import LoraWeight as LoraWeight

@@ -1,0 +1,91 @@
+"""Plain LoRA (Hu et al. 2021): ``W + s·A·B``, computed as ``x·W + s·(x·A)·B``."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from lorax._src.adapter import RANK, Adapter, register_kind, trained_field
+from lorax._src.initializers import low_rank_init
+from lorax._src.rules import products
+from lorax._src.table import apply
+
+
+@register_kind
+@dataclasses.dataclass(frozen=True)
+class LoraWeight(Adapter):
+    """A frozen weight ``w`` with a trainable low-rank update ``scale * a @ b``.
+
+    ``a`` holds W's *contracted* axes (``a_axes``) and ``b`` its *output* axes
+    (``b_axes``); axes of stacked layers (``stack_axes``, e.g. from ``nn.scan``)
+    lead both factors, giving one independent adapter per layer:
+    ``a.shape == (*stack, *a_axes, rank)`` and ``b.shape == (*stack, rank, *b_axes)``.
+    Axis numbers index ``w``. ``dropout`` is the rate applied to the adapter's input.
+
+    >>> import jax.numpy as jnp, lorax
+    >>> lw = lorax.LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)),
+    ...                       scale=0.5, a_axes=(0,), b_axes=(1,))
+    >>> lw.rank, lorax.merge(lw).shape
+    (2, (4, 3))
+    """
+
+    kind = "lora"
+
+    a: jax.Array = trained_field(group="a")
+    b: jax.Array = trained_field(group="b")
+
+    def layout(self) -> dict[str, tuple[int | str, ...]]:
+        return {"a": (*self.stack_axes, *self.a_axes, RANK), "b": (*self.stack_axes, RANK, *self.b_axes)}
+
+    def low_rank(self) -> jax.Array:
+        """``scale * a @ b`` laid out like ``w`` (in the factors' dtype)."""
+        subs = self.subscripts()
+        return jnp.einsum(f"{subs['a']},{subs['b']}->{subs['w']}", self.a, self.b) * self.scale
+
+    def delta(self) -> jax.Array:
+        return self.low_rank()
+
+    def merged(self) -> jax.Array:
+        return (self.w + self.low_rank().astype(self.w.dtype)).astype(self.w.dtype)
+
+    def unmerged(self, merged: jax.Array, path: str = "") -> jax.Array:
+        return (merged - self.low_rank().astype(merged.dtype)).astype(merged.dtype)
+
+    @classmethod
+    def create(cls, key: jax.Array, spec, w: jax.Array, use) -> LoraWeight:
+        """A new adapter for ``w`` used as ``use`` (`lorax._src.usage.Use`), after ``spec``
+        (`lorax._src.config.AdapterSpec`)."""
+        base, a, b = low_rank_init(key, spec.init, w, use.a_axes, use.b_axes, use.stack_axes,
+                                   spec.rank, spec.scale, spec.dtype or w.dtype)
+        return cls(base, a, b, scale=spec.scale, a_axes=use.a_axes, b_axes=use.b_axes,
+                   stack_axes=use.stack_axes, dropout=spec.dropout)
+
+
+@apply("dot_general", adapter=LoraWeight)
+def _dot(eqn, invals, ctx):
+    parts = products.dot_parts(eqn, invals, ctx)
+    return None if parts is None else [parts.base + parts.update]
+
+
+@apply("conv_general_dilated", adapter=LoraWeight)
+def _conv(eqn, invals, ctx):
+    """A window convolution to ``rank`` channels, then ``b`` as a 1×1 convolution."""
+    parts = products.conv_parts(eqn, invals, ctx)
+    if parts is None:
+        return None
+    base, y, axis = parts
+    lw = invals[1].weight
+    return [base + products.apply_b(y, axis, lw.b, lw.scale).astype(base.dtype)]
+
+
+@apply("gather", adapter=LoraWeight)
+def _gather(eqn, invals, ctx):
+    """An embedding lookup: the rows of ``a``, then ``b``."""
+    parts = products.gather_parts(eqn, invals, ctx)
+    if parts is None:
+        return None
+    base, y, axis = parts
+    lw = invals[0].weight
+    return [base + products.apply_b(y, axis, lw.b, lw.scale).astype(base.dtype)]

@@ -1,0 +1,177 @@
+"""Product rules: the uses that consume a weight (dot, convolution, lookup).
+
+Here is the ``read`` side (which axes a product contracts, outputs and batches) and the
+pieces every adapter kind computes its product from: the frozen product, delegated to the
+base (`base_product`), and the parts of the low-rank term. Each kind registers its
+``apply`` in its own module (`lorax._src.kinds`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import string
+
+import jax
+import jax.numpy as jnp
+
+from lorax._src import compat
+from lorax._src.lowrank import low_rank_update
+from lorax._src.table import rule
+from lorax._src.usage import use_of
+
+
+def base_product(eqn, operands: list, position: int) -> jax.Array:
+    """The frozen product, with the base weight at ``operands[position]``. A base that is
+    not a plain array (a quantized one) computes it itself through ``lorax_product``."""
+    own = getattr(operands[position], "lorax_product", None)
+    return own(eqn, operands, position) if own else compat.bind(eqn, operands)[0]
+
+
+# ----------------------------------------------------------------------------- dot_general
+
+
+@rule("dot_general", kind="product")
+def _read_dot(eqn, vs, walk):
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    found = [use_of(v, "dot_general", c, b) for v, c, b in ((vs[0], lc, lb), (vs[1], rc, rb)) if v is not None]
+    return [None], found
+
+
+@dataclasses.dataclass(frozen=True)
+class DotParts:
+    """A dot_general with an adapted weight, taken apart: the frozen product ``base``, the
+    low-rank term ``update`` (scaled, in the product's dtype), the letters of W's axes
+    (``w_sub``) and of the output (``out``)."""
+
+    base: jax.Array
+    update: jax.Array
+    w_sub: list[str]
+    out: str
+
+
+def dot_parts(eqn, invals, ctx) -> DotParts | None:
+    """`DotParts` for the low-rank factors ``a``/``b`` of the adapted operand, or None when
+    both operands are adapted."""
+    lhs, rhs = invals
+    weight_is_lhs = hasattr(lhs, "weight")
+    if weight_is_lhs and hasattr(rhs, "weight"):
+        return None
+    t, x = (lhs, rhs) if weight_is_lhs else (rhs, lhs)
+    lw = t.weight
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    base = base_product(eqn, [lw.w, x] if weight_is_lhs else [x, lw.w], 0 if weight_is_lhs else 1)
+
+    w_nd, x_nd = len(lw.shape), jnp.ndim(x)
+    letters = iter(string.ascii_letters)
+    lhs_sub = [next(letters) for _ in range(w_nd if weight_is_lhs else x_nd)]
+    rhs_sub: list = [None] * (x_nd if weight_is_lhs else w_nd)
+    for l_axis, r_axis in zip((*lc, *lb), (*rc, *rb)):
+        rhs_sub[r_axis] = lhs_sub[l_axis]
+    rhs_sub = [c or next(letters) for c in rhs_sub]
+    out_sub = [lhs_sub[i] for i in lb]
+    out_sub += [c for i, c in enumerate(lhs_sub) if i not in (*lc, *lb)]
+    out_sub += [c for i, c in enumerate(rhs_sub) if i not in (*rc, *rb)]
+    w_sub, x_sub = (lhs_sub, rhs_sub) if weight_is_lhs else (rhs_sub, lhs_sub)
+
+    rank = next(letters)
+    stack = [w_sub[i] for i in lw.stack_axes]
+    a_sub = "".join(stack + [w_sub[i] for i in lw.a_axes] + [rank])
+    b_sub = "".join(stack + [rank] + [w_sub[i] for i in lw.b_axes])
+    a, b = lw.a.astype(lw.w.dtype), lw.b.astype(lw.w.dtype)
+    out = "".join(out_sub)
+    contracted = lambda axes: all(w_sub[i] not in out for i in axes)  # noqa: E731
+    order = [(a_sub, a), (b_sub, b)]
+    if not contracted(lw.a_axes) and contracted(lw.b_axes):
+        order.reverse()  # a tied head x·Eᵀ contracts b's axes: go through b first
+    (f1_sub, f1), (f2_sub, f2) = order
+    kw = dict(precision=eqn.params.get("precision"),
+              preferred_element_type=eqn.params.get("preferred_element_type"))
+    update = low_rank_update("".join(x_sub), t.adapter_input(x, ctx.next_use()), f1_sub, f1,
+                             f2_sub, f2, out, lw.scale, ctx.views, **kw)
+    return DotParts(base, update.astype(base.dtype), w_sub, out)
+
+
+# ----------------------------------------------------------------------------- convolution
+
+
+def _plain_conv(eqn) -> bool:
+    return (eqn.params["feature_group_count"], eqn.params["batch_group_count"]) == (1, 1)
+
+
+@rule("conv_general_dilated", kind="product")
+def _read_conv(eqn, vs, walk):
+    if vs[1] is None or not _plain_conv(eqn):
+        return [None], []
+    return [None], [use_of(vs[1], "conv_general_dilated", eqn.params["dimension_numbers"].rhs_spec[1:], ())]
+
+
+def conv_parts(eqn, invals, ctx) -> tuple[jax.Array, jax.Array, int] | None:
+    """``(base, x * conv(a), out_axis)``: the frozen convolution and the window convolution
+    of the input to ``rank`` channels (``b`` still to apply along ``out_axis``)."""
+    x, t = invals
+    if hasattr(x, "weight") or not hasattr(t, "weight") or not _plain_conv(eqn):
+        return None
+    lw = t.weight
+    _, rhs_spec, out_spec = eqn.params["dimension_numbers"]
+    if lw.stack_axes or lw.b_axes != (rhs_spec[0],):
+        return None
+    base = base_product(eqn, [x, lw.w], 1)
+    y = compat.bind(eqn, [t.adapter_input(x, ctx.next_use()), as_kernel(lw, rhs_spec[0])])[0]
+    return base, y, out_spec[1]
+
+
+# ----------------------------------------------------------------------------- lookup
+
+
+def _full_axis(eqn, ndim: int) -> int | None:
+    """The one operand axis a gather takes whole (an embedding's feature axis), if any."""
+    dn, p = eqn.params["dimension_numbers"], eqn.params
+    full = [k for k in range(ndim) if k not in (*dn.collapsed_slice_dims, *dn.start_index_map,
+                                                 *dn.operand_batching_dims)
+            and p["slice_sizes"][k] == eqn.invars[0].aval.shape[k]]
+    return full[0] if len(full) == 1 else None
+
+
+@rule("gather", kind="product")
+def _read_gather(eqn, vs, walk):
+    v = vs[0]
+    j = None if v is None else _full_axis(eqn, len(v.axes))
+    if j is None:
+        return [None], []
+    return [None], [use_of(v, "gather", [k for k in range(len(v.axes)) if k != j], (), lookup=True)]
+
+
+def gather_parts(eqn, invals, ctx) -> tuple[jax.Array, jax.Array, int] | None:
+    """``(base, rows of a, axis)``: the frozen lookup and the looked-up rows of ``a`` (rank
+    wide, ``b`` still to apply along ``axis``)."""
+    t, indices = invals
+    if not hasattr(t, "weight") or hasattr(indices, "weight"):
+        return None
+    lw = t.weight
+    dn = eqn.params["dimension_numbers"]
+    (j,) = lw.b_axes if len(lw.b_axes) == 1 else (None,)
+    if j is None or lw.stack_axes or j != _full_axis(eqn, len(lw.shape)):
+        return None
+    base = base_product(eqn, [lw.w, indices], 0)
+    sizes = list(eqn.params["slice_sizes"])
+    sizes[j] = lw.rank
+    y = compat.bind(eqn, [as_kernel(lw, j), indices], slice_sizes=tuple(sizes))[0]
+    kept = [i for i in range(len(lw.shape)) if i not in (*dn.collapsed_slice_dims, *dn.operand_batching_dims)]
+    return base, y, dn.offset_dims[kept.index(j)]
+
+
+# ----------------------------------------------------------------------------- shared
+
+
+def as_kernel(lw, width_axis: int) -> jax.Array:
+    """Lay ``a`` out like ``w`` with ``width_axis`` holding the rank (a conv kernel or table)."""
+    subs = lw.subscripts()
+    rank = subs["a"][-1]
+    target = "".join(rank if i == width_axis else subs["w"][i] for i in range(len(lw.shape)))
+    return jnp.einsum(f"{subs['a']}->{target}", lw.a.astype(lw.w.dtype))
+
+
+def apply_b(y: jax.Array, axis: int, b: jax.Array, scale: float) -> jax.Array:
+    """Contract ``y``'s rank axis ``axis`` with ``b`` [r, out], putting out in its place."""
+    y = jnp.moveaxis(y * scale, axis, -1)
+    return jnp.moveaxis(jnp.tensordot(y, b.astype(y.dtype), axes=1), -1, axis)

@@ -1,0 +1,126 @@
+"""View rules: transposes, casts, copies and slices of a stack keep the adapter lazy.
+
+``read`` maps the parameter axes through the view; ``apply`` applies the view to the base
+``w`` and re-describes the trained arrays through the adapter contract (`Adapter.relayout`,
+`Adapter.take_stack`). Any adapter kind gets them for free.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+from lorax._src import compat
+from lorax._src.adapter import Adapter
+from lorax._src.table import apply, rule
+from lorax._src.usage import View
+
+_SAME_LAYOUT = ("copy", "copy_p", "sharding_constraint", "reduce_precision")
+
+
+def _base(eqn, t, *rest):
+    return compat.bind(eqn, [t.weight.w, *rest])[0]
+
+
+@rule("transpose", kind="view")
+def _read_transpose(eqn, vs, walk):
+    v = vs[0]
+    return [View(v.leaf, tuple(v.axes[k] for k in eqn.params["permutation"]), v.stacked)], []
+
+
+@apply("transpose", adapter=Adapter)
+def _transpose(eqn, invals, ctx):
+    (t,) = invals
+    perm = eqn.params["permutation"]
+    return [t.with_weight(t.weight.relayout({old: new for new, old in enumerate(perm)}, w=_base(eqn, t)))]
+
+
+def _inexact(eqn) -> bool:
+    return bool(jnp.issubdtype(eqn.params["new_dtype"], jnp.inexact))
+
+
+@rule("convert_element_type", kind="view")
+def _read_convert(eqn, vs, walk):
+    return [vs[0] if _inexact(eqn) else None], []
+
+
+@apply("convert_element_type", adapter=Adapter)
+def _convert(eqn, invals, ctx):
+    (t,) = invals
+    if not _inexact(eqn):
+        return None
+    return [t.with_weight(t.weight.replace(w=_base(eqn, t), **t.weight.cast(eqn.params["new_dtype"])))]
+
+
+@rule(*_SAME_LAYOUT, kind="view")
+def _read_same(eqn, vs, walk):
+    return [vs[0]], []
+
+
+@apply(*_SAME_LAYOUT, adapter=Adapter)
+def _same_layout(eqn, invals, ctx):
+    (t,) = invals
+    return [t.with_weight(t.weight.replace(w=_base(eqn, t)))]
+
+
+@rule("squeeze", kind="view")
+def _read_squeeze(eqn, vs, walk):
+    """Squeezing one layer out of a stack makes that axis a stack axis."""
+    v, dims = vs[0], eqn.params["dimensions"]
+    return [View(v.leaf, tuple(a for k, a in enumerate(v.axes) if k not in dims),
+                 (*v.stacked, *(v.axes[k] for k in dims)))], []
+
+
+@apply("squeeze", adapter=Adapter)
+def _squeeze(eqn, invals, ctx):
+    """Indexing one layer of a stack (``w[i]`` with a static ``i``) ends in a squeeze."""
+    (t,) = invals
+    lw = t.weight
+    dims = set(eqn.params["dimensions"])
+    if not dims <= set(lw.stack_axes):
+        return None
+    keep = [i for i in range(len(lw.shape)) if i not in dims]
+    squeezed = lw.take_stack(lambda axis: 0 if axis in dims else slice(None))
+    return [t.with_weight(squeezed.relayout({old: new for new, old in enumerate(keep)}, w=_base(eqn, t)))]
+
+
+@rule("slice", "dynamic_slice", kind="view")
+def _read_slice(eqn, vs, walk):
+    """A slice keeps every axis (slicing layers of a stack keeps it a stack)."""
+    return [vs[0]], []
+
+
+def _sliced_axes_are_stacked(lw: Adapter, sliced: list[int]) -> bool:
+    return set(sliced) <= set(lw.stack_axes)
+
+
+@apply("slice", adapter=Adapter)
+def _slice(eqn, invals, ctx):
+    (t,) = invals
+    lw = t.weight
+    start, limit = eqn.params["start_indices"], eqn.params["limit_indices"]
+    strides = eqn.params["strides"] or (1,) * len(lw.shape)
+    sliced = [i for i in range(len(lw.shape)) if (start[i], limit[i], strides[i]) != (0, lw.shape[i], 1)]
+    if not _sliced_axes_are_stacked(lw, sliced):
+        return None
+    return [t.with_weight(lw.take_stack(lambda axis: slice(start[axis], limit[axis], strides[axis]),
+                                        w=_base(eqn, t)))]
+
+
+@apply("dynamic_slice", adapter=Adapter)
+def _dynamic_slice(eqn, invals, ctx):
+    """``w[i]`` with a traced ``i`` on a stacked weight: dynamic_slice then squeeze."""
+    t, *starts = invals
+    if any(hasattr(s, "weight") for s in starts):
+        return None
+    lw = t.weight
+    sizes = eqn.params["slice_sizes"]
+    if not _sliced_axes_are_stacked(lw, [i for i in range(len(lw.shape)) if sizes[i] != lw.shape[i]]):
+        return None
+
+    def take(name, x, entries):
+        x_starts = [starts[e] if e in lw.stack_axes else 0 for e in entries]
+        x_sizes = [sizes[e] if e in lw.stack_axes else n for e, n in zip(entries, x.shape)]
+        return lax.dynamic_slice(x, x_starts, x_sizes)
+
+    return [t.with_weight(lw.map_trained(take, w=_base(eqn, t, *starts)))]

@@ -1,0 +1,28 @@
+"""`Trainable`: a plain leaf trained fully, and what counts as a lorax node."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from lorax._src.adapter import Adapter
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Trainable:
+    """Marks a plain leaf as fully trainable (PEFT's ``modules_to_save``): a head, a bias, a norm.
+
+    >>> import jax.numpy as jnp, lorax
+    >>> lorax.Trainable(jnp.zeros(3)).value.shape
+    (3,)
+    """
+
+    value: jax.Array
+
+
+def is_node(x: Any) -> bool:
+    """True for the nodes lorax inserts into a tree: adapters and `Trainable` leaves."""
+    return isinstance(x, (Adapter, Trainable))
