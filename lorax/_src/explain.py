@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import jax
 
-from lorax._src import transform
+from lorax._src import display, transform
 from lorax._src.paths import named_leaves
 from lorax._src.tracing import flatten_call
 from lorax._src.weight import LoraWeight, Trainable
@@ -47,6 +47,12 @@ class Explanation:
         lines = [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, body)]
         lines.append(f"trainable {self.trainable:,} of {self.total:,} parameters ({100 * self.share:.4f}%)")
         return "\n".join(lines)
+
+    def _repr_markdown_(self) -> str:
+        return display.explanation_markdown(self)
+
+    def _repr_html_(self) -> str:
+        return display.explanation_html(self)
 
 
 def explain(fn: Callable, params: Any, *args, **kwargs) -> Explanation:

@@ -9,6 +9,8 @@ import string
 import jax
 import jax.numpy as jnp
 
+from lorax._src import display
+
 Axes = tuple[int, ...]
 
 
@@ -101,6 +103,12 @@ class LoraWeight:
     def num_adapter_params(self) -> int:
         return math.prod(self.a.shape) + math.prod(self.b.shape)
 
+    def __repr__(self) -> str:
+        return display.node_repr(self, kind="lora", frozen=("w",))
+
+    def __treescope_repr__(self, path, subtree_renderer):
+        return display.node_treescope(self, path, subtree_renderer, kind="lora", frozen=("w",))
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +121,12 @@ class Trainable:
     """
 
     value: jax.Array
+
+    def __repr__(self) -> str:
+        return display.node_repr(self, kind="full")
+
+    def __treescope_repr__(self, path, subtree_renderer):
+        return display.node_treescope(self, path, subtree_renderer, kind="full")
 
 
 def is_node(x) -> bool:
