@@ -93,7 +93,7 @@ def node_repr(node: Any, kind: str, frozen: Sequence[str] = ()) -> str:
 def node_treescope(node: Any, path: str | None, subtree_renderer: renderers.TreescopeSubtreeRenderer,
                    kind: str, frozen: Sequence[str] = ()) -> rendering_parts.Rendering:
     """A foldable treescope node: the headline as a comment, then each field (arrays summarized)."""
-    from treescope import repr_lib, rendering_parts
+    from treescope import rendering_parts, repr_lib
 
     rendering = repr_lib.render_object_constructor(type(node), _fields(node, frozen), path, subtree_renderer)
     comment = rendering_parts.comment_color(rendering_parts.text(f"  # {_headline(node, kind)}"))
