@@ -15,15 +15,8 @@ import griffe
 def fence_doctests(text: str) -> str:
     """Wrap each doctest in ``text`` in a fenced ``pycon`` block.
 
-    >>> print(fence_doctests("Sum.\\n\\n>>> 1 + 1\\n2\\n\\nAfter."))
-    Sum.
-    <BLANKLINE>
-    ```pycon
-    >>> 1 + 1
-    2
-    ```
-    <BLANKLINE>
-    After.
+    >>> fence_doctests("Sum.\\n\\n>>> 1 + 1\\n2\\n\\nAfter.").splitlines()
+    ['Sum.', '', '```pycon', '>>> 1 + 1', '2', '```', '', 'After.']
     """
     out: list[str] = []
     inside = False
