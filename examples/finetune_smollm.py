@@ -91,10 +91,10 @@ def plot_losses(path, losses, held_out, steps_per_eval):
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     ax.plot(losses, color="tab:blue", alpha=0.25, lw=0.8, label="training loss, per step")
     ax.plot(smooth(losses), color="tab:blue", lw=2, label="training loss, moving average")
-    steps, values = zip(*held_out)
-    ax.plot(steps, values, "o-", color="tab:green", lw=1.5,
+    eval_steps, values = zip(*held_out)
+    ax.plot(eval_steps, values, "o-", color="tab:green", lw=1.5,
             label=f"held-out loss (every {steps_per_eval} steps)")
-    ax.set_xlabel("step")
+    ax.set_xlabel("updates applied")
     ax.set_ylabel("cross-entropy")
     ax.legend()
     fig.tight_layout()
