@@ -57,9 +57,9 @@ def _fields(node: Any, frozen: Sequence[str], skip: Sequence[str] = ()) -> dict[
     """The node's fields, array fields replaced by their summaries, defaults of the rest left out."""
     out: dict[str, Any] = {}
     for field in dataclasses.fields(node):
-        value = getattr(node, field.name)
         if field.name in skip:
             continue
+        value = getattr(node, field.name)
         if field.metadata.get("static"):
             if value != field.default:
                 out[field.name] = value
@@ -70,7 +70,7 @@ def _fields(node: Any, frozen: Sequence[str], skip: Sequence[str] = ()) -> dict[
 
 
 def _headline(node: Any, kind: str) -> str:
-    rank = getattr(node, "rank", None) if getattr(node, "a", None) is not None else None
+    rank = getattr(node, "rank", None)  # None also when the factors are absent (a split's frozen half)
     parts = [kind] + ([f"rank={rank}"] if rank is not None else [])
     if hasattr(node, "scale"):
         parts.append(f"scale={node.scale:g}")
