@@ -90,6 +90,15 @@ def test_finetune_example_smoke_and_resume(tmp_path, capsys):
     assert (tmp_path / "adapter" / "3").exists()
 
 
+def test_finetune_plot_smoothing_follows_the_trend_without_start_up_bias():
+    from finetune_smollm import smooth
+
+    noisy = [3.0 + (0.5 if i % 2 else -0.5) for i in range(200)]  # alternating noise around 3
+    out = smooth(noisy)
+    assert out[0] == noisy[0]  # debiased: the first value is the first loss, not 5% of it
+    assert all(abs(v - 3.0) < 0.05 for v in out[100:])
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--targets", r".*/nothing"], "matched no weight"),
     (["--seq", "9000"], "--seq 9000 exceeds the model's context of 8192 tokens"),
