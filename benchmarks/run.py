@@ -1,6 +1,6 @@
 """LoRA vs full fine-tuning vs materialized LoRA vs PEFT: one command, a table, JSON and a chart.
 
-    python benchmarks/run.py            # GPT-2-small widths and SmolLM2-135M, as in the README (~15 min)
+    python benchmarks/run.py            # GPT-2-small widths and SmolLM2-135M, as in docs/performance.md (~15 min)
     python benchmarks/run.py --quick    # small widths, few steps: a smoke run (~1 min)
 
 1. compiled costs of an Adam train step (XLA cost_analysis / memory_analysis);

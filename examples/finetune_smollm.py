@@ -5,8 +5,9 @@
     python examples/finetune_smollm.py --resume        # continue from the saved adapter
 
 Prints the trainable share, held-out loss and perplexity before and after, generations from
-the same prompt before and after, and the mean step time; writes a loss curve (PNG), the
-adapter checkpoint (orbax) and a PEFT export into --out.
+the same prompt before and after, and the mean step time; writes a loss plot (PNG: the raw
+per-step loss, its moving average, and the held-out loss measured every --eval-every steps),
+the adapter checkpoint (orbax) and a PEFT export into --out.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, default=128, help="tokens per training sequence")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--eval-batches", type=int, default=6)
+    p.add_argument("--eval-batches", type=int, default=6, help="held-out batches (fixed) per evaluation")
+    p.add_argument("--eval-every", type=int, default=100, help="steps between held-out evaluations")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated before and after")
     p.add_argument("--out", type=Path, default=Path("out/smollm-shakespeare"))
     p.add_argument("--resume", action="store_true", help="continue from the adapter saved in --out")
@@ -69,6 +71,37 @@ def token_splits(tokenizer, texts, held_out=0.05):
     return np.concatenate(train).astype(np.int32), np.concatenate(test).astype(np.int32)
 
 
+def smooth(values, beta=0.95):
+    """Exponential moving average with the start-up bias removed (as TensorBoard's smoothing).
+
+    >>> [round(v, 3) for v in smooth([1.0, 0.0, 0.0], beta=0.5)]
+    [1.0, 0.333, 0.143]
+    """
+    out, average = [], 0.0
+    for i, value in enumerate(values, 1):
+        average = beta * average + (1 - beta) * value
+        out.append(average / (1 - beta**i))
+    return out
+
+
+def plot_losses(path, losses, held_out, steps_per_eval):
+    """The raw per-step loss (faint), its moving average, and the held-out loss at each evaluation."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    ax.plot(losses, color="tab:blue", alpha=0.25, lw=0.8, label="training loss, per step")
+    ax.plot(smooth(losses), color="tab:blue", lw=2, label="training loss, moving average")
+    eval_steps, values = zip(*held_out)
+    ax.plot(eval_steps, values, "o-", color="tab:green", lw=1.5,
+            label=f"held-out loss (every {steps_per_eval} steps)")
+    ax.set_xlabel("updates applied")
+    ax.set_ylabel("cross-entropy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv=None):
     args = parse_args(argv)
     try:
@@ -81,7 +114,6 @@ def main(argv=None):
     except ImportError as err:
         fail(f"{err.name} is missing: pip install -e '.[examples]'")
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     sys.path.insert(0, str(HERE))
     import smollm
@@ -138,8 +170,8 @@ def main(argv=None):
         updates, opt_state = tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, value
 
-    losses, times = [], []
-    bar = tqdm(range(args.steps), desc="LoRA fine-tuning", unit="step")
+    losses, times, held_out = [], [], [(0, before_loss)]
+    bar = tqdm(range(1, args.steps + 1), desc="LoRA fine-tuning", unit="step")
     for i in bar:
         starts = rng.integers(0, len(train_ids) - args.seq - 1, args.batch)
         ids = jnp.asarray(train_ids[starts[:, None] + np.arange(args.seq + 1)])
@@ -148,9 +180,13 @@ def main(argv=None):
         value = float(value)
         times.append(time.perf_counter() - t0)
         losses.append(value)
-        bar.set_postfix(loss=f"{value:.3f}", tok_s=f"{args.batch * args.seq / times[-1]:.0f}")
+        if i % args.eval_every == 0 and i < args.steps:  # the last point is the "after" evaluation
+            held_out.append((i, held_out_loss(lorax.combine(trainable, frozen))))
+        bar.set_postfix(loss=f"{value:.3f}", held_out=f"{held_out[-1][1]:.3f}",
+                        tok_s=f"{args.batch * args.seq / times[-1]:.0f}")
     params = lorax.combine(trainable, frozen)
     after_loss, after_text = held_out_loss(params), generate(params)
+    held_out.append((args.steps, after_loss))
 
     steady = times[1:] or times
     mean_step = sum(steady) / len(steady)
@@ -167,18 +203,10 @@ def main(argv=None):
     lorax.save(adapter_dir.absolute(), params, step=previous + args.steps, keep=3, config=lora_config)
     lorax.peft.save_peft(args.out / "peft", params, lorax.peft.LLAMA,
                          base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
-    plt.figure(figsize=(6, 3.5))
-    plt.plot(losses, label="training loss")
-    plt.axhline(before_loss, color="gray", ls="--", label="held-out, before")
-    plt.axhline(after_loss, color="green", ls="--", label="held-out, after")
-    plt.xlabel("step")
-    plt.ylabel("cross-entropy")
-    plt.legend()
-    plt.tight_layout()
-    plt.savefig(args.out / "loss.png", dpi=100)
+    plot_losses(args.out / "loss.png", losses, held_out, args.eval_every)
     summary = dict(trainable=report.trainable, total=report.total, share=report.share, before_loss=before_loss,
-                   after_loss=after_loss, mean_step_s=mean_step, steps=args.steps, rank=args.rank,
-                   targets=args.targets, batch=args.batch, seq=args.seq)
+                   after_loss=after_loss, held_out=held_out, mean_step_s=mean_step, steps=args.steps,
+                   rank=args.rank, targets=args.targets, batch=args.batch, seq=args.seq)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nwrote {args.out}/: adapter/ (orbax), peft/ (PEFT format), loss.png, summary.json")
     return summary

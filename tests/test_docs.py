@@ -1,23 +1,60 @@
-"""The README's code and the quickstart example run exactly as written."""
+"""The README's and the documentation site's code, and the quickstart example, run exactly as written.
+
+Every ```python block of a page runs, in order, in one namespace per page. Code that must not
+run here (a long job, a downloaded model) goes in a ```bash block.
+"""
 
 import re
 import runpy
 import sys
 from pathlib import Path
 
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+PAGES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").rglob("*.md"))
 
 
-def test_readme_python_blocks_run_in_order(monkeypatch):
+def run_python_blocks(page: str) -> dict:
+    """Execute the page's ```python blocks in order; returns their namespace."""
+    blocks = re.findall(r"^```python\n(.*?)^```", (ROOT / page).read_text(), re.S | re.M)
+    namespace: dict = {"__name__": page}
+    for index, block in enumerate(blocks):
+        exec(compile(block, f"{page} block {index}", "exec"), namespace)
+    namespace["_blocks"] = len(blocks)
+    return namespace
+
+
+@pytest.fixture
+def at_root(monkeypatch):
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, "path", list(sys.path))
-    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
-    assert len(blocks) >= 3
-    namespace: dict = {}
-    for index, block in enumerate(blocks):
-        exec(compile(block, f"README.md block {index}", "exec"), namespace)
-    assert namespace["again"]["params"]["layers"]["mlp"]["up_proj"]["kernel"].rank == 8
+
+
+def test_readme_python_blocks_run_in_order(at_root):
+    namespace = run_python_blocks("README.md")
+    assert namespace["_blocks"] == 1
+    assert namespace["merged"]["params"]["layers_0"]["kernel"].shape == (16, 64)
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_docs_python_blocks_run_in_order(page, at_root):
+    run_python_blocks(page)
+
+
+def test_every_page_with_code_runs_some(at_root):
+    """The guides are the pages users copy from: each must carry executed Python."""
+    counted = {page: len(re.findall(r"^```python\n", (ROOT / page).read_text(), re.M)) for page in PAGES}
+    guides = [page for page in PAGES if page.startswith("docs/guides/")]
+    assert len(guides) == 4 and all(counted[page] >= 2 for page in guides), counted
+
+
+def test_readme_links_every_docs_page():
+    readme = (ROOT / "README.md").read_text()
+    linked = set(re.findall(r"\]\((docs/[^)#]+\.md)", readme))
+    missing = [page for page in PAGES if page not in linked]
+    assert not missing, f"README.md does not link {missing}"
+    assert all((ROOT / page).exists() for page in linked), linked
 
 
 def test_quickstart_example_learns_and_merges(capsys, monkeypatch):

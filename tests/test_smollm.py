@@ -76,16 +76,27 @@ def test_lora_on_the_real_model_starts_at_the_base(smol):
 def test_finetune_example_smoke_and_resume(tmp_path, capsys):
     import finetune_smollm
 
-    tiny = ["--steps", "2", "--seq", "32", "--batch", "1", "--eval-batches", "1", "--new-tokens", "2",
-            "--out", str(tmp_path)]
+    tiny = ["--steps", "2", "--seq", "32", "--batch", "1", "--eval-batches", "1", "--eval-every", "1",
+            "--new-tokens", "2", "--out", str(tmp_path)]
     summary = finetune_smollm.main(tiny)
     out = capsys.readouterr().out
     assert "trainable parameters: 460,800 of" in out and "held-out loss" in out and "--- after ---" in out
     assert summary["trainable"] == 460_800 and summary["after_loss"] > 0
+    assert [step for step, _ in summary["held_out"]] == [0, 1, 2]  # before, during, after
+    assert summary["held_out"][0][1] == summary["before_loss"] and summary["held_out"][-1][1] == summary["after_loss"]
     for name in ("loss.png", "summary.json", "peft/adapter_config.json", "peft/adapter_model.safetensors", "adapter/2"):
         assert (tmp_path / name).exists(), name
     finetune_smollm.main([*tiny, "--resume", "--steps", "1"])
     assert (tmp_path / "adapter" / "3").exists()
+
+
+def test_finetune_plot_smoothing_follows_the_trend_without_start_up_bias():
+    from finetune_smollm import smooth
+
+    noisy = [3.0 + (0.5 if i % 2 else -0.5) for i in range(200)]  # alternating noise around 3
+    out = smooth(noisy)
+    assert out[0] == noisy[0]  # debiased: the first value is the first loss, not 5% of it
+    assert all(abs(v - 3.0) < 0.05 for v in out[100:])
 
 
 @pytest.mark.parametrize("flags, message", [

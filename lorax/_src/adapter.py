@@ -23,6 +23,8 @@ from typing import Any, Callable, ClassVar
 import jax
 import jax.numpy as jnp
 
+from lorax._src import display
+
 Axes = tuple[int, ...]
 RANK = "rank"  # a layout entry for the adapter's rank axis
 
@@ -160,6 +162,12 @@ class Adapter:
         """The ``w`` whose merge is ``merged``; kinds whose merge cannot be undone refuse."""
         raise ValueError(f"lorax.unmerge: {path!r} is a {type(self).__name__}, whose merge does not "
                          "add a delta independent of w, so w cannot be recovered; keep the unmerged tree.")
+
+    def __repr__(self) -> str:
+        return display.node_repr(self, kind=self.kind, frozen=self.frozen_fields())
+
+    def __treescope_repr__(self, path, subtree_renderer):
+        return display.node_treescope(self, path, subtree_renderer, kind=self.kind, frozen=self.frozen_fields())
 
     # ------------------------------------------------------------------ generic reshaping
 

@@ -62,7 +62,8 @@ class LoraConfig:
         fully matched against the parameter path (``"h/attn/query/kernel"``), or a
         predicate ``(path, leaf) -> bool``.
       exclude: regexes of paths never adapted.
-      rank_pattern, alpha_pattern: ``{regex: value}``; the first full match wins.
+      rank_pattern: ``{regex: rank}`` per weight path; the first full match wins.
+      alpha_pattern: ``{regex: alpha}`` per weight path; the first full match wins.
       use_rslora: scale by ``alpha / sqrt(rank)`` (Kalajdzievski 2023).
       dropout: dropout rate on the adapter input (on only when `lorax.lora` gets ``rng``).
       init: ``"kaiming_uniform"`` (PEFT's default), ``"gaussian"`` (std 1/r), ``"pissa"``

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import jax
 
-from lorax._src import transform
+from lorax._src import display, transform
 from lorax._src.paths import named_leaves
 from lorax._src.tracing import flatten_call
 from lorax._src.adapter import Adapter
@@ -44,14 +44,17 @@ class Explanation:
         return [r.path for r in self.rows if "materialized" in r.how]
 
     def __str__(self) -> str:
-        head = ["path", "shape", "kind", "rank", "scale", "params", "computed"]
-        body = [[r.path, "x".join(map(str, r.shape)), r.kind, str(r.rank), f"{r.scale:g}", f"{r.params:,}", r.how]
-                for r in self.rows]
+        head, body, foot = display.explanation_cells(self)
         widths = [max(len(x) for x in col) for col in zip(head, *body)]
         fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
         lines = [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, body)]
-        lines.append(f"trainable {self.trainable:,} of {self.total:,} parameters ({100 * self.share:.4f}%)")
-        return "\n".join(lines)
+        return "\n".join([*lines, foot])
+
+    def _repr_markdown_(self) -> str:
+        return display.explanation_markdown(self)
+
+    def _repr_html_(self) -> str:
+        return display.explanation_html(self)
 
 
 def explain(fn: Callable, params: Any, *args, **kwargs) -> Explanation:

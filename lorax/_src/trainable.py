@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 
+from lorax._src import display
 from lorax._src.adapter import Adapter
 
 
@@ -21,6 +22,12 @@ class Trainable:
     """
 
     value: jax.Array
+
+    def __repr__(self) -> str:
+        return display.node_repr(self, kind="full")
+
+    def __treescope_repr__(self, path, subtree_renderer):
+        return display.node_treescope(self, path, subtree_renderer, kind="full")
 
 
 def is_node(x: Any) -> bool:

@@ -25,7 +25,7 @@ from lorax._src.table import apply
 
 
 @register_kind
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)  # Adapter.__repr__ summarizes the arrays
 class DoraWeight(Adapter):
     """A frozen weight ``w`` with a low-rank direction update ``scale * a @ b`` and a trained
     magnitude ``m`` per output unit (shape ``(*stack, *b_axes)``); see `LoraWeight` for the axes.

@@ -14,7 +14,7 @@ from lorax._src.table import apply
 
 
 @register_kind
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, repr=False)  # Adapter.__repr__ summarizes the arrays
 class LoraWeight(Adapter):
     """A frozen weight ``w`` with a trainable low-rank update ``scale * a @ b``.
 
