@@ -23,16 +23,18 @@ import sys
 from pathlib import Path
 
 import jax
-
-import costs
 import walltime
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "examples"))
+import gpt  # noqa: E402  (the GPT and its workload, shared with the tests)
+
 QUICK = dict(d=128, heads=4, layers=2, vocab=512, batch=2, seq=32)
 FULL, FLOOR = "full fine-tuning", "frozen model, input gradient only (LoRA's floor)"
-TARGETS = {"LoRA q,v": costs.QV, "LoRA all-linear": costs.ALL_LINEAR}
+DORA = "DoRA all-linear"
+TARGETS = {"LoRA q,v": gpt.QV, "LoRA all-linear": gpt.ALL_LINEAR}
 COLORS = {FULL: "tab:gray", "LoRA q,v": "tab:blue", "LoRA all-linear": "tab:green",
-          "materialized LoRA all-linear": "tab:red"}
+          "materialized LoRA all-linear": "tab:red", DORA: "tab:purple"}
 
 
 def machine() -> str:
@@ -47,20 +49,21 @@ def machine() -> str:
 def train_programs(widths: dict, *, concrete: bool = True, floor: bool = False) -> dict:
     """Train steps by table label: full FT, LoRA on q,v and all-linear, materialized LoRA, and
     (``floor``) the frozen model's input gradient. Real arrays when ``concrete``, else shapes."""
-    steps = costs.train_steps(variants=("full", "frozen") if floor else ("full",), concrete=concrete, **widths)
+    steps = gpt.train_steps(variants=("full", "frozen") if floor else ("full",), concrete=concrete, **widths)
     programs = {FULL: steps["full"]} | ({FLOOR: steps["frozen"]} if floor else {})
     for label, targets in TARGETS.items():
-        variants = ("lora", "materialized") if targets == costs.ALL_LINEAR else ("lora",)
-        steps = costs.train_steps(variants=variants, targets=targets, concrete=concrete, **widths)
+        variants = ("lora", "materialized") if targets == gpt.ALL_LINEAR else ("lora",)
+        steps = gpt.train_steps(variants=variants, targets=targets, concrete=concrete, **widths)
         programs[label] = steps["lora"]
         if "materialized" in steps:
             programs["materialized LoRA all-linear"] = steps["materialized"]
+    programs[DORA] = gpt.train_steps(variants=("lora",), kind="dora", concrete=concrete, **widths)["lora"]
     return programs
 
 
 def compiled_table(widths: dict) -> list[dict]:
     """Flops and step memory of each variant, compiled from shapes (no donation)."""
-    compiled = {label: costs.cost(step, *args) for label, (step, args) in
+    compiled = {label: gpt.cost(step, *args) for label, (step, args) in
                 train_programs(widths, concrete=False).items()}
     full = compiled[FULL]
     return [dict(variant=label, gflops=c.flops / 1e9, flops_over_full=c.flops / full.flops,
@@ -76,10 +79,10 @@ def wall_table(widths: dict, repeats: int, warmup: int) -> list[dict]:
 
 
 def rank_sweep(widths: dict, ranks, repeats: int, warmup: int) -> list[dict]:
-    programs = {FULL: costs.train_steps(variants=("full",), concrete=True, **widths)["full"]}
+    programs = {FULL: gpt.train_steps(variants=("full",), concrete=True, **widths)["full"]}
     for rank in ranks:
         for label, targets in TARGETS.items():
-            programs[(label, rank)] = costs.train_steps(variants=("lora",), targets=targets, rank=rank,
+            programs[(label, rank)] = gpt.train_steps(variants=("lora",), targets=targets, rank=rank,
                                                         concrete=True, **widths)["lora"]
     timings = walltime.interleaved(programs, repeats=repeats, warmup=warmup)
     full = timings.pop(FULL)
@@ -98,7 +101,7 @@ def seq_sweep(widths: dict, seqs, repeats: int, warmup: int) -> list[dict]:
 
 
 def inference_table(widths: dict, repeats: int, warmup: int) -> list[dict]:
-    timings = walltime.interleaved(costs.forwards(concrete=True, **widths), repeats=repeats, warmup=warmup,
+    timings = walltime.interleaved(gpt.forwards(concrete=True, **widths), repeats=repeats, warmup=warmup,
                                    stateful=False)
     base = timings["base"]
     return [dict(variant=k, s_per_call=t.seconds, time_over_base=t.over(base),
@@ -106,9 +109,11 @@ def inference_table(widths: dict, repeats: int, warmup: int) -> list[dict]:
 
 
 def smollm_runs(quick: bool) -> list[dict]:
-    """Each framework in a fresh process: lorax and PEFT on q,v and all-linear, full FT for scale."""
+    """Each framework in a fresh process: lorax and PEFT, LoRA on q,v and all-linear and DoRA on
+    q,v; full FT for scale."""
     shape = ["--batch", "1", "--seq", "32", "--steps", "2", "--warmup", "1"] if quick else []
-    jobs = [["lorax", "--targets", "qv"], ["peft", "--targets", "qv"]]
+    jobs = [["lorax", "--targets", "qv"], ["peft", "--targets", "qv"],
+            ["lorax", "--targets", "qv", "--dora"], ["peft", "--targets", "qv", "--dora"]]
     if not quick:
         jobs += [["lorax", "--targets", "all-linear"], ["peft", "--targets", "all-linear"],
                  ["jax-full"], ["torch-full"]]
@@ -127,12 +132,11 @@ def adapter_sizes(smollm: list[dict]) -> list[dict]:
     """Each adapter file against the GGUF checkpoint and the same weights in fp32."""
     from gguf import GGUFReader
 
-    sys.path.insert(0, str(HERE.parent / "examples"))
     import smollm as model_file
 
     path = model_file.gguf_path()
     gguf, fp32 = path.stat().st_size, 4 * sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
-    return [dict(framework=r["framework"], targets=r["targets"], adapter_bytes=r["adapter_bytes"],
+    return [dict(framework=r["framework"], kind=r["kind"], targets=r["targets"], adapter_bytes=r["adapter_bytes"],
                  over_gguf_q4=r["adapter_bytes"] / gguf, over_fp32_base=r["adapter_bytes"] / fp32,
                  gguf_bytes=gguf, fp32_base_bytes=fp32) for r in smollm if r["adapter_bytes"]]
 
@@ -148,28 +152,32 @@ def markdown(report: dict) -> str:
               "| variant | s / step | tokens / s | time / full |", "|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['s_per_step']:.3f} | {r['tokens_per_s']:.0f} | {r['time_over_full']:.3f} |"
               for r in report["wall"]]
+    wall = {r["variant"]: r for r in report["wall"]}
+    lines.append(f"\nDoRA / LoRA, all-linear step time: "
+                 f"{wall[DORA]['s_per_step'] / wall['LoRA all-linear']['s_per_step']:.3f}")
     lines += ["", "**Inference** (forward, all-linear adapters)", "",
               "| variant | ms / call | time / base | flops / base |", "|---|---|---|---|"]
     lines += [f"| {r['variant']} | {1e3 * r['s_per_call']:.1f} | {r['time_over_base']:.3f} | "
               f"{r['flops_over_base']:.4f} |" for r in report["inference"]]
     lines += ["", "**SmolLM2-135M train step, lorax vs PEFT** (each in its own process, same batch, targets, "
               "rank, fp32, AdamW)", "",
-              "| framework | targets | batch × seq | s / step | tokens / s | trained params | peak RSS MiB |",
-              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['framework']} | {r['targets'] or 'all (full FT)'} | {r['batch']} × {r['seq']} | "
+              "| framework | kind | targets | batch × seq | s / step | tokens / s | trained params | peak RSS MiB |",
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['framework']} | {r['kind']} | {r['targets'] or 'all (full FT)'} | {r['batch']} × {r['seq']} | "
               f"{r['s_per_step']:.2f} | {r['tokens_per_s']:.0f} | {r['trained_params']:,} | "
               f"{f(r['train_peak_rss_mib'], '.0f')} |" for r in report["smollm"]]
-    by = {(r["framework"], r["targets"]): r for r in report["smollm"]}
-    for targets in ("qv", "all-linear"):
-        if ("lorax", targets) in by and ("peft", targets) in by:
-            a, b = by[("lorax", targets)], by[("peft", targets)]
+    by = {(r["framework"], r["kind"], r["targets"]): r for r in report["smollm"]}
+    for kind, targets in (("lora", "qv"), ("lora", "all-linear"), ("dora", "qv")):
+        if ("lorax", kind, targets) in by and ("peft", kind, targets) in by:
+            a, b = by[("lorax", kind, targets)], by[("peft", kind, targets)]
             rss = None if None in (a["train_peak_rss_mib"], b["train_peak_rss_mib"]) else \
                 a["train_peak_rss_mib"] / b["train_peak_rss_mib"]
-            lines.append(f"\nlorax / PEFT, {targets}: time {a['s_per_step'] / b['s_per_step']:.3f}, "
+            lines.append(f"\nlorax / PEFT, {kind} {targets}: time {a['s_per_step'] / b['s_per_step']:.3f}, "
                          f"peak RSS {f(rss, '.3f')}")
     lines += ["", "**Adapter file** (PEFT `adapter_model.safetensors`) against the base checkpoint", "",
-              "| framework | targets | adapter MiB | / GGUF Q4_1 file | / fp32 weights |", "|---|---|---|---|---|"]
-    lines += [f"| {r['framework']} | {r['targets']} | {r['adapter_bytes'] / 2**20:.2f} | {r['over_gguf_q4']:.4f} | "
+              "| framework | kind | targets | adapter MiB | / GGUF Q4_1 file | / fp32 weights |",
+              "|---|---|---|---|---|---|"]
+    lines += [f"| {r['framework']} | {r['kind']} | {r['targets']} | {r['adapter_bytes'] / 2**20:.2f} | {r['over_gguf_q4']:.4f} | "
               f"{r['over_fp32_base']:.4f} |" for r in report["adapters"]]
     return "\n".join(lines)
 
@@ -218,7 +226,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small widths and few steps: a smoke run")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args(argv)
-    widths = QUICK if args.quick else costs.GPT2_SMALL
+    widths = QUICK if args.quick else gpt.GPT2_SMALL
     repeats, warmup = (3, 1) if args.quick else (20, 2)
     ranks, seqs = ((1, 8), (16, 32)) if args.quick else ((1, 4, 8, 16, 64), (32, 64, 128, 256))
 

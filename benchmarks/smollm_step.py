@@ -3,6 +3,7 @@
     python benchmarks/smollm_step.py lorax --targets qv
     python benchmarks/smollm_step.py peft --targets all-linear
     python benchmarks/smollm_step.py torch-full          # full fine-tuning, for scale
+    python benchmarks/smollm_step.py peft --targets qv --dora   # DoRA in both frameworks
 
 lorax runs the JAX LLaMA of ``examples/`` on the GGUF weights; PEFT runs transformers' load
 of the same file. Both: fp32, AdamW, the same random token batch, rank, alpha and targets,
@@ -72,7 +73,8 @@ def lorax_step(args):
     if args.framework == "jax-full":
         state, rest, forward, adapter_bytes = base, (), fn, None
     else:
-        lora_config = lorax.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=LORAX_TARGETS[args.targets])
+        lora_config = lorax.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=LORAX_TARGETS[args.targets],
+                                       use_dora=args.dora)
         params = lorax.init(jax.random.key(0), lora_config, fn, base, ids[:, :-1])
         state, frozen = lorax.split(params)
         rest, forward = (frozen,), lambda t, f, x: lorax.lora(fn)(lorax.combine(t, f), x)
@@ -112,7 +114,7 @@ def torch_step(args):
         from peft import LoraConfig, get_peft_model
 
         model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
-                                                 target_modules=PEFT_TARGETS[args.targets]))
+                                                 target_modules=PEFT_TARGETS[args.targets], use_dora=args.dora))
     model.train()
     trained = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trained, lr=1e-4, weight_decay=0.0)
@@ -138,6 +140,7 @@ def main(argv=None):
     p.add_argument("framework", choices=FRAMEWORKS)
     p.add_argument("--targets", choices=tuple(PEFT_TARGETS), default="qv")
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--dora", action="store_true", help="DoRA adapters instead of LoRA")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
@@ -156,6 +159,7 @@ def main(argv=None):
     median = statistics.median(times)
     print(json.dumps(dict(
         framework=args.framework, targets=None if "full" in args.framework else args.targets, rank=args.rank,
+        kind="full" if "full" in args.framework else "dora" if args.dora else "lora",
         batch=args.batch, seq=args.seq, s_per_step=median, tokens_per_s=args.batch * args.seq / median,
         trained_params=count, train_peak_rss_mib=_peak_rss_mib() if reset else None,
         process_peak_rss_mib=max(load_peak, _peak_rss_mib()), adapter_bytes=adapter_bytes,

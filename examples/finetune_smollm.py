@@ -34,6 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, default=128, help="tokens per training sequence")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--init", default="kaiming_uniform", help="adapter init: kaiming_uniform, gaussian, pissa, olora")
+    p.add_argument("--dora", action="store_true", help="DoRA adapters instead of plain LoRA")
     p.add_argument("--eval-batches", type=int, default=6, help="held-out batches (fixed) per evaluation")
     p.add_argument("--eval-every", type=int, default=100, help="steps between held-out evaluations")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated before and after")
@@ -131,13 +133,12 @@ def main(argv=None):
     print(f"Shakespeare: {len(train_ids):,} training tokens, {len(test_ids):,} held out")
 
     example = jnp.zeros((args.batch, args.seq), jnp.int32)
-    lora_config = lorax.LoraConfig(rank=args.rank, alpha=args.alpha, targets=TARGETS.get(args.targets, args.targets))
+    lora_config = lorax.LoraConfig(rank=args.rank, alpha=args.alpha, targets=TARGETS.get(args.targets, args.targets),
+                                   init=args.init, use_dora=args.dora)
     adapter_dir = args.out / "adapter"
     try:
-        if args.resume:
-            params = lorax.load(adapter_dir.absolute(), base)
-        else:
-            params = lorax.init(jax.random.key(0), lora_config, fn, base, example)
+        fresh = lorax.init(jax.random.key(0), lora_config, fn, base, example)
+        params = lorax.load(adapter_dir.absolute(), base) if args.resume else fresh
     except ValueError as err:
         fail(str(err))
     report = lorax.explain(fn, params, example)
@@ -161,6 +162,7 @@ def main(argv=None):
     before_loss, before_text = held_out_loss(params), generate(params)
 
     trainable, frozen = lorax.split(params)
+    initial = lorax.split(fresh)[0]  # PiSSA/OLoRA: PEFT files are relative to the original base (deterministic)
     tx = optax.adamw(args.lr, weight_decay=0.0)
     opt_state = tx.init(trainable)
 
@@ -201,12 +203,13 @@ def main(argv=None):
     if args.resume:
         previous = max(int(p.name) for p in adapter_dir.iterdir() if p.name.isdigit())
     lorax.save(adapter_dir.absolute(), params, step=previous + args.steps, keep=3, config=lora_config)
-    lorax.peft.save_peft(args.out / "peft", params, lorax.peft.LLAMA,
+    lorax.peft.save_peft(args.out / "peft", params, lorax.peft.LLAMA, initial=initial,
                          base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
     plot_losses(args.out / "loss.png", losses, held_out, args.eval_every)
     summary = dict(trainable=report.trainable, total=report.total, share=report.share, before_loss=before_loss,
                    after_loss=after_loss, held_out=held_out, mean_step_s=mean_step, steps=args.steps,
-                   rank=args.rank, targets=args.targets, batch=args.batch, seq=args.seq)
+                   rank=args.rank, targets=args.targets, batch=args.batch, seq=args.seq, init=args.init,
+                   dora=args.dora)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nwrote {args.out}/: adapter/ (orbax), peft/ (PEFT format), loss.png, summary.json")
     return summary

@@ -51,8 +51,7 @@ def adapted(params):
     lp = lorax.init(jax.random.key(1), lorax.LoraConfig(rank=4), fn, params, x)
     # non-zero b keeping the derived sharding
     return jax.tree.map(lambda n: n if not isinstance(n, lorax.LoraWeight) else
-                        n.__class__(n.w, n.a, jax.device_put(jnp.full(n.b.shape, 0.05), n.b.sharding),
-                                    scale=n.scale, a_axes=n.a_axes, b_axes=n.b_axes),
+                        n.replace(b=jax.device_put(jnp.full(n.b.shape, 0.05), n.b.sharding)),
                         lp, is_leaf=lambda n: isinstance(n, lorax.LoraWeight))
 
 
@@ -81,9 +80,25 @@ def test_init_places_factors_after_the_base_weight(layout):
     for name, spec in (("w1", s1), ("w2", s2)):
         lw = lp[name]
         assert lw.w.sharding.spec == spec and lw.w is params[name]  # W untouched, not gathered
-        a_spec, b_spec = lorax._src.sharding.factor_specs(lw, spec)
+        a_spec, b_spec = lorax._src.sharding.factor_specs(lw, spec).values()
         assert lw.a.sharding.spec == a_spec == P(spec[0], None)
         assert lw.b.sharding.spec == b_spec == P(None, spec[1])
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_load_peft_places_factors_after_the_base_weight_and_keeps_dropout(layout, tmp_path):
+    import lorax.peft
+
+    s1, s2, _ = LAYOUTS[layout]
+    params = sharded_params(mesh(), s1, s2)
+    x = jnp.ones((16, D))
+    mapping = lambda path, index: path  # noqa: E731  (torch module names = lorax paths here)
+    lp = lorax.init(jax.random.key(1), lorax.LoraConfig(rank=4, dropout=0.1), fn, params, x)
+    folder = lorax.peft.save_peft(tmp_path / "adapter", lp, mapping)
+    back = lorax.peft.load_peft(folder, fn, params, x, mapping=mapping)
+    for name, spec in (("w1", s1), ("w2", s2)):
+        assert back[name].dropout == 0.1 and back[name].w is params[name]
+        assert back[name].a.sharding.spec == P(spec[0], None) and back[name].b.sharding.spec == P(None, spec[1])
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

@@ -24,7 +24,8 @@ def quick(tmp_path_factory):
 
 def test_quick_run_writes_table_json_and_chart(quick):
     out, report, stdout = quick
-    assert "| LoRA all-linear |" in stdout and "lorax / PEFT, qv: time" in stdout
+    assert "| LoRA all-linear |" in stdout and "lorax / PEFT, lora qv: time" in stdout
+    assert "lorax / PEFT, dora qv: time" in stdout and "DoRA / LoRA, all-linear step time" in stdout
     assert (out / "performance.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "benchmark.md").read_text().strip() in stdout
 
@@ -32,7 +33,8 @@ def test_quick_run_writes_table_json_and_chart(quick):
 def test_quick_run_reports_every_section(quick):
     _, report, _ = quick
     variants = {r["variant"] for r in report["wall"]}
-    assert {"full fine-tuning", "LoRA q,v", "LoRA all-linear", "materialized LoRA all-linear"} <= variants
+    assert {"full fine-tuning", "LoRA q,v", "LoRA all-linear", "materialized LoRA all-linear",
+            "DoRA all-linear"} <= variants
     assert all(r["s_per_step"] > 0 for r in report["wall"])
     assert {r["framework"] for r in report["smollm"]} == {"lorax", "peft"}
     assert {r["rank"] for r in report["ranks"]} == {1, 8}
@@ -42,10 +44,12 @@ def test_deterministic_measures_hold_in_the_quick_run(quick):
     _, report, _ = quick
     flops = {r["variant"]: r["flops_over_full"] for r in report["compiled"]}
     assert flops["LoRA q,v"] < flops["LoRA all-linear"] < 0.8 < 1.0 <= flops["materialized LoRA all-linear"]
+    assert flops["LoRA all-linear"] < flops["DoRA all-linear"] < 0.8  # DoRA stays factored
     inference = {r["variant"]: r["flops_over_base"] for r in report["inference"]}
     assert inference["merged"] == 1.0 and 1.0 < inference["unmerged"] < 1.1
     # lorax and PEFT train the same adapters and write byte-identical-size PEFT files
-    lorax_run, peft_run = sorted(report["smollm"], key=lambda r: r["framework"])
-    assert lorax_run["trained_params"] == peft_run["trained_params"] == 460_800
-    assert lorax_run["adapter_bytes"] == peft_run["adapter_bytes"]
-    assert abs(lorax_run["first_loss"] - peft_run["first_loss"]) < 1e-3 * abs(peft_run["first_loss"])
+    for kind, count in (("lora", 460_800), ("dora", 460_800 + 30 * (576 + 192))):  # + m per q, v output
+        lorax_run, peft_run = sorted((r for r in report["smollm"] if r["kind"] == kind), key=lambda r: r["framework"])
+        assert lorax_run["trained_params"] == peft_run["trained_params"] == count
+        assert lorax_run["adapter_bytes"] == peft_run["adapter_bytes"]
+        assert abs(lorax_run["first_loss"] - peft_run["first_loss"]) < 1e-3 * abs(peft_run["first_loss"])

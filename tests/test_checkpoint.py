@@ -74,6 +74,7 @@ def test_crash_mid_save_leaves_previous_step_loadable(tmp_path):
     script = textwrap.dedent(f"""
         import os, sys
         sys.path.insert(0, {str(ROOT / 'tests')!r})
+        sys.path.insert(0, {str(ROOT / 'examples')!r})
         import jax, lorax
         from helpers import with_random_b
         from test_checkpoint import _adapted

@@ -1,13 +1,9 @@
 """LoRA's promise, checked on the compiled program (XLA cost and memory analysis)."""
 
 import math
-import sys
-from pathlib import Path
 
+import gpt as costs
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import costs  # noqa: E402
 
 # GPT-2-small widths (d=768, 12 heads), 4 layers, batch 4, seq 128, r=8 on every linear layer.
 WIDTHS = dict(d=768, heads=12, layers=4, vocab=2048, batch=4, seq=128, rank=8)

@@ -148,7 +148,8 @@ def test_refuses_truncated_safetensors(tmp_path):
 
 @pytest.mark.parametrize("change, match", [
     (lambda c: c.pop("r"), "has no 'r'"),
-    (lambda c: c.update(use_dora=True), "use_dora=True is not supported"),
+    (lambda c: c.update(use_dora=True), "use_dora is set but lora_magnitude_vector is missing"),
+    (lambda c: c.update(lora_bias=True), "lora_bias=True is not supported"),
     (lambda c: c.update(surprise=1), r"unknown adapter_config.json keys \['surprise'\]"),
     (lambda c: c.update(peft_type="IA3"), "only 'LORA'"),
 ])
@@ -212,3 +213,65 @@ def test_modules_to_save_travel_both_ways(tmp_path):
 ])
 def test_module_names(mapping, path, index, expected):
     assert lorax.peft.module_name(mapping, path, index) == expected
+
+
+def _perturb_magnitudes(lp, key=jax.random.key(5)):
+    def move(x):
+        if isinstance(x, lorax.DoraWeight):
+            return x.replace(m=x.m * jax.random.uniform(key, x.m.shape, x.m.dtype, 0.7, 1.3))
+        return x
+
+    return jax.tree.map(move, lp, is_leaf=lambda x: isinstance(x, lorax.Adapter))
+
+
+def test_lorax_dora_adapter_loads_in_peft_with_equal_logits(tmp_path):
+    model = torch_llama()
+    fn, params = jax_twin(model)
+    config = lorax.LoraConfig(rank=4, alpha=8.0, use_dora=True)
+    lp = _perturb_magnitudes(with_random_b(lorax.init(jax.random.key(1), config, fn, params, IDS), scale=0.2))
+    folder = lorax.peft.save_peft(tmp_path / "adapter", lp, lorax.peft.LLAMA)
+    assert json.loads((folder / "adapter_config.json").read_text())["use_dora"] is True
+    peft_model = peft.PeftModel.from_pretrained(model, str(folder)).eval()
+    ours, theirs = lorax.lora(fn)(lp, IDS), torch_logits(peft_model)
+    assert rel_err(ours, theirs) < 1e-4
+    assert rel_err(fn(params, IDS), theirs) > 1e-2
+    back = lorax.peft.load_peft(folder, fn, params, IDS, mapping=lorax.peft.LLAMA)
+    assert rel_err(lorax.lora(fn)(back, IDS), theirs) < 1e-4
+
+
+def test_peft_trained_dora_adapter_imports_with_equal_logits(tmp_path):
+    model = peft.get_peft_model(torch_llama(), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "up_proj"], lora_dropout=0.0, use_dora=True))
+    train_in_torch(model)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    with model.disable_adapter():
+        base_logits = torch_logits(model)
+    theirs = torch_logits(model)
+    state = {k.replace("base_layer.", ""): v.detach().numpy() for k, v in model.get_base_model().state_dict().items()
+             if "lora_" not in k}
+    params = params_from_torch_names(CONFIG, state.__getitem__)
+    fn = lambda p, ids: Llama(CONFIG).apply(p, ids)  # noqa: E731
+    lp = lorax.peft.load_peft(tmp_path / "adapter", fn, params, IDS, mapping=lorax.peft.LLAMA)
+    q = lp["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert isinstance(q, lorax.DoraWeight)
+    assert rel_err(lorax.lora(fn)(lp, IDS), theirs) < 1e-4
+    assert rel_err(base_logits, theirs) > 1e-3
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_olora_adapter_exports_as_lora_on_the_original_base(tmp_path, init):
+    model = torch_llama()
+    fn, params = jax_twin(model)
+    config = lorax.LoraConfig(rank=4, alpha=4.0, init=init, targets=r".*(q|v|down)_proj/kernel")
+    lp = lorax.init(jax.random.key(1), config, fn, params, IDS)
+    initial = lorax.split(lp)[0]
+    trained = with_random_b(lp, scale=0.05)  # stands for training: the factors moved
+    folder = lorax.peft.save_peft(tmp_path / "adapter", trained, lorax.peft.LLAMA, initial=initial)
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    assert (cfg["r"], cfg["lora_alpha"]) == (8, 8.0)  # rank 2r, the scale kept
+    peft_model = peft.PeftModel.from_pretrained(model, str(folder)).eval()  # the ORIGINAL base
+    theirs = torch_logits(peft_model)
+    assert rel_err(lorax.lora(fn)(trained, IDS), theirs) < 1e-4
+    assert rel_err(fn(params, IDS), theirs) > 1e-3
+    with pytest.raises(ValueError, match="`initial` has no adapter at"):
+        lorax.peft.save_peft(tmp_path / "bad", trained, lorax.peft.LLAMA, initial={})

@@ -6,7 +6,9 @@ An adapter kind is a frozen dataclass subclassing `Adapter`. Its fields say what
 - its trained arrays (``trained_field``), each laid out in terms of W's axes: `layout`
   names, per axis of each trained array, the W axis it stands for or `RANK`;
 - static metadata shared by all kinds: ``scale``, ``a_axes`` (W's contracted axes),
-  ``b_axes`` (its output axes), ``stack_axes`` (stacked layers), ``dropout``.
+  ``b_axes`` (its output axes), ``stack_axes`` (stacked layers), ``dropout``, ``init`` (how
+  the factors started: after ``"pissa"`` or ``"olora"`` the frozen ``w`` is the residual
+  ``W - s·a₀·b₀`` of the original weight, see `lorax._src.initializers`).
 
 Everything generic — split/combine, optimizer labels, sharding specs, checkpoints, slicing a
 stack inside ``scan``, transposes and casts inside `lorax.lora` — reads these declarations;
@@ -63,6 +65,7 @@ class Adapter:
     b_axes: Axes = static_field((1,))
     stack_axes: Axes = static_field(())
     dropout: float = static_field(0.0)
+    init: str = static_field("kaiming_uniform")
 
     # ------------------------------------------------------------------ declarations
 

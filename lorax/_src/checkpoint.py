@@ -15,6 +15,7 @@ from lorax._src.paths import named_leaves
 from lorax._src.sharding import factor_shardings
 from lorax._src.trees import _map
 from lorax._src.adapter import KINDS, Adapter
+from lorax._src.initializers import makes_residual, residual
 from lorax._src.trainable import Trainable
 
 FORMAT = 1
@@ -30,7 +31,7 @@ def _entries(params: Any) -> tuple[list[dict], list[dict]]:
             meta.append(dict(path=path, kind=leaf.kind, shape=list(leaf.shape), dtype=str(leaf.w.dtype),
                              rank=leaf.rank, scale=leaf.scale, a_axes=list(leaf.a_axes),
                              b_axes=list(leaf.b_axes), stack_axes=list(leaf.stack_axes),
-                             dropout=leaf.dropout, factor_dtype=str(leaf.a.dtype),
+                             dropout=leaf.dropout, init=leaf.init, factor_dtype=str(leaf.a.dtype),
                              lorax_version=lorax.__version__))
             arrays.append(leaf.trained())
         elif isinstance(leaf, Trainable):
@@ -111,7 +112,8 @@ def _shell(entry: dict, w, arrays: dict | None = None) -> Adapter:
     """The adapter an entry describes; trained arrays as shapes unless given."""
     kind = KINDS[entry["kind"]]
     shell = kind(w, *[None] * len(kind.trained_fields()), scale=entry["scale"], a_axes=tuple(entry["a_axes"]),
-                 b_axes=tuple(entry["b_axes"]), stack_axes=tuple(entry["stack_axes"]), dropout=entry["dropout"])
+                 b_axes=tuple(entry["b_axes"]), stack_axes=tuple(entry["stack_axes"]), dropout=entry["dropout"],
+                 init=entry.get("init", "kaiming_uniform"))
     if arrays is None:
         dtype = jnp.dtype(entry["factor_dtype"])
         arrays = {n: jax.ShapeDtypeStruct(s, dtype) for n, s in shell.expected_shapes(entry["rank"]).items()}
@@ -132,4 +134,8 @@ def _abstract(entry: dict, w) -> dict:
 def _node(entry: dict, w, arrays: dict):
     if entry["kind"] == "trainable":
         return Trainable(arrays["value"])
-    return _shell(entry, w, arrays)
+    node = _shell(entry, w, arrays)
+    if makes_residual(node.init):  # PiSSA/OLoRA: the frozen base is the original W's residual
+        node = node.replace(w=residual(node.init, w, node.a_axes, node.b_axes, node.stack_axes, entry["rank"],
+                                       node.scale))
+    return node

@@ -23,10 +23,23 @@ from lorax._src.adapter import Axes, as_matrices, fan_in_out
 
 INITS = ("kaiming_uniform", "gaussian", "pissa", "olora")
 _NITER = re.compile(r"pissa_niter_(\d+)")
+_SKETCH_KEY = 0  # the randomized SVD's sketch is fixed, so a residual can be rebuilt from W alone
 
 
 def valid_init(name: object) -> bool:
     return isinstance(name, str) and (name in INITS or _NITER.fullmatch(name) is not None)
+
+
+def makes_residual(init: str) -> bool:
+    """Whether ``init`` replaces the frozen base by a residual (PiSSA, OLoRA)."""
+    return init not in ("kaiming_uniform", "gaussian")
+
+
+def residual(init: str, w: jax.Array, a_axes: Axes, b_axes: Axes, stack_axes: Axes, rank: int,
+             scale: float) -> jax.Array:
+    """The frozen base that ``init`` makes of the original weight ``w``: deterministic, so a
+    checkpoint (which holds only the trained arrays) is restored onto the original base."""
+    return low_rank_init(jax.random.key(_SKETCH_KEY), init, w, a_axes, b_axes, stack_axes, rank, scale, w.dtype)[0]
 
 
 def low_rank_init(key: jax.Array, init: str, w: jax.Array, a_axes: Axes, b_axes: Axes,
@@ -50,7 +63,7 @@ def low_rank_init(key: jax.Array, init: str, w: jax.Array, a_axes: Axes, b_axes:
         a, b = jnp.swapaxes(r[..., :rank, :], -1, -2), jnp.swapaxes(q[..., :rank], -1, -2)
     else:  # W = U·S·Vᵀ: s·a·b = U_r·S_r·V_rᵀ
         niter = _NITER.fullmatch(init)
-        u, s, vt = (_randomized_svd(key, m, rank, int(niter.group(1))) if niter
+        u, s, vt = (_randomized_svd(jax.random.key(_SKETCH_KEY), m, rank, int(niter.group(1))) if niter
                     else jnp.linalg.svd(m, full_matrices=False))
         root = jnp.sqrt(s[..., :rank] / scale)
         a, b = u[..., :rank] * root[..., None, :], root[..., :, None] * vt[..., :rank, :]

@@ -24,7 +24,10 @@ from lorax._src.config import LoraConfig
 from lorax._src.init import init
 from lorax._src.paths import named_leaves
 from lorax._src.trees import _map
-from lorax._src.kinds import LoraWeight
+from lorax._src.adapter import Adapter
+from lorax._src.kinds import DoraWeight, LoraWeight
+from lorax._src.initializers import makes_residual
+from lorax._src.sharding import place_factors
 from lorax._src.trainable import Trainable
 
 PREFIX = "base_model.model."
@@ -50,7 +53,7 @@ GPT2: Mapping = (
 
 # Keys of peft 0.21's LoraConfig. Keys outside this set are refused; these must hold
 # their inert default (None, False, "none", {} or []) since lorax does not implement them:
-_UNSUPPORTED = ("use_dora", "lora_bias", "layer_replication", "target_parameters",
+_UNSUPPORTED = ("lora_bias", "layer_replication", "target_parameters",
                 "trainable_token_indices", "use_qalora", "use_bdlora", "alora_invocation_tokens",
                 "layers_to_transform", "megatron_config", "arrow_config")
 _KNOWN = {"alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "corda_config",
@@ -58,7 +61,9 @@ _KNOWN = {"alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "c
           "init_lora_weights", "kasa_config", "layers_pattern", "loftq_config", "lora_alpha",
           "lora_dropout", "lora_ga_config", "megatron_core", "monteclora_config", "peft_type",
           "peft_version", "qalora_group_size", "r", "rank_pattern", "revision", "runtime_config",
-          "target_modules", "task_type", "use_rslora", "velora_config", "modules_to_save", *_UNSUPPORTED}
+          "target_modules", "task_type", "use_rslora", "velora_config", "modules_to_save", "use_dora",
+          *_UNSUPPORTED}
+MAGNITUDE = ".lora_magnitude_vector"  # DoRA's m, [out_features]
 
 
 def module_name(mapping: Mapping, path: str, index: tuple[int, ...]) -> str | None:
@@ -84,17 +89,34 @@ def _suffixes(lw_path: str) -> tuple[str, str]:
     return ".lora_A.weight", ".lora_B.weight"
 
 
-def _layers(lw: LoraWeight):
-    """``(stack index, a [in, r], b [r, out])`` per layer of a LoraWeight."""
-    a, b = np.asarray(jax.device_get(lw.a)), np.asarray(jax.device_get(lw.b))
-    stack = a.shape[: len(lw.stack_axes)]
-    for index in np.ndindex(*stack):
-        yield index, a[index].reshape(-1, lw.rank), b[index].reshape(lw.rank, -1)
+def _layers(lw: Adapter):
+    """``(stack index, {field: 2-D or 1-D array})`` per layer: ``a`` [in, r], ``b`` [r, out]
+    and DoRA's ``m`` [out]."""
+    arrays = {n: np.asarray(jax.device_get(x)) for n, x in lw.trained().items()}
+    shapes = {"a": (-1, lw.rank), "b": (lw.rank, -1), "m": (-1,)}
+    for index in np.ndindex(*arrays["a"].shape[: len(lw.stack_axes)]):
+        yield index, {n: x[index].reshape(shapes[n]) for n, x in arrays.items()}
+
+
+def relative_to_original(lw: LoraWeight, initial: LoraWeight) -> LoraWeight:
+    """A PiSSA/OLoRA adapter as a plain LoRA of twice the rank on the *original* base.
+
+    Its frozen base is ``W - s·a₀·b₀`` (``a₀``, ``b₀`` its factors at initialisation), so on
+    ``W`` the same weight is ``W + s·[a, a₀]·[b; -b₀]`` (PEFT's conversion)."""
+    rank_axis = len(lw.stack_axes)
+    return lw.replace(a=jnp.concatenate([lw.a, initial.a.astype(lw.a.dtype)], axis=-1),
+                      b=jnp.concatenate([lw.b, -initial.b.astype(lw.b.dtype)], axis=rank_axis))
 
 
 def save_peft(directory: str | Path, params: Any, mapping: Mapping, *, base_model_name_or_path: str = "",
-              task_type: str = "CAUSAL_LM") -> Path:
+              task_type: str = "CAUSAL_LM", initial: Any = None) -> Path:
     """Write the adapters of ``params`` as a PEFT adapter folder; returns its path.
+
+    LoRA and DoRA adapters (not both in one folder: PEFT's ``use_dora`` is one flag).
+    ``initial``: for adapters made with ``init="pissa"`` or ``"olora"``, whose frozen base
+    is a residual, the trainable tree at initialisation (``lorax.split(params)[0]`` right
+    after `lorax.init`); the folder then holds plain LoRA adapters of twice the rank that
+    apply to the *original* base, as PEFT's own conversion writes them.
 
     >>> import jax, jax.numpy as jnp, lorax, lorax.peft, tempfile
     >>> fn = lambda p, x: x @ p["q_proj"]["kernel"]
@@ -104,26 +126,47 @@ def save_peft(directory: str | Path, params: Any, mapping: Mapping, *, base_mode
     ['adapter_config.json', 'adapter_model.safetensors']
     """
     directory = Path(directory)
-    tensors, ranks, alphas, saved = {}, {}, {}, set()
+    tensors, ranks, alphas, saved, dropouts = {}, {}, {}, set(), set()
+    starts = dict(named_leaves(initial)) if initial is not None else None
+    kinds = {type(leaf) for _, leaf in named_leaves(params) if isinstance(leaf, Adapter)}
+    if len(kinds) > 1 or not kinds <= {LoraWeight, DoraWeight} or (starts is not None and kinds != {LoraWeight}):
+        raise ValueError(f"lorax.peft: cannot export adapters of kinds {sorted(k.__name__ for k in kinds)}"
+                         f"{' relative to their initial factors' if starts is not None else ''}: one PEFT folder holds "
+                         "LoRA or DoRA adapters (and PEFT converts only plain LoRA ones).")
+    residuals = [p for p, leaf in named_leaves(params) if isinstance(leaf, Adapter) and makes_residual(leaf.init)]
+    if residuals and starts is None:
+        raise ValueError(f"lorax.peft: {residuals[0]!r} was initialised with PiSSA or OLoRA, so its frozen "
+                         "base is a residual of the original weight; pass initial=lorax.split(params_at_init)[0] "
+                         "to export it relative to the original base, as PEFT expects.")
     for path, leaf in named_leaves(params):
         if isinstance(leaf, Trainable):
             for module, name, value in _full_tensors(mapping, path, np.asarray(jax.device_get(leaf.value))):
                 tensors[PREFIX + name] = np.ascontiguousarray(value)
                 saved.add(module)
             continue
-        if not isinstance(leaf, LoraWeight):
+        if not isinstance(leaf, Adapter):
             continue
+        if starts is not None and makes_residual(leaf.init):
+            if not isinstance(starts.get(path), LoraWeight):
+                raise ValueError(f"lorax.peft: `initial` has no adapter at {path!r}; pass the trainable "
+                                 "tree saved right after lorax.init.")
+            leaf = relative_to_original(leaf, starts[path])
         suffix_a, suffix_b = _suffixes(path)
-        for index, a, b in _layers(leaf):
+        for index, arrays in _layers(leaf):
             module = module_name(mapping, path, index)
             if module is None:
                 raise ValueError(f"lorax.peft: the mapping gives no torch module for {path!r}"
                                  f"{f' layer {index}' if index else ''}.")
-            tensors[PREFIX + module + suffix_a] = np.ascontiguousarray(a.T)
-            tensors[PREFIX + module + suffix_b] = np.ascontiguousarray(b.T)
+            tensors[PREFIX + module + suffix_a] = np.ascontiguousarray(arrays["a"].T)
+            tensors[PREFIX + module + suffix_b] = np.ascontiguousarray(arrays["b"].T)
+            if "m" in arrays:
+                tensors[PREFIX + module + MAGNITUDE] = np.ascontiguousarray(arrays["m"])
             ranks[module], alphas[module] = leaf.rank, leaf.scale * leaf.rank
+        dropouts.add(leaf.dropout)
     if not ranks:
         raise ValueError("lorax.peft: params hold no LoraWeight to export.")
+    if len(dropouts) > 1:
+        raise ValueError(f"lorax.peft: the adapters have dropout rates {sorted(dropouts)}; a PEFT folder holds one.")
     r = collections.Counter(ranks.values()).most_common(1)[0][0]
     alpha = collections.Counter(a for m, a in alphas.items() if ranks[m] == r).most_common(1)[0][0]
     config = {
@@ -131,8 +174,9 @@ def save_peft(directory: str | Path, params: Any, mapping: Mapping, *, base_mode
         "target_modules": sorted({m.rsplit(".", 1)[-1] for m in ranks}),
         "rank_pattern": {m: k for m, k in sorted(ranks.items()) if k != r},
         "alpha_pattern": {m: a for m, a in sorted(alphas.items()) if a != alpha},
-        "fan_in_fan_out": False, "bias": "none", "modules_to_save": sorted(saved) or None, "use_dora": False,
-        "lora_dropout": 0.0, "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
+        "fan_in_fan_out": False, "bias": "none", "modules_to_save": sorted(saved) or None,
+        "use_dora": kinds == {DoraWeight},
+        "lora_dropout": dropouts.pop() if dropouts else 0.0, "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
         "inference_mode": True,
     }
     directory.mkdir(parents=True, exist_ok=True)
@@ -201,9 +245,11 @@ def load_peft(directory: str | Path, fn: Callable, params: Any, *args, mapping: 
     full: dict[str, np.ndarray] = {}  # modules_to_save tensors by torch name
     saved = config.get("modules_to_save") or []
     for key, value in tensors.items():
-        match = re.fullmatch(r"(.+?)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)", key)
+        match = re.fullmatch(r"(.+?)\.(lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B|"
+                             r"lora_magnitude_vector)", key)
         if key.startswith(PREFIX) and match:
-            modules[match.group(1)[len(PREFIX):]]["A" if "A" in match.group(2) else "B"] = value
+            part = "M" if "magnitude" in match.group(2) else "A" if "A" in match.group(2) else "B"
+            modules[match.group(1)[len(PREFIX):]][part] = value
         elif key.startswith(PREFIX) and any(key.rsplit(".", 1)[0].endswith(m) for m in saved):
             full[key[len(PREFIX):]] = value
         else:
@@ -221,15 +267,18 @@ def load_peft(directory: str | Path, fn: Callable, params: Any, *args, mapping: 
     if not targets:
         raise ValueError(f"lorax.peft: no weight of the base maps to the adapter's modules "
                          f"{sorted(modules)[:5]}...; wrong base or mapping.")
+    dora = bool(config.get("use_dora"))
     lp = init(jax.random.key(0), LoraConfig(rank=config["r"], targets=[re.escape(n) for n in targets],
-                                            rank_pattern={re.escape(n): k for n, k in rank_of.items()}),
+                                            rank_pattern={re.escape(n): k for n, k in rank_of.items()},
+                                            dropout=float(config.get("lora_dropout") or 0.0), use_dora=dora),
               fn, params, *args, **kwargs)
     claimed: set[str] = set()
 
     def fill(name, leaf):
-        if not isinstance(leaf, LoraWeight):
+        if not isinstance(leaf, Adapter):
             return leaf
         a, b = np.asarray(leaf.a).copy(), np.asarray(leaf.b).copy()
+        m = np.asarray(leaf.m).copy() if dora else None
         stack, r = a.shape[: len(leaf.stack_axes)], leaf.rank
         want_a, want_b = (r, math.prod(a.shape[len(stack):-1])), (math.prod(b.shape[len(stack) + 1:]), r)
         scales = set()
@@ -243,16 +292,23 @@ def load_peft(directory: str | Path, fn: Callable, params: Any, *args, mapping: 
                 raise ValueError(f"lorax.peft: {module!r}: lora_A {A.shape} / lora_B {B.shape} do not fit "
                                  f"{name!r} {tuple(leaf.w.shape)}; expected {want_a} / {want_b}.")
             a[index], b[index] = A.T.reshape(a[index].shape), B.T.reshape(b[index].shape)
+            if dora:
+                M = modules[module].get("M")
+                if M is None or M.shape != (want_b[0],):
+                    raise ValueError(f"lorax.peft: {module!r}: use_dora is set but lora_magnitude_vector is "
+                                     f"{'missing' if M is None else M.shape}; expected ({want_b[0]},).")
+                m[index] = M.reshape(m[index].shape)
             alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
             scales.add(alpha / (math.sqrt(r) if config.get("use_rslora") else r))
         if len(scales) > 1:
             raise ValueError(f"lorax.peft: the layers of {name!r} have different scales {sorted(scales)}; "
                              "one stacked weight holds one scale.")
-        return LoraWeight(leaf.w, jnp.asarray(a, leaf.a.dtype), jnp.asarray(b, leaf.b.dtype), scale=scales.pop(),
-                          a_axes=leaf.a_axes, b_axes=leaf.b_axes, stack_axes=leaf.stack_axes)
+        filled = {"a": a, "b": b} | ({"m": m} if dora else {})
+        return place_factors(leaf.replace(scale=scales.pop(),
+                                          **{n: jnp.asarray(x, getattr(leaf, n).dtype) for n, x in filled.items()}))
 
     def fill_full(name, leaf):
-        if isinstance(leaf, LoraWeight) or not hasattr(leaf, "shape"):
+        if isinstance(leaf, Adapter) or not hasattr(leaf, "shape"):
             return leaf
         if not (module_name(mapping, name, ()) or module_name(mapping, name, (0,))):
             return leaf

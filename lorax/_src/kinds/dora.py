@@ -82,7 +82,7 @@ class DoraWeight(Adapter):
         base, a, b = low_rank_init(key, spec.init, w, use.a_axes, use.b_axes, use.stack_axes,
                                    spec.rank, spec.scale, dtype)
         shell = cls(base, a, b, None, scale=spec.scale, a_axes=use.a_axes, b_axes=use.b_axes,
-                    stack_axes=use.stack_axes, dropout=spec.dropout)
+                    stack_axes=use.stack_axes, dropout=spec.dropout, init=spec.init)
         return shell.replace(m=shell.column_norm().astype(dtype))
 
 

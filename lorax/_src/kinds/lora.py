@@ -60,7 +60,7 @@ class LoraWeight(Adapter):
         base, a, b = low_rank_init(key, spec.init, w, use.a_axes, use.b_axes, use.stack_axes,
                                    spec.rank, spec.scale, spec.dtype or w.dtype)
         return cls(base, a, b, scale=spec.scale, a_axes=use.a_axes, b_axes=use.b_axes,
-                   stack_axes=use.stack_axes, dropout=spec.dropout)
+                   stack_axes=use.stack_axes, dropout=spec.dropout, init=spec.init)
 
 
 @apply("dot_general", adapter=LoraWeight)

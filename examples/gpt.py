@@ -1,26 +1,67 @@
-"""The benchmark workload: train steps and forwards of full fine-tuning vs LoRA, on a GPT.
+"""A GPT (multi-axis attention kernels, ``nn.scan`` over ``nn.remat`` blocks, tied head) and
+its workload: train steps and forwards of full fine-tuning vs LoRA and DoRA.
 
-One place builds every variant, so the compiled costs (XLA flops and bytes, deterministic,
-from shapes alone) and the wall times (`walltime.py`, on real arrays) measure the same
-programs. Every train step has the signature ``step(trained, opt_state, *rest) ->
-(trained, opt_state, loss)``.
+The tests and the benchmarks both build their programs here, so the compiled costs (XLA
+flops and bytes, deterministic, from shapes alone) and the wall times (on real arrays)
+measure the same programs. Every train step has the signature ``step(trained, opt_state,
+*rest) -> (trained, opt_state, loss)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sys
-from pathlib import Path
+import math
 from typing import Callable
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
 import lorax
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from models import GPT  # noqa: E402
+class Block(nn.Module):
+    d: int
+    heads: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, _):
+        hd = self.d // self.heads
+        dense = lambda name: nn.DenseGeneral((self.heads, hd), name=name, dtype=self.dtype)  # noqa: E731
+        h = nn.LayerNorm(dtype=self.dtype)(x)
+        q, k, v = dense("query")(h), dense("key")(h), dense("value")(h)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(hd)
+        n = x.shape[1]
+        logits = jnp.where(jnp.tril(jnp.ones((n, n), bool)), logits, -1e9)
+        o = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+        x = x + nn.DenseGeneral(self.d, axis=(-2, -1), name="out", dtype=self.dtype)(o)
+        h = nn.LayerNorm(dtype=self.dtype)(x)
+        h = nn.Dense(4 * self.d, name="fc", dtype=self.dtype)(h)
+        return x + nn.Dense(self.d, name="proj", dtype=self.dtype)(nn.gelu(h)), None
+
+
+class GPT(nn.Module):
+    """GPT-style: multi-axis attention kernels, nn.scan over nn.remat blocks, tied head."""
+
+    vocab: int = 64
+    d: int = 32
+    layers: int = 2
+    heads: int = 4
+    max_len: int = 16
+    dtype: jnp.dtype = jnp.float32
+    remat: bool = True
+
+    @nn.compact
+    def __call__(self, ids):
+        embed = nn.Embed(self.vocab, self.d, name="wte", dtype=self.dtype)
+        pos = self.param("wpe", nn.initializers.normal(0.02), (self.max_len, self.d))
+        x = embed(ids) + pos[: ids.shape[1]].astype(self.dtype)
+        blocks = nn.scan(nn.remat(Block) if self.remat else Block, variable_axes={"params": 0}, split_rngs={"params": True},
+                         length=self.layers)
+        x, _ = blocks(self.d, self.heads, self.dtype, name="h")(x, None)
+        return embed.attend(nn.LayerNorm(dtype=self.dtype)(x))
+
 
 ALL_LINEAR = "all-linear"
 QV = r".*/(query|value)/kernel"
@@ -51,31 +92,32 @@ def cost(fn: Callable, *args) -> Cost:
                 tuple(x.shape for x in jax.tree.leaves(outs)))
 
 
-def _xent(logits, ids):
+def xent(logits, ids):
     return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
 
 
-def _model(*, d, heads, layers, vocab, batch, seq, concrete: bool):
+def model(*, d, heads, layers, vocab, batch, seq, concrete: bool):
     """``(fn, params, ids)``: real arrays when ``concrete``, else shapes only."""
-    model = GPT(vocab=vocab, d=d, layers=layers, heads=heads, max_len=seq, remat=False)
-    fn = lambda p, ids: model.apply(p, ids)  # noqa: E731
+    net = GPT(vocab=vocab, d=d, layers=layers, heads=heads, max_len=seq, remat=False)
+    fn = lambda p, ids: net.apply(p, ids)  # noqa: E731
     if concrete:
         ids = jax.random.randint(jax.random.key(1), (batch, seq), 0, vocab)
-        return fn, model.init(jax.random.key(0), ids), ids
+        return fn, net.init(jax.random.key(0), ids), ids
     ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
-    return fn, jax.eval_shape(model.init, jax.random.key(0), ids), ids
+    return fn, jax.eval_shape(net.init, jax.random.key(0), ids), ids
 
 
-def _adapt(fn, params, ids, rank, targets, concrete):
-    config = lorax.LoraConfig(rank=rank, alpha=2.0 * rank, targets=targets)
+def _adapt(fn, params, ids, rank, targets, concrete, kind="lora"):
+    config = lorax.LoraConfig(rank=rank, alpha=2.0 * rank, targets=targets, use_dora=kind == "dora")
     make = lambda p: lorax.init(jax.random.key(0), config, fn, p, ids)  # noqa: E731
     return make(params) if concrete else jax.eval_shape(make, params)
 
 
 def train_steps(*, rank=8, targets=ALL_LINEAR, variants=("full", "lora", "materialized"), concrete=False,
-                **widths) -> dict[str, tuple[Callable, tuple]]:
-    """``{variant: (step, args)}`` for one Adam step; ``widths`` default to `GPT2_SMALL`."""
-    fn, params, ids = _model(**{**GPT2_SMALL, **widths}, concrete=concrete)
+                kind="lora", **widths) -> dict[str, tuple[Callable, tuple]]:
+    """``{variant: (step, args)}`` for one Adam step; ``widths`` default to `GPT2_SMALL`;
+    ``kind`` is the adapter kind ("lora" or "dora") of the adapted variants."""
+    fn, params, ids = model(**{**GPT2_SMALL, **widths}, concrete=concrete)
     tx = optax.adam(1e-3)
     init = tx.init if concrete else (lambda p: jax.eval_shape(tx.init, p))
 
@@ -86,23 +128,23 @@ def train_steps(*, rank=8, targets=ALL_LINEAR, variants=("full", "lora", "materi
 
     out = {}
     if "full" in variants:
-        out["full"] = (lambda p, opt, ids: adam(lambda p: _xent(fn(p, ids), ids), p, opt),
+        out["full"] = (lambda p, opt, ids: adam(lambda p: xent(fn(p, ids), ids), p, opt),
                        (params, init(params), ids))
     if "frozen" in variants:  # trains the positional table only: every layer's input gradient, no weight's
         wpe, rest = params["params"]["wpe"], params
 
         def frozen(wpe, opt, rest, ids):
-            return adam(lambda w: _xent(fn({"params": {**rest["params"], "wpe": w}}, ids), ids), wpe, opt)
+            return adam(lambda w: xent(fn({"params": {**rest["params"], "wpe": w}}, ids), ids), wpe, opt)
 
         out["frozen"] = (frozen, (wpe, init(wpe), rest, ids))
     if {"lora", "materialized"} & set(variants):
-        trainable, frozen_part = lorax.split(_adapt(fn, params, ids, rank, targets, concrete))
+        trainable, frozen_part = lorax.split(_adapt(fn, params, ids, rank, targets, concrete, kind))
         forwards = {"lora": lorax.lora(fn), "materialized": lambda p, ids: fn(lorax.merge(p), ids)}
         for name in ("lora", "materialized"):
             if name in variants:
                 forward = forwards[name]
                 step = lambda t, opt, f, ids, forward=forward: adam(  # noqa: E731
-                    lambda t: _xent(forward(lorax.combine(t, f), ids), ids), t, opt)
+                    lambda t: xent(forward(lorax.combine(t, f), ids), ids), t, opt)
                 out[name] = (step, (trainable, init(trainable), frozen_part, ids))
     return out
 
@@ -114,7 +156,7 @@ def train_step_costs(*, variants=("full", "lora", "materialized"), **kw) -> dict
 
 def forwards(*, rank=8, concrete=False, **widths) -> dict[str, tuple[Callable, tuple]]:
     """``{variant: (forward, args)}``: the base, merged LoRA and unmerged (factored) LoRA."""
-    fn, params, ids = _model(**{**GPT2_SMALL, **widths}, concrete=concrete)
+    fn, params, ids = model(**{**GPT2_SMALL, **widths}, concrete=concrete)
     lp = _adapt(fn, params, ids, rank, ALL_LINEAR, concrete)
     merged = lorax.merge(lp) if concrete else jax.eval_shape(lorax.merge, lp)
     return {"base": (fn, (params, ids)), "merged": (fn, (merged, ids)), "unmerged": (lorax.lora(fn), (lp, ids))}
