@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import string
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +41,7 @@ def trained_field(group: str = "a", **kw) -> Any:
 
 
 def static_field(default: Any) -> Any:
-    return dataclasses.field(default=default, kw_only=True, metadata=dict(static=True))
+    return dataclasses.field(default=default, metadata=dict(static=True))
 
 
 KINDS: dict[str, type[Adapter]] = {}
@@ -60,6 +60,7 @@ class Adapter:
     kind: ClassVar[str]
 
     w: Any = frozen_field()
+    _: dataclasses.KW_ONLY
     scale: float = static_field(1.0)
     a_axes: Axes = static_field((0,))
     b_axes: Axes = static_field((1,))
@@ -87,7 +88,8 @@ class Adapter:
 
     @classmethod
     def group(cls, name: str) -> str:
-        return {f.name: f.metadata.get("group") for f in dataclasses.fields(cls)}[name]
+        """The LoRA+ learning-rate group ("a" or "b") of trained field ``name``."""
+        return {f.name: f.metadata.get("group", "a") for f in dataclasses.fields(cls)}[name]
 
     def layout(self) -> dict[str, tuple[int | str, ...]]:
         """Per trained field, the W axis (or `RANK`) behind each of its axes."""
@@ -119,7 +121,7 @@ class Adapter:
     def expected_shapes(self, rank: int | None = None) -> dict[str, tuple[int, ...]]:
         """The shape each trained field must have to fit ``w``."""
         rank = self.rank if rank is None else rank
-        return {name: tuple(rank if e == RANK else self.w.shape[e] for e in entries)
+        return {name: tuple(self.w.shape[e] if isinstance(e, int) else rank for e in entries)
                 for name, entries in self.layout().items()}
 
     def check(self, path: str = "") -> None:
@@ -147,7 +149,7 @@ class Adapter:
         takes the first letter after W's."""
         ndim = len(self.a_axes) + len(self.b_axes) + len(self.stack_axes)
         w_sub, rank = letters[:ndim], letters[ndim]
-        subs = {name: "".join(rank if e == RANK else w_sub[e] for e in entries)
+        subs = {name: "".join(w_sub[e] if isinstance(e, int) else rank for e in entries)
                 for name, entries in self.layout().items()}
         return {"w": w_sub, **subs}
 
@@ -213,7 +215,7 @@ def is_adapter(x: Any) -> bool:
     return isinstance(x, Adapter)
 
 
-def fan_in_out(w_shape, a_axes: Axes, b_axes: Axes) -> tuple[int, int]:
+def fan_in_out(w_shape, a_axes: Sequence[int], b_axes: Sequence[int]) -> tuple[int, int]:
     return math.prod(w_shape[i] for i in a_axes), math.prod(w_shape[i] for i in b_axes)
 
 

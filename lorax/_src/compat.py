@@ -18,7 +18,7 @@ CUSTOM_CALLS = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call
 SCAN, COND, WHILE = "scan", "cond", "while"
 
 __all__ = ["ClosedJaxpr", "Jaxpr", "JaxprEqn", "Literal", "Var", "bind", "make_jaxpr",
-           "sub_jaxpr", "read"]
+           "sub_jaxpr", "read", "is_tracer"]
 
 
 def make_jaxpr(fn, *args) -> tuple[ClosedJaxpr, Any]:
@@ -51,3 +51,8 @@ def sub_jaxpr(eqn: JaxprEqn) -> tuple[Jaxpr, list]:
 
 def read(env: dict, atom) -> Any:
     return atom.val if isinstance(atom, Literal) else env[atom]
+
+
+def is_tracer(x: Any) -> bool:
+    """Whether ``x`` is an abstract value being traced (not a concrete array)."""
+    return isinstance(x, jax.core.Tracer)  # pyright: ignore[reportAttributeAccessIssue]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Hashable
 
 import jax
 import jax.numpy as jnp
@@ -60,5 +60,6 @@ def optimizer(tx: optax.GradientTransformation, *, b_lr_ratio: float | None = No
         return optax.partition({TRAIN: tx, FROZEN: freeze()}, labels)
     if not b_lr_ratio > 0 or b_lr_ratio == float("inf"):
         raise ValueError(f"lorax.optimizer: b_lr_ratio must be a finite number > 0, got {b_lr_ratio!r}.")
-    transforms = {TRAIN: tx, TRAIN_B: optax.chain(tx, optax.scale(b_lr_ratio)), FROZEN: freeze()}
+    transforms: dict[Hashable, optax.GradientTransformation] = {
+        TRAIN: tx, TRAIN_B: optax.chain(tx, optax.scale(b_lr_ratio)), FROZEN: freeze()}
     return optax.partition(transforms, lambda params: labels(params, TRAIN_B))

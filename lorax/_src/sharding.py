@@ -7,7 +7,8 @@ from typing import Any
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from lorax._src.adapter import RANK, Adapter
+from lorax._src import compat
+from lorax._src.adapter import Adapter
 from lorax._src.paths import named_leaves
 from lorax._src.trainable import Trainable, is_node
 
@@ -24,7 +25,7 @@ def factor_specs(lw: Adapter, w_spec: PartitionSpec) -> dict[str, PartitionSpec]
     {'a': P('data', None), 'b': P(None, 'model')}
     """
     spec = tuple(w_spec) + (None,) * (len(lw.shape) - len(w_spec))
-    return {name: PartitionSpec(*(None if e == RANK else spec[e] for e in entries))
+    return {name: PartitionSpec(*(spec[e] if isinstance(e, int) else None for e in entries))
             for name, entries in lw.layout().items()}
 
 
@@ -75,7 +76,7 @@ def partition_specs(params: Any, base_specs: Any = None) -> Any:
 def place_factors(lw: Adapter) -> Adapter:
     """Put the trained arrays where `factor_specs` says, when ``w`` is a sharded concrete array."""
     sharding = getattr(lw.w, "sharding", None)
-    if not isinstance(sharding, NamedSharding) or isinstance(lw.w, jax.core.Tracer):
+    if not isinstance(sharding, NamedSharding) or compat.is_tracer(lw.w):
         return lw
     shardings = factor_shardings(lw, sharding)
     return lw.replace(**{name: jax.device_put(x, shardings[name]) for name, x in lw.trained().items()})

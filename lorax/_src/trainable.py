@@ -21,7 +21,7 @@ class Trainable:
     (3,)
     """
 
-    value: jax.Array
+    value: Any  # an array; a label or a PartitionSpec in the trees lorax derives from params
 
     def __repr__(self) -> str:
         return display.node_repr(self, kind="full")

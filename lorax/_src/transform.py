@@ -92,7 +92,7 @@ class Context:
         entry = RULES.get(name)
         handler = entry.handler(type(tracked[0].weight)) if entry else None
         out = handler(eqn, invals, self) if handler else None
-        if out is None:
+        if entry is None or out is None:
             for label in sorted({v.label for v in tracked}):
                 self.note(label, How(name, factored=False, reason=name))
             return compat.bind(eqn, [unwrap(v) for v in invals])

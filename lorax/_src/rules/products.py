@@ -136,7 +136,7 @@ def _full_axis(eqn, ndim: int) -> int | None:
 def _read_gather(eqn, vs, walk):
     v = vs[0]
     j = None if v is None else _full_axis(eqn, len(v.axes))
-    if j is None:
+    if v is None or j is None:
         return [None], []
     return [None], [use_of(v, "gather", [k for k in range(len(v.axes)) if k != j], (), lookup=True)]
 
