@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -11,12 +13,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lorax._src.config import LoraConfig
-from lorax._src.paths import named_leaves
+from lorax._src.files import as_folder, remove, swap_in, writer_lock
+from lorax._src.paths import unique_named_leaves
+from lorax._src.records import FORMAT, check_record, index, real
 from lorax._src.sharding import factor_shardings
 from lorax._src.trees import _map
 from lorax._src.weight import LoraWeight, Trainable, factor_shapes
 
-FORMAT = 1
+STAGING = ".lorax-staging"  # a step is written here, then renamed into place
 
 
 def _entries(params: Any) -> tuple[list[dict], list[dict]]:
@@ -24,84 +28,161 @@ def _entries(params: Any) -> tuple[list[dict], list[dict]]:
     import lorax
 
     meta, arrays = [], []
-    for path, leaf in named_leaves(params):
+    for path, leaf in unique_named_leaves(params, "lorax.save"):
         if isinstance(leaf, LoraWeight):
+            leaf.check(path)
+            _concrete(path, leaf.a, leaf.b)
             meta.append(dict(path=path, kind="lora", shape=list(leaf.w.shape), dtype=str(leaf.w.dtype),
-                             rank=leaf.rank, scale=leaf.scale, a_axes=list(leaf.a_axes),
-                             b_axes=list(leaf.b_axes), stack_axes=list(leaf.stack_axes),
-                             dropout=leaf.dropout, factor_dtype=str(leaf.a.dtype),
+                             rank=leaf.rank, scale=real(leaf.scale, f"lorax.save: the scale of {path!r}"),
+                             a_axes=list(leaf.a_axes), b_axes=list(leaf.b_axes), stack_axes=list(leaf.stack_axes),
+                             dropout=float(leaf.dropout), factor_dtype=str(leaf.a.dtype),
                              lorax_version=lorax.__version__))
             arrays.append({"a": leaf.a, "b": leaf.b})
         elif isinstance(leaf, Trainable):
+            _concrete(path, leaf.value)
             meta.append(dict(path=path, kind="trainable", shape=list(leaf.value.shape),
                              dtype=str(leaf.value.dtype)))
             arrays.append({"value": leaf.value})
     return meta, arrays
 
 
-def _manager(directory: str | Path, keep: int | None = None) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+def _concrete(path: str, *arrays) -> None:
+    for x in arrays:
+        if not isinstance(x, (jax.Array, np.ndarray)) or isinstance(x, jax.core.Tracer):
+            raise TypeError(f"lorax.save: {path!r} holds {type(x).__name__}, not a concrete array "
+                            "(an abstract tree from jax.eval_shape, or a call under jit?).")
 
 
-def save(directory: str | Path, params: Any, *, step: int = 0, keep: int | None = None,
-         config: LoraConfig | None = None) -> Path:
-    """Write the adapters of ``params`` as step ``step`` under ``directory``.
+def _manager(directory: Path, create: bool) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(create=create)
+    return ocp.CheckpointManager(directory, options=options)
 
-    Each step is written to a temporary folder and renamed when complete (orbax), so a
-    crash mid-save leaves earlier steps loadable; ``keep`` keeps only the newest steps.
-    Each weight's rank, scale and axes are recorded; ``config`` (targets, rsLoRA, ...) too
-    when given.
+
+def _steps(root: Path) -> list[int]:
+    """The finished steps under ``root``, ascending (orbax renames a step into place when complete)."""
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and str(int(p.name)) == p.name
+                  and p.is_dir())
+
+
+def save(directory: str | Path, params: Any, *, step: int | None = None, keep: int | None = None,
+         config: LoraConfig | None = None, overwrite: bool = False) -> Path:
+    """Write the adapters of ``params`` as step ``step`` under ``directory``; returns the step's folder.
+
+    ``step=None`` takes the latest step + 1 (0 in an empty folder). A step that exists, or
+    one lower than the latest (a new run writing into an old run's folder), is refused
+    unless ``overwrite=True``; steps above it are then kept, and `load` still picks the
+    highest. A save writes the whole step to a staging folder first and renames it into
+    place (swapping atomically with an old step it replaces), so it either completes or
+    leaves the folder as it was; a second process saving to the same folder meanwhile gets
+    an error. ``keep`` (an int >= 1) keeps only the newest steps, never the one just written.
+    Each weight's rank, scale and axes are recorded; ``config`` (targets, rsLoRA, ...) too.
 
     >>> import jax, jax.numpy as jnp, lorax, tempfile
     >>> fn = lambda p, x: x @ p["w"]
     >>> base = {"w": jnp.ones((4, 3))}
     >>> lp = lorax.init(jax.random.key(0), lorax.LoraConfig(rank=2), fn, base, jnp.ones((1, 4)))
     >>> folder = lorax.save(tempfile.mkdtemp(), lp, step=3)
-    >>> lorax.load(folder.parent, base)["w"].rank
-    2
+    >>> lorax.save(folder.parent, lp).name, lorax.load(folder.parent, base)["w"].rank
+    ('4', 2)
     """
+    root = as_folder(directory, "lorax.save", must_exist=False)
+    step = None if step is None else index(step, "lorax.save: step")
+    keep = None if keep is None else index(keep, "lorax.save: keep", minimum=1)
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"lorax.save: overwrite must be True or False, got {overwrite!r}.")
+    if config is not None and not isinstance(config, LoraConfig):
+        raise TypeError(f"lorax.save: config must be a lorax.LoraConfig or None, got {type(config).__name__}.")
     meta, arrays = _entries(params)
     if not meta:
         raise ValueError("lorax.save: params hold no LoraWeight or Trainable leaf to save.")
     record = {"format": FORMAT, "weights": meta, "config": config.record() if config else None}
-    with _manager(directory, keep) as manager:
-        manager.save(step, args=ocp.args.Composite(adapters=ocp.args.StandardSave(arrays),
-                                                   meta=ocp.args.JsonSave(record)))
-        manager.wait_until_finished()
-    return Path(directory) / str(step)
+    try:
+        json.dumps(record, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"lorax.save: the config cannot be written as JSON: {err}") from None
+    root.mkdir(parents=True, exist_ok=True)
+    with writer_lock(root, "lorax.save"):
+        steps = _steps(root)
+        step = _choose_step(root, step, steps, overwrite)
+        staging = root / STAGING
+        remove(staging)  # left by a crash: never a step
+        try:
+            with _manager(staging, create=True) as manager:
+                done = manager.save(step, args=ocp.args.Composite(adapters=ocp.args.StandardSave(arrays),
+                                                                  meta=ocp.args.JsonSave(record)), force=True)
+                manager.wait_until_finished()
+            if not done:
+                raise RuntimeError(f"lorax.save: orbax skipped step {step} in {str(staging)!r}; nothing was written.")
+            swap_in(staging / str(step), root / str(step))
+        finally:
+            remove(staging)
+        if keep is not None:
+            others = [s for s in steps if s != step]
+            for old in others[: max(0, len(others) - (keep - 1))]:
+                os.rename(root / str(old), staging)  # out of sight first, so no half-deleted step is visible
+                remove(staging)
+    return root / str(step)
+
+
+def _choose_step(root: Path, step: int | None, steps: list[int], overwrite: bool) -> int:
+    latest = steps[-1] if steps else None
+    if step is None:
+        return 0 if latest is None else latest + 1
+    if not overwrite and step in steps:
+        raise ValueError(f"lorax.save: step {step} already exists in {str(root)!r}. Pass overwrite=True to "
+                         "replace it, or step=None to write the next step.")
+    if not overwrite and latest is not None and step < latest:
+        raise ValueError(f"lorax.save: step {step} is lower than the latest step {latest} in {str(root)!r} "
+                         "(another run's folder?); `load` would keep returning step "
+                         f"{latest}. Use a fresh folder, or overwrite=True to write it anyway.")
+    return step
 
 
 def load(directory: str | Path, base: Any, *, step: int | None = None) -> Any:
     """Read adapters saved by `save` onto the plain ``base`` tree (latest step by default).
 
     Refuses a base that does not fit, listing every mismatch (missing path, other shape
-    or dtype). Factors are placed after the base weight's sharding.
+    or dtype), and damaged metadata, naming the file and the field. Factors are placed
+    after the base weight's sharding. Nothing is written.
     """
-    with _manager(directory) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise ValueError(f"lorax.load: no finished checkpoint in {str(directory)!r}.")
+    root = as_folder(directory, "lorax.load", must_exist=True)
+    steps = _steps(root)
+    if step is None:
+        if not steps:
+            raise ValueError(f"lorax.load: no finished checkpoint in {str(root)!r}.")
+        step = steps[-1]
+    elif index(step, "lorax.load: step") not in steps:
+        raise ValueError(f"lorax.load: no step {step} in {str(root)!r}; its steps are {steps}.")
+    meta_file = root / str(step) / "meta" / "metadata"
+    leaves = dict(unique_named_leaves(base, "lorax.load"))
+    with _manager(root, create=False) as manager:
         try:
             record = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        except (FileNotFoundError, ValueError, KeyError) as err:
-            raise ValueError(f"lorax.load: step {step} in {str(directory)!r} is not a lorax checkpoint: {err}") from None
-        entries = {e["path"]: e for e in record["weights"]}
-        leaves = dict(named_leaves(base))
+        except Exception as err:  # orbax and json raise many types for a missing or damaged item
+            raise ValueError(f"lorax.load: {str(meta_file)!r} is missing or unreadable; step {step} is not "
+                             f"a complete lorax checkpoint ({type(err).__name__}: {err}).") from None
+        record = check_record(record, str(meta_file))
         problems = []
-        for path, e in entries.items():
-            leaf = leaves.get(path)
+        for e in record["weights"]:
+            path, leaf = e["path"], leaves.get(e["path"])
             if leaf is None:
                 problems.append(f"  {path}: not in the base")
             elif isinstance(leaf, (LoraWeight, Trainable)):
                 problems.append(f"  {path}: the base already holds a lorax node here; pass the plain tree")
+            elif not hasattr(leaf, "dtype"):
+                problems.append(f"  {path}: the base holds {type(leaf).__name__}, not an array")
             elif list(np.shape(leaf)) != e["shape"] or str(leaf.dtype) != e["dtype"]:
                 problems.append(f"  {path}: base has {tuple(np.shape(leaf))} {leaf.dtype}, the adapter "
                                 f"was saved for {tuple(e['shape'])} {e['dtype']}")
         if problems:
             raise ValueError("lorax.load: the checkpoint does not fit this base:\n" + "\n".join(problems))
         targets = [_abstract(e, leaves[e["path"]]) for e in record["weights"]]
-        arrays = manager.restore(step, args=ocp.args.Composite(adapters=ocp.args.StandardRestore(targets)))["adapters"]
+        try:
+            arrays = manager.restore(step, args=ocp.args.Composite(
+                adapters=ocp.args.StandardRestore(targets)))["adapters"]
+        except Exception as err:
+            raise ValueError(f"lorax.load: the arrays of step {step} in {str(root)!r} are missing or damaged "
+                             f"({type(err).__name__}: {err}).") from None
     restored = {e["path"]: _node(e, leaves[e["path"]], x) for e, x in zip(record["weights"], arrays)}
     return _map(lambda path, leaf: restored.get(path, leaf), base)
 
@@ -122,7 +203,7 @@ def _abstract(entry: dict, w) -> dict:
     """What orbax restores into: shapes, dtypes and shardings that follow the base weight."""
     sharding = getattr(w, "sharding", None)
     if entry["kind"] == "trainable":
-        placed = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        placed = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         return {"value": jax.ShapeDtypeStruct(w.shape, w.dtype, sharding=placed)}
     shell = _shell(entry, w)
     shardings = factor_shardings(shell, sharding)
