@@ -7,6 +7,11 @@ import math
 import re
 from typing import Any, Callable, Literal, Mapping, Sequence
 
+import jax.numpy as jnp
+import numpy as np
+
+from lorax._src.records import index, real
+
 Targets = str | Sequence[str] | Callable[[str, Any], bool]
 
 ALL_LINEAR = "all-linear"
@@ -15,7 +20,10 @@ ALL_LINEAR = "all-linear"
 def _patterns(value: str | Sequence[str] | None, field: str) -> tuple[re.Pattern, ...]:
     if value is None:
         return ()
-    items = [value] if isinstance(value, str) else list(value)
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+        extra = ", 'all-linear' or a predicate (path, leaf) -> bool" if field == "targets" else ""
+        raise TypeError(f"LoraConfig.{field}: expected a regex string or a list of them{extra}, got {value!r}.")
     compiled = []
     for item in items:
         try:
@@ -71,16 +79,30 @@ class LoraConfig:
     trainable: str | Sequence[str] | None = None
 
     def __post_init__(self):
-        for path, rank in {"rank": self.rank, **self.rank_pattern}.items():
-            if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-                raise ValueError(f"LoraConfig: rank for {path!r} must be a positive int, got {rank!r}.")
-        for path, alpha in {"alpha": self.alpha, **self.alpha_pattern}.items():
-            if alpha is not None and not alpha > 0:
-                raise ValueError(f"LoraConfig: alpha for {path!r} must be > 0, got {alpha!r}.")
+        fix = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, name)
+            if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+                raise TypeError(f"LoraConfig: {name} must be a mapping {{regex: value}}, got {value!r}.")
+        fix("rank", index(self.rank, "LoraConfig: rank for 'rank'", minimum=1))
+        fix("rank_pattern", {k: index(v, f"LoraConfig: rank for {k!r}", minimum=1) for k, v in self.rank_pattern.items()})
+        if self.alpha is not None:
+            fix("alpha", real(self.alpha, "LoraConfig: alpha for 'alpha'", positive=True))
+        fix("alpha_pattern", {k: real(v, f"LoraConfig: alpha for {k!r}", positive=True)
+                              for k, v in self.alpha_pattern.items()})
+        fix("dropout", real(self.dropout, "LoraConfig: dropout"))
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig: dropout must be in [0, 1), got {self.dropout!r}.")
+        if not isinstance(self.use_rslora, (bool, np.bool_)):
+            raise TypeError(f"LoraConfig: use_rslora must be True or False, got {self.use_rslora!r}.")
+        fix("use_rslora", bool(self.use_rslora))
         if self.init_a not in ("kaiming_uniform", "gaussian"):
             raise ValueError(f"LoraConfig: init_a must be 'kaiming_uniform' or 'gaussian', got {self.init_a!r}.")
+        if self.dtype is not None:
+            try:
+                jnp.dtype(self.dtype)
+            except TypeError:
+                raise TypeError(f"LoraConfig: dtype must be None or a dtype, got {self.dtype!r}.") from None
         if not callable(self.targets) and self.targets != ALL_LINEAR:
             _patterns(self.targets, "targets")
         _patterns(self.exclude, "exclude")

@@ -9,9 +9,10 @@ from typing import Any, Callable
 import jax
 
 from lorax._src import transform
+from lorax._src.init import first_use, unfit, uses_of
 from lorax._src.paths import named_leaves
 from lorax._src.tracing import flatten_call
-from lorax._src.weight import LoraWeight, Trainable
+from lorax._src.weight import LoraWeight, Trainable, is_node
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +30,7 @@ class Explanation:
     rows: list[Row]
     trainable: int
     total: int
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, why) "all-linear" passed over
 
     @property
     def share(self) -> float:
@@ -46,6 +48,7 @@ class Explanation:
         fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
         lines = [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, body)]
         lines.append(f"trainable {self.trainable:,} of {self.total:,} parameters ({100 * self.share:.4f}%)")
+        lines += [f"skipped {path}: {why}" for path, why in self.skipped]
         return "\n".join(lines)
 
 
@@ -57,6 +60,15 @@ def explain(fn: Callable, params: Any, *args, **kwargs) -> Explanation:
     >>> lp = lorax.init(jax.random.key(0), lorax.LoraConfig(rank=2), fn, {"w": jnp.ones((4, 3))}, jnp.ones((1, 4)))
     >>> print(lorax.explain(fn, lp, jnp.ones((1, 4))).rows[0].how)
     factored (dot_general)
+
+    Weights ``"all-linear"`` passes over are listed with the reason (here an RMSNorm scale
+    written as an einsum, as penzai does):
+
+    >>> norm = lambda p, x: jnp.einsum("be,e->be", x, p["scale"]) @ p["w"]
+    >>> base = {"scale": jnp.ones(4), "w": jnp.ones((4, 3))}
+    >>> lp = lorax.init(jax.random.key(0), lorax.LoraConfig(rank=2), norm, base, jnp.ones((1, 4)))
+    >>> lorax.explain(norm, lp, jnp.ones((1, 4))).skipped
+    [('scale', 'its use contracts no axis (an elementwise scale)')]
     """
     rec = transform.Recorder()
     flat = flatten_call(params, args, kwargs)
@@ -79,7 +91,20 @@ def explain(fn: Callable, params: Any, *args, **kwargs) -> Explanation:
             rows.append(Row(name, tuple(leaf.value.shape), 0, 1.0, size, "trained fully"))
         elif hasattr(leaf, "shape"):
             total += math.prod(leaf.shape)
-    return Explanation(rows, trainable, total)
+    return Explanation(rows, trainable, total, _skipped(fn, params, args, kwargs))
+
+
+def _skipped(fn: Callable, params: Any, args: tuple, kwargs: dict) -> list[tuple[str, str]]:
+    """``(path, reason)`` of each plain leaf used linearly that ``"all-linear"`` passes over."""
+    flat, uses = uses_of(fn, params, args, kwargs)
+    out = []
+    for i, name in enumerate(flat.names[: flat.num_params]):
+        leaf_uses = uses.get(i, [])
+        if leaf_uses and not is_node(flat.leaves[i]) and all(u.kind != "lookup" for u in leaf_uses):
+            reason = unfit(flat.leaves[i], first_use(leaf_uses))
+            if reason:
+                out.append((name, reason))
+    return out
 
 
 def _how(uses: list[str]) -> str:

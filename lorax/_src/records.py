@@ -12,19 +12,20 @@ FORMAT = 1
 
 
 def index(value: Any, what: str, *, minimum: int = 0) -> int:
-    """``value`` as a plain int >= ``minimum``; NumPy ints pass, bools and floats do not.
+    """``value`` as a plain int >= ``minimum`` (0 or 1); NumPy ints pass, bools and floats do not.
 
     >>> import numpy as np
     >>> index(np.int64(3), "step")
     3
     >>> index(1.5, "step")
     Traceback (most recent call last):
-    TypeError: step must be an int >= 0, got 1.5 (float).
+    TypeError: step must be a non-negative int, got 1.5 (float).
     """
+    want = "a positive int" if minimum == 1 else "a non-negative int"
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{what} must be an int >= {minimum}, got {value!r} ({type(value).__name__}).")
+        raise TypeError(f"{what} must be {want}, got {value!r} ({type(value).__name__}).")
     if value < minimum:
-        raise ValueError(f"{what} must be an int >= {minimum}, got {int(value)}.")
+        raise ValueError(f"{what} must be {want}, got {int(value)}.")
     return int(value)
 
 
