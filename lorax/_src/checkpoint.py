@@ -65,7 +65,7 @@ def _steps(root: Path) -> list[int]:
 
 
 def save(directory: str | Path, params: Any, *, step: int | None = None, keep: int | None = None,
-         config: LoraConfig | None = None, overwrite: bool = False) -> Path:
+         config: LoraConfig | None = None, overwrite: bool = False, state: Any = None) -> Path:
     """Write the adapters of ``params`` as step ``step`` under ``directory``; returns the step's folder.
 
     ``step=None`` takes the latest step + 1 (0 in an empty folder). A step that exists, or
@@ -76,6 +76,9 @@ def save(directory: str | Path, params: Any, *, step: int | None = None, keep: i
     leaves the folder as it was; a second process saving to the same folder meanwhile gets
     an error. ``keep`` (an int >= 1) keeps only the newest steps, never the one just written.
     Each weight's rank, scale and axes are recorded; ``config`` (targets, rsLoRA, ...) too.
+    ``state`` is any pytree of arrays, NumPy scalars and Python numbers saved in the same
+    step, so a run can resume exactly: optimizer state, step, ``jax.random.key_data(key)``,
+    data position (`load` with ``state=`` reads it back).
 
     >>> import jax, jax.numpy as jnp, lorax, tempfile
     >>> fn = lambda p, x: x @ p["w"]
@@ -95,7 +98,11 @@ def save(directory: str | Path, params: Any, *, step: int | None = None, keep: i
     meta, arrays = _entries(params)
     if not meta:
         raise ValueError("lorax.save: params hold no LoraWeight or Trainable leaf to save.")
-    record = {"format": FORMAT, "weights": meta, "config": config.record() if config else None}
+    record = {"format": FORMAT, "weights": meta, "config": config.record() if config else None,
+              "state": state is not None}
+    items = dict(adapters=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(record))
+    if state is not None:
+        items["state"] = ocp.args.StandardSave(_state(state, "lorax.save"))
     try:
         json.dumps(record, allow_nan=False)
     except (TypeError, ValueError) as err:
@@ -108,8 +115,7 @@ def save(directory: str | Path, params: Any, *, step: int | None = None, keep: i
         remove(staging)  # left by a crash: never a step
         try:
             with _manager(staging, create=True) as manager:
-                done = manager.save(step, args=ocp.args.Composite(adapters=ocp.args.StandardSave(arrays),
-                                                                  meta=ocp.args.JsonSave(record)), force=True)
+                done = manager.save(step, args=ocp.args.Composite(**items), force=True)
                 manager.wait_until_finished()
             if not done:
                 raise RuntimeError(f"lorax.save: orbax skipped step {step} in {str(staging)!r}; nothing was written.")
@@ -138,12 +144,24 @@ def _choose_step(root: Path, step: int | None, steps: list[int], overwrite: bool
     return step
 
 
-def load(directory: str | Path, base: Any, *, step: int | None = None) -> Any:
+def load(directory: str | Path, base: Any, *, step: int | None = None, state: Any = None) -> Any:
     """Read adapters saved by `save` onto the plain ``base`` tree (latest step by default).
 
     Refuses a base that does not fit, listing every mismatch (missing path, other shape
     or dtype), and damaged metadata, naming the file and the field. Factors are placed
-    after the base weight's sharding. Nothing is written.
+    after the base weight's sharding. Nothing is written. With ``state`` (a template of the
+    pytree given to `save`, e.g. a fresh ``tx.init(trainable)``), returns ``(params, state)``.
+
+    >>> import jax, jax.numpy as jnp, lorax, optax, tempfile
+    >>> fn = lambda p, x: x @ p["w"]
+    >>> base = {"w": jnp.ones((4, 3))}
+    >>> lp = lorax.init(jax.random.key(0), lorax.LoraConfig(rank=2), fn, base, jnp.ones((1, 4)))
+    >>> tx = optax.adam(1e-3)
+    >>> run = {"opt": tx.init(lorax.split(lp)[0]), "step": 7, "key": jax.random.key_data(jax.random.key(1))}
+    >>> folder = lorax.save(tempfile.mkdtemp(), lp, state=run)
+    >>> params, back = lorax.load(folder.parent, base, state={**run, "step": 0})
+    >>> back["step"], bool((back["key"] == run["key"]).all())
+    (7, True)
     """
     root = as_folder(directory, "lorax.load", must_exist=True)
     steps = _steps(root)
@@ -176,6 +194,9 @@ def load(directory: str | Path, base: Any, *, step: int | None = None) -> Any:
                                 f"was saved for {tuple(e['shape'])} {e['dtype']}")
         if problems:
             raise ValueError("lorax.load: the checkpoint does not fit this base:\n" + "\n".join(problems))
+        if state is not None and not record.get("state"):
+            raise ValueError(f"lorax.load: step {step} in {str(root)!r} holds no training state (it was saved "
+                             "without state=); load it without state=.")
         targets = [_abstract(e, leaves[e["path"]]) for e in record["weights"]]
         try:
             arrays = manager.restore(step, args=ocp.args.Composite(
@@ -183,8 +204,41 @@ def load(directory: str | Path, base: Any, *, step: int | None = None) -> Any:
         except Exception as err:
             raise ValueError(f"lorax.load: the arrays of step {step} in {str(root)!r} are missing or damaged "
                              f"({type(err).__name__}: {err}).") from None
+        if state is not None:
+            template = _state(state, "lorax.load")
+            try:
+                saved = manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(template)))["state"]
+            except Exception as err:
+                raise ValueError(f"lorax.load: the state of step {step} in {str(root)!r} does not match the "
+                                 f"template given, or is damaged ({type(err).__name__}: {err}).") from None
+            saved = jax.tree.map(lambda like, x: type(like)(x) if isinstance(like, (np.generic, int, float)) else x,
+                                 state, saved)
     restored = {e["path"]: _node(e, leaves[e["path"]], x) for e, x in zip(record["weights"], arrays)}
-    return _map(lambda path, leaf: restored.get(path, leaf), base)
+    params = _map(lambda path, leaf: restored.get(path, leaf), base)
+    return params if state is None else (params, saved)
+
+
+def _state(state: Any, who: str) -> Any:
+    """``state`` as orbax takes it: NumPy scalars as 0-d arrays; typed keys and other objects refused."""
+
+    def leaf(path, x):
+        where = f"{who}: state{jax.tree_util.keystr(path)}"
+        if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            raise TypeError(f"{where} is a typed PRNG key; pass jax.random.key_data(key) and rebuild the key "
+                            "with jax.random.wrap_key_data.")
+        if isinstance(x, np.generic) and not isinstance(x, np.bool_):
+            return np.asarray(x)
+        if isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer) or \
+                type(x) in (int, float):
+            return x
+        raise TypeError(f"{where} is {type(x).__name__}; state leaves must be arrays, NumPy scalars, "
+                        "ints or floats.")
+
+    plain = jax.tree_util.tree_map_with_path(leaf, state)
+    if not jax.tree.leaves(plain):
+        raise ValueError(f"{who}: state holds no arrays or numbers.")
+    return plain
 
 
 def _shell(entry: dict, w, a=None, b=None) -> LoraWeight:

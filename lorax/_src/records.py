@@ -62,6 +62,8 @@ def check_record(record: Any, where: str) -> dict:
             record.get("format"))
     if not isinstance(record.get("config"), (dict, type(None))):
         bad("'config'", "an object or null", record.get("config"))
+    if not isinstance(record.get("state", False), bool):
+        bad("'state'", "true or false", record.get("state"))
     weights = record.get("weights")
     if not isinstance(weights, list) or not weights:
         bad("'weights'", "a non-empty list", weights)
