@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -11,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lorax._src.config import LoraConfig
 from lorax._src.files import as_folder, remove, swap_in, writer_lock
@@ -100,34 +103,56 @@ def save(directory: str | Path, params: Any, *, step: int | None = None, keep: i
         raise ValueError("lorax.save: params hold no LoraWeight or Trainable leaf to save.")
     record = {"format": FORMAT, "weights": meta, "config": config.record() if config else None,
               "state": state is not None}
-    items = dict(adapters=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(record))
+    items = dict(adapters=ocp.args.StandardSave(jax.tree.map(_global, arrays)), meta=ocp.args.JsonSave(record))
     if state is not None:
-        items["state"] = ocp.args.StandardSave(_state(state, "lorax.save"))
+        items["state"] = ocp.args.StandardSave(jax.tree.map(_global, _state(state, "lorax.save")))
     try:
         json.dumps(record, allow_nan=False)
     except (TypeError, ValueError) as err:
         raise ValueError(f"lorax.save: the config cannot be written as JSON: {err}") from None
+    primary = jax.process_index() == 0  # on a multi-process run, process 0 alone moves folders
     root.mkdir(parents=True, exist_ok=True)
-    with writer_lock(root, "lorax.save"):
+    _sync("lorax.save:start")
+    with writer_lock(root, "lorax.save") if primary else contextlib.nullcontext():
         steps = _steps(root)
         step = _choose_step(root, step, steps, overwrite)
         staging = root / STAGING
-        remove(staging)  # left by a crash: never a step
+        if primary:
+            remove(staging)  # left by a crash: never a step
+        _sync("lorax.save:staging")
         try:
             with _manager(staging, create=True) as manager:
                 done = manager.save(step, args=ocp.args.Composite(**items), force=True)
                 manager.wait_until_finished()
             if not done:
                 raise RuntimeError(f"lorax.save: orbax skipped step {step} in {str(staging)!r}; nothing was written.")
-            swap_in(staging / str(step), root / str(step))
+            if primary:
+                swap_in(staging / str(step), root / str(step))
         finally:
-            remove(staging)
-        if keep is not None:
-            others = [s for s in steps if s != step]
-            for old in others[: max(0, len(others) - (keep - 1))]:
-                os.rename(root / str(old), staging)  # out of sight first, so no half-deleted step is visible
+            if primary:
                 remove(staging)
+        others = [s for s in steps if s != step]
+        for old in others[: max(0, len(others) - (keep - 1))] if keep is not None and primary else ():
+            os.rename(root / str(old), staging)  # out of sight first, so no half-deleted step is visible
+            remove(staging)
+    _sync("lorax.save:done")
     return root / str(step)
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _global(x: Any) -> Any:
+    """On a multi-process run, a host-local array or NumPy leaf (a replica every process holds
+    alike) as a replicated global array, which orbax can write; anything else as is."""
+    if jax.process_count() == 1 or not isinstance(x, (jax.Array, np.ndarray)) or \
+            isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return x
+    local = np.asarray(x)
+    replicated = NamedSharding(Mesh(np.array(jax.devices()), ("all",)), PartitionSpec())
+    return jax.make_array_from_callback(local.shape, replicated, lambda index: local[index])
 
 
 def _choose_step(root: Path, step: int | None, steps: list[int], overwrite: bool) -> int:
@@ -255,10 +280,10 @@ def _shell(entry: dict, w, a=None, b=None) -> LoraWeight:
 
 def _abstract(entry: dict, w) -> dict:
     """What orbax restores into: shapes, dtypes and shardings that follow the base weight."""
-    sharding = getattr(w, "sharding", None)
+    # a NumPy base: this process's first device (jax.devices()[0] belongs to process 0 only)
+    sharding = getattr(w, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     if entry["kind"] == "trainable":
-        placed = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        return {"value": jax.ShapeDtypeStruct(w.shape, w.dtype, sharding=placed)}
+        return {"value": jax.ShapeDtypeStruct(w.shape, w.dtype, sharding=sharding)}
     shell = _shell(entry, w)
     shardings = factor_shardings(shell, sharding)
     return {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
