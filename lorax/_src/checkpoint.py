@@ -78,6 +78,9 @@ def save(directory: str | Path, params: Any, *, step: int | None = None, keep: i
     place (swapping atomically with an old step it replaces), so it either completes or
     leaves the folder as it was; a second process saving to the same folder meanwhile gets
     an error. ``keep`` (an int >= 1) keeps only the newest steps, never the one just written.
+    On a multi-process run every process calls `save`; host-local and NumPy leaves are
+    written as replicas (every process must hold the same value), and process 0 alone
+    moves folders.
     Each weight's rank, scale and axes are recorded; ``config`` (targets, rsLoRA, ...) too.
     ``state`` is any pytree of arrays, NumPy scalars and Python numbers saved in the same
     step, so a run can resume exactly: optimizer state, step, ``jax.random.key_data(key)``,
