@@ -509,3 +509,21 @@ def test_no_warnings_on_the_happy_path(folder):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load(folder)
+
+
+def test_swap_without_renameat2_falls_back_to_two_renames(tmp_path, monkeypatch):
+    from lorax._src import files
+
+    monkeypatch.setattr(files.ctypes, "CDLL", lambda *a, **k: types.SimpleNamespace())  # no renameat2
+    lorax.save(tmp_path, adapted(0))
+    lorax.save(tmp_path, adapted(1), step=0, overwrite=True)
+    np.testing.assert_array_equal(b_of(lorax.load(tmp_path, BASE)), b_of(adapted(1)))
+    assert {p.name for p in tmp_path.iterdir()} == {"0", ".lorax.lock"}
+
+
+def test_save_peft_carries_other_files_and_folders_over(folder):
+    (folder / "tokenizer").mkdir()
+    (folder / "tokenizer" / "vocab.txt").write_text("a b c")
+    lorax.peft.save_peft(folder, adapted(3), MAPPING)
+    assert (folder / "tokenizer" / "vocab.txt").read_text() == "a b c"
+    np.testing.assert_array_equal(b_of(load(folder)), b_of(adapted(3)))
