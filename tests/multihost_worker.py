@@ -1,6 +1,6 @@
 """One process of a local multi-process JAX run (``jax.distributed`` over gloo on CPU), for test_multihost.py.
 
-    python tests/multihost_worker.py PORT PROCESS_ID NUM_PROCESSES FOLDER
+    python tests/multihost_worker.py PORT PROCESS_ID NUM_PROCESSES FOLDER [save-load|locked]
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 import sys
 
 
-def main(port: int, process_id: int, num_processes: int, folder: str) -> None:
+def main(port: int, process_id: int, num_processes: int, folder: str, mode: str = "save-load") -> None:
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     import jax
 
@@ -25,6 +25,14 @@ def main(port: int, process_id: int, num_processes: int, folder: str) -> None:
     fn = lambda p, x: x @ p["w"] + p["bias"]  # noqa: E731
     x = np.ones((1, 8), np.float32)
     config = lorax.LoraConfig(rank=2, trainable="bias")
+    if mode == "locked":  # another process holds the folder's lock: every process raises, none hangs
+        base = {"w": np.ones((8, 4), np.float32), "bias": np.zeros(4, np.float32)}
+        try:
+            lorax.save(folder, lorax.init(jax.random.key(0), config, fn, base, x))
+        except RuntimeError as err:
+            assert "another process saving" in str(err) or "another process is saving" in str(err), err
+            print(f"process {jax.process_index()}: refused", flush=True)
+        return
 
     # 1. host-local adapters over a NumPy base: each process holds the whole (identical) value
     base = {"w": np.ones((8, 4), np.float32), "bias": np.zeros(4, np.float32)}
@@ -51,4 +59,4 @@ def main(port: int, process_id: int, num_processes: int, folder: str) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:6])

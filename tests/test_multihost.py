@@ -8,6 +8,7 @@ import re
 import socket
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,26 @@ def test_two_processes_save_and_load_host_local_numpy_and_global_leaves(tmp_path
     outs = run_all([[sys.executable, worker, str(port), str(i), "2", str(tmp_path)] for i in range(2)])
     assert [o.strip().splitlines()[-1] for o in outs] == ["process 0: ok", "process 1: ok"]
     assert sorted(p.name for p in (tmp_path / "local").iterdir()) == [".lorax.lock", "0"]
+
+
+def test_a_locked_folder_is_refused_on_every_process_without_a_hang(tmp_path):
+    (tmp_path / ".lorax.lock").touch()
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, time
+        fd = os.open({str(tmp_path / '.lorax.lock')!r}, os.O_RDWR)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        print("locked", flush=True)
+        time.sleep(600)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        port, worker = free_port(), str(ROOT / "tests" / "multihost_worker.py")
+        outs = run_all([[sys.executable, worker, str(port), str(i), "2", str(tmp_path), "locked"] for i in range(2)])
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert [o.strip().splitlines()[-1] for o in outs] == ["process 0: refused", "process 1: refused"]
+    assert [p.name for p in tmp_path.iterdir()] == [".lorax.lock"]
 
 
 def losses(out: str) -> list[float]:

@@ -116,7 +116,16 @@ def save(directory: str | Path, params: Any, *, step: int | None = None, keep: i
     primary = jax.process_index() == 0  # on a multi-process run, process 0 alone moves folders
     root.mkdir(parents=True, exist_ok=True)
     _sync("lorax.save:start")
-    with writer_lock(root, "lorax.save") if primary else contextlib.nullcontext():
+    with contextlib.ExitStack() as lock:
+        refused = None
+        if primary:
+            try:
+                lock.enter_context(writer_lock(root, "lorax.save"))
+            except RuntimeError as err:
+                refused = err
+        if not _agree(refused is None):  # every process raises, none waits at a barrier for process 0
+            raise refused or RuntimeError(f"lorax.save: process 0 found another process saving to "
+                                          f"{str(root)!r}; one writer per folder at a time.")
         steps = _steps(root)
         step = _choose_step(root, step, steps, overwrite)
         staging = root / STAGING
@@ -145,6 +154,13 @@ def save(directory: str | Path, params: Any, *, step: int | None = None, keep: i
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+def _agree(ok: bool) -> bool:
+    """Process 0's ``ok``, on every process."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(ok)))
 
 
 def _global(x: Any) -> Any:
