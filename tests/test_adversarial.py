@@ -95,6 +95,12 @@ def test_lower_step_is_refused_unless_overwrite(tmp_path):
     np.testing.assert_array_equal(b_of(lorax.load(tmp_path, BASE)), b_of(adapted(0)))  # highest step wins
 
 
+def test_a_refused_step_does_not_even_add_a_lock_file(tmp_path):
+    lorax.save(tmp_path, adapted(0))
+    (tmp_path / ".lorax.lock").unlink()  # a folder written before lorax locked folders
+    unchanged(tmp_path, lambda: lorax.save(tmp_path, adapted(1), step=0), ValueError, "step 0 already exists")
+
+
 def test_keep_never_deletes_the_step_just_written(tmp_path):
     for step in range(3):
         lorax.save(tmp_path, adapted(step), keep=2)

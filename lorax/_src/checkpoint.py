@@ -113,6 +113,8 @@ def save(directory: str | Path, params: Any, *, step: int | None = None, keep: i
         json.dumps(record, allow_nan=False)
     except (TypeError, ValueError) as err:
         raise ValueError(f"lorax.save: the config cannot be written as JSON: {err}") from None
+    if root.is_dir():  # refuse a step that is certainly wrong before touching the folder (rechecked below)
+        _choose_step(root, step, _steps(root), overwrite)
     primary = jax.process_index() == 0  # on a multi-process run, process 0 alone moves folders
     root.mkdir(parents=True, exist_ok=True)
     _sync("lorax.save:start")
