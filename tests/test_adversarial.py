@@ -533,3 +533,25 @@ def test_save_peft_carries_other_files_and_folders_over(folder):
     lorax.peft.save_peft(folder, adapted(3), MAPPING)
     assert (folder / "tokenizer" / "vocab.txt").read_text() == "a b c"
     np.testing.assert_array_equal(b_of(load(folder)), b_of(adapted(3)))
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda d: lorax.load(d, BASE, step="1"), TypeError, r"lorax.load: step must be a non-negative int, got '1'"),
+    (lambda d: lorax.load(d, BASE, step=-2), ValueError, "lorax.load: step must be a non-negative int, got -2"),
+    (lambda d: lorax.load(d / "0" / "_CHECKPOINT_METADATA", BASE), ValueError, "is a file, not a folder"),
+    (lambda d: lorax.load(7, BASE), TypeError, "directory must be a str or os.PathLike, got int"),
+    (lambda d: lorax.load(d, {"q_proj": {"kernel": 1.0}, "v_proj": BASE["v_proj"]}), ValueError,
+     r"q_proj/kernel: the base holds float, not an array"),
+    (lambda d: lorax.save(d, {"w": jnp.ones(3)}), ValueError, "params hold no LoraWeight or Trainable leaf"),
+])
+def test_bad_load_and_save_calls_change_nothing(tmp_path, call, error, match):
+    lorax.save(tmp_path, adapted(0))
+    unchanged(tmp_path, lambda: call(tmp_path), error, match)
+
+
+def test_save_peft_refuses_a_scale_peft_cannot_express(tmp_path):
+    lp = adapted(0)
+    k = lp["q_proj"]["kernel"]
+    lp["q_proj"]["kernel"] = lorax.LoraWeight(k.w, k.a, k.b, scale=-1.0)
+    unchanged(tmp_path, lambda: lorax.peft.save_peft(tmp_path / "a", lp, MAPPING), ValueError,
+              r"lora_alpha \(scale x rank\) of 'q_proj/kernel' must be > 0, got -2.0")
