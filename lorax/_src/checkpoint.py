@@ -106,13 +106,13 @@ def save(directory: str | Path, params: Any, *, step: int | None = None, keep: i
         raise ValueError("lorax.save: params hold no LoraWeight or Trainable leaf to save.")
     record = {"format": FORMAT, "weights": meta, "config": config.record() if config else None,
               "state": state is not None}
-    items = dict(adapters=ocp.args.StandardSave(jax.tree.map(_global, arrays)), meta=ocp.args.JsonSave(record))
-    if state is not None:
-        items["state"] = ocp.args.StandardSave(jax.tree.map(_global, _state(state, "lorax.save")))
     try:
         json.dumps(record, allow_nan=False)
     except (TypeError, ValueError) as err:
         raise ValueError(f"lorax.save: the config cannot be written as JSON: {err}") from None
+    items = dict(adapters=ocp.args.StandardSave(jax.tree.map(_global, arrays)), meta=ocp.args.JsonSave(record))
+    if state is not None:
+        items["state"] = ocp.args.StandardSave(jax.tree.map(_global, _state(state, "lorax.save")))
     if root.is_dir():  # refuse a step that is certainly wrong before touching the folder (rechecked below)
         _choose_step(root, step, _steps(root), overwrite)
     primary = jax.process_index() == 0  # on a multi-process run, process 0 alone moves folders
