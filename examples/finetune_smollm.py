@@ -2,12 +2,14 @@
 
     python examples/finetune_smollm.py                 # defaults: about 10 minutes on 2 cores
     python examples/finetune_smollm.py --steps 300 --rank 16 --targets all-linear
-    python examples/finetune_smollm.py --resume        # continue from the saved adapter
+    python examples/finetune_smollm.py --resume        # continue where the last run stopped
 
 Prints the trainable share, held-out loss and perplexity before and after, generations from
 the same prompt before and after, and the mean step time; writes a loss plot (PNG: the raw
 per-step loss, its moving average, and the held-out loss measured every --eval-every steps),
-the adapter checkpoint (orbax) and a PEFT export into --out.
+the checkpoint (orbax: adapters plus optimizer state and step, so --resume continues the run
+exactly) and a PEFT export into --out. On SIGTERM (a preempted machine) it saves the
+checkpoint at the next step boundary and exits 0.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import importlib.metadata
 import json
 import math
+import signal
 import sys
 import time
 from pathlib import Path
@@ -40,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-every", type=int, default=100, help="steps between held-out evaluations")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated before and after")
     p.add_argument("--out", type=Path, default=Path("out/smollm-shakespeare"))
-    p.add_argument("--resume", action="store_true", help="continue from the adapter saved in --out")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint saved in --out")
     return p.parse_args(argv)
 
 
@@ -136,11 +139,15 @@ def main(argv=None):
     lora_config = lorax.LoraConfig(rank=args.rank, alpha=args.alpha, targets=TARGETS.get(args.targets, args.targets),
                                    init=args.init, use_dora=args.dora)
     adapter_dir = args.out / "adapter"
+    tx = optax.adamw(args.lr, weight_decay=0.0)
     try:
         fresh = lorax.init(jax.random.key(0), lora_config, fn, base, example)
-        params = lorax.load(adapter_dir.absolute(), base) if args.resume else fresh
+        params = fresh
+        state = {"opt": tx.init(lorax.split(params)[0]), "step": 0}  # also the template a resume reads into
+        if args.resume:
+            params, state = lorax.load(adapter_dir.absolute(), base, state=state)
     except ValueError as err:
-        fail(str(err))
+        fail(f"{err} (--resume needs the --rank and --targets of the saved run)" if args.resume else str(err))
     report = lorax.explain(fn, params, example)
     print(f"trainable parameters: {report.trainable:,} of {report.total:,} ({100 * report.share:.3f}%), "
           f"{len(report.rows)} adapted weights, materialized: {report.materialized or 'none'}")
@@ -163,8 +170,10 @@ def main(argv=None):
 
     trainable, frozen = lorax.split(params)
     initial = lorax.split(fresh)[0]  # PiSSA/OLoRA: PEFT files are relative to the original base (deterministic)
-    tx = optax.adamw(args.lr, weight_decay=0.0)
-    opt_state = tx.init(trainable)
+    for _ in range(state["step"]):  # the data position: skip the batches the saved run trained on
+        rng.integers(0, len(train_ids) - args.seq - 1, args.batch)
+    preempted = []
+    handler = signal.signal(signal.SIGTERM, lambda signum, frame: preempted.append(signum))
 
     @jax.jit
     def step(trainable, opt_state, frozen, ids):  # frozen is an argument: closed over, it would be a constant
@@ -178,7 +187,8 @@ def main(argv=None):
         starts = rng.integers(0, len(train_ids) - args.seq - 1, args.batch)
         ids = jnp.asarray(train_ids[starts[:, None] + np.arange(args.seq + 1)])
         t0 = time.perf_counter()
-        trainable, opt_state, value = step(trainable, opt_state, frozen, ids)
+        trainable, opt_state, value = step(trainable, state["opt"], frozen, ids)
+        state = {"opt": opt_state, "step": state["step"] + 1}
         value = float(value)
         times.append(time.perf_counter() - t0)
         losses.append(value)
@@ -186,7 +196,15 @@ def main(argv=None):
             held_out.append((i, held_out_loss(lorax.combine(trainable, frozen))))
         bar.set_postfix(loss=f"{value:.3f}", held_out=f"{held_out[-1][1]:.3f}",
                         tok_s=f"{args.batch * args.seq / times[-1]:.0f}")
+        if preempted:
+            break
+    signal.signal(signal.SIGTERM, handler)
     params = lorax.combine(trainable, frozen)
+    args.out.mkdir(parents=True, exist_ok=True)
+    lorax.save(adapter_dir.absolute(), params, step=state["step"], keep=3, config=lora_config, state=state)
+    if preempted:
+        print(f"\npreempted: saved step {state['step']} to {adapter_dir}; rerun with --resume")
+        return {"preempted_at": state["step"]}
     after_loss, after_text = held_out_loss(params), generate(params)
     held_out.append((args.steps, after_loss))
 
@@ -198,11 +216,6 @@ def main(argv=None):
           f"with compilation, {times[0]:.1f} s)")
     print(f"\nprompt: {PROMPT!r}\n--- before ---\n{before_text}\n--- after ---\n{after_text}")
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    previous = 0
-    if args.resume:
-        previous = max(int(p.name) for p in adapter_dir.iterdir() if p.name.isdigit())
-    lorax.save(adapter_dir.absolute(), params, step=previous + args.steps, keep=3, config=lora_config)
     lorax.peft.save_peft(args.out / "peft", params, lorax.peft.LLAMA, initial=initial,
                          base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
     plot_losses(args.out / "loss.png", losses, held_out, args.eval_every)
@@ -211,7 +224,7 @@ def main(argv=None):
                    rank=args.rank, targets=args.targets, batch=args.batch, seq=args.seq, init=args.init,
                    dora=args.dora)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"\nwrote {args.out}/: adapter/ (orbax), peft/ (PEFT format), loss.png, summary.json")
+    print(f"\nwrote {args.out}/: adapter/ (orbax, with optimizer state), peft/ (PEFT format), loss.png, summary.json")
     return summary
 
 

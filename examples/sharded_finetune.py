@@ -1,13 +1,17 @@
 """LoRA fine-tuning of a LLaMA-style model over a (data x model) device mesh.
 
-The same code runs on a TPU/GPU pod (call ``jax.distributed.initialize()`` first on each
-host) or, for a try on one machine, on fake CPU devices:
+The same code runs on a TPU/GPU pod (``--distributed`` on every host) or, for a try on one
+machine, on fake CPU devices, in one process or as a simulated two-host run:
 
     python examples/sharded_finetune.py --cpu-devices 8
+    python examples/sharded_finetune.py --cpu-devices 4 --distributed --coordinator 127.0.0.1:5555 \
+        --num-processes 2 --process-id 0    # and --process-id 1 in a second shell
 
 The base weights are sharded tensor-parallel over ``model`` (column-parallel q/k/v/gate/up,
 row-parallel o/down) and the batch over ``data``; lorax places each adapter after its
-weight and `lorax.partition_specs` gives the jit shardings.
+weight and `lorax.partition_specs` gives the jit shardings. With ``--distributed`` each host
+feeds its own rows of the batch (``jax.make_array_from_process_local_data``); process 0 alone
+prints, and ``--out`` saves the adapters and optimizer state (every process takes part).
 """
 
 from __future__ import annotations
@@ -26,7 +30,19 @@ def parse_args(argv=None):
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=32)
+    parser.add_argument("--out", help="save the adapters and optimizer state here at the end")
+    parser.add_argument("--distributed", action="store_true",
+                        help="join a multi-process run (jax.distributed.initialize); the flags below, "
+                             "else JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, else "
+                             "the TPU/SLURM environment, say where the coordinator is")
+    parser.add_argument("--coordinator", default=os.environ.get("JAX_COORDINATOR_ADDRESS"), help="host:port")
+    parser.add_argument("--num-processes", type=int, default=_env_int("JAX_NUM_PROCESSES"))
+    parser.add_argument("--process-id", type=int, default=_env_int("JAX_PROCESS_ID"))
     return parser.parse_args(argv)
+
+
+def _env_int(name: str) -> int | None:
+    return int(os.environ[name]) if name in os.environ else None
 
 
 def base_spec(path: str, ndim: int):
@@ -47,6 +63,10 @@ def main(argv=None):
     if args.cpu_devices:
         os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.cpu_devices}"
     import jax
+
+    if args.distributed:
+        jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
+                                   process_id=args.process_id)
     import jax.numpy as jnp
     import numpy as np
     import optax
@@ -57,9 +77,20 @@ def main(argv=None):
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from llama import Llama, LlamaConfig
 
-    devices = np.array(jax.devices())
+    log = print if jax.process_index() == 0 else (lambda *a, **k: None)
+    devices = np.array(jax.devices())  # every host's, ordered by process: hosts split the data axis
     mesh = Mesh(devices.reshape(-1, args.model_parallel), ("data", "model"))
-    print(f"mesh: {dict(mesh.shape)} over {devices.size} {jax.default_backend()} devices")
+    log(f"mesh: {dict(mesh.shape)} over {devices.size} {jax.default_backend()} devices"
+        f"{f' in {jax.process_count()} processes' if jax.process_count() > 1 else ''}")
+
+    def put(x, sharding):  # a value every host holds alike, as a global array
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    def batch(rows):  # each host feeds only its own rows of the global batch
+        sharding = NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+        local = rows.reshape(jax.process_count(), -1, *rows.shape[1:])[jax.process_index()]
+        return jax.make_array_from_process_local_data(sharding, local, rows.shape)
 
     config = LlamaConfig(vocab=256, dim=128, layers=4, heads=8, kv_heads=4, hidden=256, max_len=args.seq)
     model = Llama(config)
@@ -68,12 +99,12 @@ def main(argv=None):
     host_params = model.init(jax.random.key(0), jnp.zeros(ids_shape, jnp.int32))
     path = lambda p: jax.tree_util.keystr(p, simple=True, separator="/")  # noqa: E731
     specs = jax.tree_util.tree_map_with_path(lambda p, x: base_spec(path(p), x.ndim), host_params)
-    params = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), host_params, specs)
+    params = jax.tree.map(lambda x, s: put(x, NamedSharding(mesh, s)), host_params, specs)
 
-    example = jax.device_put(jnp.zeros(ids_shape, jnp.int32), NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+    example = batch(np.zeros(ids_shape, np.int32))
     lp = lorax.init(jax.random.key(1), lorax.LoraConfig(rank=args.rank, alpha=2.0 * args.rank), fn, params, example)
     q = lp["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
-    print(f"q_proj: w {q.w.sharding.spec}  a {q.a.sharding.spec}  b {q.b.sharding.spec}")
+    log(f"q_proj: w {q.w.sharding.spec}  a {q.a.sharding.spec}  b {q.b.sharding.spec}")
 
     trainable, frozen = lorax.split(lp)
     t_specs, _ = lorax.split(lorax.partition_specs(lp))
@@ -96,13 +127,16 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     for i in range(args.steps):
         start = rng.integers(0, config.vocab, (args.batch, 1))
-        ids = jax.device_put(jnp.asarray((start + np.arange(args.seq)) % config.vocab, jnp.int32),
-                             example.sharding)
+        ids = batch(((start + np.arange(args.seq)) % config.vocab).astype(np.int32))
         trainable, opt_state, value = step(trainable, opt_state, frozen, ids)
         if i % max(1, args.steps // 6) == 0 or i == args.steps - 1:
-            print(f"step {i:3d}  loss {float(value):.4f}")
+            log(f"step {i:3d}  loss {float(value):.6f}")
     a = trainable["params"]["layers"]["self_attn"]["q_proj"]["kernel"].a
-    print(f"after training, q_proj a sharding: {a.sharding.spec}")
+    log(f"after training, q_proj a sharding: {a.sharding.spec}")
+    if args.out:
+        saved = lorax.save(os.path.abspath(args.out), lorax.combine(trainable, frozen),
+                           state={"opt": opt_state, "step": args.steps})
+        log(f"saved {saved}")
 
 
 if __name__ == "__main__":

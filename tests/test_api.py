@@ -100,18 +100,19 @@ def test_target_that_is_not_a_matmul_weight_is_refused():
         lorax.init(KEY, lorax.LoraConfig(targets=r".*Dense_0/.*"), fn, params, x)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(rank=0), "rank for 'rank' must be a positive int, got 0"),
-    (dict(rank=2.5), "must be a positive int"),
-    (dict(alpha=0.0), "alpha for 'alpha' must be > 0"),
-    (dict(alpha_pattern={"x": -1.0}), "alpha for 'x' must be > 0"),
-    (dict(targets="(unclosed"), r"LoraConfig.targets: '\(unclosed' is not a valid regex"),
-    (dict(exclude=["[bad"]), "LoraConfig.exclude"),
-    (dict(dropout=1.0), "dropout must be in"),
-    (dict(init="zeros"), "init must be"),
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(rank=0), ValueError, "rank for 'rank' must be a positive int, got 0"),
+    (dict(rank=2.5), TypeError, "must be a positive int, got 2.5"),
+    (dict(alpha=0.0), ValueError, "alpha for 'alpha' must be > 0"),
+    (dict(alpha_pattern={"x": -1.0}), ValueError, "alpha for 'x' must be > 0"),
+    (dict(targets="(unclosed"), ValueError, r"LoraConfig.targets: '\(unclosed' is not a valid regex"),
+    (dict(exclude=["[bad"]), ValueError, "LoraConfig.exclude"),
+    (dict(dropout=1.0), ValueError, "dropout must be in"),
+    (dict(init="zeros"), ValueError, "init must be"),
+    (dict(use_dora="yes"), TypeError, "use_dora must be True or False"),
 ])
-def test_bad_config(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_config(kwargs, error, match):
+    with pytest.raises(error, match=match):
         lorax.LoraConfig(**kwargs)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -9,16 +12,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lorax._src.config import LoraConfig
-from lorax._src.paths import named_leaves
-from lorax._src.sharding import factor_shardings
-from lorax._src.trees import _map
+from lorax._src.files import as_folder, remove, swap_in, writer_lock
+from lorax._src.paths import unique_named_leaves
+from lorax._src.records import FORMAT, check_record, index, real
 from lorax._src.adapter import KINDS, Adapter
 from lorax._src.initializers import makes_residual, residual
+from lorax._src.sharding import factor_shardings
 from lorax._src.trainable import Trainable
+from lorax._src.trees import _map
 
-FORMAT = 1
+STAGING = ".lorax-staging"  # a step is written here, then renamed into place
 
 
 def _entries(params: Any) -> tuple[list[dict], list[dict]]:
@@ -26,86 +33,260 @@ def _entries(params: Any) -> tuple[list[dict], list[dict]]:
     import lorax
 
     meta, arrays = [], []
-    for path, leaf in named_leaves(params):
+    for path, leaf in unique_named_leaves(params, "lorax.save"):
         if isinstance(leaf, Adapter):
+            leaf.check(path)
+            _concrete(path, *leaf.trained().values())
             meta.append(dict(path=path, kind=leaf.kind, shape=list(leaf.shape), dtype=str(leaf.w.dtype),
-                             rank=leaf.rank, scale=leaf.scale, a_axes=list(leaf.a_axes),
-                             b_axes=list(leaf.b_axes), stack_axes=list(leaf.stack_axes),
-                             dropout=leaf.dropout, init=leaf.init, factor_dtype=str(leaf.a.dtype),
+                             rank=leaf.rank, scale=real(leaf.scale, f"lorax.save: the scale of {path!r}"),
+                             a_axes=list(leaf.a_axes), b_axes=list(leaf.b_axes), stack_axes=list(leaf.stack_axes),
+                             dropout=float(leaf.dropout), init=leaf.init, factor_dtype=str(leaf.a.dtype),
                              lorax_version=lorax.__version__))
             arrays.append(leaf.trained())
         elif isinstance(leaf, Trainable):
+            _concrete(path, leaf.value)
             meta.append(dict(path=path, kind="trainable", shape=list(leaf.value.shape),
                              dtype=str(leaf.value.dtype)))
             arrays.append({"value": leaf.value})
     return meta, arrays
 
 
-def _manager(directory: str | Path, keep: int | None = None) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+def _concrete(path: str, *arrays) -> None:
+    for x in arrays:
+        if not isinstance(x, (jax.Array, np.ndarray)) or isinstance(x, jax.core.Tracer):
+            raise TypeError(f"lorax.save: {path!r} holds {type(x).__name__}, not a concrete array "
+                            "(an abstract tree from jax.eval_shape, or a call under jit?).")
 
 
-def save(directory: str | Path, params: Any, *, step: int = 0, keep: int | None = None,
-         config: LoraConfig | None = None) -> Path:
-    """Write the adapters of ``params`` as step ``step`` under ``directory``.
+def _manager(directory: Path, create: bool) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(create=create)
+    return ocp.CheckpointManager(directory, options=options)
 
-    Each step is written to a temporary folder and renamed when complete (orbax), so a
-    crash mid-save leaves earlier steps loadable; ``keep`` keeps only the newest steps.
-    Each weight's rank, scale and axes are recorded; ``config`` (targets, rsLoRA, ...) too
-    when given.
+
+def _steps(root: Path) -> list[int]:
+    """The finished steps under ``root``, ascending (orbax renames a step into place when complete)."""
+    return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit() and str(int(p.name)) == p.name
+                  and p.is_dir())
+
+
+def save(directory: str | Path, params: Any, *, step: int | None = None, keep: int | None = None,
+         config: LoraConfig | None = None, overwrite: bool = False, state: Any = None) -> Path:
+    """Write the adapters of ``params`` as step ``step`` under ``directory``; returns the step's folder.
+
+    ``step=None`` takes the latest step + 1 (0 in an empty folder). A step that exists, or
+    one lower than the latest (a new run writing into an old run's folder), is refused
+    unless ``overwrite=True``; steps above it are then kept, and `load` still picks the
+    highest. A save writes the whole step to a staging folder first and renames it into
+    place (swapping atomically with an old step it replaces), so it either completes or
+    leaves the folder as it was; a second process saving to the same folder meanwhile gets
+    an error. ``keep`` (an int >= 1) keeps only the newest steps, never the one just written.
+    On a multi-process run every process calls `save`; host-local and NumPy leaves are
+    written as replicas (every process must hold the same value), and process 0 alone
+    moves folders.
+    Each weight's rank, scale and axes are recorded; ``config`` (targets, rsLoRA, ...) too.
+    ``state`` is any pytree of arrays, NumPy scalars and Python numbers saved in the same
+    step, so a run can resume exactly: optimizer state, step, ``jax.random.key_data(key)``,
+    data position (`load` with ``state=`` reads it back).
 
     >>> import jax, jax.numpy as jnp, lorax, tempfile
     >>> fn = lambda p, x: x @ p["w"]
     >>> base = {"w": jnp.ones((4, 3))}
     >>> lp = lorax.init(jax.random.key(0), lorax.LoraConfig(rank=2), fn, base, jnp.ones((1, 4)))
     >>> folder = lorax.save(tempfile.mkdtemp(), lp, step=3)
-    >>> lorax.load(folder.parent, base)["w"].rank
-    2
+    >>> lorax.save(folder.parent, lp).name, lorax.load(folder.parent, base)["w"].rank
+    ('4', 2)
     """
+    root = as_folder(directory, "lorax.save", must_exist=False)
+    step = None if step is None else index(step, "lorax.save: step")
+    keep = None if keep is None else index(keep, "lorax.save: keep", minimum=1)
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"lorax.save: overwrite must be True or False, got {overwrite!r}.")
+    if config is not None and not isinstance(config, LoraConfig):
+        raise TypeError(f"lorax.save: config must be a lorax.LoraConfig or None, got {type(config).__name__}.")
     meta, arrays = _entries(params)
     if not meta:
         raise ValueError("lorax.save: params hold no LoraWeight or Trainable leaf to save.")
-    record = {"format": FORMAT, "weights": meta, "config": config.record() if config else None}
-    with _manager(directory, keep) as manager:
-        manager.save(step, args=ocp.args.Composite(adapters=ocp.args.StandardSave(arrays),
-                                                   meta=ocp.args.JsonSave(record)))
-        manager.wait_until_finished()
-    return Path(directory) / str(step)
+    record = {"format": FORMAT, "weights": meta, "config": config.record() if config else None,
+              "state": state is not None}
+    try:
+        json.dumps(record, allow_nan=False)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"lorax.save: the config cannot be written as JSON: {err}") from None
+    items = dict(adapters=ocp.args.StandardSave(jax.tree.map(_global, arrays)), meta=ocp.args.JsonSave(record))
+    if state is not None:
+        items["state"] = ocp.args.StandardSave(jax.tree.map(_global, _state(state, "lorax.save")))
+    if root.is_dir():  # refuse a step that is certainly wrong before touching the folder (rechecked below)
+        _choose_step(root, step, _steps(root), overwrite)
+    primary = jax.process_index() == 0  # on a multi-process run, process 0 alone moves folders
+    root.mkdir(parents=True, exist_ok=True)
+    _sync("lorax.save:start")
+    with contextlib.ExitStack() as lock:
+        refused = None
+        if primary:
+            try:
+                lock.enter_context(writer_lock(root, "lorax.save"))
+            except RuntimeError as err:
+                refused = err
+        if not _agree(refused is None):  # every process raises, none waits at a barrier for process 0
+            raise refused or RuntimeError(f"lorax.save: process 0 found another process saving to "
+                                          f"{str(root)!r}; one writer per folder at a time.")
+        steps = _steps(root)
+        step = _choose_step(root, step, steps, overwrite)
+        staging = root / STAGING
+        if primary:
+            remove(staging)  # left by a crash: never a step
+        _sync("lorax.save:staging")
+        try:
+            with _manager(staging, create=True) as manager:
+                done = manager.save(step, args=ocp.args.Composite(**items), force=True)
+                manager.wait_until_finished()
+            if not done:
+                raise RuntimeError(f"lorax.save: orbax skipped step {step} in {str(staging)!r}; nothing was written.")
+            if primary:
+                swap_in(staging / str(step), root / str(step))
+        finally:
+            if primary:
+                remove(staging)
+        others = [s for s in steps if s != step]
+        for old in others[: max(0, len(others) - (keep - 1))] if keep is not None and primary else ():
+            os.rename(root / str(old), staging)  # out of sight first, so no half-deleted step is visible
+            remove(staging)
+    _sync("lorax.save:done")
+    return root / str(step)
 
 
-def load(directory: str | Path, base: Any, *, step: int | None = None) -> Any:
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def _agree(ok: bool) -> bool:
+    """Process 0's ``ok``, on every process."""
+    if jax.process_count() == 1:
+        return ok
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(ok)))
+
+
+def _global(x: Any) -> Any:
+    """On a multi-process run, a host-local array or NumPy leaf (a replica every process holds
+    alike) as a replicated global array, which orbax can write; anything else as is."""
+    if jax.process_count() == 1 or not isinstance(x, (jax.Array, np.ndarray)) or \
+            isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return x
+    local = np.asarray(x)
+    replicated = NamedSharding(Mesh(np.array(jax.devices()), ("all",)), PartitionSpec())
+    return jax.make_array_from_callback(local.shape, replicated, lambda index: local[index])
+
+
+def _choose_step(root: Path, step: int | None, steps: list[int], overwrite: bool) -> int:
+    latest = steps[-1] if steps else None
+    if step is None:
+        return 0 if latest is None else latest + 1
+    if not overwrite and step in steps:
+        raise ValueError(f"lorax.save: step {step} already exists in {str(root)!r}. Pass overwrite=True to "
+                         "replace it, or step=None to write the next step.")
+    if not overwrite and latest is not None and step < latest:
+        raise ValueError(f"lorax.save: step {step} is lower than the latest step {latest} in {str(root)!r} "
+                         "(another run's folder?); `load` would keep returning step "
+                         f"{latest}. Use a fresh folder, or overwrite=True to write it anyway.")
+    return step
+
+
+def load(directory: str | Path, base: Any, *, step: int | None = None, state: Any = None) -> Any:
     """Read adapters saved by `save` onto the plain ``base`` tree (latest step by default).
 
     Refuses a base that does not fit, listing every mismatch (missing path, other shape
-    or dtype). Factors are placed after the base weight's sharding.
+    or dtype), and damaged metadata, naming the file and the field. Factors are placed
+    after the base weight's sharding. Nothing is written. With ``state`` (a template of the
+    pytree given to `save`, e.g. a fresh ``tx.init(trainable)``), returns ``(params, state)``.
+
+    >>> import jax, jax.numpy as jnp, lorax, optax, tempfile
+    >>> fn = lambda p, x: x @ p["w"]
+    >>> base = {"w": jnp.ones((4, 3))}
+    >>> lp = lorax.init(jax.random.key(0), lorax.LoraConfig(rank=2), fn, base, jnp.ones((1, 4)))
+    >>> tx = optax.adam(1e-3)
+    >>> run = {"opt": tx.init(lorax.split(lp)[0]), "step": 7, "key": jax.random.key_data(jax.random.key(1))}
+    >>> folder = lorax.save(tempfile.mkdtemp(), lp, state=run)
+    >>> params, back = lorax.load(folder.parent, base, state={**run, "step": 0})
+    >>> back["step"], bool((back["key"] == run["key"]).all())
+    (7, True)
     """
-    with _manager(directory) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise ValueError(f"lorax.load: no finished checkpoint in {str(directory)!r}.")
+    root = as_folder(directory, "lorax.load", must_exist=True)
+    steps = _steps(root)
+    if step is None:
+        if not steps:
+            raise ValueError(f"lorax.load: no finished checkpoint in {str(root)!r}.")
+        step = steps[-1]
+    elif index(step, "lorax.load: step") not in steps:
+        raise ValueError(f"lorax.load: no step {step} in {str(root)!r}; its steps are {steps}.")
+    meta_file = root / str(step) / "meta" / "metadata"
+    leaves = dict(unique_named_leaves(base, "lorax.load"))
+    with _manager(root, create=False) as manager:
         try:
             record = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-        except (FileNotFoundError, ValueError, KeyError) as err:
-            raise ValueError(f"lorax.load: step {step} in {str(directory)!r} is not a lorax checkpoint: {err}") from None
-        entries = {e["path"]: e for e in record["weights"]}
-        leaves = dict(named_leaves(base))
+        except Exception as err:  # orbax and json raise many types for a missing or damaged item
+            raise ValueError(f"lorax.load: {str(meta_file)!r} is missing or unreadable; step {step} is not "
+                             f"a complete lorax checkpoint ({type(err).__name__}: {err}).") from None
+        record = check_record(record, str(meta_file))
         problems = []
-        for path, e in entries.items():
-            leaf = leaves.get(path)
+        for e in record["weights"]:
+            path, leaf = e["path"], leaves.get(e["path"])
             if leaf is None:
                 problems.append(f"  {path}: not in the base")
             elif isinstance(leaf, (Adapter, Trainable)):
                 problems.append(f"  {path}: the base already holds a lorax node here; pass the plain tree")
+            elif not hasattr(leaf, "dtype"):
+                problems.append(f"  {path}: the base holds {type(leaf).__name__}, not an array")
             elif list(np.shape(leaf)) != e["shape"] or str(leaf.dtype) != e["dtype"]:
                 problems.append(f"  {path}: base has {tuple(np.shape(leaf))} {leaf.dtype}, the adapter "
                                 f"was saved for {tuple(e['shape'])} {e['dtype']}")
         if problems:
             raise ValueError("lorax.load: the checkpoint does not fit this base:\n" + "\n".join(problems))
+        if state is not None and not record.get("state"):
+            raise ValueError(f"lorax.load: step {step} in {str(root)!r} holds no training state (it was saved "
+                             "without state=); load it without state=.")
         targets = [_abstract(e, leaves[e["path"]]) for e in record["weights"]]
-        arrays = manager.restore(step, args=ocp.args.Composite(adapters=ocp.args.StandardRestore(targets)))["adapters"]
+        try:
+            arrays = manager.restore(step, args=ocp.args.Composite(
+                adapters=ocp.args.StandardRestore(targets)))["adapters"]
+        except Exception as err:
+            raise ValueError(f"lorax.load: the arrays of step {step} in {str(root)!r} are missing or damaged "
+                             f"({type(err).__name__}: {err}).") from None
+        if state is not None:
+            template = _state(state, "lorax.load")
+            try:
+                saved = manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(template)))["state"]
+            except Exception as err:
+                raise ValueError(f"lorax.load: the state of step {step} in {str(root)!r} does not match the "
+                                 f"template given, or is damaged ({type(err).__name__}: {err}).") from None
+            saved = jax.tree.map(lambda like, x: type(like)(x) if isinstance(like, (np.generic, int, float)) else x,
+                                 state, saved)
     restored = {e["path"]: _node(e, leaves[e["path"]], x) for e, x in zip(record["weights"], arrays)}
-    return _map(lambda path, leaf: restored.get(path, leaf), base)
+    params = _map(lambda path, leaf: restored.get(path, leaf), base)
+    return params if state is None else (params, saved)
+
+
+def _state(state: Any, who: str) -> Any:
+    """``state`` as orbax takes it: NumPy scalars as 0-d arrays; typed keys and other objects refused."""
+
+    def leaf(path, x):
+        where = f"{who}: state{jax.tree_util.keystr(path)}"
+        if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            raise TypeError(f"{where} is a typed PRNG key; pass jax.random.key_data(key) and rebuild the key "
+                            "with jax.random.wrap_key_data.")
+        if isinstance(x, np.generic) and not isinstance(x, np.bool_):
+            return np.asarray(x)
+        if isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer) or \
+                type(x) in (int, float):
+            return x
+        raise TypeError(f"{where} is {type(x).__name__}; state leaves must be arrays, NumPy scalars, "
+                        "ints or floats.")
+
+    plain = jax.tree_util.tree_map_with_path(leaf, state)
+    if not jax.tree.leaves(plain):
+        raise ValueError(f"{who}: state holds no arrays or numbers.")
+    return plain
 
 
 def _shell(entry: dict, w, arrays: dict | None = None) -> Adapter:
@@ -122,10 +303,10 @@ def _shell(entry: dict, w, arrays: dict | None = None) -> Adapter:
 
 def _abstract(entry: dict, w) -> dict:
     """What orbax restores into: shapes, dtypes and shardings that follow the base weight."""
-    sharding = getattr(w, "sharding", None)
+    # a NumPy base: this process's first device (jax.devices()[0] belongs to process 0 only)
+    sharding = getattr(w, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     if entry["kind"] == "trainable":
-        placed = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-        return {"value": jax.ShapeDtypeStruct(w.shape, w.dtype, sharding=placed)}
+        return {"value": jax.ShapeDtypeStruct(w.shape, w.dtype, sharding=sharding)}
     shell = _shell(entry, w)
     shardings = factor_shardings(shell, sharding)
     return {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings[k]) for k, x in shell.trained().items()}

@@ -8,7 +8,11 @@ import math
 import re
 from typing import Any, Callable, Mapping, Sequence
 
+import jax.numpy as jnp
+import numpy as np
+
 from lorax._src.initializers import valid_init
+from lorax._src.records import index, real
 
 Targets = str | Sequence[str] | Callable[[str, Any], bool]
 
@@ -18,7 +22,10 @@ ALL_LINEAR = "all-linear"
 def _patterns(value: str | Sequence[str] | None, field: str) -> tuple[re.Pattern, ...]:
     if value is None:
         return ()
-    items = [value] if isinstance(value, str) else list(value)
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+        extra = ", 'all-linear' or a predicate (path, leaf) -> bool" if field == "targets" else ""
+        raise TypeError(f"LoraConfig.{field}: expected a regex string or a list of them{extra}, got {value!r}.")
     compiled = []
     for item in items:
         try:
@@ -92,17 +99,32 @@ class LoraConfig:
     use_dora: bool = False
 
     def __post_init__(self):
-        for path, rank in {"rank": self.rank, **self.rank_pattern}.items():
-            if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-                raise ValueError(f"LoraConfig: rank for {path!r} must be a positive int, got {rank!r}.")
-        for path, alpha in {"alpha": self.alpha, **self.alpha_pattern}.items():
-            if alpha is not None and not alpha > 0:
-                raise ValueError(f"LoraConfig: alpha for {path!r} must be > 0, got {alpha!r}.")
+        fix = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, name)
+            if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+                raise TypeError(f"LoraConfig: {name} must be a mapping {{regex: value}}, got {value!r}.")
+        fix("rank", index(self.rank, "LoraConfig: rank for 'rank'", minimum=1))
+        fix("rank_pattern", {k: index(v, f"LoraConfig: rank for {k!r}", minimum=1) for k, v in self.rank_pattern.items()})
+        if self.alpha is not None:
+            fix("alpha", real(self.alpha, "LoraConfig: alpha for 'alpha'", positive=True))
+        fix("alpha_pattern", {k: real(v, f"LoraConfig: alpha for {k!r}", positive=True)
+                              for k, v in self.alpha_pattern.items()})
+        fix("dropout", real(self.dropout, "LoraConfig: dropout"))
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoraConfig: dropout must be in [0, 1), got {self.dropout!r}.")
+        for name in ("use_rslora", "use_dora"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(f"LoraConfig: {name} must be True or False, got {getattr(self, name)!r}.")
+            fix(name, bool(getattr(self, name)))
         if not valid_init(self.init):
             raise ValueError("LoraConfig: init must be 'kaiming_uniform', 'gaussian', 'pissa', "
                              f"'pissa_niter_K' or 'olora', got {self.init!r}.")
+        if self.dtype is not None:
+            try:
+                jnp.dtype(self.dtype)
+            except TypeError:
+                raise TypeError(f"LoraConfig: dtype must be None or a dtype, got {self.dtype!r}.") from None
         if not callable(self.targets) and self.targets != ALL_LINEAR:
             _patterns(self.targets, "targets")
         _patterns(self.exclude, "exclude")

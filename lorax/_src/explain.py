@@ -9,10 +9,11 @@ from typing import Any, Callable
 import jax
 
 from lorax._src import display, transform
+from lorax._src.adapter import Adapter
+from lorax._src.init import first_use, unfit, uses_of
 from lorax._src.paths import named_leaves
 from lorax._src.tracing import flatten_call
-from lorax._src.adapter import Adapter
-from lorax._src.trainable import Trainable
+from lorax._src.trainable import Trainable, is_node
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +35,7 @@ class Explanation:
     rows: list[Row]
     trainable: int
     total: int
+    skipped: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (path, why) "all-linear" passed over
 
     @property
     def share(self) -> float:
@@ -48,7 +50,7 @@ class Explanation:
         widths = [max(len(x) for x in col) for col in zip(head, *body)]
         fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
         lines = [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, body)]
-        return "\n".join([*lines, foot])
+        return "\n".join([*lines, foot, *(f"skipped {path}: {why}" for path, why in self.skipped)])
 
     def _repr_markdown_(self) -> str:
         return display.explanation_markdown(self)
@@ -65,6 +67,15 @@ def explain(fn: Callable, params: Any, *args, **kwargs) -> Explanation:
     >>> lp = lorax.init(jax.random.key(0), lorax.LoraConfig(rank=2), fn, {"w": jnp.ones((4, 3))}, jnp.ones((1, 4)))
     >>> print(lorax.explain(fn, lp, jnp.ones((1, 4))).rows[0].how)
     factored (dot_general)
+
+    Weights ``"all-linear"`` passes over are listed with the reason (here an RMSNorm scale
+    written as an einsum, as penzai does):
+
+    >>> norm = lambda p, x: jnp.einsum("be,e->be", x, p["scale"]) @ p["w"]
+    >>> base = {"scale": jnp.ones(4), "w": jnp.ones((4, 3))}
+    >>> lp = lorax.init(jax.random.key(0), lorax.LoraConfig(rank=2), norm, base, jnp.ones((1, 4)))
+    >>> lorax.explain(norm, lp, jnp.ones((1, 4))).skipped
+    [('scale', 'its use contracts no axis (an elementwise scale)')]
     """
     ctx = transform.Context()
     flat = flatten_call(params, args, kwargs)
@@ -87,7 +98,20 @@ def explain(fn: Callable, params: Any, *args, **kwargs) -> Explanation:
             rows.append(Row(name, tuple(leaf.value.shape), 0, 1.0, size, "trained fully", "trainable"))
         elif hasattr(leaf, "shape"):
             total += math.prod(leaf.shape)
-    return Explanation(rows, trainable, total)
+    return Explanation(rows, trainable, total, _skipped(fn, params, args, kwargs))
+
+
+def _skipped(fn: Callable, params: Any, args: tuple, kwargs: dict) -> list[tuple[str, str]]:
+    """``(path, reason)`` of each plain leaf used linearly that ``"all-linear"`` passes over."""
+    flat, uses = uses_of(fn, params, args, kwargs)
+    out = []
+    for i, name in enumerate(flat.names[: flat.num_params]):
+        leaf_uses = uses.get(i, [])
+        if leaf_uses and not is_node(flat.leaves[i]) and not any(u.lookup for u in leaf_uses):
+            reason = unfit(flat.leaves[i], first_use(leaf_uses))
+            if reason:
+                out.append((name, reason))
+    return out
 
 
 def _how(uses: list[transform.How]) -> str:

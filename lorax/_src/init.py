@@ -8,10 +8,11 @@ import jax
 import jax.numpy as jnp
 
 from lorax._src.adapter import KINDS, Adapter, fan_in_out
-from lorax._src.config import AdapterSpec, LoraConfig
+from lorax._src.config import ALL_LINEAR, AdapterSpec, LoraConfig
+from lorax._src.paths import unique_named_leaves
 from lorax._src.sharding import place_factors
 from lorax._src.table import supports
-from lorax._src.tracing import flatten_call, trace
+from lorax._src.tracing import flatten_call, plain, trace
 from lorax._src.trainable import Trainable, is_node
 from lorax._src.transform import lora  # noqa: F401  (registers the rules and kinds)
 from lorax._src.usage import Use, View, find_uses
@@ -33,15 +34,14 @@ def init(key: jax.Array, config: LoraConfig, fn: Callable, params: Any, *args, *
     >>> lp["w1"].a.shape, lp["w1"].b.shape, type(lp["b1"]).__name__
     ((8, 2), (2, 16), 'ArrayImpl')
     """
-    flat = flatten_call(params, args, kwargs)
-    params_flat = flat.leaves[: flat.num_params]
-    if any(is_node(leaf) for leaf in params_flat):
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"lorax.init: config must be a lorax.LoraConfig, got {type(config).__name__}.")
+    unique_named_leaves(params, "lorax.init")
+    if any(is_node(leaf) for leaf in jax.tree.leaves(params, is_leaf=is_node)):
         raise ValueError("lorax.init: params already hold LoRA nodes; pass the plain tree "
                          "(lorax.merge(params) gives one).")
-    closed, _ = trace(fn, flat)
-    views = [View(i, tuple(range(jnp.ndim(flat.leaves[i])))) if i < flat.num_params else None
-             for i in flat.dynamic]
-    uses = find_uses(closed.jaxpr, views)
+    flat, uses = uses_of(fn, params, args, kwargs)
+    params_flat = flat.leaves[: flat.num_params]
 
     chosen: dict[int, tuple[AdapterSpec, Use]] = {}
     for i, name in enumerate(flat.names[: flat.num_params]):
@@ -56,8 +56,14 @@ def init(key: jax.Array, config: LoraConfig, fn: Callable, params: Any, *args, *
                 "used as a matmul, einsum, convolution or lookup weight by fn, so it cannot "
                 "take a low-rank adapter. Mark it `trainable=` instead, or change `targets`."
             )
-        lookups = [u for u in leaf_uses if u.lookup]
-        chosen[i] = spec, (lookups or leaf_uses)[0]
+        use = first_use(leaf_uses)
+        reason = unfit(params_flat[i], use)
+        if reason and config.targets == ALL_LINEAR:
+            continue  # not a weight the user named: lorax.explain lists it as skipped
+        if reason:
+            raise ValueError(f"lorax.init: target {name!r} (shape {tuple(jnp.shape(params_flat[i]))}) cannot "
+                             f"take a low-rank adapter: {reason}. Change `targets`, or mark it `trainable=`.")
+        chosen[i] = spec, use
     if not chosen:
         candidates = [f"  {flat.names[i]} {tuple(jnp.shape(params_flat[i]))}" for i in sorted(uses)]
         raise ValueError(
@@ -72,6 +78,32 @@ def init(key: jax.Array, config: LoraConfig, fn: Callable, params: Any, *args, *
         if i not in chosen and config.is_trainable(name):
             out[i] = Trainable(params_flat[i])
     return jax.tree_util.tree_unflatten(flat.treedef, out)[0]
+
+
+def uses_of(fn: Callable, params: Any, args: tuple, kwargs: dict):
+    """The flattened call and how ``fn`` uses each of its parameter leaves."""
+    flat = flatten_call(params, args, kwargs)
+    closed, _ = trace(fn, flat)
+    views = [View(i, tuple(range(jnp.ndim(plain(flat.leaves[i]))))) if i < flat.num_params else None
+             for i in flat.dynamic]
+    return flat, find_uses(closed.jaxpr, views)
+
+
+def first_use(uses: list[Use]) -> Use:
+    """The use an adapter is built from: a lookup if any (an embedding tied to a head), else the first."""
+    return ([u for u in uses if u.lookup] or uses)[0]
+
+
+def unfit(leaf: Any, use: Use) -> str | None:
+    """Why a used weight cannot take an adapter, or None."""
+    dtype = leaf.dtype if hasattr(leaf, "dtype") else jnp.result_type(leaf)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return f"its dtype {dtype} is not floating"
+    if not use.a_axes:
+        return "its use contracts no axis (an elementwise scale)"
+    if not use.b_axes:
+        return "its use leaves no output axis"
+    return None
 
 
 def _adapt(key: jax.Array, spec: AdapterSpec, name: str, w: jax.Array, use: Use) -> Adapter:

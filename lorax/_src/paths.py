@@ -41,3 +41,21 @@ def named_leaves(tree: Any) -> list[tuple[str, Any]]:
     """``(name, leaf)`` for every leaf, lorax's nodes kept whole."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)
     return [(render(path), leaf) for path, leaf in flat]
+
+
+def unique_named_leaves(tree: Any, who: str) -> list[tuple[str, Any]]:
+    """`named_leaves`, refusing two leaves that render to one name (a key holding "/").
+
+    >>> unique_named_leaves({"a/b": 1, "a": {"b": 2}}, "demo")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ValueError: demo: the leaves ['a']['b'] and ['a/b'] are both named 'a/b'; ...
+    """
+    flat, _ = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_node)
+    first: dict[str, tuple] = {}
+    for path, _ in flat:
+        other = first.setdefault(render(path), path)
+        if other is not path:
+            raise ValueError(f"{who}: the leaves {jax.tree_util.keystr(other)} and {jax.tree_util.keystr(path)} "
+                             f"are both named {render(path)!r}; lorax names leaves by joining keys with '/', "
+                             "so rename a key that holds '/'.")
+    return [(render(path), leaf) for path, leaf in flat]

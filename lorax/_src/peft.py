@@ -11,7 +11,11 @@ from __future__ import annotations
 import collections
 import json
 import math
+import os
 import re
+import shutil
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -21,17 +25,20 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from lorax._src.config import LoraConfig
+from lorax._src.files import as_folder, remove, swap_in
 from lorax._src.init import init
-from lorax._src.paths import named_leaves
-from lorax._src.trees import _map
+from lorax._src.paths import named_leaves, unique_named_leaves
+from lorax._src.peft_config import CONFIG_FILE, pattern_value, read_config, targeted
+from lorax._src.records import real
 from lorax._src.adapter import Adapter
-from lorax._src.kinds import DoraWeight, LoraWeight
 from lorax._src.initializers import makes_residual
+from lorax._src.kinds import DoraWeight, LoraWeight
 from lorax._src.sharding import place_factors
 from lorax._src.trainable import Trainable
+from lorax._src.trees import _map
 
 PREFIX = "base_model.model."
-CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
+WEIGHTS_FILE = "adapter_model.safetensors"
 
 #: ``(regex on the lorax path, torch module name)``; ``{i}`` is the layer: a regex group, or
 #: the index in the stack of an ``nn.scan``-ed weight.
@@ -51,18 +58,6 @@ GPT2: Mapping = (
     (r"(?:.*/)?wte/embedding", "transformer.wte"),
 )
 
-# Keys of peft 0.21's LoraConfig. Keys outside this set are refused; these must hold
-# their inert default (None, False, "none", {} or []) since lorax does not implement them:
-_UNSUPPORTED = ("lora_bias", "layer_replication", "target_parameters",
-                "trainable_token_indices", "use_qalora", "use_bdlora", "alora_invocation_tokens",
-                "layers_to_transform", "megatron_config", "arrow_config")
-_KNOWN = {"alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "corda_config",
-          "ensure_weight_tying", "eva_config", "exclude_modules", "fan_in_fan_out", "inference_mode",
-          "init_lora_weights", "kasa_config", "layers_pattern", "loftq_config", "lora_alpha",
-          "lora_dropout", "lora_ga_config", "megatron_core", "monteclora_config", "peft_type",
-          "peft_version", "qalora_group_size", "r", "rank_pattern", "revision", "runtime_config",
-          "target_modules", "task_type", "use_rslora", "velora_config", "modules_to_save", "use_dora",
-          *_UNSUPPORTED}
 MAGNITUDE = ".lora_magnitude_vector"  # DoRA's m, [out_features]
 
 
@@ -125,43 +120,56 @@ def save_peft(directory: str | Path, params: Any, mapping: Mapping, *, base_mode
     >>> sorted(p.name for p in folder.iterdir())
     ['adapter_config.json', 'adapter_model.safetensors']
     """
-    directory = Path(directory)
-    tensors, ranks, alphas, saved, dropouts = {}, {}, {}, set(), set()
+    target = as_folder(directory, "lorax.peft.save_peft", must_exist=False)
+    _check_mapping(mapping)
+    tensors, ranks, alphas, saved, owner, dropouts = {}, {}, {}, set(), {}, set()
     starts = dict(named_leaves(initial)) if initial is not None else None
     kinds = {type(leaf) for _, leaf in named_leaves(params) if isinstance(leaf, Adapter)}
     if len(kinds) > 1 or not kinds <= {LoraWeight, DoraWeight} or (starts is not None and kinds != {LoraWeight}):
         raise ValueError(f"lorax.peft: cannot export adapters of kinds {sorted(k.__name__ for k in kinds)}"
-                         f"{' relative to their initial factors' if starts is not None else ''}: one PEFT folder holds "
-                         "LoRA or DoRA adapters (and PEFT converts only plain LoRA ones).")
+                         f"{' relative to their initial factors' if starts is not None else ''}: one PEFT folder "
+                         "holds LoRA or DoRA adapters (and PEFT converts only plain LoRA ones).")
     residuals = [p for p, leaf in named_leaves(params) if isinstance(leaf, Adapter) and makes_residual(leaf.init)]
     if residuals and starts is None:
         raise ValueError(f"lorax.peft: {residuals[0]!r} was initialised with PiSSA or OLoRA, so its frozen "
                          "base is a residual of the original weight; pass initial=lorax.split(params_at_init)[0] "
                          "to export it relative to the original base, as PEFT expects.")
-    for path, leaf in named_leaves(params):
+
+    def claim(key: str, path: str, index: tuple = ()):
+        where = f"{path!r}{f' layer {index}' if index else ''}"
+        if key in owner:
+            raise ValueError(f"lorax.peft: the mapping gives {owner[key]} and {where} one torch name "
+                             f"{key!r}; each weight (and layer) needs its own module.")
+        owner[key] = where
+
+    for path, leaf in unique_named_leaves(params, "lorax.peft.save_peft"):
         if isinstance(leaf, Trainable):
             for module, name, value in _full_tensors(mapping, path, np.asarray(jax.device_get(leaf.value))):
+                claim(name, path)
                 tensors[PREFIX + name] = np.ascontiguousarray(value)
                 saved.add(module)
             continue
         if not isinstance(leaf, Adapter):
             continue
+        leaf.check(path)
         if starts is not None and makes_residual(leaf.init):
             if not isinstance(starts.get(path), LoraWeight):
                 raise ValueError(f"lorax.peft: `initial` has no adapter at {path!r}; pass the trainable "
                                  "tree saved right after lorax.init.")
             leaf = relative_to_original(leaf, starts[path])
+        alpha = real(leaf.scale * leaf.rank, f"lorax.peft: lora_alpha (scale x rank) of {path!r}", positive=True)
         suffix_a, suffix_b = _suffixes(path)
         for index, arrays in _layers(leaf):
             module = module_name(mapping, path, index)
             if module is None:
                 raise ValueError(f"lorax.peft: the mapping gives no torch module for {path!r}"
                                  f"{f' layer {index}' if index else ''}.")
+            claim(module, path, index)
             tensors[PREFIX + module + suffix_a] = np.ascontiguousarray(arrays["a"].T)
             tensors[PREFIX + module + suffix_b] = np.ascontiguousarray(arrays["b"].T)
             if "m" in arrays:
                 tensors[PREFIX + module + MAGNITUDE] = np.ascontiguousarray(arrays["m"])
-            ranks[module], alphas[module] = leaf.rank, leaf.scale * leaf.rank
+            ranks[module], alphas[module] = leaf.rank, alpha
         dropouts.add(leaf.dropout)
     if not ranks:
         raise ValueError("lorax.peft: params hold no LoraWeight to export.")
@@ -179,11 +187,52 @@ def save_peft(directory: str | Path, params: Any, mapping: Mapping, *, base_mode
         "lora_dropout": dropouts.pop() if dropouts else 0.0, "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
         "inference_mode": True,
     }
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-    save_file({k: v.astype(np.float32) if v.dtype.kind == "V" else v for k, v in tensors.items()},
-              directory / WEIGHTS_FILE, metadata={"format": "pt"})
-    return directory
+    _write_folder(target, json.dumps(config, indent=2, sort_keys=True),
+                  {k: v.astype(np.float32) if v.dtype.kind == "V" else v for k, v in tensors.items()})
+    return target
+
+
+def _write_folder(target: Path, config: str, tensors: dict) -> None:
+    """Write the adapter into a sibling folder, then swap it in: a crash leaves the old or the new adapter.
+
+    Other files of an existing folder (a README, say) are carried over by hard link."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, target.stat().st_mode if target.is_dir() else 0o777 & ~umask)
+        for entry in (target.iterdir() if target.is_dir() else ()):
+            if entry.name not in (CONFIG_FILE, WEIGHTS_FILE):
+                copy = shutil.copytree if entry.is_dir() and not entry.is_symlink() else _link
+                copy(entry, staging / entry.name, **({"symlinks": True, "copy_function": _link}
+                                                      if copy is shutil.copytree else {}))
+        save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
+        (staging / CONFIG_FILE).write_text(config)
+        swap_in(staging, target)
+    finally:
+        remove(staging)  # the old adapter after a swap, or a partial write
+
+
+def _link(src, dst) -> None:
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(src, dst, follow_symlinks=False)
+
+
+def _check_mapping(mapping: Any) -> None:
+    if callable(mapping):
+        return
+    if not isinstance(mapping, (list, tuple)) or not all(
+            isinstance(m, (list, tuple)) and len(m) == 2 and all(isinstance(x, str) for x in m) for m in mapping):
+        raise TypeError("lorax.peft: mapping must be a function (path, layer) -> module name or a sequence "
+                        f"of (path regex, module template) string pairs, got {mapping!r:.200}.")
+    for pattern, _ in mapping:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"lorax.peft: mapping regex {pattern!r} is not valid ({err}).") from None
 
 
 def _full_tensors(mapping: Mapping, path: str, value: np.ndarray):
@@ -200,43 +249,34 @@ def _full_tensors(mapping: Mapping, path: str, value: np.ndarray):
         yield module, f"{module}.{param}", layer.T if path.endswith("/kernel") else layer
 
 
-def _read_config(directory: Path) -> dict:
-    try:
-        config = json.loads((directory / CONFIG_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"lorax.peft: cannot read {directory / CONFIG_FILE}: {err}") from None
-    unknown = sorted(set(config) - _KNOWN)
-    if unknown:
-        raise ValueError(f"lorax.peft: unknown adapter_config.json keys {unknown}; lorax reads peft 0.21's LoRA configs.")
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"lorax.peft: peft_type is {config.get('peft_type')!r}; only 'LORA' adapters load.")
-    if "r" not in config:
-        raise ValueError("lorax.peft: adapter_config.json has no 'r' (the rank).")
-    for key in _UNSUPPORTED:
-        if config.get(key) not in (None, False, {}, []):
-            raise ValueError(f"lorax.peft: {key}={config[key]!r} is not supported by lorax.")
-    if config.get("bias", "none") != "none":
-        raise ValueError(f"lorax.peft: bias={config['bias']!r} is not supported; only 'none'.")
-    return config
-
-
-def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's rule: a key matches a module name ending in ``.key`` (a regex)."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+def _check_ranks(modules: dict, config: dict) -> None:
+    """Each module holds lora_A [r, in] and lora_B [out, r] with the rank the config gives it (PEFT refuses others)."""
+    for module, parts in sorted(modules.items()):
+        pair = {k: v for k, v in parts.items() if k in "AB"}  # DoRA's magnitude ("M") is checked on use
+        if set(pair) != {"A", "B"}:
+            missing = "lora_B" if "A" in pair else "lora_A"
+            raise ValueError(f"lorax.peft: {WEIGHTS_FILE}: module {module!r} has no {missing} tensor "
+                             f"(it has {sorted('lora_' + k if k in 'AB' else 'lora_magnitude_vector' for k in parts)}).")
+        want = pattern_value(config["rank_pattern"], module, config["r"])
+        A, B = pair["A"], pair["B"]
+        if A.ndim != 2 or B.ndim != 2 or A.shape[0] != want or B.shape[1] != want:
+            raise ValueError(f"lorax.peft: {module!r}: lora_A {A.shape} / lora_B {B.shape} do not hold rank {want} "
+                             f"(r={config['r']}{' and rank_pattern' if config['rank_pattern'] else ''} in "
+                             f"{CONFIG_FILE}); PEFT refuses such an adapter.")
 
 
 def load_peft(directory: str | Path, fn: Callable, params: Any, *args, mapping: Mapping, **kwargs) -> Any:
     """Read a PEFT adapter folder onto plain ``params``; returns the LoRA tree.
 
     ``fn`` and its example arguments are traced as in `lorax.init`, to learn each weight's
-    layout. Every tensor's shape is checked against the base; tensors for modules the base
-    does not have are refused.
+    layout. The config is checked against PEFT's rules (``r`` against the tensors, alphas
+    > 0); modules that ``target_modules`` does not list are skipped with a warning, as PEFT
+    skips them. Every tensor's shape is checked against the base; tensors for modules the
+    base does not have are refused.
     """
-    directory = Path(directory)
-    config = _read_config(directory)
+    directory = as_folder(directory, "lorax.peft.load_peft", must_exist=True)
+    _check_mapping(mapping)
+    config = read_config(directory)
     try:
         tensors = load_file(directory / WEIGHTS_FILE)
     except Exception as err:  # safetensors raises its own error types for corrupt files
@@ -255,6 +295,13 @@ def load_peft(directory: str | Path, fn: Callable, params: Any, *args, mapping: 
         else:
             raise ValueError(f"lorax.peft: unexpected tensor {key!r}: keys are "
                              f"'{PREFIX}<module>.lora_A.weight' and the like, or modules_to_save.")
+    _check_ranks(modules, config)
+    untargeted = sorted(m for m in modules if not targeted(config, m))
+    if untargeted:
+        warnings.warn(f"lorax.peft: {directory / CONFIG_FILE}: target_modules={config['target_modules']!r} does "
+                      f"not cover {untargeted}; their tensors are skipped, as PEFT skips them.", stacklevel=2)
+        for module in untargeted:
+            del modules[module]
 
     names = [name for name, leaf in named_leaves(params) if hasattr(leaf, "shape")]
     targets, rank_of = {}, {}
@@ -298,7 +345,7 @@ def load_peft(directory: str | Path, fn: Callable, params: Any, *args, mapping: 
                     raise ValueError(f"lorax.peft: {module!r}: use_dora is set but lora_magnitude_vector is "
                                      f"{'missing' if M is None else M.shape}; expected ({want_b[0]},).")
                 m[index] = M.reshape(m[index].shape)
-            alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
+            alpha = pattern_value(config["alpha_pattern"], module, config["lora_alpha"])
             scales.add(alpha / (math.sqrt(r) if config.get("use_rslora") else r))
         if len(scales) > 1:
             raise ValueError(f"lorax.peft: the layers of {name!r} have different scales {sorted(scales)}; "
