@@ -130,9 +130,8 @@ def smollm_runs(quick: bool) -> list[dict]:
 
 def adapter_sizes(smollm: list[dict]) -> list[dict]:
     """Each adapter file against the GGUF checkpoint and the same weights in fp32."""
-    from gguf import GGUFReader
-
     import smollm as model_file
+    from gguf import GGUFReader
 
     path = model_file.gguf_path()
     gguf, fp32 = path.stat().st_size, 4 * sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
@@ -177,7 +176,8 @@ def markdown(report: dict) -> str:
     lines += ["", "**Adapter file** (PEFT `adapter_model.safetensors`) against the base checkpoint", "",
               "| framework | kind | targets | adapter MiB | / GGUF Q4_1 file | / fp32 weights |",
               "|---|---|---|---|---|---|"]
-    lines += [f"| {r['framework']} | {r['kind']} | {r['targets']} | {r['adapter_bytes'] / 2**20:.2f} | {r['over_gguf_q4']:.4f} | "
+    lines += [f"| {r['framework']} | {r['kind']} | {r['targets']} | {r['adapter_bytes'] / 2**20:.2f} | "
+              f"{r['over_gguf_q4']:.4f} | "
               f"{r['over_fp32_base']:.4f} |" for r in report["adapters"]]
     return "\n".join(lines)
 

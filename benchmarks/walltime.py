@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 
@@ -26,7 +26,7 @@ class Timing:
         """Median seconds per call."""
         return statistics.median(self.times)
 
-    def over(self, reference: "Timing") -> float:
+    def over(self, reference: Timing) -> float:
         """Median of the per-round ratios: a round's drift divides out."""
         return statistics.median(t / r for t, r in zip(self.times, reference.times))
 

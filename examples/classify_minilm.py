@@ -19,13 +19,13 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import lorax  # noqa: E402
 from minilm import MiniLMClassifier, load_encoder, tokenizer  # noqa: E402
+
+import lorax  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -114,7 +114,9 @@ def main(argv=None):
     lora_config = lorax.LoraConfig(rank=8, alpha=16.0, targets=r".*/(query|value)/kernel", trainable=r"params/head/.*")
     adapted = lorax.init(jax.random.key(1), lora_config, fn, base, train[0][:2], train[1][:2])
 
-    for name, params, lr in (("linear probe", probe, 3e-3), ("full fine-tuning", None, 1e-4), ("LoRA r=8 (q, v) + head", adapted, 1e-3)):
+    variants = (("linear probe", probe, 3e-3), ("full fine-tuning", None, 1e-4),
+                ("LoRA r=8 (q, v) + head", adapted, 1e-3))
+    for name, params, lr in variants:
         if params is None:  # full fine-tuning: everything trainable
             trainable, frozen = base, None
             loss = lambda t, f, ids, mask, labels: xent(fn(t, ids, mask), labels)  # noqa: E731
@@ -126,12 +128,13 @@ def main(argv=None):
         count = sum(x.size for x in jax.tree.leaves(trainable))
         trained, step_s, memory = fit(loss, trainable, frozen, optax.adamw(lr), train, args.epochs, args.batch, rng)
         params = trained if frozen is None else lorax.combine(trained, frozen)
-        acc = accuracy(lambda i, m: predict(params, i, m))
+        acc = accuracy(lambda i, m, predict=predict, params=params: predict(params, i, m))
         rows.append(dict(variant=name, accuracy=acc, trainable=count, share=count / total, step_s=step_s,
                          step_mib=memory / 2**20))
         print(f"{name}: test accuracy {acc:.4f}, {count:,} trainable, {step_s:.3f} s/step")
 
-    lines = ["| variant | test accuracy | trainable params | share | s / step | XLA step MiB |", "|---|---|---|---|---|---|"]
+    lines = ["| variant | test accuracy | trainable params | share | s / step | XLA step MiB |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| {r['variant']} | {100 * r['accuracy']:.1f}% | {r['trainable']:,} | {100 * r['share']:.2f}% | "
               f"{r['step_s']:.3f} | {r['step_mib']:.0f} |" for r in rows]
     print("\n" + "\n".join(lines))

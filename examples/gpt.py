@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 import lorax
+
 
 class Block(nn.Module):
     d: int
@@ -57,7 +58,8 @@ class GPT(nn.Module):
         embed = nn.Embed(self.vocab, self.d, name="wte", dtype=self.dtype)
         pos = self.param("wpe", nn.initializers.normal(0.02), (self.max_len, self.d))
         x = embed(ids) + pos[: ids.shape[1]].astype(self.dtype)
-        blocks = nn.scan(nn.remat(Block) if self.remat else Block, variable_axes={"params": 0}, split_rngs={"params": True},
+        blocks = nn.scan(nn.remat(Block) if self.remat else Block, variable_axes={"params": 0},
+                         split_rngs={"params": True},
                          length=self.layers)
         x, _ = blocks(self.d, self.heads, self.dtype, name="h")(x, None)
         return embed.attend(nn.LayerNorm(dtype=self.dtype)(x))

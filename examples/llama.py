@@ -109,7 +109,8 @@ class Llama(nn.Module):
         t = ids.shape[1]
         positions = jnp.broadcast_to(jnp.arange(t), ids.shape)
         mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
-        layers = nn.scan(nn.remat(DecoderLayer) if c.remat else DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+        layers = nn.scan(nn.remat(DecoderLayer) if c.remat else DecoderLayer, variable_axes={"params": 0},
+                         split_rngs={"params": True},
                          in_axes=(nn.broadcast, nn.broadcast), length=c.layers)
         x, _ = layers(c, name="layers")(embed(ids), positions, mask)
         x = RMSNorm(c.eps, name="norm")(x)

@@ -79,7 +79,8 @@ def load_encoder(params: dict) -> dict:
         p[f"layer_{i}"] = {
             "query": dense(f"{src}.attention.self.query"), "key": dense(f"{src}.attention.self.key"),
             "value": dense(f"{src}.attention.self.value"), "attention_output": dense(f"{src}.attention.output.dense"),
-            "attention_norm": norm(f"{src}.attention.output.LayerNorm"), "intermediate": dense(f"{src}.intermediate.dense"),
+            "attention_norm": norm(f"{src}.attention.output.LayerNorm"),
+            "intermediate": dense(f"{src}.intermediate.dense"),
             "output": dense(f"{src}.output.dense"), "output_norm": norm(f"{src}.output.LayerNorm"),
         }
     return {"params": p}

@@ -51,7 +51,8 @@ def main(argv=None) -> list[float]:
     xs = data.normal(size=(512, 16)).astype(np.float32)
     ys = np.tanh(xs @ data.normal(size=(16, 4))).astype(np.float32)
     fn = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"]  # noqa: E731
-    base = {"w1": jax.random.normal(jax.random.key(0), (16, 32)) / 4, "w2": jax.random.normal(jax.random.key(1), (32, 4))}
+    base = {"w1": jax.random.normal(jax.random.key(0), (16, 32)) / 4,
+            "w2": jax.random.normal(jax.random.key(1), (32, 4))}
     lp = lorax.init(jax.random.key(2), lorax.LoraConfig(rank=4, dropout=0.1), fn, base, xs[:1])
     trainable, frozen = lorax.split(lp)
     tx = optax.adam(3e-2)

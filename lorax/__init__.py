@@ -18,12 +18,12 @@ from lorax._src.kinds import DoraWeight as DoraWeight
 from lorax._src.kinds import LoraWeight as LoraWeight
 from lorax._src.optim import optimizer as optimizer
 from lorax._src.sharding import partition_specs as partition_specs
+from lorax._src.trainable import Trainable as Trainable
 from lorax._src.transform import lora as lora
 from lorax._src.trees import combine as combine
 from lorax._src.trees import merge as merge
 from lorax._src.trees import split as split
 from lorax._src.trees import unmerge as unmerge
-from lorax._src.trainable import Trainable as Trainable
 
 __version__ = "0.1.0"
 

@@ -8,9 +8,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from models import GPT, MLP, NNXMLP, ConvNet, plain_fn, plain_params
 
 import lorax
-from models import GPT, MLP, ConvNet, NNXMLP, plain_fn, plain_params
 
 KEY = jax.random.key(0)
 

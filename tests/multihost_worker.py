@@ -18,7 +18,8 @@ def main(port: int, process_id: int, num_processes: int, folder: str, mode: str 
                                process_id=process_id)
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     import lorax
 

@@ -215,7 +215,9 @@ def test_module_names(mapping, path, index, expected):
     assert lorax.peft.module_name(mapping, path, index) == expected
 
 
-def _perturb_magnitudes(lp, key=jax.random.key(5)):
+def _perturb_magnitudes(lp, seed=5):
+    key = jax.random.key(seed)
+
     def move(x):
         if isinstance(x, lorax.DoraWeight):
             return x.replace(m=x.m * jax.random.uniform(key, x.m.shape, x.m.dtype, 0.7, 1.3))

@@ -20,7 +20,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import string
-from typing import Any, Callable, ClassVar, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, Self, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -45,9 +46,10 @@ def static_field(default: Any) -> Any:
 
 
 KINDS: dict[str, type[Adapter]] = {}
+KindT = TypeVar("KindT", bound=type)
 
 
-def register_kind(cls: type[Adapter]) -> type[Adapter]:
+def register_kind(cls: KindT) -> KindT:
     """Make ``cls`` a pytree and a kind that checkpoints and PEFT I/O can name."""
     KINDS[cls.kind] = cls
     return jax.tree_util.register_dataclass(cls)
@@ -163,6 +165,17 @@ class Adapter:
         """The plain weight this adapter stands for, in ``w``'s dtype."""
         raise NotImplementedError
 
+    @classmethod
+    def create(cls, key: jax.Array, spec: Any, w: jax.Array, use: Any) -> Adapter:
+        """A new adapter for ``w`` used as ``use`` (`lorax._src.usage.Use`), after ``spec``
+        (`lorax._src.config.AdapterSpec`), leaving the model's outputs unchanged."""
+        raise NotImplementedError
+
+    @property
+    def factor_dtype(self):
+        """The dtype of the trained arrays."""
+        return next(iter(self.trained().values())).dtype
+
     def unmerged(self, merged: jax.Array, path: str = "") -> jax.Array:
         """The ``w`` whose merge is ``merged``; kinds whose merge cannot be undone refuse."""
         raise ValueError(f"lorax.unmerge: {path!r} is a {type(self).__name__}, whose merge does not "
@@ -176,22 +189,22 @@ class Adapter:
 
     # ------------------------------------------------------------------ generic reshaping
 
-    def replace(self, **changes) -> Adapter:
+    def replace(self, **changes) -> Self:
         return dataclasses.replace(self, **changes)
 
-    def map_trained(self, fn: Callable[[str, jax.Array, tuple], jax.Array], **changes) -> Adapter:
+    def map_trained(self, fn: Callable[[str, jax.Array, tuple], jax.Array], **changes) -> Self:
         """Apply ``fn(name, array, layout)`` to each trained array."""
         layout = self.layout()
         return self.replace(**{n: fn(n, getattr(self, n), layout[n]) for n in layout}, **changes)
 
-    def relayout(self, new_position: dict[int, int], **changes) -> Adapter:
+    def relayout(self, new_position: dict[int, int], **changes) -> Self:
         """The same adapter for a ``w`` whose axes moved (``old -> new``; axes left out were
         squeezed away); trained arrays keep their layout, only the axis numbers change."""
         remap = lambda axes: tuple(new_position[i] for i in axes if i in new_position)  # noqa: E731
         return self.replace(a_axes=remap(self.a_axes), b_axes=remap(self.b_axes),
                             stack_axes=remap(self.stack_axes), **changes)
 
-    def take_stack(self, index_for: Callable[[int], Any], **changes) -> Adapter:
+    def take_stack(self, index_for: Callable[[int], Any], **changes) -> Self:
         """Index each trained array along its stack axes: ``index_for(w_axis)`` gives the
         index (a slice, or an int to drop the axis) for each stacked axis of W."""
 
@@ -201,7 +214,7 @@ class Adapter:
 
         return self.map_trained(take, **changes)
 
-    def unstacked(self, **changes) -> Adapter:
+    def unstacked(self, **changes) -> Self:
         """One layer of a stack sliced off axis 0 (inside ``scan``): axis numbers shift down."""
         down = lambda axes: tuple(i - 1 for i in axes)  # noqa: E731
         return self.replace(a_axes=down(self.a_axes), b_axes=down(self.b_axes),

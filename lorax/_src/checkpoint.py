@@ -15,12 +15,13 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lorax._src import compat
+from lorax._src.adapter import KINDS, Adapter
 from lorax._src.config import LoraConfig
 from lorax._src.files import as_folder, remove, swap_in, writer_lock
+from lorax._src.initializers import makes_residual, residual
 from lorax._src.paths import unique_named_leaves
 from lorax._src.records import FORMAT, check_record, index, real
-from lorax._src.adapter import KINDS, Adapter
-from lorax._src.initializers import makes_residual, residual
 from lorax._src.sharding import factor_shardings
 from lorax._src.trainable import Trainable
 from lorax._src.trees import _map
@@ -40,7 +41,7 @@ def _entries(params: Any) -> tuple[list[dict], list[dict]]:
             meta.append(dict(path=path, kind=leaf.kind, shape=list(leaf.shape), dtype=str(leaf.w.dtype),
                              rank=leaf.rank, scale=real(leaf.scale, f"lorax.save: the scale of {path!r}"),
                              a_axes=list(leaf.a_axes), b_axes=list(leaf.b_axes), stack_axes=list(leaf.stack_axes),
-                             dropout=float(leaf.dropout), init=leaf.init, factor_dtype=str(leaf.a.dtype),
+                             dropout=float(leaf.dropout), init=leaf.init, factor_dtype=str(leaf.factor_dtype),
                              lorax_version=lorax.__version__))
             arrays.append(leaf.trained())
         elif isinstance(leaf, Trainable):
@@ -53,7 +54,7 @@ def _entries(params: Any) -> tuple[list[dict], list[dict]]:
 
 def _concrete(path: str, *arrays) -> None:
     for x in arrays:
-        if not isinstance(x, (jax.Array, np.ndarray)) or isinstance(x, jax.core.Tracer):
+        if not isinstance(x, (jax.Array, np.ndarray)) or compat.is_tracer(x):
             raise TypeError(f"lorax.save: {path!r} holds {type(x).__name__}, not a concrete array "
                             "(an abstract tree from jax.eval_shape, or a call under jit?).")
 
@@ -252,6 +253,7 @@ def load(directory: str | Path, base: Any, *, step: int | None = None, state: An
         except Exception as err:
             raise ValueError(f"lorax.load: the arrays of step {step} in {str(root)!r} are missing or damaged "
                              f"({type(err).__name__}: {err}).") from None
+        saved = None
         if state is not None:
             template = _state(state, "lorax.load")
             try:
@@ -277,7 +279,7 @@ def _state(state: Any, who: str) -> Any:
                             "with jax.random.wrap_key_data.")
         if isinstance(x, np.generic) and not isinstance(x, np.bool_):
             return np.asarray(x)
-        if isinstance(x, (jax.Array, np.ndarray)) and not isinstance(x, jax.core.Tracer) or \
+        if isinstance(x, (jax.Array, np.ndarray)) and not compat.is_tracer(x) or \
                 type(x) in (int, float):
             return x
         raise TypeError(f"{where} is {type(x).__name__}; state leaves must be arrays, NumPy scalars, "

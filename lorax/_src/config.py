@@ -6,7 +6,8 @@ import dataclasses
 import functools
 import math
 import re
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -105,7 +106,8 @@ class LoraConfig:
             if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
                 raise TypeError(f"LoraConfig: {name} must be a mapping {{regex: value}}, got {value!r}.")
         fix("rank", index(self.rank, "LoraConfig: rank for 'rank'", minimum=1))
-        fix("rank_pattern", {k: index(v, f"LoraConfig: rank for {k!r}", minimum=1) for k, v in self.rank_pattern.items()})
+        fix("rank_pattern", {k: index(v, f"LoraConfig: rank for {k!r}", minimum=1)
+                             for k, v in self.rank_pattern.items()})
         if self.alpha is not None:
             fix("alpha", real(self.alpha, "LoraConfig: alpha for 'alpha'", positive=True))
         fix("alpha_pattern", {k: real(v, f"LoraConfig: alpha for {k!r}", positive=True)

@@ -8,8 +8,8 @@ import errno
 import fcntl
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 LOCK_FILE = ".lorax.lock"
 _RENAME_EXCHANGE = 2  # linux/fs.h

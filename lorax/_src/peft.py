@@ -16,23 +16,24 @@ import re
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from lorax._src.adapter import Adapter
 from lorax._src.config import LoraConfig
 from lorax._src.files import as_folder, remove, swap_in
 from lorax._src.init import init
+from lorax._src.initializers import makes_residual
+from lorax._src.kinds import DoraWeight, LoraWeight
 from lorax._src.paths import named_leaves, unique_named_leaves
 from lorax._src.peft_config import CONFIG_FILE, pattern_value, read_config, targeted
 from lorax._src.records import real
-from lorax._src.adapter import Adapter
-from lorax._src.initializers import makes_residual
-from lorax._src.kinds import DoraWeight, LoraWeight
 from lorax._src.sharding import place_factors
 from lorax._src.trainable import Trainable
 from lorax._src.trees import _map
@@ -59,6 +60,7 @@ GPT2: Mapping = (
 )
 
 MAGNITUDE = ".lora_magnitude_vector"  # DoRA's m, [out_features]
+PART_NAMES = {"A": "lora_A", "B": "lora_B", "M": "lora_magnitude_vector"}
 
 
 def module_name(mapping: Mapping, path: str, index: tuple[int, ...]) -> str | None:
@@ -115,7 +117,8 @@ def save_peft(directory: str | Path, params: Any, mapping: Mapping, *, base_mode
 
     >>> import jax, jax.numpy as jnp, lorax, lorax.peft, tempfile
     >>> fn = lambda p, x: x @ p["q_proj"]["kernel"]
-    >>> lp = lorax.init(jax.random.key(0), lorax.LoraConfig(rank=2), fn, {"q_proj": {"kernel": jnp.ones((4, 3))}}, jnp.ones((1, 4)))
+    >>> base = {"q_proj": {"kernel": jnp.ones((4, 3))}}
+    >>> lp = lorax.init(jax.random.key(0), lorax.LoraConfig(rank=2), fn, base, jnp.ones((1, 4)))
     >>> folder = lorax.peft.save_peft(tempfile.mkdtemp(), lp, [("q_proj/kernel", "q_proj")])
     >>> sorted(p.name for p in folder.iterdir())
     ['adapter_config.json', 'adapter_model.safetensors']
@@ -152,7 +155,7 @@ def save_peft(directory: str | Path, params: Any, mapping: Mapping, *, base_mode
         if not isinstance(leaf, Adapter):
             continue
         leaf.check(path)
-        if starts is not None and makes_residual(leaf.init):
+        if starts is not None and makes_residual(leaf.init) and isinstance(leaf, LoraWeight):
             if not isinstance(starts.get(path), LoraWeight):
                 raise ValueError(f"lorax.peft: `initial` has no adapter at {path!r}; pass the trainable "
                                  "tree saved right after lorax.init.")
@@ -184,7 +187,8 @@ def save_peft(directory: str | Path, params: Any, mapping: Mapping, *, base_mode
         "alpha_pattern": {m: a for m, a in sorted(alphas.items()) if a != alpha},
         "fan_in_fan_out": False, "bias": "none", "modules_to_save": sorted(saved) or None,
         "use_dora": kinds == {DoraWeight},
-        "lora_dropout": dropouts.pop() if dropouts else 0.0, "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
+        "lora_dropout": dropouts.pop() if dropouts else 0.0, "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
         "inference_mode": True,
     }
     _write_folder(target, json.dumps(config, indent=2, sort_keys=True),
@@ -243,7 +247,7 @@ def _full_tensors(mapping: Mapping, path: str, value: np.ndarray):
     param = "bias" if path.endswith("/bias") else "weight"
     stacked = module_name(mapping, path, ()) is None
     for index, layer in (enumerate(value) if stacked else [(None, value)]):
-        module = module_name(mapping, path, (index,) if stacked else ())
+        module = module_name(mapping, path, () if index is None else (index,))
         if module is None:
             raise ValueError(f"lorax.peft: the mapping gives no torch module for the Trainable leaf {path!r}.")
         yield module, f"{module}.{param}", layer.T if path.endswith("/kernel") else layer
@@ -256,7 +260,7 @@ def _check_ranks(modules: dict, config: dict) -> None:
         if set(pair) != {"A", "B"}:
             missing = "lora_B" if "A" in pair else "lora_A"
             raise ValueError(f"lorax.peft: {WEIGHTS_FILE}: module {module!r} has no {missing} tensor "
-                             f"(it has {sorted('lora_' + k if k in 'AB' else 'lora_magnitude_vector' for k in parts)}).")
+                             f"(it has {sorted(PART_NAMES[k] for k in parts)}).")
         want = pattern_value(config["rank_pattern"], module, config["r"])
         A, B = pair["A"], pair["B"]
         if A.ndim != 2 or B.ndim != 2 or A.shape[0] != want or B.shape[1] != want:
@@ -322,10 +326,10 @@ def load_peft(directory: str | Path, fn: Callable, params: Any, *args, mapping: 
     claimed: set[str] = set()
 
     def fill(name, leaf):
-        if not isinstance(leaf, Adapter):
+        if not isinstance(leaf, (LoraWeight, DoraWeight)):
             return leaf
         a, b = np.asarray(leaf.a).copy(), np.asarray(leaf.b).copy()
-        m = np.asarray(leaf.m).copy() if dora else None
+        m = np.asarray(leaf.m).copy() if isinstance(leaf, DoraWeight) else None
         stack, r = a.shape[: len(leaf.stack_axes)], leaf.rank
         want_a, want_b = (r, math.prod(a.shape[len(stack):-1])), (math.prod(b.shape[len(stack) + 1:]), r)
         scales = set()
@@ -339,7 +343,7 @@ def load_peft(directory: str | Path, fn: Callable, params: Any, *args, mapping: 
                 raise ValueError(f"lorax.peft: {module!r}: lora_A {A.shape} / lora_B {B.shape} do not fit "
                                  f"{name!r} {tuple(leaf.w.shape)}; expected {want_a} / {want_b}.")
             a[index], b[index] = A.T.reshape(a[index].shape), B.T.reshape(b[index].shape)
-            if dora:
+            if m is not None:
                 M = modules[module].get("M")
                 if M is None or M.shape != (want_b[0],):
                     raise ValueError(f"lorax.peft: {module!r}: use_dora is set but lora_magnitude_vector is "
@@ -350,7 +354,7 @@ def load_peft(directory: str | Path, fn: Callable, params: Any, *args, mapping: 
         if len(scales) > 1:
             raise ValueError(f"lorax.peft: the layers of {name!r} have different scales {sorted(scales)}; "
                              "one stacked weight holds one scale.")
-        filled = {"a": a, "b": b} | ({"m": m} if dora else {})
+        filled = {"a": a, "b": b} | ({"m": m} if m is not None else {})
         return place_factors(leaf.replace(scale=scales.pop(),
                                           **{n: jnp.asarray(x, getattr(leaf, n).dtype) for n, x in filled.items()}))
 
@@ -367,7 +371,8 @@ def load_peft(directory: str | Path, fn: Callable, params: Any, *args, mapping: 
         for _, torch_name, like in wanted:
             value = full[torch_name]
             if value.shape != like.shape:
-                raise ValueError(f"lorax.peft: {torch_name!r} {value.shape} does not fit {name!r}; expected {like.shape}.")
+                raise ValueError(f"lorax.peft: {torch_name!r} {value.shape} does not fit {name!r}; "
+                                 f"expected {like.shape}.")
             claimed.add(torch_name)
             layers.append(value.T if name.endswith("/kernel") else value)
         value = layers[0] if module_name(mapping, name, ()) else np.stack(layers)

@@ -37,7 +37,8 @@ def read_config(directory: Path) -> dict:
         raise ValueError(f"{where} expected a JSON object, got {type(config).__name__} {config!r:.80}.")
     unknown = sorted(set(config) - _KNOWN)
     if unknown:
-        raise ValueError(f"lorax.peft: unknown adapter_config.json keys {unknown}; lorax reads peft 0.21's LoRA configs.")
+        raise ValueError(f"lorax.peft: unknown adapter_config.json keys {unknown}; "
+                         "lorax reads peft 0.21's LoRA configs.")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"lorax.peft: peft_type is {config.get('peft_type')!r}; only 'LORA' adapters load.")
     if "r" not in config:

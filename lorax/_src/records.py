@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any
+from typing import Any, NoReturn, TypeGuard
 
 import jax.numpy as jnp
 
@@ -44,17 +44,18 @@ def real(value: Any, what: str, *, positive: bool = False) -> float:
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{what} must be a number, got {value!r} ({type(value).__name__}).")
-    if not math.isfinite(value):
-        raise ValueError(f"{what} must be a finite number, got {float(value)!r}.")
-    if positive and not value > 0:
-        raise ValueError(f"{what} must be > 0, got {float(value)!r}.")
-    return float(value)
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{what} must be a finite number, got {number!r}.")
+    if positive and not number > 0:
+        raise ValueError(f"{what} must be > 0, got {number!r}.")
+    return number
 
 
 def check_record(record: Any, where: str) -> dict:
     """Validate a checkpoint's metadata; the error names the file ``where`` and the field."""
 
-    def bad(field: str, want: str, got: Any):
+    def bad(field: str, want: str, got: Any) -> NoReturn:
         raise ValueError(f"lorax.load: {where}: {field} must be {want}, got {got!r}; "
                          "the checkpoint metadata is damaged or not lorax's.")
 
@@ -72,7 +73,7 @@ def check_record(record: Any, where: str) -> dict:
         bad("'weights'", "a non-empty list", weights)
     seen = set()
     for i, e in enumerate(weights):
-        field = lambda name: f"weights[{i}].{name}"  # noqa: E731
+        field = lambda name, i=i: f"weights[{i}].{name}"  # noqa: E731
         if not isinstance(e, dict):
             bad(f"weights[{i}]", "an object", e)
         if not isinstance(e.get("path"), str) or e["path"] in seen:
@@ -96,7 +97,7 @@ def check_record(record: Any, where: str) -> dict:
             value = e.get(name)
             if not (_is_real(value) and math.isfinite(value) and low <= value and (name != "dropout" or value < 1)):
                 bad(field(name), "a finite number" + (" in [0, 1)" if name == "dropout" else ""), value)
-        axes = [e.get(k) for k in ("a_axes", "b_axes", "stack_axes")]
+        axes: list[Any] = [e.get(k) for k in ("a_axes", "b_axes", "stack_axes")]
         if not all(isinstance(x, list) and all(_is_int(k) for k in x) for x in axes) or \
                 sorted(k for x in axes for k in x) != list(range(len(shape))):
             bad(field("a_axes/b_axes/stack_axes"), f"lists of ints splitting the {len(shape)} axes of "
@@ -104,11 +105,11 @@ def check_record(record: Any, where: str) -> dict:
     return record
 
 
-def _is_int(x) -> bool:
+def _is_int(x) -> TypeGuard[int]:
     return type(x) is int
 
 
-def _is_real(x) -> bool:
+def _is_real(x) -> TypeGuard[float]:
     return type(x) in (int, float)
 
 

@@ -18,7 +18,8 @@ Nothing outside this table lists primitives.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 Kind = Literal["view", "product", "control"]
 

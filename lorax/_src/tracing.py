@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import numpy as np
 
 from lorax._src import compat
-from lorax._src.paths import render
 from lorax._src.adapter import Adapter
+from lorax._src.paths import render
 from lorax._src.trainable import Trainable, is_node
 
 

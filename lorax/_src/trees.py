@@ -7,8 +7,8 @@ from typing import Any
 
 import jax
 
-from lorax._src.paths import render
 from lorax._src.adapter import Adapter
+from lorax._src.paths import render
 from lorax._src.trainable import Trainable, is_node
 
 
@@ -52,7 +52,7 @@ def split(params: Any) -> tuple[Any, Any]:
         return None, x
 
     pairs = _map(lambda name, x: _Pair(halves(name, x)), params)
-    return tuple(jax.tree.map(lambda pair: pair.halves[k], pairs) for k in (0, 1))
+    return tuple(jax.tree.map(lambda pair, k=k: pair.halves[k], pairs) for k in (0, 1))
 
 
 @dataclasses.dataclass(frozen=True)

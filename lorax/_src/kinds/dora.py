@@ -82,7 +82,8 @@ class DoraWeight(Adapter):
         base, a, b = low_rank_init(key, spec.init, w, use.a_axes, use.b_axes, use.stack_axes,
                                    spec.rank, spec.scale, dtype)
         stack = len(use.stack_axes)
-        shell = cls(base, a, b, jnp.ones(b.shape[:stack] + b.shape[stack + 1:], dtype), scale=spec.scale, a_axes=use.a_axes, b_axes=use.b_axes,
+        m = jnp.ones(b.shape[:stack] + b.shape[stack + 1:], dtype)
+        shell = cls(base, a, b, m, scale=spec.scale, a_axes=use.a_axes, b_axes=use.b_axes,
                     stack_axes=use.stack_axes, dropout=spec.dropout, init=spec.init)
         return shell.replace(m=shell.column_norm().astype(dtype))
 

@@ -55,8 +55,6 @@ class LoraWeight(Adapter):
 
     @classmethod
     def create(cls, key: jax.Array, spec, w: jax.Array, use) -> LoraWeight:
-        """A new adapter for ``w`` used as ``use`` (`lorax._src.usage.Use`), after ``spec``
-        (`lorax._src.config.AdapterSpec`)."""
         base, a, b = low_rank_init(key, spec.init, w, use.a_axes, use.b_axes, use.stack_axes,
                                    spec.rank, spec.scale, spec.dtype or w.dtype)
         return cls(base, a, b, scale=spec.scale, a_axes=use.a_axes, b_axes=use.b_axes,
