@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import subprocess
+import sys
+import textwrap
 
 import equinox as eqx
 import jax
@@ -56,3 +60,21 @@ def make_case(name: str):
 
 
 CASES = ["mlp", "conv", "gpt", "gpt-bf16", "nnx", "plain", "equinox"]
+
+
+@contextlib.contextmanager
+def lock_held_by_another_process(folder):
+    """Another process holds ``folder``'s writer lock (lorax's ``.lorax.lock``) meanwhile."""
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import fcntl, os, time
+        fd = os.open({str(folder / '.lorax.lock')!r}, os.O_RDWR | os.O_CREAT)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        print("locked", flush=True)
+        time.sleep(600)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import lock_held_by_another_process
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
@@ -151,20 +152,9 @@ def test_orbax_declining_to_save_raises(tmp_path, monkeypatch):
 
 def test_second_writer_gets_a_clear_error(tmp_path):
     lorax.save(tmp_path, adapted(0))
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import fcntl, os, sys, time
-        fd = os.open({str(tmp_path / '.lorax.lock')!r}, os.O_RDWR)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        print("locked", flush=True)
-        time.sleep(60)
-    """)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_by_another_process(tmp_path):
         unchanged(tmp_path, lambda: lorax.save(tmp_path, adapted(1)), RuntimeError,
                   "another process is saving to .*one writer per folder")
-    finally:
-        holder.kill()
-        holder.wait(timeout=30)
 
 
 def test_two_processes_saving_at_once_never_leave_a_broken_step(tmp_path):

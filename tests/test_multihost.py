@@ -8,10 +8,10 @@ import re
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
+from helpers import lock_held_by_another_process
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -45,21 +45,9 @@ def test_two_processes_save_and_load_host_local_numpy_and_global_leaves(tmp_path
 
 
 def test_a_locked_folder_is_refused_on_every_process_without_a_hang(tmp_path):
-    (tmp_path / ".lorax.lock").touch()
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import fcntl, os, time
-        fd = os.open({str(tmp_path / '.lorax.lock')!r}, os.O_RDWR)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        print("locked", flush=True)
-        time.sleep(600)
-    """)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_by_another_process(tmp_path):
         port, worker = free_port(), str(ROOT / "tests" / "multihost_worker.py")
         outs = run_all([[sys.executable, worker, str(port), str(i), "2", str(tmp_path), "locked"] for i in range(2)])
-    finally:
-        holder.kill()
-        holder.wait(timeout=30)
     assert [o.strip().splitlines()[-1] for o in outs] == ["process 0: refused", "process 1: refused"]
     assert [p.name for p in tmp_path.iterdir()] == [".lorax.lock"]
 

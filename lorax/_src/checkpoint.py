@@ -247,26 +247,26 @@ def load(directory: str | Path, base: Any, *, step: int | None = None, state: An
             raise ValueError(f"lorax.load: step {step} in {str(root)!r} holds no training state (it was saved "
                              "without state=); load it without state=.")
         targets = [_abstract(e, leaves[e["path"]]) for e in record["weights"]]
-        try:
-            arrays = manager.restore(step, args=ocp.args.Composite(
-                adapters=ocp.args.StandardRestore(targets)))["adapters"]
-        except Exception as err:
-            raise ValueError(f"lorax.load: the arrays of step {step} in {str(root)!r} are missing or damaged "
-                             f"({type(err).__name__}: {err}).") from None
+        arrays = _restore(manager, step, "adapters", targets,
+                          f"the arrays of step {step} in {str(root)!r} are missing or damaged")
         saved = None
         if state is not None:
-            template = _state(state, "lorax.load")
-            try:
-                saved = manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(template)))["state"]
-            except Exception as err:
-                raise ValueError(f"lorax.load: the state of step {step} in {str(root)!r} does not match the "
-                                 f"template given, or is damaged ({type(err).__name__}: {err}).") from None
+            saved = _restore(manager, step, "state", _state(state, "lorax.load"),
+                             f"the state of step {step} in {str(root)!r} does not match the template given, "
+                             "or is damaged")
             saved = jax.tree.map(lambda like, x: type(like)(x) if isinstance(like, (np.generic, int, float)) else x,
                                  state, saved)
     restored = {e["path"]: _node(e, leaves[e["path"]], x) for e, x in zip(record["weights"], arrays)}
     params = _map(lambda path, leaf: restored.get(path, leaf), base)
     return params if state is None else (params, saved)
+
+
+def _restore(manager: ocp.CheckpointManager, step: int, item: str, template: Any, problem: str) -> Any:
+    """Item ``item`` of ``step``, restored into ``template``; any orbax error becomes ``problem``."""
+    try:
+        return manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(template)}))[item]
+    except Exception as err:  # orbax and tensorstore raise many types for missing or damaged files
+        raise ValueError(f"lorax.load: {problem} ({type(err).__name__}: {err}).") from None
 
 
 def _state(state: Any, who: str) -> Any:

@@ -70,20 +70,19 @@ def _dot(eqn, invals, ctx):
 @apply("conv_general_dilated", adapter=LoraWeight)
 def _conv(eqn, invals, ctx):
     """A window convolution to ``rank`` channels, then ``b`` as a 1×1 convolution."""
-    parts = products.conv_parts(eqn, invals, ctx)
-    if parts is None:
-        return None
-    base, y, axis = parts
-    lw = invals[1].weight
-    return [base + products.apply_b(y, axis, lw.b, lw.scale).astype(base.dtype)]
+    return _then_b(products.conv_parts(eqn, invals, ctx), invals, 1)
 
 
 @apply("gather", adapter=LoraWeight)
 def _gather(eqn, invals, ctx):
     """An embedding lookup: the rows of ``a``, then ``b``."""
-    parts = products.gather_parts(eqn, invals, ctx)
+    return _then_b(products.gather_parts(eqn, invals, ctx), invals, 0)
+
+
+def _then_b(parts, invals, position: int):
+    """The frozen product plus the rank-wide product ``y`` taken through ``s·b``."""
     if parts is None:
         return None
     base, y, axis = parts
-    lw = invals[0].weight
+    lw = invals[position].weight
     return [base + products.apply_b(y, axis, lw.b, lw.scale).astype(base.dtype)]
