@@ -150,14 +150,13 @@ class Setup:
     args: argparse.Namespace
 
     def fn(self, params, ids, mask):
+        """The classifier's logits."""
         return self.model.apply(params, ids, mask)
 
     def initial(self, v: Variant, seed: int) -> dict:
-        """The pretrained encoder with a freshly drawn head, adapted (or marked trainable) as ``v`` says."""
+        """The pretrained encoder with a head drawn from ``seed``, adapted as ``v`` says (A drawn from seed + 1000)."""
         head = self.model.init(jax.random.key(seed), *(a[:1] for a in self.train[:2]))["params"]["head"]
         params = {"params": {**self.base["params"], "head": head}}
-        if v.kind == "probe":
-            return {"params": {**params["params"], "head": jax.tree.map(lorax.Trainable, head)}}
         if v.kind == "full":
             return params
         return lorax.init(jax.random.key(seed + 1000), v.config(), self.fn, params, *(a[:2] for a in self.train[:2]))
@@ -255,7 +254,7 @@ def chart(rows: dict[str, dict], phi: dict[str, np.ndarray], path: Path) -> None
     for a, (side, grid) in zip(ax[2:], phi.items()):
         im = a.imshow(grid, aspect="auto", origin="lower", vmin=0, vmax=1, cmap="viridis",
                       extent=(0.5, grid.shape[1] + 0.5, 0.5, grid.shape[0] + 0.5))
-        a.set(xlabel="j (r=64)", ylabel="i (r=8)", title=f"φ(A8, A64, i, j), {side} side (mean over q,v, layers, seeds)")
+        a.set(xlabel="j (r=64)", ylabel="i (r=8)", title=f"φ(i, j) of ΔW, r=8 vs r=64, {side} side")
         fig.colorbar(im, ax=a)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -13,6 +13,7 @@ from paper_tables import singular_vectors, subspace_similarity  # noqa: E402
 
 
 def orthonormal(d, k, seed=0):
+    """A random [d, k] matrix with orthonormal columns."""
     return np.linalg.qr(np.random.default_rng(seed).normal(size=(d, k)))[0]
 
 
