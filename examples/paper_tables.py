@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +79,7 @@ def parse_args(argv=None):
     p.add_argument("--test-size", type=int, default=480)
     p.add_argument("--layers", type=int, default=6, help="encoder layers kept (the smoke run keeps one)")
     p.add_argument("--lr", type=float, default=1e-3, help="LoRA learning rate (full fine-tuning: a tenth)")
+    p.add_argument("--jobs", type=int, default=1, help="variants trained at once, in threads")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "paper_tables")
     args = p.parse_args(argv)
@@ -276,9 +278,11 @@ def main(argv=None) -> dict:
     start, cpu = time.perf_counter(), time.process_time()
     setup = load(args)
     rows = {"linear probe": probe_row(setup)}
-    for v in dict.fromkeys(TABLE2[1:] + TABLE5 + TABLE6):
-        rows[v.name] = run_variant(setup, v)
-        print(f"{v.name}: {summary(rows[v.name])}% ({np.mean(rows[v.name]['seconds']):.0f} s per seed)", flush=True)
+    variants = list(dict.fromkeys(TABLE2[1:] + TABLE5 + TABLE6))
+    with ThreadPoolExecutor(args.jobs) as pool:  # results do not depend on the number of jobs
+        for v, row in zip(variants, pool.map(lambda v: run_variant(setup, v), variants)):
+            rows[v.name] = row
+            print(f"{v.name}: {summary(row)}% ({np.mean(row['seconds']):.0f} s per seed)", flush=True)
     phi = similarity(*(rows[Variant("lora", "qv", r).name]["updates"] for r in (8, 64)))
     for row in rows.values():
         row.pop("updates")
