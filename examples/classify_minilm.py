@@ -56,10 +56,8 @@ def xla_step_bytes(step, *args) -> int:
     return mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes - mem.alias_size_in_bytes
 
 
-def fit(loss, trainable, frozen, tx, data, epochs, batch, rng):
-    """Adam over shuffled mini-batches; returns the trained tree, median step time, step bytes."""
-    ids, mask, labels = data
-    opt = tx.init(trainable)
+def train_step(loss, tx):
+    """The jitted optimizer step ``(trainable, opt, frozen, ids, mask, labels) -> (trainable, opt, loss)``."""
 
     @jax.jit
     def step(t, opt, frozen, ids, mask, labels):
@@ -67,9 +65,14 @@ def fit(loss, trainable, frozen, tx, data, epochs, batch, rng):
         updates, opt = tx.update(grads, opt, t)
         return optax.apply_updates(t, updates), opt, value
 
+    return step
+
+
+def fit(step, trainable, frozen, tx, data, epochs, batch, rng):
+    """``step`` over shuffled mini-batches for ``epochs``; returns the trained tree and the median step time."""
+    ids, mask, labels = data
+    opt = tx.init(trainable)
     times = []
-    first = (ids[:batch], mask[:batch], labels[:batch])
-    memory = xla_step_bytes(step, trainable, opt, frozen, *first)
     for _ in range(epochs):
         order = rng.permutation(len(labels))
         for k in range(0, len(order) - batch + 1, batch):
@@ -78,7 +81,36 @@ def fit(loss, trainable, frozen, tx, data, epochs, batch, rng):
             trainable, opt, value = step(trainable, opt, frozen, ids[b], mask[b], labels[b])
             value.block_until_ready()
             times.append(time.perf_counter() - t0)
-    return trainable, float(np.median(times[1:] or times)), memory
+    return trainable, float(np.median(times[1:] or times))
+
+
+def xent(logits, labels):
+    """Mean softmax cross-entropy against integer labels."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def variant(fn, params, full: bool = False):
+    """``(trainable, frozen, loss, predict)`` for a tree with adapters or ``Trainable`` leaves, or with every
+    leaf trainable when ``full``; ``predict(params, ids, mask)`` takes the combined tree."""
+    if full:
+        loss = lambda t, f, ids, mask, labels: xent(fn(t, ids, mask), labels)  # noqa: E731
+        return params, None, loss, jax.jit(fn)
+    trainable, frozen = lorax.split(params)
+    loss = lambda t, f, ids, mask, labels: xent(lorax.lora(fn)(lorax.combine(t, f), ids, mask), labels)  # noqa: E731
+    return trainable, frozen, loss, jax.jit(lorax.lora(fn))
+
+
+def accuracy(predict, params, data, batch: int = 64) -> float:
+    """Test accuracy of ``predict(params, ids, mask)`` over ``data = (ids, mask, labels)``."""
+    ids, mask, labels = data
+    preds = [np.argmax(predict(params, ids[k:k + batch], mask[k:k + batch]), -1) for k in range(0, len(labels), batch)]
+    return float(np.mean(np.concatenate(preds) == labels))
+
+
+def encode(tok, texts):
+    """Token ids and attention masks as int32 arrays, padded/truncated by ``tok``."""
+    enc = tok.encode_batch(texts)
+    return np.array([e.ids for e in enc], np.int32), np.array([e.attention_mask for e in enc], np.int32)
 
 
 def main(argv=None):
@@ -89,10 +121,7 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     order = rng.permutation(len(texts))[: args.limit or None]
     split = int(0.8 * len(order))
-    tok = tokenizer(args.seq)
-    enc = tok.encode_batch([texts[i] for i in order])
-    ids = np.array([e.ids for e in enc], np.int32)
-    mask = np.array([e.attention_mask for e in enc], np.int32)
+    ids, mask = encode(tokenizer(args.seq), [texts[i] for i in order])
     y = labels[order]
     train, test = (ids[:split], mask[:split], y[:split]), (ids[split:], mask[split:], y[split:])
     print(f"BBC News: {len(train[2])} train / {len(test[2])} test documents, {len(classes)} classes {classes}")
@@ -101,11 +130,6 @@ def main(argv=None):
     fn = lambda p, ids, mask: model.apply(p, ids, mask)  # noqa: E731
     base = load_encoder(model.init(jax.random.key(0), train[0][:2], train[1][:2]))
     total = sum(x.size for x in jax.tree.leaves(base))
-    xent = lambda logits, labels: optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()  # noqa: E731
-
-    def accuracy(predict):
-        preds = [np.argmax(predict(test[0][k:k + 64], test[1][k:k + 64]), -1) for k in range(0, len(test[2]), 64)]
-        return float(np.mean(np.concatenate(preds) == test[2]))
 
     rows = []
     # 1. linear probe: frozen encoder, train the head only
@@ -114,21 +138,15 @@ def main(argv=None):
     lora_config = lorax.LoraConfig(rank=8, alpha=16.0, targets=r".*/(query|value)/kernel", trainable=r"params/head/.*")
     adapted = lorax.init(jax.random.key(1), lora_config, fn, base, train[0][:2], train[1][:2])
 
-    variants = (("linear probe", probe, 3e-3), ("full fine-tuning", None, 1e-4),
-                ("LoRA r=8 (q, v) + head", adapted, 1e-3))
-    for name, params, lr in variants:
-        if params is None:  # full fine-tuning: everything trainable
-            trainable, frozen = base, None
-            loss = lambda t, f, ids, mask, labels: xent(fn(t, ids, mask), labels)  # noqa: E731
-            predict = jax.jit(lambda p, ids, mask: fn(p, ids, mask))
-        else:
-            trainable, frozen = lorax.split(params)
-            loss = lambda t, f, ids, mask, labels: xent(lorax.lora(fn)(lorax.combine(t, f), ids, mask), labels)  # noqa: E731
-            predict = jax.jit(lambda p, ids, mask: lorax.lora(fn)(p, ids, mask))
+    for name, params, lr in (("linear probe", probe, 3e-3), ("full fine-tuning", base, 1e-4),
+                             ("LoRA r=8 (q, v) + head", adapted, 1e-3)):
+        trainable, frozen, loss, predict = variant(fn, params, full=params is base)
         count = sum(x.size for x in jax.tree.leaves(trainable))
-        trained, step_s, memory = fit(loss, trainable, frozen, optax.adamw(lr), train, args.epochs, args.batch, rng)
-        params = trained if frozen is None else lorax.combine(trained, frozen)
-        acc = accuracy(lambda i, m, predict=predict, params=params: predict(params, i, m))
+        tx = optax.adamw(lr)
+        step = train_step(loss, tx)
+        memory = xla_step_bytes(step, trainable, tx.init(trainable), frozen, *(a[:args.batch] for a in train))
+        trained, step_s = fit(step, trainable, frozen, tx, train, args.epochs, args.batch, rng)
+        acc = accuracy(predict, trained if frozen is None else lorax.combine(trained, frozen), test)
         rows.append(dict(variant=name, accuracy=acc, trainable=count, share=count / total, step_s=step_s,
                          step_mib=memory / 2**20))
         print(f"{name}: test accuracy {acc:.4f}, {count:,} trainable, {step_s:.3f} s/step")

@@ -60,11 +60,13 @@ class MiniLMClassifier(nn.Module):
         for i in range(self.layers):
             x = Layer(self.heads, self.hidden, self.eps, name=f"layer_{i}")(x, mask)
         pooled = (x * mask[..., None]).sum(1) / jnp.maximum(mask.sum(1, keepdims=True), 1)
+        self.sow("intermediates", "pooled", pooled)  # the head's input, for a linear probe on frozen features
         return nn.Dense(self.classes, name="head")(pooled)
 
 
 def load_encoder(params: dict) -> dict:
-    """Copy the pretrained encoder into ``params`` (from ``MiniLMClassifier.init``); the head stays."""
+    """Copy the pretrained encoder into ``params`` (from ``MiniLMClassifier.init``, with up to 6 layers: the
+    first ones are copied); the head stays."""
     from safetensors.numpy import load_file
 
     w = load_file(model_dir() / "model.safetensors")
@@ -74,7 +76,7 @@ def load_encoder(params: dict) -> dict:
     for name in ("word_embeddings", "position_embeddings", "token_type_embeddings"):
         p[name] = {"embedding": jnp.asarray(w[f"embeddings.{name}.weight"])}
     p["embeddings_norm"] = norm("embeddings.LayerNorm")
-    for i in range(6):
+    for i in range(sum(name.startswith("layer_") for name in p)):
         src = f"encoder.layer.{i}"
         p[f"layer_{i}"] = {
             "query": dense(f"{src}.attention.self.query"), "key": dense(f"{src}.attention.self.key"),

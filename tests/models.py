@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from gpt import GPT  # noqa: F401  (shared with the benchmarks: examples/gpt.py)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # also for subprocesses
+from gpt import GPT  # noqa: E402, F401  (shared with the benchmarks: examples/gpt.py)
 
 
 class MLP(nn.Module):
