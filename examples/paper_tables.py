@@ -30,10 +30,11 @@ import numpy as np
 import optax
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import lorax  # noqa: E402
 import plays  # noqa: E402
 from classify_minilm import accuracy, encode, fit, train_step, variant, xent  # noqa: E402
 from minilm import MiniLMClassifier, load_encoder, tokenizer  # noqa: E402
+
+import lorax  # noqa: E402
 
 PLAYS = ["hamlet", "macbeth", "lear", "othello", "romeo_and_juliet", "twelfth_night", "as_you_like_it",
          "antony_and_cleopatra"]
@@ -112,7 +113,8 @@ def singular_vectors(delta: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarr
 def updates(trained: dict, base: dict, matrices: str) -> dict[str, np.ndarray]:
     """``{"layer_i/query": W' - W}``: the learned update of each adapted attention matrix."""
     merged = lorax.merge(trained)["params"]
-    return {f"{layer}/{MATRICES[m]}": np.asarray(merged[layer][MATRICES[m]]["kernel"] - base["params"][layer][MATRICES[m]]["kernel"])
+    kernel = lambda tree, layer, m: tree[layer][MATRICES[m]]["kernel"]  # noqa: E731
+    return {f"{layer}/{MATRICES[m]}": np.asarray(kernel(merged, layer, m) - kernel(base["params"], layer, m))
             for layer in base["params"] if layer.startswith("layer_") for m in matrices}
 
 
@@ -195,8 +197,10 @@ def probe_row(setup: Setup) -> dict:
     t0 = time.perf_counter()
     x_train, x_test = pooled(setup.model, setup.base, setup.train), pooled(setup.model, setup.base, setup.test)
     classes = int(setup.train[2].max()) + 1
-    acc = [linear_probe((x_train, setup.train[2]), (x_test, setup.test[2]), classes, seed) for seed in range(setup.args.seeds)]
-    return dict(variant="linear probe", kind="probe", matrices="", rank=0, accuracy=acc, trainable=(x_train.shape[1] + 1) * classes,
+    acc = [linear_probe((x_train, setup.train[2]), (x_test, setup.test[2]), classes, seed)
+           for seed in range(setup.args.seeds)]
+    return dict(variant="linear probe", kind="probe", matrices="", rank=0, accuracy=acc,
+                trainable=(x_train.shape[1] + 1) * classes,
                 seconds=[(time.perf_counter() - t0) / len(acc)] * len(acc), updates=[])
 
 
@@ -224,13 +228,15 @@ def markdown(rows: dict[str, dict], phi: dict[str, np.ndarray], seeds: int) -> s
            "| variant (Table 2 analog) | trainable params | accuracy |", "|---|---|---|"]
     out += [f"| {rows[v.name]['variant']} | {rows[v.name]['trainable']:,} | {summary(rows[v.name])} |" for v in TABLE2]
     out += ["", "| same budget (Table 5 analog) | rank | trainable params | accuracy |", "|---|---|---|---|"]
-    out += [f"| {','.join(v.matrices)} | {v.rank} | {rows[v.name]['trainable']:,} | {summary(rows[v.name])} |" for v in TABLE5]
+    out += [f"| {','.join(v.matrices)} | {v.rank} | {rows[v.name]['trainable']:,} | {summary(rows[v.name])} |"
+            for v in TABLE5]
     out += ["", "| rank on q,v (Table 6 analog) | " + " | ".join(f"r={v.rank}" for v in TABLE6) + " |",
             "|---|" + "---|" * len(TABLE6), "| accuracy | " + " | ".join(summary(rows[v.name]) for v in TABLE6) + " |",
             "| trainable params | " + " | ".join(f"{rows[v.name]['trainable']:,}" for v in TABLE6) + " |"]
-    out += ["", "| φ(r=8, r=64, i, j) (Figure 3 analog) | i=j=1 | i=1, j=64 | i=j=8 | i=8, j=64 |", "|---|---|---|---|---|"]
-    out += [f"| {side} side ({'A' if side == 'input' else 'B'}) | {g[0, 0]:.2f} | {g[0, 63]:.2f} | {g[7, 7]:.2f} | {g[7, 63]:.2f} |"
-            for side, g in phi.items()]
+    out += ["", "| φ(r=8, r=64, i, j) (Figure 3 analog) | i=j=1 | i=1, j=64 | i=j=8 | i=8, j=64 |",
+            "|---|---|---|---|---|"]
+    out += [f"| {side} side ({'A' if side == 'input' else 'B'}) | {g[0, 0]:.2f} | {g[0, 63]:.2f} | {g[7, 7]:.2f} | "
+            f"{g[7, 63]:.2f} |" for side, g in phi.items()]
     out += ["| random subspaces (expected) | 0.00 | 0.17 | 0.02 | 0.17 |"]
     return "\n".join(out)
 
@@ -302,7 +308,8 @@ def trained_rows(setup: Setup, variants: list[Variant]):
     if setup.args.jobs == 1:
         yield from (run_variant(setup, v) for v in variants)
         return
-    with ProcessPoolExecutor(setup.args.jobs, multiprocessing.get_context("spawn"), _start_worker, (setup.args,)) as pool:
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(setup.args.jobs, context, _start_worker, (setup.args,)) as pool:
         yield from pool.map(_run_in_worker, variants)
 
 

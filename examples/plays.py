@@ -88,5 +88,6 @@ def dataset(names: list[str], lines: int, train_size: int, test_size: int, test_
         play = scenes(play_text(name))
         for scene, held in zip(play, scene_split(len(play), test_share, rng)):
             pools[int(held)].extend(x for x in map(address, passages(scene, lines)) if x)
-    (train, test) = ([pool[k] for k in rng.permutation(len(pool))[:size]] for pool, size in zip(pools, (train_size, test_size)))
+    (train, test) = ([pool[k] for k in rng.permutation(len(pool))[:size]]
+                     for pool, size in zip(pools, (train_size, test_size)))
     return [t for t, _ in train], np.array([y for _, y in train]), [t for t, _ in test], np.array([y for _, y in test])
