@@ -360,7 +360,8 @@ def test_config_refuses_wrong_types_and_values(kwargs, error, match):
 def test_config_takes_numpy_scalars_as_numbers():
     config = lorax.LoraConfig(rank=np.int64(4), alpha=np.float32(8), rank_pattern={"x": np.int32(2)},
                               dropout=np.float64(0.1), use_rslora=np.bool_(False))
-    assert (type(config.rank), config.rank_pattern["x"], config.scale_for("y"), config.dropout) == (int, 2, 2.0, 0.1)
+    scale = config.resolve("y", None, linear=True).scale
+    assert (type(config.rank), config.rank_pattern["x"], scale, config.dropout) == (int, 2, 2.0, 0.1)
     assert json.dumps(config.record())  # JSON-able as written into checkpoints
 
 
