@@ -55,12 +55,15 @@ class DoraWeight(Adapter):
         other = string.ascii_letters[len(subs["w"]) + 1]  # a second rank letter
         rank = subs["a"][-1]
         a2, b2 = subs["a"].replace(rank, other), subs["b"].replace(rank, other)
+        pairs = subs["b"][:-len(self.b_axes)] + other  # (stack, rank, rank')
+        # rank-sized products then sums: as einsums of two operands they are batched dots of
+        # short vectors, which XLA:CPU runs several times slower (‖W‖² stays one: W * W would be
+        # a W-sized array in the program)
         ww = jnp.einsum(f"{subs['w']},{subs['w']}->{subs['m']}", w, w)
         atw = jnp.einsum(f"{subs['a']},{subs['w']}->{subs['b']}", a, w)
-        cross = jnp.einsum(f"{subs['b']},{subs['b']}->{subs['m']}", atw, b)
-        ata = jnp.einsum(f"{subs['a']},{a2}->{subs['b'][:-len(self.b_axes) or None]}{other}", a, a)
-        quad = jnp.einsum(f"{subs['b'][:-len(self.b_axes) or None]}{other},{subs['b']},{b2}->{subs['m']}",
-                          ata, b, b)
+        cross = jnp.einsum(f"{subs['b']}->{subs['m']}", atw * b)
+        ata = jnp.einsum(f"{subs['a']},{a2}->{pairs}", a, a)
+        quad = jnp.einsum(f"{subs['b']}->{subs['m']}", jnp.einsum(f"{pairs},{b2}->{subs['b']}", ata, b) * b)
         s = self.scale
         return jnp.sqrt(jnp.maximum(ww + 2 * s * cross + s * s * quad, 0.0))
 
