@@ -18,8 +18,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lorax._src.adapter import RANK, Adapter, register_kind, trained_field
+from lorax._src.adapter import Adapter, register_kind, trained_field
 from lorax._src.initializers import low_rank_init
+from lorax._src.kinds.lora import LoraWeight
 from lorax._src.rules import products
 from lorax._src.table import apply
 
@@ -44,8 +45,7 @@ class DoraWeight(Adapter):
     m: jax.Array = trained_field(group="b")  # PEFT's LoRA+ trains 1-D parameters at B's rate
 
     def layout(self) -> dict[str, tuple[int | str, ...]]:
-        return {"a": (*self.stack_axes, *self.a_axes, RANK), "b": (*self.stack_axes, RANK, *self.b_axes),
-                "m": (*self.stack_axes, *self.b_axes)}
+        return {**LoraWeight.layout(self), "m": (*self.stack_axes, *self.b_axes)}  # type: ignore[arg-type]
 
     def column_norm(self) -> jax.Array:
         """``‖W + s·A·B‖`` over W's contracted axes, shaped like ``m``, in float32, with no
@@ -74,8 +74,8 @@ class DoraWeight(Adapter):
     def merged(self) -> jax.Array:
         subs = self.subscripts()
         g = _broadcast(self.magnitude_scale(), subs["m"], subs["w"])
-        direction = self.w + (jnp.einsum(f"{subs['a']},{subs['b']}->{subs['w']}", self.a, self.b)
-                              * self.scale).astype(self.w.dtype)
+        low_rank = LoraWeight.low_rank(self)  # type: ignore[arg-type]  (s·a·b: the same fields)
+        direction = self.w + low_rank.astype(self.w.dtype)
         return (g * direction).astype(self.w.dtype)
 
     @classmethod
