@@ -197,3 +197,22 @@ def test_custom_vjp_weight_use_materializes_and_matches():
     lp = with_random_b(lorax.init(KEY, lorax.LoraConfig(rank=2), fn, params, x))
     assert_trees_close(lorax.lora(fn)(lp, x), fn(lorax.merge(lp), x), rtol=1e-5, atol=1e-5)
     assert lorax.explain(fn, lp, x).rows[0].how.startswith("materialized: custom_vjp")
+
+
+def test_compiled_program_names_the_model_layers():
+    """Equations lorax re-emits keep the model's name stack, so profiles and HLO of a
+    `lora` program say which layer each product (base and low-rank) belongs to."""
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3, name="q_proj")(nn.relu(nn.Dense(5, name="up")(x)))
+
+    x = jnp.ones((2, 4))
+    fn = lambda p, x: Net().apply(p, x)  # noqa: E731
+    lp = lorax.init(KEY, lorax.LoraConfig(rank=2, targets="all-linear"), fn, Net().init(KEY, x), x)
+    hlo = jax.jit(jax.grad(lambda p: lorax.lora(fn)(p, x).sum())).lower(lp).compile().as_text()
+    for layer in ("q_proj", "up"):
+        dots = [line for line in hlo.splitlines() if " dot(" in line and f"/{layer}/dot_general" in line]
+        assert len(dots) >= 3, (layer, dots)  # x·W, x·A, (x·A)·B at least

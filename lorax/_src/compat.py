@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+from jax.extend import source_info_util
 from jax.extend.core import ClosedJaxpr, Jaxpr, JaxprEqn, Literal, Var
 
 JIT = frozenset({"jit", "pjit"})
@@ -18,7 +19,7 @@ CUSTOM_CALLS = frozenset({"custom_jvp_call", "custom_vjp_call", "custom_vjp_call
 SCAN, COND, WHILE = "scan", "cond", "while"
 
 __all__ = ["ClosedJaxpr", "Jaxpr", "JaxprEqn", "Literal", "Var", "bind", "make_jaxpr",
-           "sub_jaxpr", "read", "is_tracer"]
+           "sub_jaxpr", "read", "is_tracer", "source_of"]
 
 
 def make_jaxpr(fn, *args) -> tuple[ClosedJaxpr, Any]:
@@ -36,6 +37,14 @@ def bind(eqn: JaxprEqn, invals: list, **overrides) -> list:
     with eqn.ctx.manager:
         out = eqn.primitive.bind(*invals, **params)
     return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def source_of(eqn: JaxprEqn):
+    """A context in which new equations carry ``eqn``'s traceback and name stack (its model
+    module's scope, e.g. ``q_proj``), as ``jax.core.eval_jaxpr`` gives them: profiles and HLO
+    of a `lora` program then name the model's layers."""
+    name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
+    return source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack)
 
 
 def sub_jaxpr(eqn: JaxprEqn) -> tuple[Jaxpr, list]:

@@ -65,10 +65,11 @@ class Context:
             env[var] = val
         for eqn in jaxpr.eqns:
             invals = [compat.read(env, v) for v in eqn.invars]
-            if any(isinstance(v, Tracked) for v in invals):
-                outvals = self._apply(eqn, invals)
-            else:
-                outvals = compat.bind(eqn, invals)
+            with compat.source_of(eqn):
+                if any(isinstance(v, Tracked) for v in invals):
+                    outvals = self._apply(eqn, invals)
+                else:
+                    outvals = compat.bind(eqn, invals)
             for var, val in zip(eqn.outvars, outvals):
                 env[var] = val
         return [compat.read(env, v) for v in jaxpr.outvars]
