@@ -16,18 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
 
 import jax
-import walltime
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
 import gpt  # noqa: E402  (the GPT and its workload, shared with the tests)
+import roofline  # noqa: E402
+import walltime  # noqa: E402
 
 QUICK = dict(d=128, heads=4, layers=2, vocab=512, batch=2, seq=32)
 FULL, FLOOR = "full fine-tuning", "frozen model, input gradient only (LoRA's floor)"
@@ -38,12 +37,15 @@ COLORS = {FULL: "tab:gray", "LoRA q,v": "tab:blue", "LoRA all-linear": "tab:gree
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, jax {jax.__version__} ({jax.default_backend()})"
+    return f"{roofline.describe(roofline.machine())}, jax {jax.__version__} ({jax.default_backend()})"
+
+
+def roofline_rates() -> dict:
+    """Plain fp32 matmul GFLOP/s on this machine at the SmolLM2 projections' shapes: JAX here,
+    torch in a process of its own (as its training runs are)."""
+    done = subprocess.run([sys.executable, str(HERE / "roofline.py"), "torch"], capture_output=True, text=True)
+    torch = json.loads(done.stdout.strip().splitlines()[-1])["gflops"] if done.returncode == 0 else None
+    return dict(jax=roofline.jax_gflops(), torch=torch)
 
 
 def train_programs(widths: dict, *, concrete: bool = True, floor: bool = False) -> dict:
@@ -74,8 +76,9 @@ def compiled_table(widths: dict) -> list[dict]:
 def wall_table(widths: dict, repeats: int, warmup: int) -> list[dict]:
     timings = walltime.interleaved(train_programs(widths, floor=True), repeats=repeats, warmup=warmup)
     tokens = widths["batch"] * widths["seq"]
-    return [dict(variant=k, s_per_step=t.seconds, tokens_per_s=tokens / t.seconds,
-                 time_over_full=t.over(timings[FULL])) for k, t in timings.items()]
+    return [dict(variant=k, s_per_step=t.seconds, tokens_per_s=tokens / t.seconds, gflop=t.flops / 1e9,
+                 gflops_per_s=t.flops / t.seconds / 1e9, time_over_full=t.over(timings[FULL]))
+            for k, t in timings.items()]
 
 
 def rank_sweep(widths: dict, ranks, repeats: int, warmup: int) -> list[dict]:
@@ -108,23 +111,29 @@ def inference_table(widths: dict, repeats: int, warmup: int) -> list[dict]:
                  flops_over_base=t.flops / base.flops) for k, t in timings.items()]
 
 
-def smollm_runs(quick: bool) -> list[dict]:
+def smollm_runs(quick: bool, rounds: int) -> list[dict]:
     """Each framework in a fresh process: lorax and PEFT, LoRA on q,v and all-linear and DoRA on
-    q,v; full FT for scale."""
+    q,v; full FT for scale. ``rounds`` runs of each, the frameworks alternating; each row is the
+    run with the median time, and lists every run's time."""
     shape = ["--batch", "1", "--seq", "32", "--steps", "2", "--warmup", "1"] if quick else []
     jobs = [["lorax", "--targets", "qv"], ["peft", "--targets", "qv"],
             ["lorax", "--targets", "qv", "--dora"], ["peft", "--targets", "qv", "--dora"]]
     if not quick:
         jobs += [["lorax", "--targets", "all-linear"], ["peft", "--targets", "all-linear"],
                  ["jax-full"], ["torch-full"]]
+    runs: dict[str, list[dict]] = {}
+    for _ in range(rounds):
+        for job in jobs:
+            print(f"  SmolLM2: {' '.join(job)} ...", flush=True)
+            done = subprocess.run([sys.executable, str(HERE / "smollm_step.py"), *job, *shape],
+                                  capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"smollm_step.py {' '.join(job)} failed:\n{done.stderr[-3000:]}")
+            runs.setdefault(" ".join(job), []).append(json.loads(done.stdout.strip().splitlines()[-1]))
     rows = []
-    for job in jobs:
-        print(f"  SmolLM2: {' '.join(job)} ...", flush=True)
-        done = subprocess.run([sys.executable, str(HERE / "smollm_step.py"), *job, *shape],
-                              capture_output=True, text=True)
-        if done.returncode:
-            raise SystemExit(f"smollm_step.py {' '.join(job)} failed:\n{done.stderr[-3000:]}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    for results in runs.values():
+        ordered = sorted(results, key=lambda r: r["s_per_step"])
+        rows.append(dict(ordered[(len(ordered) - 1) // 2], s_per_step_runs=[r["s_per_step"] for r in results]))
     return rows
 
 
@@ -142,14 +151,24 @@ def adapter_sizes(smollm: list[dict]) -> list[dict]:
 
 def markdown(report: dict) -> str:
     f = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
+    peak = {k: v and v["peak"] for k, v in report["roofline"].items()}
     lines = [f"Machine: {report['machine']}. GPT widths {report['widths']}, Adam, fp32, r=8 unless stated.", "",
+             "**Roofline**: plain fp32 matmul rate at the SmolLM2 projections' shapes ([512, in] x [in, out]), "
+             "GFLOP/s", "", "| framework | " + " | ".join(report["roofline"]["jax"]) + " |",
+             "|---|" + "---|" * len(report["roofline"]["jax"])]
+    lines += [f"| {k} | " + " | ".join(f"{r:.0f}" for r in v.values()) + " |"
+              for k, v in report["roofline"].items() if v]
+    lines += ["", "Efficiency = matmul flops of the step (every layer counted) / its time / the framework's "
+              "peak above.", "",
              "**Compiled train step** (XLA cost / memory analysis)", "",
              "| variant | GFLOPs | flops / full | step MiB | memory / full |", "|---|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['gflops']:.2f} | {r['flops_over_full']:.3f} | {r['step_mib']:.0f} | "
               f"{r['memory_over_full']:.3f} |" for r in report["compiled"]]
     lines += ["", f"**Wall time per train step** (median of {report['repeats']}, interleaved in one process)", "",
-              "| variant | s / step | tokens / s | time / full |", "|---|---|---|---|"]
-    lines += [f"| {r['variant']} | {r['s_per_step']:.3f} | {r['tokens_per_s']:.0f} | {r['time_over_full']:.3f} |"
+              "| variant | s / step | tokens / s | time / full | GFLOP | GFLOP/s | efficiency |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['s_per_step']:.3f} | {r['tokens_per_s']:.0f} | {r['time_over_full']:.3f} | "
+              f"{r['gflop']:.1f} | {r['gflops_per_s']:.0f} | {r['gflops_per_s'] / peak['jax']:.2f} |"
               for r in report["wall"]]
     wall = {r["variant"]: r for r in report["wall"]}
     lines.append(f"\nDoRA / LoRA, all-linear step time: "
@@ -160,11 +179,13 @@ def markdown(report: dict) -> str:
               f"{r['flops_over_base']:.4f} |" for r in report["inference"]]
     lines += ["", "**SmolLM2-135M train step, lorax vs PEFT** (each in its own process, same batch, targets, "
               "rank, fp32, AdamW)", "",
-              "| framework | kind | targets | batch × seq | s / step | tokens / s | trained params | peak RSS MiB |",
-              "|---|---|---|---|---|---|---|---|"]
+              "| framework | kind | targets | batch × seq | s / step | tokens / s | trained params | peak RSS MiB "
+              "| GFLOP | own matmul peak | efficiency |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['framework']} | {r['kind']} | {r['targets'] or 'all (full FT)'} | {r['batch']} × {r['seq']} | "
               f"{r['s_per_step']:.2f} | {r['tokens_per_s']:.0f} | {r['trained_params']:,} | "
-              f"{f(r['train_peak_rss_mib'], '.0f')} |" for r in report["smollm"]]
+              f"{f(r['train_peak_rss_mib'], '.0f')} | {r['step_gflop']:.0f} | {r['matmul_peak_gflops']:.0f} | "
+              f"{r['efficiency']:.2f} |" for r in report["smollm"]]
     by = {(r["framework"], r["kind"], r["targets"]): r for r in report["smollm"]}
     for kind, targets in (("lora", "qv"), ("lora", "all-linear"), ("dora", "qv")):
         if ("lorax", kind, targets) in by and ("peft", kind, targets) in by:
@@ -225,12 +246,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small widths and few steps: a smoke run")
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--rounds", type=int, help="SmolLM2 runs per variant, frameworks alternating (2; quick: 1)")
     args = parser.parse_args(argv)
     widths = QUICK if args.quick else gpt.GPT2_SMALL
     repeats, warmup = (3, 1) if args.quick else (20, 2)
     ranks, seqs = ((1, 8), (16, 32)) if args.quick else ((1, 4, 8, 16, 64), (32, 64, 128, 256))
 
     report = dict(machine=machine(), widths=widths, repeats=repeats)
+    print("roofline (plain matmul rates) ...", flush=True)
+    report["roofline"] = roofline_rates()
     print("compiled costs ...", flush=True)
     report["compiled"] = compiled_table(widths)
     print("wall time ...", flush=True)
@@ -242,7 +266,7 @@ def main(argv=None):
     print("inference ...", flush=True)
     report["inference"] = inference_table(widths, repeats, warmup)
     print("SmolLM2-135M, one process per framework ...", flush=True)
-    report["smollm"] = smollm_runs(args.quick)
+    report["smollm"] = smollm_runs(args.quick, args.rounds or (1 if args.quick else 2))
     report["adapters"] = adapter_sizes(report["smollm"])
 
     table = markdown(report)

@@ -7,7 +7,9 @@
 
 lorax runs the JAX LLaMA of ``examples/`` on the GGUF weights; PEFT runs transformers' load
 of the same file. Both: fp32, AdamW, the same random token batch, rank, alpha and targets,
-no dropout. Peak RSS is the process's high-water mark reset after loading (the training
+no dropout. The step's matmul flops (counted from the jaxpr for JAX, torch's flop counter) over its
+time, as a share of the same framework's plain matmul rate measured in the same process
+(`roofline.py`), is its efficiency. Peak RSS is the process's high-water mark reset after loading (the training
 phase, model included) and, separately, over the whole process.
 """
 
@@ -21,6 +23,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import roofline
 
 ROOT = Path(__file__).resolve().parents[1]
 FRAMEWORKS = ("lorax", "jax-full", "peft", "torch-full")
@@ -50,12 +54,14 @@ def _tokens(batch: int, seq: int, vocab: int):
 
 
 def lorax_step(args):
-    """``(step, trainable_count, adapter_bytes)``; ``step()`` runs one step and waits."""
+    """``(step, trainable_count, adapter_bytes, flops, compiled)``; ``step()`` runs one step and
+    waits; ``flops`` are its matmul flops, every layer counted (`flops.matmul_flops`)."""
     import jax
     import optax
 
     sys.path.insert(0, str(ROOT / "examples"))
     import smollm
+    from flops import matmul_flops
     from llama import Llama
 
     import lorax
@@ -91,13 +97,14 @@ def lorax_step(args):
         updates, opt = tx.update(g, opt, state)
         return optax.apply_updates(state, updates), opt, loss
 
+    compiled = step.lower(state, opt, *rest, ids).compile()
     box = [state, opt]
 
     def run():
-        box[0], box[1], loss = step(box[0], box[1], *rest, ids)
+        box[0], box[1], loss = compiled(box[0], box[1], *rest, ids)
         return float(loss)
 
-    return run, count, adapter_bytes
+    return run, count, adapter_bytes, matmul_flops(step, state, opt, *rest, ids), compiled
 
 
 def torch_step(args):
@@ -132,11 +139,15 @@ def torch_step(args):
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
             adapter_bytes = (Path(tmp) / "adapter_model.safetensors").stat().st_size
-    return run, sum(p.numel() for p in trained), adapter_bytes
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return run, sum(p.numel() for p in trained), adapter_bytes, counter.get_total_flops(), None
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("framework", choices=FRAMEWORKS)
     p.add_argument("--targets", choices=tuple(PEFT_TARGETS), default="qv")
     p.add_argument("--rank", type=int, default=8)
@@ -145,9 +156,18 @@ def main(argv=None):
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2)
-    args = p.parse_args(argv)
+    return p
 
-    run, count, adapter_bytes = (lorax_step if args.framework in ("lorax", "jax-full") else torch_step)(args)
+
+def step_of(args):
+    """`lorax_step` or `torch_step`, as ``args.framework`` says."""
+    return (lorax_step if args.framework in ("lorax", "jax-full") else torch_step)(args)
+
+
+def main(argv=None):
+    args = parser(__doc__.splitlines()[0]).parse_args(argv)
+
+    run, count, adapter_bytes, flops, compiled = step_of(args)
     load_peak = _peak_rss_mib()
     reset = _reset_peak_rss()
     losses = [run() for _ in range(args.warmup)]
@@ -157,13 +177,15 @@ def main(argv=None):
         losses.append(run())
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
+    peak = (roofline.jax_gflops if compiled else roofline.torch_gflops)()["peak"]
     print(json.dumps(dict(
         framework=args.framework, targets=None if "full" in args.framework else args.targets, rank=args.rank,
         kind="full" if "full" in args.framework else "dora" if args.dora else "lora",
         batch=args.batch, seq=args.seq, s_per_step=median, tokens_per_s=args.batch * args.seq / median,
         trained_params=count, train_peak_rss_mib=_peak_rss_mib() if reset else None,
         process_peak_rss_mib=max(load_peak, _peak_rss_mib()), adapter_bytes=adapter_bytes,
-        first_loss=losses[0], last_loss=losses[-1])))
+        first_loss=losses[0], last_loss=losses[-1], machine=roofline.machine(), step_gflop=flops / 1e9,
+        matmul_peak_gflops=peak, efficiency=flops / median / 1e9 / peak)))
 
 
 if __name__ == "__main__":

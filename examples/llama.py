@@ -45,6 +45,7 @@ class RMSNorm(nn.Module):
         return (scale * x32).astype(x.dtype)
 
 
+@jax.named_scope("rope")
 def rope(x, positions, theta):
     """transformers' rotate-half rotary embedding on ``x`` [batch, seq, heads, head_dim]."""
     hd = x.shape[-1]

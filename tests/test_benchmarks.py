@@ -40,6 +40,20 @@ def test_quick_run_reports_every_section(quick):
     assert {r["rank"] for r in report["ranks"]} == {1, 8}
 
 
+def test_quick_run_prints_the_roofline_and_efficiencies(quick):
+    _, report, stdout = quick
+    assert "**Roofline**" in stdout and report["roofline"]["jax"]["peak"] > 0
+    for row in report["wall"] + report["smollm"]:
+        gflops = row.get("gflops_per_s", row.get("step_gflop", 0) / row["s_per_step"])
+        assert gflops > 0 and row["s_per_step"] > 0
+    for row in report["smollm"]:  # a share of the machine's own matmul rate, in the same process
+        assert 0 < row["efficiency"] < 1.5 and row["machine"]["cores"] >= 1
+    lorax_qv, peft_qv = ({r["framework"]: r for r in report["smollm"] if r["kind"] == "lora"}[f]
+                         for f in ("lorax", "peft"))
+    # the same model and step counted two ways (jaxpr matmuls; torch's flop counter) agree
+    assert lorax_qv["step_gflop"] == pytest.approx(peft_qv["step_gflop"], rel=0.05)
+
+
 def test_deterministic_measures_hold_in_the_quick_run(quick):
     _, report, _ = quick
     flops = {r["variant"]: r["flops_over_full"] for r in report["compiled"]}

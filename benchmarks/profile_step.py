@@ -1,0 +1,152 @@
+"""Where one SmolLM2-135M train step spends its time, by op class, in JAX and in torch.
+
+    python benchmarks/profile_step.py lorax --targets qv     # XLA:CPU trace of the compiled step
+    python benchmarks/profile_step.py peft --targets qv      # torch.profiler of PEFT's step
+    python benchmarks/profile_step.py jax-full               # (and torch-full)
+
+The step is `smollm_step.py`'s, same batch and options. JAX: the XLA:CPU profiler's thunk
+events, each tied to its HLO instruction, classed by the instruction's op name (lorax keeps the
+model's layer names on what it emits) and shape. torch: the profiler's self time per aten op,
+classed by op and shapes. Prints a table (ms per step by class) and one JSON line.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import json
+import re
+import sys
+import tempfile
+
+import smollm_step
+
+CLASSES = ("projections", "low-rank factors", "attention", "RoPE", "norms", "SiLU and gating", "head",
+           "loss", "optimizer", "scan slices and residual buffers", "copies and transposes", "other")
+
+
+# ----------------------------------------------------------------------------- JAX
+
+
+def _hlo_index(hlo: str) -> dict:
+    """Instruction name -> (opcode, op_name metadata, the instruction's text)."""
+    index = {}
+    for line in hlo.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = \S+ ([\w\-]+)\(", line)
+        if m:
+            op_name = re.search(r'op_name="([^"]*)"', line)
+            index[m.group(1)] = (m.group(2), op_name.group(1) if op_name else "", line)
+    return index
+
+
+def jax_class(opcode: str, op_name: str, text: str, rank: int) -> str:
+    """The op class of one compiled HLO instruction."""
+    shapes = re.findall(r"\[([\d,]*)\]", text.split(" calls=")[0])
+    dims = {int(d) for s in shapes for d in s.split(",") if d}
+    if "jvp(" not in op_name:
+        return "optimizer" if op_name else "scan slices and residual buffers"
+    if re.search(r"dynamic[_-](update[_-])?slice|dynamic_index|while/body/jit\(", op_name) or opcode == "broadcast":
+        return "scan slices and residual buffers"
+    if "_proj/" in op_name:
+        return "low-rank factors" if rank in dims else "projections"
+    if "embed_tokens.attend" in op_name:
+        return "head"
+    if "/rope/" in op_name:
+        return "RoPE"
+    if "layernorm" in op_name or "/norm/" in op_name:
+        return "norms"
+    if "/mlp/" in op_name:
+        return "SiLU and gating"
+    if "self_attn" in op_name:
+        return "attention"
+    if "Llama" not in op_name:
+        return "loss"
+    if "transpose" in opcode or "copy" in opcode or "copy" in text.split("=")[0]:
+        return "copies and transposes"
+    return "other"
+
+
+def profile_jax(run, compiled, steps: int, rank: int) -> dict:
+    import jax
+    from jax.profiler import ProfileData
+
+    index = _hlo_index(compiled.as_text())
+    with tempfile.TemporaryDirectory() as trace:
+        jax.profiler.start_trace(trace)
+        for _ in range(steps):
+            run()
+        jax.profiler.stop_trace()
+        data = ProfileData.from_file(sorted(glob.glob(f"{trace}/**/*.xplane.pb", recursive=True))[-1])
+    ms = collections.Counter()
+    for plane in data.planes:
+        for line in plane.lines:
+            for event in line.events:
+                op = dict(event.stats).get("hlo_op")
+                if op is None or op not in index or index[op][0] in ("while", "call", "conditional"):
+                    continue  # containers: their bodies' events are counted themselves
+                ms[jax_class(*index[op], rank)] += event.duration_ns / 1e6 / steps
+    return ms
+
+
+# ----------------------------------------------------------------------------- torch
+
+_TORCH_OPS = {
+    "attention": ("bmm", "baddbmm", "softmax", "_softmax", "scaled_dot_product", "masked_fill"),
+    "loss": ("log_softmax", "nll_loss", "cross_entropy"),
+    "optimizer": ("_foreach", "adam", "lerp", "addcdiv", "addcmul", "sqrt"),
+    "SiLU and gating": ("silu",),
+    "copies and transposes": ("copy_", "clone", "contiguous", "t", "transpose", "permute", "view", "reshape",
+                              "_unsafe_view", "as_strided", "detach", "empty", "zeros", "ones", "fill_", "zero_"),
+}
+
+
+def torch_class(name: str, shapes: list, rank: int, vocab: int, hidden: int = 1536, head_dim: int = 64) -> str:
+    """The op class of one aten op, from its name and input shapes (SmolLM2's sizes)."""
+    op = name.removeprefix("aten::")
+    dims = {d for s in shapes for d in (s or [])}
+    last = {s[-1] for s in shapes if s}
+    if op in ("mm", "addmm", "matmul", "linear"):
+        return "head" if vocab in dims else "low-rank factors" if rank in dims else "projections"
+    for cls, ops in _TORCH_OPS.items():
+        if any(op == o or (len(o) > 3 and o in op) for o in ops):  # short names (t, view) match exactly
+            return cls
+    if last & {head_dim, head_dim // 2} or op in ("neg", "cos", "sin"):
+        return "RoPE"
+    if op in ("pow", "mean", "rsqrt") or 1 in last or any(len(s) == 1 and s[0] != rank for s in shapes if s):
+        return "norms"
+    if hidden in last and op == "mul":
+        return "SiLU and gating"
+    return "other"  # residual adds, the loss's glue, the autograd engine's accumulations
+
+
+def profile_torch(run, steps: int, rank: int, vocab: int) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            run()
+    ms = collections.Counter()
+    for event in prof.key_averages(group_by_input_shape=True):
+        ms[torch_class(event.key, event.input_shapes, rank, vocab)] += event.self_cpu_time_total / 1e3 / steps
+    return ms
+
+
+def main(argv=None):
+    p = smollm_step.parser(__doc__.splitlines()[0])
+    p.add_argument("--profiled", type=int, default=2, help="steps traced")
+    args = p.parse_args(argv)
+    run, _, _, _, compiled = smollm_step.step_of(args)
+    for _ in range(args.warmup):
+        run()
+    ms = profile_jax(run, compiled, args.profiled, args.rank) if compiled else \
+        profile_torch(run, args.profiled, args.rank, 49152)
+    total = sum(ms.values())
+    print(f"{args.framework} {args.targets}: ms per step by op class (sum {total:.0f} ms, all threads)")
+    for cls in CLASSES:
+        if ms.get(cls):
+            print(f"  {cls:34s} {ms[cls]:9.1f}  {ms[cls] / total:6.1%}")
+    print(json.dumps(dict(framework=args.framework, targets=args.targets, ms_per_step=dict(ms))))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
