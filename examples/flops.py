@@ -16,7 +16,7 @@ costliest branch, and every nested call (jit, remat, custom derivatives) entered
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 from jax.extend.core import ClosedJaxpr, Jaxpr
