@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +39,19 @@ def encode(x: jax.Array, fmt: str, block: int, axis: int, *, double_quant: bool 
         raise ValueError(f"lorax.quantize: {path or 'the weight'!r} (shape {tuple(x.shape)}): the block size {block} "
                          f"does not divide axis {axis} of length {n}" + (" into an even block" if n % block == 0 else "")
                          + "; choose a block size that divides it, or another axis.")
+    if double_quant:
+        count = n // block
+        if count % min(DOUBLE_QUANT_BLOCK, count):
+            raise ValueError(f"lorax.quantize: {path or 'the weight'!r} (shape {tuple(x.shape)}) has {count} blocks "
+                             f"along axis {axis}, which blocks of {DOUBLE_QUANT_BLOCK} scales do not divide; "
+                             "pass double_quant=False.")
+    return _encode(x, fmt, block, axis, double_quant)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _encode(x: jax.Array, fmt: str, block: int, axis: int, double_quant: bool) -> QuantizedArray:
+    f = FORMATS[fmt]
+    n = x.shape[axis]
     blocks = jnp.moveaxis(x.astype(jnp.float32), axis, -1)
     lead = blocks.shape[:-1]
     blocks = blocks.reshape(*lead, n // block, block)
@@ -49,13 +63,7 @@ def encode(x: jax.Array, fmt: str, block: int, axis: int, *, double_quant: bool 
     codes = back(q.reshape(*lead, -1))
     scale, offset = back(scale), back(offset)
     if double_quant:
-        count = scale.shape[axis]
-        inner = min(DOUBLE_QUANT_BLOCK, count)
-        if count % inner:
-            raise ValueError(f"lorax.quantize: {path or 'the weight'!r} (shape {tuple(x.shape)}) has {count} blocks "
-                             f"along axis {axis}, which blocks of {DOUBLE_QUANT_BLOCK} scales do not divide; "
-                             "pass double_quant=False.")
-        scale = encode(scale, "u8", inner, axis)
+        scale = _encode(scale, "u8", min(DOUBLE_QUANT_BLOCK, scale.shape[axis]), axis, False)
     return QuantizedArray(codes, scale, offset, fmt=fmt, block=block, axis=axis, dtype=x.dtype)
 
 
@@ -135,11 +143,11 @@ def quantize(params: Any, fmt: str, targets: Targets = None, *, block: int | Non
         return jnp.ndim(leaf) >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating)
 
     def one(path: str, leaf: Any) -> Any:
-        base = leaf.w if isinstance(leaf, Adapter) else leaf
+        base = leaf.w if isinstance(leaf, Adapter) else leaf.value if isinstance(leaf, Trainable) else leaf
         if isinstance(base, QuantizedArray) or not hasattr(base, "shape") or not wanted(path, base):
             return leaf
         if isinstance(leaf, Trainable):
-            raise ValueError(f"lorax.quantize: {path!r} (shape {tuple(leaf.value.shape)}) is marked Trainable "
+            raise ValueError(f"lorax.quantize: {path!r} (shape {tuple(base.shape)}) is marked Trainable "
                              "(trained fully); a quantized weight is frozen. Exclude it from targets.")
         if not jnp.issubdtype(base.dtype, jnp.floating) or jnp.ndim(base) < 1:
             raise ValueError(f"lorax.quantize: {path!r} ({base.dtype}{list(base.shape)}) is not a floating "

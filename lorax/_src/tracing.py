@@ -47,8 +47,8 @@ def plain(leaf: Any) -> Any:
     Trainable, a weight-shaped stand-in for a quantized weight."""
     if isinstance(leaf, Adapter):
         leaf = leaf.w
-    if isinstance(leaf, Trainable):
-        return leaf.value
+    elif isinstance(leaf, Trainable):
+        leaf = leaf.value
     if isinstance(leaf, QuantizedArray):
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
     return leaf
