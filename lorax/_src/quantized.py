@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from lorax._src import compat
 
@@ -57,7 +58,7 @@ class Format:
 
 
 FORMATS: dict[str, Format] = {
-    "nf4": Format(4, lambda q: jnp.asarray(NF4)[q]),
+    "nf4": Format(4, lambda q: lax.select_n(q.astype(jnp.int32), *(jnp.full(q.shape, v) for v in NF4))),
     "int8": Format(8, lambda q: q.astype(jnp.int8).astype(jnp.float32)),
     "q4_0": Format(4, lambda q: q.astype(jnp.float32) - 8.0, block=32),
     "q4_1": Format(4, lambda q: q.astype(jnp.float32), affine=True, block=32),
@@ -120,17 +121,17 @@ class QuantizedArray:
 
     def dequantize(self) -> jax.Array:
         """The weight, in ``dtype``."""
-        fmt = self.format
-        codes = jnp.moveaxis(jnp.asarray(self.codes), self.axis, -1)
-        lead, n = codes.shape[:-1], codes.shape[-1] * 8 // fmt.bits
-        blocks = codes.reshape(*lead, n // self.block, self.block * fmt.bits // 8)
+        fmt, k = self.format, self.axis % self.ndim
+        codes = jnp.asarray(self.codes)
+        shape = self.shape
+        blocks = codes.reshape(*shape[:k], shape[k] // self.block, -1, *shape[k + 1:])  # in place: no transposes
         if fmt.bits == 4:
-            blocks = jnp.concatenate([blocks & 15, blocks >> 4], axis=-1)
-        per_block = lambda x: jnp.moveaxis(dense(x).astype(jnp.float32), self.axis, -1)[..., None]  # noqa: E731
+            blocks = jnp.concatenate([blocks & 15, blocks >> 4], axis=k + 1)
+        per_block = lambda x: jnp.expand_dims(dense(x).astype(jnp.float32), k + 1)  # noqa: E731
         values = fmt.level(blocks) * per_block(self.scale)
         if fmt.affine:
             values = values + per_block(self.offset)
-        return jnp.moveaxis(values.reshape(*lead, n), -1, self.axis).astype(self.dtype)
+        return values.reshape(shape).astype(self.dtype)
 
     def transpose(self, permutation) -> QuantizedArray:
         """The codes of ``dequantize().transpose(permutation)`` (blocks keep their axis)."""
@@ -157,10 +158,17 @@ class QuantizedArray:
 
     def lorax_product(self, eqn, operands: list, position: int) -> jax.Array:
         """The frozen product with this weight at ``operands[position]``, dequantized here (XLA
-        may fuse the dequantization into the product)."""
-        operands = list(operands)
-        operands[position] = self.dequantize()
-        return compat.bind(eqn, operands)[0]
+        may fuse the dequantization into the product). Under ``jax.checkpoint``: the backward
+        dequantizes again rather than keep the full-precision weight as a residual (in a
+        ``scan``, every layer's)."""
+
+        def product(weight: QuantizedArray, *others):
+            full = list(others)
+            full.insert(position, weight.dequantize())
+            return compat.bind(eqn, full)[0]
+
+        others = [x for i, x in enumerate(operands) if i != position]
+        return jax.checkpoint(product)(self, *others)
 
     def lorax_view(self, eqn, rest: list) -> QuantizedArray | jax.Array:
         """``eqn`` (a view: transpose, cast, copy, squeeze or slice) applied to this weight: the
