@@ -7,6 +7,7 @@ from the GGUF metadata with ``tokenizers``.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 from pathlib import Path
 
@@ -81,8 +82,8 @@ def load(path: Path | None = None, base: str = "fp32"):
             _, layer, kind = name.split(".", 2)
             if kind in ("attn_q", "attn_k"):  # rows move in whole block-rows: the codes permute alike
                 heads = config.heads if kind == "attn_q" else config.kv_heads
-                w = w.map_arrays(lambda x: _unpermute(x, heads)) if isinstance(w, lorax.QuantizedArray) \
-                    else _unpermute(w, heads)
+                unpermute = functools.partial(_unpermute, heads=heads)
+                w = w.map_arrays(unpermute) if isinstance(w, lorax.QuantizedArray) else unpermute(w)
             tensors[f"model.layers.{layer}.{_NAMES[kind]}.weight"] = w
         else:
             tensors[{"token_embd": "model.embed_tokens.weight", "output_norm": "model.norm.weight",

@@ -132,7 +132,8 @@ def test_unsupported_gguf_type_names_the_tensor_and_type():
 
 def test_block_size_that_does_not_divide_the_axis_is_refused():
     params = {"w": jnp.ones((10, 48))}
-    with pytest.raises(ValueError, match=r"'w' \(shape \(10, 48\)\).*block size 64 does not divide axis -1 of length 48"):
+    with pytest.raises(ValueError, match=r"'w' \(shape \(10, 48\)\).*block size 64 does not divide axis -1 of "
+                                         r"length 48"):
         lorax.quantize(params, "nf4", axis=-1)
     assert isinstance(params["w"], jax.Array)
 
@@ -157,7 +158,8 @@ def train(lp, steps=3):
 
     @jax.jit
     def step(trainable, state, frozen, x):
-        loss, grads = jax.value_and_grad(lambda t: jnp.mean(lorax.lora(fn)(lorax.combine(t, frozen), x) ** 2))(trainable)
+        loss_of = lambda t: jnp.mean(lorax.lora(fn)(lorax.combine(t, frozen), x) ** 2)  # noqa: E731
+        loss, grads = jax.value_and_grad(loss_of)(trainable)
         updates, state = tx.update(grads, state, trainable)
         return optax.apply_updates(trainable, updates), state, loss
 

@@ -307,7 +307,8 @@ def _shell(entry: dict, w, arrays: dict | None = None) -> Adapter:
 def _abstract(entry: dict, w) -> dict:
     """What orbax restores into: shapes, dtypes and shardings that follow the base weight."""
     # a NumPy base: this process's first device (jax.devices()[0] belongs to process 0 only)
-    sharding = getattr(w.codes if isinstance(w, QuantizedArray) else w, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    placed = w.codes if isinstance(w, QuantizedArray) else w  # a quantized base: where its codes are
+    sharding = getattr(placed, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     if entry["kind"] == "trainable":
         return {"value": jax.ShapeDtypeStruct(w.shape, w.dtype, sharding=sharding)}
     shell = _shell(entry, w)

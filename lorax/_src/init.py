@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 
 from lorax._src.adapter import KINDS, Adapter, fan_in_out
-from lorax._src.initializers import makes_residual
 from lorax._src.config import ALL_LINEAR, AdapterSpec, LoraConfig
+from lorax._src.initializers import makes_residual
 from lorax._src.paths import unique_named_leaves
 from lorax._src.quantized import QuantizedArray
 from lorax._src.sharding import place_factors

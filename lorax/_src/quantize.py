@@ -36,9 +36,10 @@ def encode(x: jax.Array, fmt: str, block: int, axis: int, *, double_quant: bool 
     axis = axis % x.ndim - x.ndim
     n = x.shape[axis]
     if n % block or (f.bits == 4 and block % 2):
+        odd = " into an even block" if n % block == 0 else ""
         raise ValueError(f"lorax.quantize: {path or 'the weight'!r} (shape {tuple(x.shape)}): the block size {block} "
-                         f"does not divide axis {axis} of length {n}" + (" into an even block" if n % block == 0 else "")
-                         + "; choose a block size that divides it, or another axis.")
+                         f"does not divide axis {axis} of length {n}{odd}; choose a block size that divides it, "
+                         "or another axis.")
     if double_quant:
         count = n // block
         if count % min(DOUBLE_QUANT_BLOCK, count):
@@ -59,9 +60,8 @@ def _encode(x: jax.Array, fmt: str, block: int, axis: int, double_quant: bool) -
     if f.bits == 4:
         q = q.reshape(*lead, n // block, 2, block // 2)
         q = q[..., 0, :] | (q[..., 1, :] << 4)
-    back = lambda v: None if v is None else jnp.moveaxis(v, -1, axis)  # noqa: E731
-    codes = back(q.reshape(*lead, -1))
-    scale, offset = back(scale), back(offset)
+    codes, scale = jnp.moveaxis(q.reshape(*lead, -1), -1, axis), jnp.moveaxis(scale, -1, axis)
+    offset = None if offset is None else jnp.moveaxis(offset, -1, axis)
     if double_quant:
         scale = _encode(scale, "u8", min(DOUBLE_QUANT_BLOCK, scale.shape[axis]), axis, False)
     return QuantizedArray(codes, scale, offset, fmt=fmt, block=block, axis=axis, dtype=x.dtype)
