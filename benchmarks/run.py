@@ -2,13 +2,17 @@
 
     python benchmarks/run.py            # GPT-2-small widths and SmolLM2-135M, as in docs/performance.md (~15 min)
     python benchmarks/run.py --quick    # small widths, few steps: a smoke run (~1 min)
+    python benchmarks/run.py --only qlora   # the QLoRA rows alone (GPT and SmolLM2), to results/qlora.*
 
 1. compiled costs of an Adam train step (XLA cost_analysis / memory_analysis);
 2. wall time per step, variants interleaved in this process (median after warm-up), tokens/s;
 3. the same against rank and sequence length (the chart);
 4. inference: base vs merged vs unmerged LoRA forward;
 5. SmolLM2-135M: lorax against PEFT on torch, each framework in its own process
-   (`smollm_step.py`): step time, peak RSS, and the adapter file against the base's.
+   (`smollm_step.py`): step time, peak RSS, and the adapter file against the base's;
+6. QLoRA: the GPT's train step over NF4 kernels against LoRA's (wall time side by side, XLA
+   flops, the base's bytes among the step's arguments), and SmolLM2 over the GGUF's Q4_1
+   blocks against the fp32 base (each in its own process).
 Writes results/benchmark.json, results/benchmark.md and results/performance.png.
 """
 
@@ -31,6 +35,7 @@ import walltime  # noqa: E402
 QUICK = dict(d=128, heads=4, layers=2, vocab=512, batch=2, seq=32)
 FULL, FLOOR = "full fine-tuning", "frozen model, input gradient only (LoRA's floor)"
 DORA = "DoRA all-linear"
+QLORA = "QLoRA NF4 all-linear"
 TARGETS = {"LoRA q,v": gpt.QV, "LoRA all-linear": gpt.ALL_LINEAR}
 COLORS = {FULL: "tab:gray", "LoRA q,v": "tab:blue", "LoRA all-linear": "tab:green",
           "materialized LoRA all-linear": "tab:red", DORA: "tab:purple"}
@@ -109,6 +114,66 @@ def inference_table(widths: dict, repeats: int, warmup: int) -> list[dict]:
     base = timings["base"]
     return [dict(variant=k, s_per_call=t.seconds, time_over_base=t.over(base),
                  flops_over_base=t.flops / base.flops) for k, t in timings.items()]
+
+
+def qlora_table(widths: dict, repeats: int, warmup: int) -> list[dict]:
+    """LoRA all-linear over the fp32 GPT and over its kernels in NF4: s/step side by side, XLA
+    flops, and the base's bytes among the step's arguments (XLA's memory analysis, less the
+    adapters, optimizer state, batch and the weights both keep in fp32) per kernel parameter."""
+    import re
+
+    from lorax._src.paths import named_leaves
+
+    steps = gpt.train_steps(variants=("lora", "qlora"), concrete=True, **widths)
+    labels = {"LoRA all-linear": "lora", QLORA: "qlora"}
+    timings = walltime.interleaved({label: steps[key] for label, key in labels.items()}, repeats=repeats,
+                                   warmup=warmup)
+    plain = gpt.model(**{**gpt.GPT2_SMALL, **widths}, concrete=False)[1]
+    kernel = [re.fullmatch(gpt.KERNELS, name) is not None for name, _ in named_leaves(plain)]
+    kernel_params = sum(x.size for k, (_, x) in zip(kernel, named_leaves(plain)) if k)
+    fp32_rest = sum(x.size * x.dtype.itemsize for k, (_, x) in zip(kernel, named_leaves(plain)) if not k)
+    rows = []
+    for label, key in labels.items():
+        step, (trainable, opt, frozen, ids) = steps[key]
+        c = gpt.cost(step, trainable, opt, frozen, ids)
+        others = sum(x.nbytes for x in jax.tree.leaves((trainable, opt, ids))) + fp32_rest
+        base = c.argument_bytes - others
+        rows.append(dict(variant=label, s_per_step=timings[label].seconds,
+                         time_over_lora=timings[label].over(timings["LoRA all-linear"]), gflops=c.flops / 1e9,
+                         argument_mib=c.argument_bytes / 2**20, step_mib=c.step_bytes / 2**20,
+                         kernel_mib=base / 2**20, kernel_bits_per_param=8 * base / kernel_params))
+    return rows
+
+
+def smollm_qlora_runs(quick: bool) -> list[dict]:
+    """SmolLM2 LoRA on q,v over the fp32 base and over the GGUF's blocks, each in its own process."""
+    shape = ["--batch", "1", "--seq", "32", "--steps", "2", "--warmup", "1"] if quick else ["--steps", "5"]
+    rows = []
+    for base in ("fp32", "q4"):
+        print(f"  SmolLM2: lorax qv, {base} base ...", flush=True)
+        done = subprocess.run([sys.executable, str(HERE / "smollm_step.py"), "lorax", "--targets", "qv",
+                               "--base", base, *shape], capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"smollm_step.py --base {base} failed:\n{done.stderr[-3000:]}")
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def qlora_markdown(report: dict) -> str:
+    lines = ["**QLoRA**: the GPT's kernels in NF4 (blocks of 64, fp32 absmax) under LoRA all-linear, against "
+             f"LoRA over fp32 (median of {report['repeats']}, interleaved)", "",
+             "| variant | s / step | time / LoRA | GFLOPs | argument MiB | kernels MiB | kernel bits / param |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['s_per_step']:.3f} | {r['time_over_lora']:.3f} | {r['gflops']:.2f} | "
+              f"{r['argument_mib']:.1f} | {r['kernel_mib']:.1f} | {r['kernel_bits_per_param']:.2f} |"
+              for r in report["qlora"]]
+    lines += ["", "**SmolLM2-135M, LoRA q,v over the fp32 base and over the GGUF's Q4_1 blocks** (own processes)", "",
+              "| base | batch × seq | s / step | tokens / s | training peak RSS MiB | process peak RSS MiB |",
+              "|---|---|---|---|---|---|"]
+    f = lambda v: "–" if v is None else f"{v:.0f}"  # noqa: E731
+    lines += [f"| {r['base']} | {r['batch']} × {r['seq']} | {r['s_per_step']:.2f} | {r['tokens_per_s']:.0f} | "
+              f"{f(r['train_peak_rss_mib'])} | {f(r['process_peak_rss_mib'])} |" for r in report["smollm_qlora"]]
+    return "\n".join(lines)
 
 
 def smollm_runs(quick: bool, rounds: int) -> list[dict]:
@@ -247,9 +312,12 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small widths and few steps: a smoke run")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--rounds", type=int, help="SmolLM2 runs per variant, frameworks alternating (2; quick: 1)")
+    parser.add_argument("--only", choices=("qlora",), help="run one section alone")
     args = parser.parse_args(argv)
     widths = QUICK if args.quick else gpt.GPT2_SMALL
     repeats, warmup = (3, 1) if args.quick else (20, 2)
+    if args.only == "qlora":
+        return qlora_main(args, widths, repeats, warmup)
     ranks, seqs = ((1, 8), (16, 32)) if args.quick else ((1, 4, 8, 16, 64), (32, 64, 128, 256))
 
     report = dict(machine=machine(), widths=widths, repeats=repeats)
@@ -268,14 +336,32 @@ def main(argv=None):
     print("SmolLM2-135M, one process per framework ...", flush=True)
     report["smollm"] = smollm_runs(args.quick, args.rounds or (1 if args.quick else 2))
     report["adapters"] = adapter_sizes(report["smollm"])
+    print("QLoRA ...", flush=True)
+    report["qlora"] = qlora_table(widths, repeats, warmup)
+    report["smollm_qlora"] = smollm_qlora_runs(args.quick)
 
-    table = markdown(report)
+    table = markdown(report) + "\n\n" + qlora_markdown(report)
     print("\n" + table)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "benchmark.json").write_text(json.dumps(report, indent=2))
     (args.out / "benchmark.md").write_text(table + "\n")
     chart(report, args.out / "performance.png")
     print(f"\nwrote {args.out}/benchmark.json, benchmark.md, performance.png")
+    return report
+
+
+def qlora_main(args, widths: dict, repeats: int, warmup: int) -> dict:
+    report = dict(machine=machine(), widths=widths, repeats=repeats)
+    print("QLoRA on the GPT ...", flush=True)
+    report["qlora"] = qlora_table(widths, repeats, warmup)
+    print("SmolLM2-135M, fp32 and Q4_1 bases ...", flush=True)
+    report["smollm_qlora"] = smollm_qlora_runs(args.quick)
+    table = qlora_markdown(report)
+    print("\n" + table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "qlora.json").write_text(json.dumps(report, indent=2))
+    (args.out / "qlora.md").write_text(table + "\n")
+    print(f"\nwrote {args.out}/qlora.json, qlora.md")
     return report
 
 

@@ -4,6 +4,7 @@
     python benchmarks/smollm_step.py peft --targets all-linear
     python benchmarks/smollm_step.py torch-full          # full fine-tuning, for scale
     python benchmarks/smollm_step.py peft --targets qv --dora   # DoRA in both frameworks
+    python benchmarks/smollm_step.py lorax --targets qv --base q4   # QLoRA over the GGUF's 4-bit blocks
 
 lorax runs the JAX LLaMA of ``examples/`` on the GGUF weights; PEFT runs transformers' load
 of the same file. Both: fp32, AdamW, the same random token batch, rank, alpha and targets,
@@ -67,7 +68,7 @@ def lorax_step(args):
     import lorax
     import lorax.peft
 
-    config, base, _ = smollm.load()
+    config, base, _ = smollm.load(base=args.base)
     config = type(config)(**{**config.__dict__, "remat": False})
     fn = lambda p, ids: Llama(config).apply(p, ids)  # noqa: E731
     ids = jax.numpy.asarray(_tokens(args.batch, args.seq, config.vocab))
@@ -152,6 +153,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--targets", choices=tuple(PEFT_TARGETS), default="qv")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--dora", action="store_true", help="DoRA adapters instead of LoRA")
+    p.add_argument("--base", choices=("fp32", "q4"), default="fp32",
+                   help="lorax's base: fp32 weights, or the GGUF's Q4_1/Q8_0 blocks kept as stored (QLoRA)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
@@ -181,6 +184,7 @@ def main(argv=None):
     print(json.dumps(dict(
         framework=args.framework, targets=None if "full" in args.framework else args.targets, rank=args.rank,
         kind="full" if "full" in args.framework else "dora" if args.dora else "lora",
+        base=args.base if args.framework in ("lorax", "jax-full") else "fp32",
         batch=args.batch, seq=args.seq, s_per_step=median, tokens_per_s=args.batch * args.seq / median,
         trained_params=count, train_peak_rss_mib=_peak_rss_mib() if reset else None,
         process_peak_rss_mib=max(load_peak, _peak_rss_mib()), adapter_bytes=adapter_bytes,

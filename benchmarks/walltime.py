@@ -63,4 +63,5 @@ def interleaved(programs: dict[str, tuple[Callable, tuple]], *, repeats: int = 1
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
-    return {name: Timing(tuple(t), float(matmul_flops(programs[name][0], *programs[name][1]))) for name, t in times.items()}
+    return {name: Timing(tuple(t), float(matmul_flops(programs[name][0], *programs[name][1])))
+            for name, t in times.items()}

@@ -3,6 +3,7 @@
     python examples/finetune_smollm.py                 # defaults: about 10 minutes on 2 cores
     python examples/finetune_smollm.py --steps 300 --rank 16 --targets all-linear
     python examples/finetune_smollm.py --resume        # continue where the last run stopped
+    python examples/finetune_smollm.py --base q4       # QLoRA: train over the GGUF's own 4-bit blocks
 
 Prints the trainable share, held-out loss and perplexity before and after, generations from
 the same prompt before and after, and the mean step time; writes a loss plot (PNG: the raw
@@ -39,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--init", default="kaiming_uniform", help="adapter init: kaiming_uniform, gaussian, pissa, olora")
     p.add_argument("--dora", action="store_true", help="DoRA adapters instead of plain LoRA")
+    p.add_argument("--base", choices=("fp32", "q4"), default="fp32",
+                   help="fp32: dequantize the GGUF weights; q4: keep its Q4_1/Q8_0 blocks (QLoRA)")
     p.add_argument("--eval-batches", type=int, default=6, help="held-out batches (fixed) per evaluation")
     p.add_argument("--eval-every", type=int, default=100, help="steps between held-out evaluations")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated before and after")
@@ -74,6 +77,17 @@ def token_splits(tokenizer, texts, held_out=0.05):
         train.append(ids[:cut])
         test.append(ids[cut:])
     return np.concatenate(train).astype(np.int32), np.concatenate(test).astype(np.int32)
+
+
+def peak_rss_mib() -> float:
+    """The process's peak resident memory so far (Linux VmHWM; ru_maxrss elsewhere)."""
+    import resource
+
+    try:
+        status = Path("/proc/self/status").read_text().splitlines()
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def smooth(values, beta=0.95):
@@ -127,7 +141,7 @@ def main(argv=None):
     import lorax
     import lorax.peft
 
-    config, base, tokenizer = smollm.load()
+    config, base, tokenizer = smollm.load(base=args.base)
     if args.seq + 1 > config.max_len:
         fail(f"--seq {args.seq} exceeds the model's context of {config.max_len} tokens")
     config = type(config)(**{**config.__dict__, "remat": False})
@@ -213,7 +227,7 @@ def main(argv=None):
     print(f"\nheld-out loss {before_loss:.4f} -> {after_loss:.4f}, "
           f"perplexity {math.exp(before_loss):.2f} -> {math.exp(after_loss):.2f}")
     print(f"mean step time {mean_step:.3f} s ({args.batch * args.seq / mean_step:.0f} tokens/s; first step, "
-          f"with compilation, {times[0]:.1f} s)")
+          f"with compilation, {times[0]:.1f} s); {args.base} base, peak RSS {peak_rss_mib():.0f} MiB")
     print(f"\nprompt: {PROMPT!r}\n--- before ---\n{before_text}\n--- after ---\n{after_text}")
 
     lorax.peft.save_peft(args.out / "peft", params, lorax.peft.LLAMA, initial=initial,
@@ -222,7 +236,7 @@ def main(argv=None):
     summary = dict(trainable=report.trainable, total=report.total, share=report.share, before_loss=before_loss,
                    after_loss=after_loss, held_out=held_out, mean_step_s=mean_step, steps=args.steps,
                    rank=args.rank, targets=args.targets, batch=args.batch, seq=args.seq, init=args.init,
-                   dora=args.dora)
+                   dora=args.dora, base=args.base, peak_rss_mib=peak_rss_mib())
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nwrote {args.out}/: adapter/ (orbax, with optimizer state), peft/ (PEFT format), loss.png, summary.json")
     return summary

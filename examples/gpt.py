@@ -68,6 +68,7 @@ class GPT(nn.Module):
 
 ALL_LINEAR = "all-linear"
 QV = r".*/(query|value)/kernel"
+KERNELS = r".*/kernel"  # the linear layers' weights: what QLoRA stores in NF4 (embeddings stay fp32)
 GPT2_SMALL = dict(d=768, heads=12, layers=4, vocab=2048, batch=4, seq=128)
 
 
@@ -140,15 +141,21 @@ def train_steps(*, rank=8, targets=ALL_LINEAR, variants=("full", "lora", "materi
             return adam(lambda w: xent(fn({"params": {**rest["params"], "wpe": w}}, ids), ids), wpe, opt)
 
         out["frozen"] = (frozen, (wpe, init(wpe), rest, ids))
-    if {"lora", "materialized"} & set(variants):
-        trainable, frozen_part = lorax.split(_adapt(fn, params, ids, rank, targets, concrete, kind))
-        forwards = {"lora": lorax.lora(fn), "materialized": lambda p, ids: fn(lorax.merge(p), ids)}
-        for name in ("lora", "materialized"):
-            if name in variants:
-                forward = forwards[name]
-                step = lambda t, opt, f, ids, forward=forward: adam(  # noqa: E731
-                    lambda t: xent(forward(lorax.combine(t, f), ids), ids), t, opt)
-                out[name] = (step, (trainable, init(trainable), frozen_part, ids))
+    nf4 = lambda p: lorax.quantize(p, "nf4", targets=KERNELS)  # noqa: E731  (QLoRA: the kernels in NF4)
+    bases = {"lora": lambda: params, "materialized": lambda: params,
+             "qlora": lambda: nf4(params) if concrete else jax.eval_shape(nf4, params)}
+    forwards = {"lora": lorax.lora(fn), "qlora": lorax.lora(fn), "materialized": lambda p, ids: fn(lorax.merge(p), ids)}
+    adapted = {}
+    for name in ("lora", "materialized", "qlora"):
+        if name in variants:
+            over = "qlora" if name == "qlora" else "plain"  # LoRA and its materialized form share adapters
+            if over not in adapted:
+                adapted[over] = lorax.split(_adapt(fn, bases[name](), ids, rank, targets, concrete, kind))
+            trainable, frozen_part = adapted[over]
+            forward = forwards[name]
+            step = lambda t, opt, f, ids, forward=forward: adam(  # noqa: E731
+                lambda t: xent(forward(lorax.combine(t, f), ids), ids), t, opt)
+            out[name] = (step, (trainable, init(trainable), frozen_part, ids))
     return out
 
 

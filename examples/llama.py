@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import lorax
+
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
@@ -134,16 +136,28 @@ def params_from_torch_names(config: LlamaConfig, get) -> dict:
     """Build our params from ``get(torch_name) -> np.ndarray`` (a state dict or a GGUF reader)."""
     layers: dict = {}
     for ours, theirs in _LAYER_WEIGHTS.items():
-        stacked = np.stack([get(f"model.layers.{i}.{theirs}") for i in range(config.layers)])
+        stacked = _stack([get(f"model.layers.{i}.{theirs}") for i in range(config.layers)])
         if ours.endswith("kernel"):
-            stacked = stacked.transpose(0, 2, 1)
+            stacked = stacked.transpose((0, 2, 1))
         node = layers
         parts = ours.split("/")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = jnp.asarray(stacked, jnp.float32)
-    params = {"embed_tokens": {"embedding": jnp.asarray(get("model.embed_tokens.weight"), jnp.float32)},
+        node[parts[-1]] = _fp32(stacked)
+    params = {"embed_tokens": {"embedding": _fp32(get("model.embed_tokens.weight"))},
               "layers": layers, "norm": {"scale": jnp.asarray(get("model.norm.weight"), jnp.float32)}}
     if not config.tie_embeddings:
-        params["lm_head"] = {"kernel": jnp.asarray(get("lm_head.weight").T, jnp.float32)}
+        params["lm_head"] = {"kernel": _fp32(get("lm_head.weight").transpose((1, 0)))}
     return {"params": params}
+
+
+def _stack(weights: list):
+    """Stack layers' weights: arrays, or quantized weights (`lorax.QuantizedArray`) code by code."""
+    if isinstance(weights[0], lorax.QuantizedArray):
+        return jax.tree.map(lambda *xs: jnp.stack(xs), *weights)
+    return np.stack(weights)
+
+
+def _fp32(w):
+    """A plain weight as an fp32 array; a quantized one as it is (it dequantizes to fp32)."""
+    return w if isinstance(w, lorax.QuantizedArray) else jnp.asarray(w, jnp.float32)

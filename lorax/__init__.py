@@ -17,6 +17,10 @@ from lorax._src.init import init as init
 from lorax._src.kinds import DoraWeight as DoraWeight
 from lorax._src.kinds import LoraWeight as LoraWeight
 from lorax._src.optim import optimizer as optimizer
+from lorax._src.quantize import gguf_tensor as gguf_tensor
+from lorax._src.quantize import merge_quantized as merge_quantized
+from lorax._src.quantize import quantize as quantize
+from lorax._src.quantized import QuantizedArray as QuantizedArray
 from lorax._src.sharding import partition_specs as partition_specs
 from lorax._src.trainable import Trainable as Trainable
 from lorax._src.transform import lora as lora
@@ -33,15 +37,19 @@ __all__ = [
     "Explanation",
     "LoraConfig",
     "LoraWeight",
+    "QuantizedArray",
     "Trainable",
     "combine",
     "explain",
+    "gguf_tensor",
     "init",
     "load",
     "lora",
     "merge",
+    "merge_quantized",
     "optimizer",
     "partition_specs",
+    "quantize",
     "save",
     "split",
     "unmerge",

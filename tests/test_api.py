@@ -15,9 +15,9 @@ import lorax
 
 def test_public_api_is_pinned():
     assert lorax.__all__ == sorted(lorax.__all__)
-    assert lorax.__all__ == ["Adapter", "DoraWeight", "Explanation", "LoraConfig", "LoraWeight", "Trainable", "combine",
-                             "explain", "init", "load", "lora", "merge", "optimizer", "partition_specs",
-                             "save", "split", "unmerge"]
+    assert lorax.__all__ == ["Adapter", "DoraWeight", "Explanation", "LoraConfig", "LoraWeight", "QuantizedArray",
+                             "Trainable", "combine", "explain", "gguf_tensor", "init", "load", "lora", "merge",
+                             "merge_quantized", "optimizer", "partition_specs", "quantize", "save", "split", "unmerge"]
 
 
 @pytest.mark.parametrize("d, layers, rank, expected", [

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+import lorax
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").rglob("*.md"))
 
@@ -33,8 +35,10 @@ def at_root(monkeypatch):
 
 def test_readme_python_blocks_run_in_order(at_root):
     namespace = run_python_blocks("README.md")
-    assert namespace["_blocks"] == 1
+    assert namespace["_blocks"] == 2
     assert namespace["merged"]["params"]["layers_0"]["kernel"].shape == (16, 64)
+    assert isinstance(namespace["qparams"]["params"]["layers_0"]["kernel"].w, lorax.QuantizedArray)
+    assert namespace["out"].shape == (4, 8)
 
 
 @pytest.mark.parametrize("page", PAGES)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from lorax._src import display
+from lorax._src.quantized import dense
 
 Axes = tuple[int, ...]
 RANK = "rank"  # a layout entry for the adapter's rank axis
@@ -159,7 +160,7 @@ class Adapter:
 
     def delta(self) -> jax.Array:
         """``merged() - w`` laid out like ``w``."""
-        return self.merged() - self.w
+        return self.merged() - dense(self.w)
 
     def merged(self) -> jax.Array:
         """The plain weight this adapter stands for, in ``w``'s dtype."""

@@ -21,6 +21,7 @@ from lorax._src.config import LoraConfig
 from lorax._src.files import as_folder, remove, swap_in, writer_lock
 from lorax._src.initializers import makes_residual, residual
 from lorax._src.paths import unique_named_leaves
+from lorax._src.quantized import QuantizedArray
 from lorax._src.records import FORMAT, check_record, index, real
 from lorax._src.sharding import factor_shardings
 from lorax._src.trainable import Trainable
@@ -38,7 +39,7 @@ def _entries(params: Any) -> tuple[list[dict], list[dict]]:
         if isinstance(leaf, Adapter):
             leaf.check(path)
             _concrete(path, *leaf.trained().values())
-            meta.append(dict(path=path, kind=leaf.kind, shape=list(leaf.shape), dtype=str(leaf.w.dtype),
+            meta.append(dict(path=path, kind=leaf.kind, shape=list(leaf.shape), dtype=str(jnp.dtype(leaf.dtype)),
                              rank=leaf.rank, scale=real(leaf.scale, f"lorax.save: the scale of {path!r}"),
                              a_axes=list(leaf.a_axes), b_axes=list(leaf.b_axes), stack_axes=list(leaf.stack_axes),
                              dropout=float(leaf.dropout), init=leaf.init, factor_dtype=str(leaf.factor_dtype),
@@ -238,8 +239,8 @@ def load(directory: str | Path, base: Any, *, step: int | None = None, state: An
                 problems.append(f"  {path}: the base already holds a lorax node here; pass the plain tree")
             elif not hasattr(leaf, "dtype"):
                 problems.append(f"  {path}: the base holds {type(leaf).__name__}, not an array")
-            elif list(np.shape(leaf)) != e["shape"] or str(leaf.dtype) != e["dtype"]:
-                problems.append(f"  {path}: base has {tuple(np.shape(leaf))} {leaf.dtype}, the adapter "
+            elif list(leaf.shape) != e["shape"] or str(jnp.dtype(leaf.dtype)) != e["dtype"]:
+                problems.append(f"  {path}: base has {tuple(leaf.shape)} {leaf.dtype}, the adapter "
                                 f"was saved for {tuple(e['shape'])} {e['dtype']}")
         if problems:
             raise ValueError("lorax.load: the checkpoint does not fit this base:\n" + "\n".join(problems))
@@ -306,7 +307,8 @@ def _shell(entry: dict, w, arrays: dict | None = None) -> Adapter:
 def _abstract(entry: dict, w) -> dict:
     """What orbax restores into: shapes, dtypes and shardings that follow the base weight."""
     # a NumPy base: this process's first device (jax.devices()[0] belongs to process 0 only)
-    sharding = getattr(w, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    placed = w.codes if isinstance(w, QuantizedArray) else w  # a quantized base: where its codes are
+    sharding = getattr(placed, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     if entry["kind"] == "trainable":
         return {"value": jax.ShapeDtypeStruct(w.shape, w.dtype, sharding=sharding)}
     shell = _shell(entry, w)

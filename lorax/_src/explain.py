@@ -13,14 +13,15 @@ from lorax._src import display, transform
 from lorax._src.adapter import Adapter
 from lorax._src.init import first_use, unfit, uses_of
 from lorax._src.paths import named_leaves
+from lorax._src.quantized import QuantizedArray
 from lorax._src.tracing import flatten_call
 from lorax._src.trainable import Trainable, is_node
 
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One adapted (or fully trained) weight: ``kind`` is the adapter kind ("lora",
-    "dora") or "trainable"; ``how`` says how its uses were computed."""
+    """One adapted, fully trained or quantized weight: ``kind`` is the adapter kind ("lora",
+    "dora"), "trainable" or "frozen <format>"; ``how`` says how its uses were computed."""
 
     path: str
     shape: tuple[int, ...]
@@ -91,8 +92,13 @@ def explain(fn: Callable, params: Any, *args, **kwargs) -> Explanation:
         if isinstance(leaf, Adapter):
             total += math.prod(leaf.shape) + leaf.num_adapter_params()
             trainable += leaf.num_adapter_params()
+            over = f" over {leaf.w.fmt}" if isinstance(leaf.w, QuantizedArray) else ""
             rows.append(Row(name, leaf.shape, leaf.rank, leaf.scale, leaf.num_adapter_params(),
-                            _how(ctx.uses.get(name, [])), leaf.kind))
+                            _how(ctx.uses.get(name, [])) + over, leaf.kind))
+        elif isinstance(leaf, QuantizedArray):  # a frozen quantized weight: how its uses dequantize it
+            total += math.prod(leaf.shape)
+            how = _how(ctx.uses.get(name, [])).replace("factored", "dequantized per use")
+            rows.append(Row(name, leaf.shape, 0, 0.0, 0, how, f"frozen {leaf.fmt}"))
         elif isinstance(leaf, Trainable):
             size = math.prod(leaf.value.shape)
             total, trainable = total + size, trainable + size

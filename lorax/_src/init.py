@@ -10,11 +10,13 @@ import jax.numpy as jnp
 
 from lorax._src.adapter import KINDS, Adapter, fan_in_out
 from lorax._src.config import ALL_LINEAR, AdapterSpec, LoraConfig
+from lorax._src.initializers import makes_residual
 from lorax._src.paths import unique_named_leaves
+from lorax._src.quantized import QuantizedArray
 from lorax._src.sharding import place_factors
 from lorax._src.table import supports
 from lorax._src.tracing import flatten_call, plain, trace
-from lorax._src.trainable import Trainable, is_node
+from lorax._src.trainable import Trainable, is_lorax_node, is_node
 from lorax._src.transform import lora  # noqa: F401  (registers the rules and kinds)
 from lorax._src.usage import Use, View, find_uses
 
@@ -38,7 +40,7 @@ def init(key: jax.Array, config: LoraConfig, fn: Callable, params: Any, *args, *
     if not isinstance(config, LoraConfig):
         raise TypeError(f"lorax.init: config must be a lorax.LoraConfig, got {type(config).__name__}.")
     unique_named_leaves(params, "lorax.init")
-    if any(is_node(leaf) for leaf in jax.tree.leaves(params, is_leaf=is_node)):
+    if any(is_lorax_node(leaf) for leaf in jax.tree.leaves(params, is_leaf=is_node)):
         raise ValueError("lorax.init: params already hold LoRA nodes; pass the plain tree "
                          "(lorax.merge(params) gives one).")
     flat, uses = uses_of(fn, params, args, kwargs)
@@ -77,6 +79,10 @@ def init(key: jax.Array, config: LoraConfig, fn: Callable, params: Any, *args, *
         out[i] = _adapt(jax.random.fold_in(key, n), spec, flat.names[i], params_flat[i], use)
     for i, name in enumerate(flat.names[: flat.num_params]):
         if i not in chosen and config.is_trainable(name):
+            if isinstance(params_flat[i], QuantizedArray):
+                raise ValueError(f"lorax.init: {name!r} (shape {params_flat[i].shape}) is a quantized weight "
+                                 f"({params_flat[i].fmt}) and matches `trainable=`; quantized weights are "
+                                 "frozen. Target it for an adapter, or keep it in full precision to train it.")
             out[i] = Trainable(params_flat[i])
     return jax.tree_util.tree_unflatten(flat.treedef, out)[0]
 
@@ -114,6 +120,9 @@ def _adapt(key: jax.Array, spec: AdapterSpec, name: str, w: jax.Array, use: Use)
             f"lorax.init: rank {spec.rank} for {name!r} (shape {tuple(w.shape)}) exceeds min(in, out) = "
             f"min({fan_in}, {fan_out}); choose rank <= {min(fan_in, fan_out)}."
         )
+    if isinstance(w, QuantizedArray) and makes_residual(spec.init):
+        raise ValueError(f"lorax.init: {name!r} (shape {tuple(w.shape)}) is quantized ({w.fmt}); init={spec.init!r} "
+                         "would replace it by a full-precision residual. Use kaiming_uniform or gaussian.")
     kind = KINDS[spec.kind]
     if not supports(use.primitive, kind):
         raise ValueError(

@@ -10,6 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from lorax._src import compat
 from lorax._src.adapter import Adapter
 from lorax._src.paths import named_leaves
+from lorax._src.quantized import QuantizedArray
 from lorax._src.trainable import Trainable, is_node
 
 
@@ -39,11 +40,6 @@ def factor_shardings(lw: Adapter, w_sharding) -> dict[str, Any]:
     return {name: single for name in lw.trained_fields()}
 
 
-def _spec_of(leaf) -> PartitionSpec:
-    sharding = getattr(leaf, "sharding", None)
-    return sharding.spec if isinstance(sharding, NamedSharding) else PartitionSpec()
-
-
 def partition_specs(params: Any, base_specs: Any = None) -> Any:
     """The PartitionSpec tree of a LoRA tree, for ``jax.jit`` in/out shardings.
 
@@ -65,7 +61,9 @@ def partition_specs(params: Any, base_specs: Any = None) -> Any:
         name = next(names)
         if isinstance(leaf, Adapter):
             w_spec = given.get(name, _spec_of(leaf.w))
-            return leaf.replace(w=w_spec, **factor_specs(leaf, w_spec))
+            return leaf.replace(w=_base_spec(leaf.w, w_spec), **factor_specs(leaf, w_spec))
+        if isinstance(leaf, QuantizedArray):
+            return _base_spec(leaf, given.get(name, _spec_of(leaf)))
         if isinstance(leaf, Trainable):
             return Trainable(given.get(name, _spec_of(leaf.value)))
         return given.get(name, _spec_of(leaf))
@@ -73,9 +71,25 @@ def partition_specs(params: Any, base_specs: Any = None) -> Any:
     return jax.tree.map(spec, params, is_leaf=is_node)
 
 
+def _base_spec(w: Any, spec: PartitionSpec) -> Any:
+    """A quantized weight's codes, scales and offsets keep the weight's axes, so each takes
+    the weight's spec (the block axis sharded too: its shards hold whole blocks when the
+    blocks per shard divide evenly)."""
+    if not isinstance(w, QuantizedArray):
+        return spec
+    return jax.tree.map(lambda x: spec, w)
+
+
+def _spec_of(leaf) -> PartitionSpec:
+    if isinstance(leaf, QuantizedArray):
+        leaf = leaf.codes
+    sharding = getattr(leaf, "sharding", None)
+    return sharding.spec if isinstance(sharding, NamedSharding) else PartitionSpec()
+
+
 def place_factors(lw: Adapter) -> Adapter:
     """Put the trained arrays where `factor_specs` says, when ``w`` is a sharded concrete array."""
-    sharding = getattr(lw.w, "sharding", None)
+    sharding = getattr(lw.w.codes if isinstance(lw.w, QuantizedArray) else lw.w, "sharding", None)
     if not isinstance(sharding, NamedSharding) or compat.is_tracer(lw.w):
         return lw
     shardings = factor_shardings(lw, sharding)

@@ -12,6 +12,7 @@ import numpy as np
 from lorax._src import compat
 from lorax._src.adapter import Adapter
 from lorax._src.paths import render
+from lorax._src.quantized import QuantizedArray
 from lorax._src.trainable import Trainable, is_node
 
 
@@ -42,10 +43,14 @@ class FlatCall:
 
 
 def plain(leaf: Any) -> Any:
+    """What ``fn`` is traced with for a leaf: the base of an adapter, the value of a
+    Trainable, a weight-shaped stand-in for a quantized weight."""
     if isinstance(leaf, Adapter):
-        return leaf.w
-    if isinstance(leaf, Trainable):
-        return leaf.value
+        leaf = leaf.w
+    elif isinstance(leaf, Trainable):
+        leaf = leaf.value
+    if isinstance(leaf, QuantizedArray):
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
     return leaf
 
 

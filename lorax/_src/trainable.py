@@ -9,6 +9,7 @@ import jax
 
 from lorax._src import display
 from lorax._src.adapter import Adapter
+from lorax._src.quantized import QuantizedArray
 
 
 @jax.tree_util.register_dataclass
@@ -31,5 +32,11 @@ class Trainable:
 
 
 def is_node(x: Any) -> bool:
-    """True for the nodes lorax inserts into a tree: adapters and `Trainable` leaves."""
+    """True for the nodes lorax keeps whole in a tree: adapters, `Trainable` leaves and
+    quantized weights."""
+    return isinstance(x, (Adapter, Trainable, QuantizedArray))
+
+
+def is_lorax_node(x: Any) -> bool:
+    """True for the nodes `lorax.init` inserts: adapters and `Trainable` leaves."""
     return isinstance(x, (Adapter, Trainable))

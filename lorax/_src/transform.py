@@ -22,7 +22,9 @@ import lorax._src.kinds  # noqa: F401  (registers the adapter kinds and their ru
 import lorax._src.rules  # noqa: F401  (registers the view, product and control rules)
 from lorax._src import compat
 from lorax._src.adapter import Adapter
+from lorax._src.kinds.frozen import FrozenBase
 from lorax._src.lowrank import Views
+from lorax._src.quantized import QuantizedArray
 from lorax._src.table import RULES
 from lorax._src.tracing import flatten_call, trace
 from lorax._src.tracked import Tracked, unwrap
@@ -116,6 +118,11 @@ def call(fn: Callable, params: Any, args: tuple, kwargs: dict, *, rng: jax.Array
             leaf.check(name)
             key = None if rng is None or leaf.dropout == 0.0 else jax.random.fold_in(rng, n)
             invals.append(Tracked(leaf.replace(w=lax.stop_gradient(leaf.w)), key, name))
+        elif isinstance(leaf, QuantizedArray):
+            invals.append(Tracked(FrozenBase.of(leaf), None, name))
+        elif isinstance(leaf, Trainable) and isinstance(leaf.value, QuantizedArray):
+            raise ValueError(f"lorax.lora: {name!r} (shape {leaf.value.shape}) is a quantized weight marked "
+                             "Trainable; quantized weights are frozen. Train a LoRA adapter over it instead.")
         else:
             invals.append(leaf.value if isinstance(leaf, Trainable) else leaf)
     outs = ctx.eval(closed.jaxpr, closed.consts, invals)

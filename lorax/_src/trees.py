@@ -9,7 +9,8 @@ import jax
 
 from lorax._src.adapter import Adapter
 from lorax._src.paths import render
-from lorax._src.trainable import Trainable, is_node
+from lorax._src.quantized import QuantizedArray
+from lorax._src.trainable import Trainable, is_lorax_node, is_node
 
 
 def _is_leaf(x) -> bool:
@@ -82,7 +83,7 @@ def combine(trainable: Any, frozen: Any) -> Any:
             joined.check(name)
             return joined
         if t is None and f is not None:
-            if is_node(f):
+            if is_lorax_node(f):
                 raise ValueError(f"lorax.combine: {name!r} is missing from the trainable tree.")
             return f
         if f is None and isinstance(t, Trainable):
@@ -99,7 +100,8 @@ def _kind(x) -> str:
 
 def merge(params: Any) -> Any:
     """The plain tree: each adapter becomes the weight it stands for (``w + scale * a @ b``
-    for LoRA) in ``w``'s dtype.
+    for LoRA) in ``w``'s dtype, each quantized weight its dequantized value (full precision;
+    `lorax.merge_quantized` quantizes merged weights again).
 
     >>> import jax.numpy as jnp, lorax
     >>> lw = lorax.LoraWeight(jnp.zeros((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), scale=2.0)
@@ -111,6 +113,8 @@ def merge(params: Any) -> Any:
         if isinstance(x, Adapter):
             x.check(name)
             return x.merged()
+        if isinstance(x, QuantizedArray):
+            return x.dequantize()
         return x.value if isinstance(x, Trainable) else x
 
     return _map(plain, params)

@@ -21,6 +21,7 @@ from jax import lax
 from lorax._src.adapter import Adapter, register_kind, trained_field
 from lorax._src.initializers import low_rank_init
 from lorax._src.kinds.lora import LoraWeight
+from lorax._src.quantized import dense
 from lorax._src.rules import products
 from lorax._src.table import apply
 
@@ -51,7 +52,7 @@ class DoraWeight(Adapter):
         """``‖W + s·A·B‖`` over W's contracted axes, shaped like ``m``, in float32, with no
         gradient. Built from ``‖W‖²``, ``Aᵀ·W`` and ``AᵀA``: nothing of W's size but W itself."""
         subs = self.subscripts()
-        w, a, b = (lax.stop_gradient(x).astype(jnp.float32) for x in (self.w, self.a, self.b))
+        w, a, b = (lax.stop_gradient(x).astype(jnp.float32) for x in (dense(self.w), self.a, self.b))
         other = string.ascii_letters[len(subs["w"]) + 1]  # a second rank letter
         rank = subs["a"][-1]
         a2, b2 = subs["a"].replace(rank, other), subs["b"].replace(rank, other)
@@ -75,8 +76,9 @@ class DoraWeight(Adapter):
         subs = self.subscripts()
         g = _broadcast(self.magnitude_scale(), subs["m"], subs["w"])
         low_rank = LoraWeight.low_rank(self)  # type: ignore[arg-type]  (s·a·b: the same fields)
-        direction = self.w + low_rank.astype(self.w.dtype)
-        return (g * direction).astype(self.w.dtype)
+        w = dense(self.w)
+        direction = w + low_rank.astype(w.dtype)
+        return (g * direction).astype(w.dtype)
 
     @classmethod
     def create(cls, key: jax.Array, spec, w: jax.Array, use) -> DoraWeight:

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from lorax._src.adapter import RANK, Adapter, register_kind, trained_field
 from lorax._src.initializers import low_rank_init
+from lorax._src.quantized import dense
 from lorax._src.rules import products
 from lorax._src.table import apply
 
@@ -48,7 +49,8 @@ class LoraWeight(Adapter):
         return self.low_rank()
 
     def merged(self) -> jax.Array:
-        return (self.w + self.low_rank().astype(self.w.dtype)).astype(self.w.dtype)
+        w = dense(self.w)
+        return (w + self.low_rank().astype(w.dtype)).astype(w.dtype)
 
     def unmerged(self, merged: jax.Array, path: str = "") -> jax.Array:
         return (merged - self.low_rank().astype(merged.dtype)).astype(merged.dtype)

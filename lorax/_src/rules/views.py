@@ -19,7 +19,11 @@ _SAME_LAYOUT = ("copy", "copy_p", "sharding_constraint", "reduce_precision")
 
 
 def _base(eqn, t, *rest):
-    return compat.bind(eqn, [t.weight.w, *rest])[0]
+    """The view of the base; a quantized base applies it to its codes where it can."""
+    w = t.weight.w
+    if hasattr(w, "lorax_view"):
+        return w.lorax_view(eqn, list(rest))
+    return compat.bind(eqn, [w, *rest])[0]
 
 
 @rule("transpose", kind="view")

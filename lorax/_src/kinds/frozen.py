@@ -1,0 +1,47 @@
+"""A quantized weight that takes no adapter, as `lorax.lora` sees it: a frozen base alone.
+
+`lorax.lora` binds each such weight to a `FrozenBase` so that views of it (a layer sliced off
+a stack inside ``scan``, a transpose, a cast) stay quantized, like an adapter's base, and each
+product dequantizes it at the use (`QuantizedArray.lorax_product`). It is never in a tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+from lorax._src.adapter import Adapter
+from lorax._src.quantized import QuantizedArray, dense
+from lorax._src.rules import products
+from lorax._src.table import apply
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True, repr=False)
+class FrozenBase(Adapter):
+    """A base weight with no trained arrays; every axis counts as stacked, so slicing any of
+    them is a view."""
+
+    kind = "frozen"
+
+    @classmethod
+    def of(cls, w: QuantizedArray) -> FrozenBase:
+        return cls(w, a_axes=(), b_axes=(), stack_axes=tuple(range(len(w.shape))))
+
+    def layout(self) -> dict[str, tuple[int | str, ...]]:
+        return {}
+
+    def merged(self) -> jax.Array:
+        return dense(self.w)
+
+
+@apply("dot_general", "conv_general_dilated", "gather", adapter=FrozenBase)
+def _product(eqn, invals, ctx):
+    """The product with the base dequantized at this use."""
+    positions = [i for i, v in enumerate(invals) if hasattr(v, "weight")]
+    if len(positions) != 1:
+        return None
+    (position,) = positions
+    operands = [v.weight.w if i == position else v for i, v in enumerate(invals)]
+    return [products.base_product(eqn, operands, position)]

@@ -1,0 +1,209 @@
+"""`QuantizedArray`: a frozen weight stored as integer codes and per-block scales.
+
+Blocks run along one axis of the weight (``axis``, counted from the end, so slicing leading
+stacked axes keeps it right); every other axis is the weight's own, so the codes, scales
+and offsets have the weight's rank and are sliced, stacked, transposed and sharded like it.
+4-bit codes are packed two per byte along the block axis, llama.cpp's way: in each block
+the low nibbles hold its first half, the high nibbles its second.
+
+Formats (``fmt``; the value of code ``q`` in a block with scale ``d`` and offset ``m``):
+
+- ``"nf4"``: QLoRA's NormalFloat-4 (Dettmers et al. 2023), ``NF4[q]·d``, ``d`` the fp32 absmax
+  of 64 values (or itself quantized: ``double_quant``);
+- ``"int8"``: ``q·d``, one fp32 ``d`` per output channel (the block is the whole input axis);
+- ``"q4_0"``, ``"q4_1"``, ``"q8_0"``: GGUF blocks of 32 as stored in the file: ``(q-8)·d``,
+  ``q·d + m`` and ``q·d`` with fp16 ``d`` and ``m``;
+- ``"u8"``: ``q·d + m``, 8-bit affine; what a double-quantized NF4 stores its absmax in.
+
+Inside `lorax.lora` a quantized weight is dequantized at each use (`lorax_product` for a
+matmul, convolution or lookup; views of it stay quantized), so a training step takes only
+the codes as arguments and never holds a full-precision copy between steps.
+
+>>> import jax.numpy as jnp, lorax
+>>> q = lorax.quantize({"w": jnp.linspace(-1, 1, 128).reshape(2, 64)}, "nf4")["w"]
+>>> q.shape, q.codes.shape, q.scale.shape, float(abs(q.dequantize()).max())
+((2, 64), (2, 32), (2, 1), 1.0)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from lorax._src import compat
+
+# The 16 NF4 levels: quantiles of N(0, 1) scaled to [-1, 1], with an exact zero (QLoRA,
+# appendix E; the values bitsandbytes uses).
+NF4 = np.array([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0], np.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """How one format reads its codes: ``bits`` per code and the level each code stands for."""
+
+    bits: int
+    level: Callable[[jax.Array], jax.Array]
+    affine: bool = False  # an offset per block (value = level·d + m)
+    block: int | None = None  # the fixed block size (GGUF), or None
+
+
+FORMATS: dict[str, Format] = {
+    "nf4": Format(4, lambda q: lax.select_n(q.astype(jnp.int32), *(jnp.full(q.shape, v) for v in NF4))),
+    "int8": Format(8, lambda q: q.astype(jnp.int8).astype(jnp.float32)),
+    "q4_0": Format(4, lambda q: q.astype(jnp.float32) - 8.0, block=32),
+    "q4_1": Format(4, lambda q: q.astype(jnp.float32), affine=True, block=32),
+    "q8_0": Format(8, lambda q: q.astype(jnp.int8).astype(jnp.float32), block=32),
+    "u8": Format(8, lambda q: q.astype(jnp.float32), affine=True),
+}
+
+
+def _static(default: Any = dataclasses.MISSING) -> Any:
+    return dataclasses.field(default=default, metadata=dict(static=True))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class QuantizedArray:
+    """A weight of ``shape``/``dtype`` held as ``codes`` (uint8) with one ``scale`` (and, for
+    affine formats, one ``offset``) per block of ``block`` values along axis ``axis``.
+
+    ``scale`` may itself be a `QuantizedArray` (NF4's double quantization). Build one with
+    `lorax.quantize` or `lorax.gguf_tensor`; read it back with `dequantize`.
+    """
+
+    codes: Any
+    scale: Any
+    offset: Any = None
+    fmt: str = _static("nf4")
+    block: int = _static(64)
+    axis: int = _static(-1)
+    dtype: Any = _static(np.dtype(np.float32))
+
+    @property
+    def format(self) -> Format:
+        return FORMATS[self.fmt]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        shape = list(self.codes.shape)
+        shape[self.axis] *= 8 // self.format.bits
+        return tuple(shape)
+
+    @property
+    def ndim(self) -> int:
+        return len(self.codes.shape)
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: codes, scales and offsets."""
+        return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self))
+
+    def bits_per_value(self) -> float:
+        return 8 * self.nbytes / self.size
+
+    def astype(self, dtype) -> QuantizedArray:
+        """The same codes, dequantizing to ``dtype``."""
+        return dataclasses.replace(self, dtype=jnp.dtype(dtype))
+
+    def dequantize(self) -> jax.Array:
+        """The weight, in ``dtype``."""
+        fmt, k = self.format, self.axis % self.ndim
+        codes = jnp.asarray(self.codes)
+        shape = self.shape
+        blocks = codes.reshape(*shape[:k], shape[k] // self.block, -1, *shape[k + 1:])  # in place: no transposes
+        if fmt.bits == 4:
+            blocks = jnp.concatenate([blocks & 15, blocks >> 4], axis=k + 1)
+        per_block = lambda x: jnp.expand_dims(dense(x).astype(jnp.float32), k + 1)  # noqa: E731
+        values = fmt.level(blocks) * per_block(self.scale)
+        if fmt.affine:
+            values = values + per_block(self.offset)
+        return values.reshape(shape).astype(self.dtype)
+
+    def transpose(self, permutation) -> QuantizedArray:
+        """The codes of ``dequantize().transpose(permutation)`` (blocks keep their axis)."""
+        permutation = [p % self.ndim for p in permutation]
+        axis = permutation.index(self.axis % self.ndim) - self.ndim
+        return self.map_arrays(lambda x: jnp.transpose(x, permutation), axis)
+
+    def map_arrays(self, fn: Callable[[Any], Any], axis: int | None = None) -> QuantizedArray:
+        """``fn`` applied to the codes, scales and offsets alike (an operation on axes other
+        than the block axis: stacking, slicing or permuting rows); ``axis`` the block axis after."""
+        axis = self.axis if axis is None else axis
+        scale = self.scale.map_arrays(fn, axis) if isinstance(self.scale, QuantizedArray) else fn(self.scale)
+        return self.replace(codes=fn(self.codes), scale=scale,
+                            offset=None if self.offset is None else fn(self.offset), axis=axis)
+
+    def replace(self, **changes) -> QuantizedArray:
+        return dataclasses.replace(self, **changes)
+
+    def __repr__(self) -> str:
+        return (f"QuantizedArray({self.fmt} {jnp.dtype(self.dtype).name}{list(self.shape)}, block={self.block} "
+                f"along axis {self.axis}, {self.bits_per_value():.2f} bits/value)")
+
+    # ------------------------------------------------------------------ inside lorax.lora
+
+    def lorax_product(self, eqn, operands: list, position: int) -> jax.Array:
+        """The frozen product with this weight at ``operands[position]``, dequantized here (XLA
+        may fuse the dequantization into the product). Under ``jax.checkpoint``: the backward
+        dequantizes again rather than keep the full-precision weight as a residual (in a
+        ``scan``, every layer's)."""
+
+        def product(weight: QuantizedArray, *others):
+            full = list(others)
+            full.insert(position, weight.dequantize())
+            return compat.bind(eqn, full)[0]
+
+        others = [x for i, x in enumerate(operands) if i != position]
+        return jax.checkpoint(product)(self, *others)
+
+    def lorax_view(self, eqn, rest: list) -> QuantizedArray | jax.Array:
+        """``eqn`` (a view: transpose, cast, copy, squeeze or slice) applied to this weight: the
+        codes when the blocks are untouched, else the dequantized weight."""
+        name, p = eqn.primitive.name, eqn.params
+        axis = self.axis % self.ndim
+        if name == "transpose":
+            return self.transpose(p["permutation"])
+        if name == "convert_element_type" and jnp.issubdtype(p["new_dtype"], jnp.inexact):
+            return self.astype(p["new_dtype"])
+        if name in ("copy", "copy_p", "sharding_constraint") and not rest:
+            return self
+        if name == "squeeze" and axis not in p["dimensions"]:
+            moved = axis - sum(d < axis for d in p["dimensions"]) - (self.ndim - len(p["dimensions"]))
+            return self.map_arrays(lambda x: compat.bind(eqn, [x])[0], moved)
+        if name == "slice" and (p["start_indices"][axis], p["limit_indices"][axis]) == (0, self.shape[axis]) \
+                and (p["strides"] is None or p["strides"][axis] == 1):
+            return self.map_arrays(lambda x: compat.bind(eqn, [x], limit_indices=_at(p["limit_indices"], axis,
+                                                                                     x.shape[axis]))[0])
+        if name == "dynamic_slice" and p["slice_sizes"][axis] == self.shape[axis]:
+            return self.map_arrays(lambda x: compat.bind(eqn, [x, *rest], slice_sizes=_at(p["slice_sizes"], axis,
+                                                                                          x.shape[axis]))[0])
+        return compat.bind(eqn, [self.dequantize(), *rest])[0]
+
+
+def _at(values, index: int, value) -> tuple:
+    values = list(values)
+    values[index] = value
+    return tuple(values)
+
+
+def is_quantized(x: Any) -> bool:
+    return isinstance(x, QuantizedArray)
+
+
+def dense(x: Any) -> Any:
+    """``x`` dequantized if it is a `QuantizedArray`, else as is."""
+    return x.dequantize() if isinstance(x, QuantizedArray) else x
