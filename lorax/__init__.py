@@ -15,6 +15,7 @@ from lorax._src.explain import Explanation as Explanation
 from lorax._src.explain import explain as explain
 from lorax._src.init import init as init
 from lorax._src.kinds import DoraWeight as DoraWeight
+from lorax._src.kinds import LoraBank as LoraBank
 from lorax._src.kinds import LoraWeight as LoraWeight
 from lorax._src.optim import optimizer as optimizer
 from lorax._src.sharding import partition_specs as partition_specs
@@ -25,15 +26,19 @@ from lorax._src.trees import merge as merge
 from lorax._src.trees import split as split
 from lorax._src.trees import unmerge as unmerge
 
+from lorax import adapters as adapters  # noqa: E402  (after the kinds it builds on)
+
 __version__ = "0.1.0"
 
 __all__ = [
     "Adapter",
     "DoraWeight",
     "Explanation",
+    "LoraBank",
     "LoraConfig",
     "LoraWeight",
     "Trainable",
+    "adapters",
     "combine",
     "explain",
     "init",

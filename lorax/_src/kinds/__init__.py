@@ -5,3 +5,4 @@ subclass (`register_kind`), its ``create`` classmethod and its ``apply`` handler
 
 from lorax._src.kinds.dora import DoraWeight as DoraWeight
 from lorax._src.kinds.lora import LoraWeight as LoraWeight
+from lorax._src.kinds.bank import LoraBank as LoraBank
