@@ -18,16 +18,20 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import walltime
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
 import gpt  # noqa: E402  (the GPT and its workload, shared with the tests)
+
+import lorax  # noqa: E402
 
 QUICK = dict(d=128, heads=4, layers=2, vocab=512, batch=2, seq=32)
 FULL, FLOOR = "full fine-tuning", "frozen model, input gradient only (LoRA's floor)"
@@ -106,6 +110,41 @@ def inference_table(widths: dict, repeats: int, warmup: int) -> list[dict]:
     base = timings["base"]
     return [dict(variant=k, s_per_call=t.seconds, time_over_base=t.over(base),
                  flops_over_base=t.flops / base.flops) for k, t in timings.items()]
+
+
+def overhead_table(widths: dict, repeats: int, warmup: int) -> list[dict]:
+    """Where the unmerged forward's extra time goes: the same forward against the base with
+    all-linear adapters of rank 1, 8 and 64, q,v adapters, and one adapter of a `LoraBank`."""
+    fn, params, ids = gpt.model(**widths, concrete=True)
+    programs = {"base": (fn, (params, ids))}
+    for label, targets, rank in (("all-linear r=1", gpt.ALL_LINEAR, 1), ("all-linear r=8", gpt.ALL_LINEAR, 8),
+                                 ("all-linear r=64", gpt.ALL_LINEAR, 64), ("q,v r=8", gpt.QV, 8)):
+        programs[label] = (lorax.lora(fn), (gpt._adapt(fn, params, ids, rank, targets, True), ids))
+    forward, serving = gpt.serving(count=2, **widths)
+    programs["bank of 2, one adapter r=8"] = serving["one adapter"]
+    timings = walltime.interleaved(programs, repeats=repeats, warmup=warmup, stateful=False)
+    base = timings["base"]
+    return [dict(variant=k, s_per_call=t.seconds, time_over_base=t.over(base), flops_over_base=t.flops / base.flops)
+            for k, t in timings.items()]
+
+
+def serving_table(widths: dict, repeats: int, warmup: int, count: int = 8) -> list[dict]:
+    """Tokens/s of one batch whose ``count`` examples each use their own adapter (a per-example
+    index), against the same batch with one adapter and against one call per adapter."""
+    widths = dict(widths, batch=count)
+    forward, programs = gpt.serving(count=count, **widths)
+    compiled = {name: jax.jit(fn).lower(*args).compile() for name, (fn, args) in programs.items()}
+    bank, _, ids = programs["mixed"][1]
+    call = lambda name: lambda: jax.block_until_ready(compiled[name](*programs[name][1]))  # noqa: E731
+    runs = {name: call(name) for name in ("base", "one adapter", "mixed")}
+    runs[f"{count} sequential calls"] = lambda: jax.block_until_ready(
+        [compiled["alone"](bank, jnp.int32(i), ids[i:i + 1]) for i in range(count)])
+    times = walltime.rounds(runs, repeats=repeats, warmup=warmup)
+    tokens = count * widths["seq"]
+    mixed = times["mixed"]
+    ratio = lambda other: statistics.median(o / m for o, m in zip(other, mixed))  # noqa: E731
+    return [dict(variant=k, s_per_call=statistics.median(t), tokens_per_s=tokens / statistics.median(t),
+                 mixed_throughput_over_this=ratio(t)) for k, t in times.items()]
 
 
 def smollm_runs(quick: bool) -> list[dict]:

@@ -51,7 +51,13 @@ def interleaved(programs: dict[str, tuple[Callable, tuple]], *, repeats: int = 1
                 stateful: bool = True) -> dict[str, Timing]:
     """Median seconds per call of each program, timed in turns, with its compiled flops."""
     built = {name: _runner(fn, args, stateful) for name, (fn, args) in programs.items()}
-    runs = {name: run for name, (run, _) in built.items()}
+    times = rounds({name: run for name, (run, _) in built.items()}, repeats=repeats, warmup=warmup)
+    return {name: Timing(t, float(built[name][1].cost_analysis()["flops"])) for name, t in times.items()}
+
+
+def rounds(runs: dict[str, Callable[[], object]], *, repeats: int, warmup: int) -> dict[str, tuple[float, ...]]:
+    """Seconds of each of ``repeats`` calls of every ``run()``, taken in turns after ``warmup``
+    untimed calls of each (a run blocks until its results are ready)."""
     for run in runs.values():
         for _ in range(warmup):
             run()
@@ -61,5 +67,4 @@ def interleaved(programs: dict[str, tuple[Callable, tuple]], *, repeats: int = 1
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
-    return {name: Timing(tuple(t), float(built[name][1].cost_analysis()["flops"]))
-            for name, t in times.items()}
+    return {name: tuple(t) for name, t in times.items()}

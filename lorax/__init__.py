@@ -7,6 +7,7 @@
 (1, 3)
 """
 
+from lorax import adapters as adapters  # noqa: E402  (after the kinds it builds on)
 from lorax._src.adapter import Adapter as Adapter
 from lorax._src.checkpoint import load as load
 from lorax._src.checkpoint import save as save
@@ -25,8 +26,6 @@ from lorax._src.trees import combine as combine
 from lorax._src.trees import merge as merge
 from lorax._src.trees import split as split
 from lorax._src.trees import unmerge as unmerge
-
-from lorax import adapters as adapters  # noqa: E402  (after the kinds it builds on)
 
 __version__ = "0.1.0"
 

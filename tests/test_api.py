@@ -15,9 +15,9 @@ import lorax
 
 def test_public_api_is_pinned():
     assert lorax.__all__ == sorted(lorax.__all__)
-    assert lorax.__all__ == ["Adapter", "DoraWeight", "Explanation", "LoraConfig", "LoraWeight", "Trainable", "combine",
-                             "explain", "init", "load", "lora", "merge", "optimizer", "partition_specs",
-                             "save", "split", "unmerge"]
+    assert lorax.__all__ == ["Adapter", "DoraWeight", "Explanation", "LoraBank", "LoraConfig", "LoraWeight",
+                             "Trainable", "adapters", "combine", "explain", "init", "load", "lora", "merge",
+                             "optimizer", "partition_specs", "save", "split", "unmerge"]
 
 
 @pytest.mark.parametrize("d, layers, rank, expected", [

@@ -33,8 +33,9 @@ def at_root(monkeypatch):
 
 def test_readme_python_blocks_run_in_order(at_root):
     namespace = run_python_blocks("README.md")
-    assert namespace["_blocks"] == 1
+    assert namespace["_blocks"] == 2
     assert namespace["merged"]["params"]["layers_0"]["kernel"].shape == (16, 64)
+    assert namespace["logits"].shape == (4, 8)  # four examples, three adapters and the base
 
 
 @pytest.mark.parametrize("page", PAGES)

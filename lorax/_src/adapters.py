@@ -116,10 +116,12 @@ def _zero(bank: LoraBank) -> tuple[jax.Array, jax.Array]:
 def _empty(lw: LoraWeight, current: tuple[str, ...]) -> LoraBank:
     """A bank for ``lw``'s weight holding the ``current`` adapters, none of which adapts it."""
     none = lambda x: jnp.take(x, jnp.arange(0), len(lw.stack_axes))  # noqa: E731
-    bank = LoraBank(lw.w, *map(none, _one(lw)), jnp.zeros((0,), jnp.float32), a_axes=lw.a_axes,
+    a, b = _one(lw)
+    bank = LoraBank(lw.w, none(a), none(b), jnp.zeros((0,), jnp.float32), a_axes=lw.a_axes,
                     b_axes=lw.b_axes, stack_axes=lw.stack_axes, dropout=lw.dropout)
     for name in current:
-        bank = _append(bank, name, *_zero(bank) if bank.names else _one(lw, 0), 0.0, 0)
+        a, b = _zero(bank) if bank.names else _one(lw, 0)
+        bank = _append(bank, name, a, b, 0.0, 0)
     return bank
 
 
@@ -238,7 +240,8 @@ def select(params: Any, which: str | Sequence[str]) -> Any:
     >>> base, x = {"w": jnp.ones((4, 3))}, jnp.ones((1, 4))
     >>> one = lambda seed: lorax.init(jax.random.key(seed), lorax.LoraConfig(rank=2), fn, base, x)
     >>> params = lorax.adapters.bank({"math": one(0), "code": one(1)})
-    >>> type(lorax.adapters.select(params, "code")["w"]).__name__, lorax.adapters.select(params, ["math", "code"])["w"].rank
+    >>> both = lorax.adapters.select(params, ["math", "code"])
+    >>> type(lorax.adapters.select(params, "code")["w"]).__name__, both["w"].rank
     ('LoraWeight', 4)
     """
     chosen = [which] if isinstance(which, str) else list(which)

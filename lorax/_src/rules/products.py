@@ -99,7 +99,7 @@ def dot_letters(eqn, invals) -> DotLetters | None:
     contracted = lambda axes: all(w_sub[i] not in out for i in axes)  # noqa: E731
     factors = ((a_sub, "a"), (b_sub, "b"))
     if not contracted(lw.a_axes) and contracted(lw.b_axes):
-        factors = factors[::-1]  # a tied head x·Eᵀ contracts b's axes: go through b first
+        factors = ((b_sub, "b"), (a_sub, "a"))  # a tied head x·Eᵀ contracts b's axes: go through b first
     return DotLetters(t, x, weight_is_lhs, w_sub, "".join(x_sub), out, factors)
 
 
