@@ -6,8 +6,11 @@
 1. compiled costs of an Adam train step (XLA cost_analysis / memory_analysis);
 2. wall time per step, variants interleaved in this process (median after warm-up), tokens/s;
 3. the same against rank and sequence length (the chart);
-4. inference: base vs merged vs unmerged LoRA forward;
-5. SmolLM2-135M: lorax against PEFT on torch, each framework in its own process
+4. inference: base vs merged vs unmerged LoRA forward, and where the unmerged time goes (rank,
+   targets, one adapter of a bank);
+5. serving 8 adapters: one batch mixing them (an adapter per example) against the same batch
+   with one adapter and against one call per adapter;
+6. SmolLM2-135M: lorax against PEFT on torch, each framework in its own process
    (`smollm_step.py`): step time, peak RSS, and the adapter file against the base's.
 Writes results/benchmark.json, results/benchmark.md and results/performance.png.
 """
@@ -197,6 +200,14 @@ def markdown(report: dict) -> str:
               "| variant | ms / call | time / base | flops / base |", "|---|---|---|---|"]
     lines += [f"| {r['variant']} | {1e3 * r['s_per_call']:.1f} | {r['time_over_base']:.3f} | "
               f"{r['flops_over_base']:.4f} |" for r in report["inference"]]
+    lines += ["", "**Where the unmerged forward's time goes** (forward against the base, same batch)", "",
+              "| variant | ms / call | time / base | flops / base |", "|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {1e3 * r['s_per_call']:.1f} | {r['time_over_base']:.3f} | "
+              f"{r['flops_over_base']:.4f} |" for r in report["overhead"]]
+    lines += ["", "**Serving 8 adapters** (all-linear r=8; a batch of 8 examples, example i with adapter i)", "",
+              "| variant | ms | tokens / s | mixed batch's throughput / this |", "|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {1e3 * r['s_per_call']:.1f} | {r['tokens_per_s']:.0f} | "
+              f"{r['mixed_throughput_over_this']:.3f} |" for r in report["serving"]]
     lines += ["", "**SmolLM2-135M train step, lorax vs PEFT** (each in its own process, same batch, targets, "
               "rank, fp32, AdamW)", "",
               "| framework | kind | targets | batch × seq | s / step | tokens / s | trained params | peak RSS MiB |",
@@ -280,6 +291,10 @@ def main(argv=None):
     report["seqs"] = seq_sweep(widths, seqs, repeats, warmup)
     print("inference ...", flush=True)
     report["inference"] = inference_table(widths, repeats, warmup)
+    print("unmerged overhead ...", flush=True)
+    report["overhead"] = overhead_table(widths, repeats, warmup)
+    print("serving 8 adapters ...", flush=True)
+    report["serving"] = serving_table(widths, repeats, warmup)
     print("SmolLM2-135M, one process per framework ...", flush=True)
     report["smollm"] = smollm_runs(args.quick)
     report["adapters"] = adapter_sizes(report["smollm"])

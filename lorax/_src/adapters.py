@@ -103,7 +103,8 @@ def _append(bank: LoraBank, name: str, a: jax.Array, b: jax.Array, scale: Any, r
     scales = jnp.concatenate([bank.scales, jnp.asarray([scale], bank.scales.dtype)])
     return bank.replace(a=jnp.concatenate([pad(bank.a, bank.a.ndim - 1), pad(a, a.ndim - 1)], axis),
                         b=jnp.concatenate([pad(bank.b, axis + 1), pad(b, axis + 1)], axis),
-                        scales=scales, names=(*bank.names, name), ranks=(*bank.ranks, rank))
+                        scales=scales, ranks=jnp.concatenate([bank.ranks, jnp.asarray([rank], bank.ranks.dtype)]),
+                        names=(*bank.names, name))
 
 
 def _zero(bank: LoraBank) -> tuple[jax.Array, jax.Array]:
@@ -117,7 +118,7 @@ def _empty(lw: LoraWeight, current: tuple[str, ...]) -> LoraBank:
     """A bank for ``lw``'s weight holding the ``current`` adapters, none of which adapts it."""
     none = lambda x: jnp.take(x, jnp.arange(0), len(lw.stack_axes))  # noqa: E731
     a, b = _one(lw)
-    bank = LoraBank(lw.w, none(a), none(b), jnp.zeros((0,), jnp.float32), a_axes=lw.a_axes,
+    bank = LoraBank(lw.w, none(a), none(b), jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.int32), a_axes=lw.a_axes,
                     b_axes=lw.b_axes, stack_axes=lw.stack_axes, dropout=lw.dropout)
     for name in current:
         a, b = _zero(bank) if bank.names else _one(lw, 0)
@@ -158,7 +159,7 @@ def add(params: Any, name: str, adapters: Any) -> Any:
     >>> base, x = {"w": jnp.ones((4, 3))}, jnp.ones((1, 4))
     >>> one = lambda rank: lorax.init(jax.random.key(rank), lorax.LoraConfig(rank=rank), fn, base, x)
     >>> params = lorax.adapters.add(lorax.adapters.bank({"small": one(2)}), "big", one(4))
-    >>> params["w"].ranks, params["w"].a.shape  # ranks padded to the largest
+    >>> params["w"].adapter_ranks, params["w"].a.shape  # ranks padded to the largest
     ((2, 4), (2, 4, 4))
     """
     current = names(params)
@@ -195,11 +196,11 @@ def _keep(params: Any, keep: list[int]) -> Any:
     def trim(x):
         if not isinstance(x, LoraBank):
             return x
-        ranks = tuple(x.ranks[i] for i in keep)
+        ranks = tuple(x.adapter_ranks[i] for i in keep)
         width, axis, at = max(ranks, default=0), x.adapter_axis, jnp.asarray(keep, jnp.int32)
         a = jnp.take(x.a, at, axis)[..., :width]
         b = jnp.moveaxis(jnp.moveaxis(jnp.take(x.b, at, axis), axis + 1, 0)[:width], 0, axis + 1)
-        return x.replace(a=a, b=b, scales=x.scales[at], names=tuple(x.names[i] for i in keep), ranks=ranks,
+        return x.replace(a=a, b=b, scales=x.scales[at], ranks=x.ranks[at], names=tuple(x.names[i] for i in keep),
                          index=None)
 
     return jax.tree.map(trim, params, is_leaf=is_node)
@@ -253,10 +254,11 @@ def select(params: Any, which: str | Sequence[str]) -> Any:
     def pick(path, x):
         if not isinstance(x, LoraBank):
             return x
-        present = [i for i in at if x.ranks[i]]
+        ranks = x.adapter_ranks
+        present = [i for i in at if ranks[i]]
         if not present:
             return x.w
-        parts = [(x.chosen(jnp.asarray(i)), x.ranks[i]) for i in present]
+        parts = [(x.chosen(jnp.asarray(i)), ranks[i]) for i in present]
         axis = len(x.stack_axes)
         cut_b = lambda b, r: jnp.moveaxis(jnp.moveaxis(b, axis, 0)[:r], 0, axis)  # noqa: E731
         if len(present) == 1:

@@ -61,13 +61,14 @@ def weighted(params: Any, name: str, sources: Sequence[str], weights: Sequence[f
     def combine(path, x):
         if not isinstance(x, LoraBank):
             return x
-        present = [(i, float(w)) for i, w in zip(at, weights) if x.ranks[i]]
+        ranks = x.adapter_ranks
+        present = [(i, float(w)) for i, w in zip(at, weights) if ranks[i]]
         if not present:
             return _append(x, name, *_zero(x), 0.0, 0)
-        if how == "linear" and len({x.ranks[i] for i, _ in present}) > 1:
+        if how == "linear" and len({ranks[i] for i, _ in present}) > 1:
             raise ValueError(f"{who}: {path!r}: how='linear' needs sources of one rank; "
-                             f"{dict((x.names[i], x.ranks[i]) for i, _ in present)} differ (use 'cat' or 'svd').")
-        a, b = _combined(x, present, how, rank or max(x.ranks[i] for i in at))
+                             f"{dict((x.names[i], ranks[i]) for i, _ in present)} differ (use 'cat' or 'svd').")
+        a, b = _combined(x, present, how, rank or max(ranks[i] for i in at))
         return _append(x, name, jnp.expand_dims(a, x.adapter_axis), jnp.expand_dims(b, x.adapter_axis),
                        1.0, a.shape[-1])
 
@@ -81,7 +82,7 @@ def _combined(x: LoraBank, present: list[tuple[int, float]], how: str, rank: int
     parts = []
     for i, w in present:
         a, b, s = x.chosen(jnp.asarray(i))
-        r = x.ranks[i]
+        r = x.adapter_ranks[i]
         b = jnp.moveaxis(jnp.moveaxis(b, axis, 0)[:r], 0, axis)
         parts.append((a[..., :r].astype(jnp.float32), b.astype(jnp.float32), w * float(s)))
     if how == "cat":

@@ -19,7 +19,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from lorax._src import compat
 from lorax._src.adapter import ADAPTERS, RANK, Adapter, frozen_field, register_kind, static_field, trained_field
 from lorax._src.kinds.lora import LoraWeight
 from lorax._src.rules import products
@@ -34,13 +36,14 @@ class LoraBank(Adapter):
     """A frozen weight ``w`` with ``n`` named low-rank updates ``scales[i] * a[i] @ b[i]``.
 
     ``a.shape == (*stack, n, *a_axes, r)`` and ``b.shape == (*stack, n, r, *b_axes)`` with
-    ``r`` the largest rank (adapter ``i`` uses its first ``ranks[i]``; rank 0: this weight is
-    not adapted by it); ``scales`` is ``[n]``; ``index`` is None (not routed), a scalar, or
-    one entry per example. Build banks with `lorax.adapters`.
+    ``r`` the largest rank; ``scales`` and ``ranks`` are ``[n]`` arrays (adapter ``i`` uses the
+    first ``ranks[i]`` of the ``r``; rank 0: this weight is not adapted by it), so banks that
+    differ in scales or ranks but not in shapes share a compiled program; ``index`` is None (not
+    routed), a scalar, or one entry per example. Build banks with `lorax.adapters`.
 
     >>> import jax.numpy as jnp, lorax
     >>> bank = lorax.LoraBank(jnp.zeros((2, 2)), jnp.ones((2, 2, 1)), jnp.ones((2, 1, 2)),
-    ...                       jnp.array([1.0, 3.0]), names=("x", "y"), ranks=(1, 1))
+    ...                       jnp.array([1.0, 3.0]), jnp.array([1, 1]), names=("x", "y"))
     >>> lorax.merge(bank.replace(index=jnp.array(1))).tolist()
     [[3.0, 3.0], [3.0, 3.0]]
     """
@@ -51,10 +54,10 @@ class LoraBank(Adapter):
     a: jax.Array = trained_field(group="a")
     b: jax.Array = trained_field(group="b")
     scales: jax.Array = frozen_field()
+    ranks: jax.Array = frozen_field()
     index: jax.Array | None = frozen_field(default=None)
     _: dataclasses.KW_ONLY
     names: tuple[str, ...] = static_field(())
-    ranks: tuple[int, ...] = static_field(())
 
     def layout(self) -> dict[str, tuple[int | str, ...]]:
         return {"a": (*self.stack_axes, ADAPTERS, *self.a_axes, RANK),
@@ -67,12 +70,21 @@ class LoraBank(Adapter):
         super().check(path)
         where = f"LoraBank at {path!r}" if path else "LoraBank"
         n = len(self.names)
-        if len(self.ranks) != n or jnp.shape(self.scales) != (n,) or any(not 0 <= r <= self.rank for r in self.ranks):
-            raise ValueError(f"{where}: {n} names {self.names} need {n} ranks (each at most the factors' "
-                             f"{self.rank}) and scales of shape ({n},); got ranks {self.ranks}, scales "
-                             f"{jnp.shape(self.scales)}.")
+        concrete = not compat.is_tracer(self.ranks) and jnp.shape(self.ranks) == (n,)
+        if jnp.shape(self.ranks) != (n,) or jnp.shape(self.scales) != (n,) or \
+                concrete and any(not 0 <= r <= self.rank for r in self.adapter_ranks):
+            raise ValueError(f"{where}: {n} names {self.names} need ranks and scales of shape ({n},), each rank at "
+                             f"most the factors' {self.rank}; got ranks {self.ranks}, scales {jnp.shape(self.scales)}.")
         if self.index is not None and jnp.ndim(self.index) > 1:
             raise ValueError(f"{where}: index has shape {jnp.shape(self.index)}; expected a scalar or [batch].")
+
+    @property
+    def adapter_ranks(self) -> tuple[int, ...]:
+        """Each adapter's own rank, as ints (outside ``jit``)."""
+        if compat.is_tracer(self.ranks):
+            raise TypeError(f"the ranks of the LoraBank of adapters {self.names} are traced (a call under jit?); "
+                            "select, combine and save adapters outside jit.")
+        return tuple(int(r) for r in np.asarray(self.ranks))
 
     @property
     def adapter_axis(self) -> int:
