@@ -12,6 +12,7 @@ from helpers import KEY, with_random_b
 from models import GPT
 
 import lorax
+import lorax.peft
 from lorax import adapters
 
 MODEL = GPT(vocab=64, d=32, layers=2, heads=4, max_len=8)  # nn.scan over remat blocks, tied head
@@ -170,6 +171,8 @@ def test_bad_input_is_refused_with_the_path_and_nothing_changes(bank, three, tmp
         lorax.merge(adapters.route(bank, [0, 1, 2, 0]))
     with pytest.raises(ValueError, match="holding several named adapters; save them with lorax.adapters.save"):
         lorax.save(tmp_path, bank)
+    with pytest.raises(ValueError, match="export them with lorax.adapters.save_peft"):
+        lorax.peft.save_peft(tmp_path, bank, [("x", "y")])
     with pytest.raises(ValueError, match=r"leading axis must be the 3 examples"):
         lorax.lora(FN)(adapters.route(bank, [0, 1, 2]), IDS)
     with pytest.raises(ValueError, match="must be a non-empty string"):
@@ -202,4 +205,4 @@ def test_split_trains_the_factors_only(bank):
     routed = adapters.route(bank, "math")
     trainable, frozen = (half["params"]["h"]["fc"]["kernel"] for half in lorax.split(routed))
     assert (trainable.w, trainable.scales, trainable.ranks, trainable.index) == (None,) * 4
-    assert trainable.a.shape == (2, 3, 32, 4) and frozen.a is None and int(frozen.index) == 0
+    assert trainable.a.shape == (2, 3, 32, 3) and frozen.a is None  # fc: ranks 2, 0 (code: q, v only), 3 and int(frozen.index) == 0
