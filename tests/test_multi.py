@@ -205,4 +205,5 @@ def test_split_trains_the_factors_only(bank):
     routed = adapters.route(bank, "math")
     trainable, frozen = (half["params"]["h"]["fc"]["kernel"] for half in lorax.split(routed))
     assert (trainable.w, trainable.scales, trainable.ranks, trainable.index) == (None,) * 4
-    assert trainable.a.shape == (2, 3, 32, 3) and frozen.a is None  # fc: ranks 2, 0 (code: q, v only), 3 and int(frozen.index) == 0
+    assert trainable.a.shape == (2, 3, 32, 3)  # fc: ranks 2, 0 (code adapts q, v only), 3
+    assert frozen.a is None and int(frozen.index) == 0
