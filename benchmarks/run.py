@@ -7,10 +7,14 @@
 1. compiled costs of an Adam train step (XLA cost_analysis / memory_analysis);
 2. wall time per step, variants interleaved in this process (median after warm-up), tokens/s;
 3. the same against rank and sequence length (the chart);
-4. inference: base vs merged vs unmerged LoRA forward;
-5. SmolLM2-135M: lorax against PEFT on torch, each framework in its own process
-   (`smollm_step.py`): step time, peak RSS, and the adapter file against the base's;
-6. QLoRA: the GPT's train step over NF4 kernels against LoRA's (wall time side by side, XLA
+4. inference: base vs merged vs unmerged LoRA forward, and where the unmerged time goes (rank,
+   targets, one adapter of a bank);
+5. serving 8 adapters: one batch mixing them (an adapter per example) against the same batch
+   with one adapter and against one call per adapter;
+6. SmolLM2-135M: lorax against PEFT on torch, each framework in its own process
+   (`smollm_step.py`): step time, peak RSS, efficiency against the machine's matmul rate, and
+   the adapter file against the base's;
+7. QLoRA: the GPT's train step over NF4 kernels against LoRA's (wall time side by side, XLA
    flops, the base's bytes among the step's arguments), and SmolLM2 over the GGUF's Q4_1
    blocks against the fp32 base (each in its own process).
 Writes results/benchmark.json, results/benchmark.md and results/performance.png.
@@ -20,17 +24,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
 import gpt  # noqa: E402  (the GPT and its workload, shared with the tests)
 import roofline  # noqa: E402
 import walltime  # noqa: E402
+
+import lorax  # noqa: E402
 
 QUICK = dict(d=128, heads=4, layers=2, vocab=512, batch=2, seq=32)
 FULL, FLOOR = "full fine-tuning", "frozen model, input gradient only (LoRA's floor)"
@@ -176,6 +184,41 @@ def qlora_markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+def overhead_table(widths: dict, repeats: int, warmup: int) -> list[dict]:
+    """Where the unmerged forward's extra time goes: the same forward against the base with
+    all-linear adapters of rank 1, 8 and 64, q,v adapters, and one adapter of a `LoraBank`."""
+    fn, params, ids = gpt.model(**widths, concrete=True)
+    programs = {"base": (fn, (params, ids))}
+    for label, targets, rank in (("all-linear r=1", gpt.ALL_LINEAR, 1), ("all-linear r=8", gpt.ALL_LINEAR, 8),
+                                 ("all-linear r=64", gpt.ALL_LINEAR, 64), ("q,v r=8", gpt.QV, 8)):
+        programs[label] = (lorax.lora(fn), (gpt._adapt(fn, params, ids, rank, targets, True), ids))
+    forward, serving = gpt.serving(count=2, **widths)
+    programs["bank of 2, one adapter r=8"] = serving["one adapter"]
+    timings = walltime.interleaved(programs, repeats=repeats, warmup=warmup, stateful=False)
+    base = timings["base"]
+    return [dict(variant=k, s_per_call=t.seconds, time_over_base=t.over(base), flops_over_base=t.flops / base.flops)
+            for k, t in timings.items()]
+
+
+def serving_table(widths: dict, repeats: int, warmup: int, count: int = 8) -> list[dict]:
+    """Tokens/s of one batch whose ``count`` examples each use their own adapter (a per-example
+    index), against the same batch with one adapter and against one call per adapter."""
+    widths = dict(widths, batch=count)
+    forward, programs = gpt.serving(count=count, **widths)
+    compiled = {name: jax.jit(fn).lower(*args).compile() for name, (fn, args) in programs.items()}
+    bank, _, ids = programs["mixed"][1]
+    call = lambda name: lambda: jax.block_until_ready(compiled[name](*programs[name][1]))  # noqa: E731
+    runs = {name: call(name) for name in ("base", "one adapter", "mixed")}
+    runs[f"{count} sequential calls"] = lambda: jax.block_until_ready(
+        [compiled["alone"](bank, jnp.int32(i), ids[i:i + 1]) for i in range(count)])
+    times = walltime.rounds(runs, repeats=repeats, warmup=warmup)
+    tokens = count * widths["seq"]
+    mixed = times["mixed"]
+    ratio = lambda other: statistics.median(o / m for o, m in zip(other, mixed))  # noqa: E731
+    return [dict(variant=k, s_per_call=statistics.median(t), tokens_per_s=tokens / statistics.median(t),
+                 mixed_throughput_over_this=ratio(t)) for k, t in times.items()]
+
+
 def smollm_runs(quick: bool, rounds: int) -> list[dict]:
     """Each framework in a fresh process: lorax and PEFT, LoRA on q,v and all-linear and DoRA on
     q,v; full FT for scale. ``rounds`` runs of each, the frameworks alternating; each row is the
@@ -242,6 +285,14 @@ def markdown(report: dict) -> str:
               "| variant | ms / call | time / base | flops / base |", "|---|---|---|---|"]
     lines += [f"| {r['variant']} | {1e3 * r['s_per_call']:.1f} | {r['time_over_base']:.3f} | "
               f"{r['flops_over_base']:.4f} |" for r in report["inference"]]
+    lines += ["", "**Where the unmerged forward's time goes** (forward against the base, same batch)", "",
+              "| variant | ms / call | time / base | flops / base |", "|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {1e3 * r['s_per_call']:.1f} | {r['time_over_base']:.3f} | "
+              f"{r['flops_over_base']:.4f} |" for r in report["overhead"]]
+    lines += ["", "**Serving 8 adapters** (all-linear r=8; a batch of 8 examples, example i with adapter i)", "",
+              "| variant | ms | tokens / s | mixed batch's throughput / this |", "|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {1e3 * r['s_per_call']:.1f} | {r['tokens_per_s']:.0f} | "
+              f"{r['mixed_throughput_over_this']:.3f} |" for r in report["serving"]]
     lines += ["", "**SmolLM2-135M train step, lorax vs PEFT** (each in its own process, same batch, targets, "
               "rank, fp32, AdamW)", "",
               "| framework | kind | targets | batch × seq | s / step | tokens / s | trained params | peak RSS MiB "
@@ -333,6 +384,10 @@ def main(argv=None):
     report["seqs"] = seq_sweep(widths, seqs, repeats, warmup)
     print("inference ...", flush=True)
     report["inference"] = inference_table(widths, repeats, warmup)
+    print("unmerged overhead ...", flush=True)
+    report["overhead"] = overhead_table(widths, repeats, warmup)
+    print("serving 8 adapters ...", flush=True)
+    report["serving"] = serving_table(widths, repeats, warmup)
     print("SmolLM2-135M, one process per framework ...", flush=True)
     report["smollm"] = smollm_runs(args.quick, args.rounds or (1 if args.quick else 2))
     report["adapters"] = adapter_sizes(report["smollm"])

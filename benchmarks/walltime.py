@@ -53,7 +53,13 @@ def interleaved(programs: dict[str, tuple[Callable, tuple]], *, repeats: int = 1
     """Median seconds per call of each program, timed in turns, with its matmul flops (every
     layer of a scan counted: `flops.matmul_flops`)."""
     built = {name: _runner(fn, args, stateful) for name, (fn, args) in programs.items()}
-    runs = {name: run for name, (run, _) in built.items()}
+    times = rounds({name: run for name, (run, _) in built.items()}, repeats=repeats, warmup=warmup)
+    return {name: Timing(t, float(matmul_flops(programs[name][0], *programs[name][1]))) for name, t in times.items()}
+
+
+def rounds(runs: dict[str, Callable[[], object]], *, repeats: int, warmup: int) -> dict[str, tuple[float, ...]]:
+    """Seconds of each of ``repeats`` calls of every ``run()``, taken in turns after ``warmup``
+    untimed calls of each (a run blocks until its results are ready)."""
     for run in runs.values():
         for _ in range(warmup):
             run()
@@ -63,5 +69,4 @@ def interleaved(programs: dict[str, tuple[Callable, tuple]], *, repeats: int = 1
             start = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - start)
-    return {name: Timing(tuple(t), float(matmul_flops(programs[name][0], *programs[name][1])))
-            for name, t in times.items()}
+    return {name: tuple(t) for name, t in times.items()}

@@ -111,9 +111,9 @@ def model(*, d, heads, layers, vocab, batch, seq, concrete: bool):
     return fn, jax.eval_shape(net.init, jax.random.key(0), ids), ids
 
 
-def _adapt(fn, params, ids, rank, targets, concrete, kind="lora"):
+def _adapt(fn, params, ids, rank, targets, concrete, kind="lora", seed=0):
     config = lorax.LoraConfig(rank=rank, alpha=2.0 * rank, targets=targets, use_dora=kind == "dora")
-    make = lambda p: lorax.init(jax.random.key(0), config, fn, p, ids)  # noqa: E731
+    make = lambda p: lorax.init(jax.random.key(seed), config, fn, p, ids)  # noqa: E731
     return make(params) if concrete else jax.eval_shape(make, params)
 
 
@@ -175,3 +175,22 @@ def forwards(*, rank=8, concrete=False, **widths) -> dict[str, tuple[Callable, t
 def inference_costs(**kw) -> dict[str, Cost]:
     """Forward costs: base, merged LoRA, unmerged (factored) LoRA."""
     return {name: cost(fn, *args) for name, (fn, args) in forwards(**kw).items()}
+
+
+def serving(*, count=8, rank=8, **widths) -> tuple[Callable, dict[str, tuple[Callable, tuple]]]:
+    """Serving ``count`` all-linear adapters of one base from a `lorax.LoraBank` (real arrays).
+
+    Returns ``(forward, programs)``: ``forward(bank, index, ids)`` runs the routed bank, and
+    ``programs`` maps ``"base"``, ``"one adapter"`` (a scalar index), ``"mixed"`` (example
+    ``i`` uses adapter ``i % count``) and ``"alone"`` (one example, adapter 0: the program
+    that sequential calls, one per adapter, run) to ``(forward, args)``."""
+    fn, params, ids = model(**{**GPT2_SMALL, **widths}, concrete=True)
+    bank = lorax.adapters.bank({f"task{i}": _adapt(fn, params, ids, rank, ALL_LINEAR, True, seed=i)
+                                for i in range(count)})
+
+    def forward(bank, index, ids):
+        return lorax.lora(fn)(lorax.adapters.route(bank, index), ids)
+
+    mixed = jnp.arange(ids.shape[0], dtype=jnp.int32) % count
+    return forward, {"base": (fn, (params, ids)), "one adapter": (forward, (bank, jnp.int32(0), ids)),
+                     "mixed": (forward, (bank, mixed, ids)), "alone": (forward, (bank, jnp.int32(0), ids[:1]))}

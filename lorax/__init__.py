@@ -7,6 +7,7 @@
 (1, 3)
 """
 
+from lorax import adapters as adapters  # noqa: E402  (after the kinds it builds on)
 from lorax._src.adapter import Adapter as Adapter
 from lorax._src.checkpoint import load as load
 from lorax._src.checkpoint import save as save
@@ -15,6 +16,7 @@ from lorax._src.explain import Explanation as Explanation
 from lorax._src.explain import explain as explain
 from lorax._src.init import init as init
 from lorax._src.kinds import DoraWeight as DoraWeight
+from lorax._src.kinds import LoraBank as LoraBank
 from lorax._src.kinds import LoraWeight as LoraWeight
 from lorax._src.optim import optimizer as optimizer
 from lorax._src.quantize import gguf_tensor as gguf_tensor
@@ -35,10 +37,12 @@ __all__ = [
     "Adapter",
     "DoraWeight",
     "Explanation",
+    "LoraBank",
     "LoraConfig",
     "LoraWeight",
     "QuantizedArray",
     "Trainable",
+    "adapters",
     "combine",
     "explain",
     "gguf_tensor",

@@ -210,3 +210,25 @@ def test_nnx_sharding_metadata_is_respected():
     assert (kernel.a.sharding.spec, kernel.b.sharding.spec) == (P(None, None), P(None, "model"))
     specs = lorax.partition_specs(lp, nnx.get_partition_spec(state))
     assert specs["lin"]["kernel"].get_value().b == P(None, "model")
+
+
+def test_bank_routed_per_example_on_a_sharded_batch_matches_each_example_alone():
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    fn3 = lambda p, x: jnp.tanh(x @ p["w1"]) @ p["w2"]  # noqa: E731  (x: [batch, seq, D])
+    base = base_params()
+    x = jax.random.normal(jax.random.key(3), (8, 3, D))
+    trees = {}
+    for seed in range(3):
+        lp = lorax.init(jax.random.key(seed), lorax.LoraConfig(rank=2 + seed), fn3, base, x)
+        trees[f"t{seed}"] = jax.tree.map(lambda n, s=seed: n.replace(b=jax.random.normal(jax.random.key(s), n.b.shape))
+                                         if isinstance(n, lorax.LoraWeight) else n, lp,
+                                         is_leaf=lambda n: isinstance(n, lorax.LoraWeight))
+    bank = lorax.adapters.bank(trees)
+    index = jnp.array([0, 1, 2, -1, 2, 1, 0, 0], jnp.int32)
+    batch = NamedSharding(mesh, P("data"))
+    forward = jax.jit(lambda p, i, x: lorax.lora(fn3)(lorax.adapters.route(p, i), x))
+    out = forward(bank, jax.device_put(index, batch), jax.device_put(x, batch))
+    assert out.sharding.spec[0] == "data"  # the output stays sharded with the batch
+    for i, k in enumerate(index.tolist()):
+        alone = base if k < 0 else lorax.merge(trees[f"t{k}"])
+        np.testing.assert_allclose(out[i], fn3(alone, x[i:i + 1])[0], rtol=1e-4, atol=1e-4)

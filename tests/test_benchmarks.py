@@ -38,6 +38,8 @@ def test_quick_run_reports_every_section(quick):
     assert all(r["s_per_step"] > 0 for r in report["wall"])
     assert {r["framework"] for r in report["smollm"]} == {"lorax", "peft"}
     assert {r["rank"] for r in report["ranks"]} == {1, 8}
+    assert {r["variant"] for r in report["serving"]} == {"base", "one adapter", "mixed", "8 sequential calls"}
+    assert {"base", "all-linear r=8", "bank of 2, one adapter r=8"} <= {r["variant"] for r in report["overhead"]}
 
 
 def test_quick_run_prints_the_roofline_and_efficiencies(quick):

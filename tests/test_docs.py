@@ -35,10 +35,11 @@ def at_root(monkeypatch):
 
 def test_readme_python_blocks_run_in_order(at_root):
     namespace = run_python_blocks("README.md")
-    assert namespace["_blocks"] == 2
+    assert namespace["_blocks"] == 3
     assert namespace["merged"]["params"]["layers_0"]["kernel"].shape == (16, 64)
     assert isinstance(namespace["qparams"]["params"]["layers_0"]["kernel"].w, lorax.QuantizedArray)
     assert namespace["out"].shape == (4, 8)
+    assert namespace["logits"].shape == (4, 8)  # four examples, three adapters and the base
 
 
 @pytest.mark.parametrize("page", PAGES)

@@ -31,6 +31,7 @@ from lorax._src.quantized import dense
 
 Axes = tuple[int, ...]
 RANK = "rank"  # a layout entry for the adapter's rank axis
+ADAPTERS = "adapters"  # a layout entry for the axis of several named adapters (`LoraBank`)
 
 
 def frozen_field(**kw) -> Any:
@@ -61,6 +62,7 @@ class Adapter:
     """The base of every adapter kind; see the module docstring for the contract."""
 
     kind: ClassVar[str]
+    several: ClassVar[bool] = False  # holds several named adapters (`LoraBank`): saved one by one
 
     w: Any = frozen_field()
     _: dataclasses.KW_ONLY
@@ -121,10 +123,14 @@ class Adapter:
     def trained(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.trained_fields()}
 
+    def axis_sizes(self, rank: int) -> dict[str, int]:
+        """The size of each layout entry that is not an axis of W (`RANK`, ...)."""
+        return {RANK: rank}
+
     def expected_shapes(self, rank: int | None = None) -> dict[str, tuple[int, ...]]:
         """The shape each trained field must have to fit ``w``."""
-        rank = self.rank if rank is None else rank
-        return {name: tuple(self.w.shape[e] if isinstance(e, int) else rank for e in entries)
+        sizes = self.axis_sizes(self.rank if rank is None else rank)
+        return {name: tuple(self.w.shape[e] if isinstance(e, int) else sizes[e] for e in entries)
                 for name, entries in self.layout().items()}
 
     def check(self, path: str = "") -> None:
@@ -149,10 +155,11 @@ class Adapter:
 
     def subscripts(self, letters: str = string.ascii_letters) -> dict[str, str]:
         """Einsum subscripts of ``w`` (key ``"w"``) and of each trained field; the rank
-        takes the first letter after W's."""
+        takes the first letter after W's, the adapters axis (`ADAPTERS`) the next."""
         ndim = len(self.a_axes) + len(self.b_axes) + len(self.stack_axes)
-        w_sub, rank = letters[:ndim], letters[ndim]
-        subs = {name: "".join(w_sub[e] if isinstance(e, int) else rank for e in entries)
+        w_sub = letters[:ndim]
+        extra = {RANK: letters[ndim], ADAPTERS: letters[ndim + 1]}
+        subs = {name: "".join(w_sub[e] if isinstance(e, int) else extra[e] for e in entries)
                 for name, entries in self.layout().items()}
         return {"w": w_sub, **subs}
 
@@ -214,6 +221,12 @@ class Adapter:
             return x[index]
 
         return self.map_trained(take, **changes)
+
+    def stacked_fields(self) -> tuple[str, ...]:
+        """The array fields that carry W's leading stack axis first (``w`` and the trained
+        arrays laid out from it): what ``scan`` slices layer by layer; others pass whole."""
+        lead = self.stack_axes[:1]
+        return ("w", *(n for n, entries in self.layout().items() if entries[:1] == lead and lead))
 
     def unstacked(self, **changes) -> Self:
         """One layer of a stack sliced off axis 0 (inside ``scan``): axis numbers shift down."""

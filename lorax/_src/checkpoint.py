@@ -37,6 +37,9 @@ def _entries(params: Any) -> tuple[list[dict], list[dict]]:
     meta, arrays = [], []
     for path, leaf in unique_named_leaves(params, "lorax.save"):
         if isinstance(leaf, Adapter):
+            if leaf.several:
+                raise ValueError(f"lorax.save: {path!r} is a {type(leaf).__name__} holding several named adapters; "
+                                 "save them with lorax.adapters.save (one folder per adapter).")
             leaf.check(path)
             _concrete(path, *leaf.trained().values())
             meta.append(dict(path=path, kind=leaf.kind, shape=list(leaf.shape), dtype=str(jnp.dtype(leaf.dtype)),

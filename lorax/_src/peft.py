@@ -128,6 +128,9 @@ def save_peft(directory: str | Path, params: Any, mapping: Mapping, *, base_mode
     tensors, ranks, alphas, saved, owner, dropouts = {}, {}, {}, set(), {}, set()
     starts = dict(named_leaves(initial)) if initial is not None else None
     kinds = {type(leaf) for _, leaf in named_leaves(params) if isinstance(leaf, Adapter)}
+    if any(kind.several for kind in kinds):
+        raise ValueError("lorax.peft: params hold several named adapters (LoraBank); export them with "
+                         "lorax.adapters.save_peft (PEFT's multi-adapter layout).")
     if len(kinds) > 1 or not kinds <= {LoraWeight, DoraWeight} or (starts is not None and kinds != {LoraWeight}):
         raise ValueError(f"lorax.peft: cannot export adapters of kinds {sorted(k.__name__ for k in kinds)}"
                          f"{' relative to their initial factors' if starts is not None else ''}: one PEFT folder "

@@ -26,7 +26,10 @@ class Tracked:
 
     def materialize(self) -> jax.Array:
         """The dense weight, for uses with no factored rule."""
-        return self.weight.merged()
+        try:
+            return self.weight.merged()
+        except ValueError as err:
+            raise ValueError(f"lorax.lora: {self.label!r} is used where it cannot be factored: {err}") from None
 
     def adapter_input(self, x: jax.Array, use: int) -> jax.Array:
         """``x`` with inverted dropout at the adapter's rate when a key was given."""

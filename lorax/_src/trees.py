@@ -112,7 +112,10 @@ def merge(params: Any) -> Any:
     def plain(name, x):
         if isinstance(x, Adapter):
             x.check(name)
-            return x.merged()
+            try:
+                return x.merged()
+            except ValueError as err:
+                raise ValueError(f"lorax.merge: {name!r}: {err}") from None
         if isinstance(x, QuantizedArray):
             return x.dequantize()
         return x.value if isinstance(x, Trainable) else x

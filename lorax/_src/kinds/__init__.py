@@ -3,6 +3,7 @@
 Adding a kind is a new module here, imported below, that defines a registered `Adapter`
 subclass (`register_kind`), its ``create`` classmethod and its ``apply`` handlers."""
 
+from lorax._src.kinds.bank import LoraBank as LoraBank
 from lorax._src.kinds.dora import DoraWeight as DoraWeight
 from lorax._src.kinds.frozen import FrozenBase as FrozenBase
 from lorax._src.kinds.lora import LoraWeight as LoraWeight

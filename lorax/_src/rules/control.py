@@ -112,7 +112,7 @@ def _scan_slice(value, length: int, ctx):
     if not lw.stack_axes or lw.stack_axes[0] != 0:
         return ctx.materialized(value, "scan over a non-stacked axis"), lambda v: v
     keys = None if value.key is None else jax.random.split(value.key, length)
-    names = lw.array_fields()
+    names = lw.stacked_fields()
 
     def rebuild(sliced):
         arrays, key = sliced

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import string
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -49,9 +50,28 @@ class DotParts:
     out: str
 
 
-def dot_parts(eqn, invals, ctx) -> DotParts | None:
-    """`DotParts` for the low-rank factors ``a``/``b`` of the adapted operand, or None when
-    both operands are adapted."""
+@dataclasses.dataclass(frozen=True)
+class DotLetters:
+    """A dot_general with an adapted weight, lettered as an einsum: the adapted operand
+    ``t`` and the other one ``x``, the letters of W's axes (``w_sub``), of ``x``, of the
+    output, and of the two factors in the order they meet ``x``: ``(first_sub, first_field),
+    (second_sub, second_field)`` (``a`` first, or ``b`` first for a tied head ``x·Eᵀ``)."""
+
+    t: Any
+    x: jax.Array
+    weight_is_lhs: bool
+    w_sub: list[str]
+    x_sub: str
+    out: str
+    factors: tuple[tuple[str, str], tuple[str, str]]
+
+    def base(self, eqn, w) -> jax.Array:
+        """The frozen product with ``w`` in the weight's place."""
+        return base_product(eqn, [w, self.x] if self.weight_is_lhs else [self.x, w], 0 if self.weight_is_lhs else 1)
+
+
+def dot_letters(eqn, invals) -> DotLetters | None:
+    """`DotLetters` of a dot_general with one adapted operand; None when both are adapted."""
     lhs, rhs = invals
     weight_is_lhs = hasattr(lhs, "weight")
     if weight_is_lhs and hasattr(rhs, "weight"):
@@ -59,8 +79,6 @@ def dot_parts(eqn, invals, ctx) -> DotParts | None:
     t, x = (lhs, rhs) if weight_is_lhs else (rhs, lhs)
     lw = t.weight
     (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-    base = base_product(eqn, [lw.w, x] if weight_is_lhs else [x, lw.w], 0 if weight_is_lhs else 1)
-
     w_nd, x_nd = len(lw.shape), jnp.ndim(x)
     letters = iter(string.ascii_letters)
     lhs_sub = [next(letters) for _ in range(w_nd if weight_is_lhs else x_nd)]
@@ -77,18 +95,28 @@ def dot_parts(eqn, invals, ctx) -> DotParts | None:
     stack = [w_sub[i] for i in lw.stack_axes]
     a_sub = "".join(stack + [w_sub[i] for i in lw.a_axes] + [rank])
     b_sub = "".join(stack + [rank] + [w_sub[i] for i in lw.b_axes])
-    a, b = lw.a.astype(lw.w.dtype), lw.b.astype(lw.w.dtype)
     out = "".join(out_sub)
     contracted = lambda axes: all(w_sub[i] not in out for i in axes)  # noqa: E731
-    order = [(a_sub, a), (b_sub, b)]
+    factors = ((a_sub, "a"), (b_sub, "b"))
     if not contracted(lw.a_axes) and contracted(lw.b_axes):
-        order.reverse()  # a tied head x·Eᵀ contracts b's axes: go through b first
-    (f1_sub, f1), (f2_sub, f2) = order
+        factors = ((b_sub, "b"), (a_sub, "a"))  # a tied head x·Eᵀ contracts b's axes: go through b first
+    return DotLetters(t, x, weight_is_lhs, w_sub, "".join(x_sub), out, factors)
+
+
+def dot_parts(eqn, invals, ctx) -> DotParts | None:
+    """`DotParts` for the low-rank factors ``a``/``b`` of the adapted operand, or None when
+    both operands are adapted."""
+    d = dot_letters(eqn, invals)
+    if d is None:
+        return None
+    lw = d.t.weight
+    base = d.base(eqn, lw.w)
+    (f1_sub, f1), (f2_sub, f2) = ((sub, getattr(lw, name).astype(lw.w.dtype)) for sub, name in d.factors)
     kw = dict(precision=eqn.params.get("precision"),
               preferred_element_type=eqn.params.get("preferred_element_type"))
-    update = low_rank_update("".join(x_sub), t.adapter_input(x, ctx.next_use()), f1_sub, f1,
-                             f2_sub, f2, out, lw.scale, ctx.views, **kw)
-    return DotParts(base, update.astype(base.dtype), w_sub, out)
+    update = low_rank_update(d.x_sub, d.t.adapter_input(d.x, ctx.next_use()), f1_sub, f1,
+                             f2_sub, f2, d.out, lw.scale, ctx.views, **kw)
+    return DotParts(base, update.astype(base.dtype), d.w_sub, d.out)
 
 
 # ----------------------------------------------------------------------------- convolution

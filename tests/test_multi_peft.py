@@ -1,0 +1,60 @@
+"""Two PEFT adapters of one torch LLaMA in one lorax bank: switching and mixing give PEFT's logits."""
+
+import os
+
+import numpy as np
+import pytest
+from test_peft import CONFIG, jax_twin, rel_err, torch_llama
+
+import lorax
+import lorax.peft
+from lorax import adapters
+
+if os.environ.get("CI") == "true":
+    import peft
+    import torch
+else:
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+
+IDS = np.array([[1, 5, 7, 9, 11, 2, 3, 40], [4, 8, 15, 16, 23, 42, 6, 2]])
+
+
+def two_adapter_model():
+    """PEFT's own multi-adapter model: "default" (r=4 on q, v) and "terse" (r=2, alpha 8, q k v o)."""
+    model = peft.get_peft_model(torch_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model.add_adapter("terse", peft.LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                                   "o_proj"]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:  # non-zero updates for both adapters
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    return model.eval()
+
+
+def peft_logits(model, name):
+    model.set_adapter(name)
+    with torch.no_grad():
+        return model(torch.tensor(IDS)).logits.numpy()
+
+
+def test_two_peft_adapters_switch_and_mix_with_peft_logits(tmp_path):
+    model = two_adapter_model()
+    model.save_pretrained(tmp_path / "saved")  # "default" in the folder, "terse" in saved/terse
+    assert (tmp_path / "saved" / "terse" / "adapter_config.json").is_file()
+    fn, params = jax_twin(torch_llama(), CONFIG)  # the same seed: the base under both adapters
+    bank = adapters.load_peft(tmp_path / "saved", fn, params, IDS, mapping=lorax.peft.LLAMA)
+    assert adapters.names(bank) == ("default", "terse")
+    want = {name: peft_logits(model, name) for name in ("default", "terse")}
+    forward = lorax.lora(fn)
+    for name in want:
+        assert rel_err(forward(adapters.route(bank, name), IDS), want[name]) < 1e-5
+    mixed = np.asarray(forward(adapters.route(bank, ["terse", "default"]), IDS))
+    assert rel_err(mixed[0], want["terse"][0]) < 1e-5 and rel_err(mixed[1], want["default"][1]) < 1e-5
+
+    adapters.save_peft(tmp_path / "export", bank, lorax.peft.LLAMA)  # PEFT's layout, read back by PEFT
+    again = peft.PeftModel.from_pretrained(torch_llama(), tmp_path / "export")
+    again.load_adapter(tmp_path / "export" / "terse", adapter_name="terse")
+    for name in want:
+        assert rel_err(peft_logits(again.eval(), name), want[name]) < 1e-5
