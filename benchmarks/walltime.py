@@ -52,9 +52,10 @@ def interleaved(programs: dict[str, tuple[Callable, tuple]], *, repeats: int = 1
                 stateful: bool = True) -> dict[str, Timing]:
     """Median seconds per call of each program, timed in turns, with its matmul flops (every
     layer of a scan counted: `flops.matmul_flops`)."""
+    flops = {name: float(matmul_flops(fn, *args)) for name, (fn, args) in programs.items()}  # before donation
     built = {name: _runner(fn, args, stateful) for name, (fn, args) in programs.items()}
     times = rounds({name: run for name, (run, _) in built.items()}, repeats=repeats, warmup=warmup)
-    return {name: Timing(t, float(matmul_flops(programs[name][0], *programs[name][1]))) for name, t in times.items()}
+    return {name: Timing(t, flops[name]) for name, t in times.items()}
 
 
 def rounds(runs: dict[str, Callable[[], object]], *, repeats: int, warmup: int) -> dict[str, tuple[float, ...]]:
