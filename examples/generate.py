@@ -108,6 +108,11 @@ def generate(step: Step, params: Any, empty_cache: Callable[[int, int], Any], pr
     return out
 
 
+@functools.partial(jax.jit, static_argnames="fn")
+def _argmax_at(fn: Callable, params, ids, n):
+    return jnp.argmax(fn(params, ids)[0, n - 1])
+
+
 def greedy_by_recompute(fn: Callable, params: Any, prompt: Sequence[int], *, max_new: int, window: int,
                         eos_id: int | None = None) -> list[int]:
     """The cache-free reference: re-run ``fn(params, ids) -> logits`` over a fixed ``window`` of
@@ -116,10 +121,9 @@ def greedy_by_recompute(fn: Callable, params: Any, prompt: Sequence[int], *, max
         raise ValueError(f"prompt of {len(prompt)} tokens + {max_new} new exceeds the window of {window}")
     buf = np.zeros((1, window), np.int32)
     buf[0, : len(prompt)] = prompt
-    forward = jax.jit(lambda p, ids, n: jnp.argmax(fn(p, ids)[0, n - 1]))
     n = len(prompt)
     for _ in range(max_new):
-        token = int(forward(params, buf, n))
+        token = int(_argmax_at(fn, params, buf, n))
         if token == eos_id:
             break
         buf[0, n] = token
