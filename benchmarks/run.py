@@ -8,7 +8,8 @@
 3. the same against rank and sequence length (the chart);
 4. inference: base vs merged vs unmerged LoRA forward;
 5. SmolLM2-135M: lorax against PEFT on torch, each framework in its own process
-   (`smollm_step.py`): step time, peak RSS, and the adapter file against the base's.
+   (`smollm_step.py`): step time, peak RSS, and the adapter file against the base's;
+6. SmolLM2-135M decode tokens/s: KV cache, window recompute, transformers generate (`decode.py`).
 Writes results/benchmark.json, results/benchmark.md and results/performance.png.
 """
 
@@ -22,6 +23,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import decode
 import jax
 import walltime
 
@@ -179,6 +181,7 @@ def markdown(report: dict) -> str:
     lines += [f"| {r['framework']} | {r['kind']} | {r['targets']} | {r['adapter_bytes'] / 2**20:.2f} | "
               f"{r['over_gguf_q4']:.4f} | "
               f"{r['over_fp32_base']:.4f} |" for r in report["adapters"]]
+    lines += ["", decode.markdown(report["decode"])]
     return "\n".join(lines)
 
 
@@ -244,6 +247,8 @@ def main(argv=None):
     print("SmolLM2-135M, one process per framework ...", flush=True)
     report["smollm"] = smollm_runs(args.quick)
     report["adapters"] = adapter_sizes(report["smollm"])
+    print("SmolLM2-135M decode, one process per runtime ...", flush=True)
+    report["decode"] = decode.runs(args.quick)
 
     table = markdown(report)
     print("\n" + table)

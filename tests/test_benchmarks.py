@@ -38,6 +38,8 @@ def test_quick_run_reports_every_section(quick):
     assert all(r["s_per_step"] > 0 for r in report["wall"])
     assert {r["framework"] for r in report["smollm"]} == {"lorax", "peft"}
     assert {r["rank"] for r in report["ranks"]} == {1, 8}
+    assert [r["runtime"] for r in report["decode"]] == ["lorax-cache", "lorax-recompute", "transformers"]
+    assert all(r["decode_tokens_per_s"] > 0 and r["new"] == 8 for r in report["decode"])
 
 
 def test_deterministic_measures_hold_in_the_quick_run(quick):
