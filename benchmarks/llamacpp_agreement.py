@@ -37,12 +37,10 @@ def xent(logits: np.ndarray, ids: np.ndarray) -> float:
 class LlamaCpp:
     """llama.cpp through llama-cpp-python: logits of a window and greedy continuations."""
 
-    def __init__(self, model: Path, adapter: Path | None):
-        import llama_cpp
+    def __init__(self, adapter: Path | None):
+        import smollm
 
-        extra = {"lora_path": str(adapter)} if adapter else {}
-        self.llm = llama_cpp.Llama(model_path=str(model), logits_all=True, n_ctx=256, n_threads=2, verbose=False,
-                                   **extra)
+        self.llm = smollm.llama_cpp_model(adapter)
 
     def logits(self, ids) -> np.ndarray:
         self.llm.reset()
@@ -95,7 +93,7 @@ def main(argv=None):
     report: dict = dict(steps=args.steps, windows=args.windows, window=args.window, new=args.new, runtimes={})
     top1: dict = {}
     for label, tree, adapter in (("base", base, None), ("adapter", params, run / "adapter.gguf")):
-        cpp = LlamaCpp(smollm.gguf_path(), adapter)
+        cpp = LlamaCpp(adapter)
         ours = [np.asarray(forward(tree, w[None]))[0] for w in windows]
         theirs = [cpp.logits(w) for w in windows]
         top1[label] = ([o.argmax(-1) for o in ours], [t.argmax(-1) for t in theirs])

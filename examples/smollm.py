@@ -125,6 +125,31 @@ def save_llamacpp_adapter(path, params, config: LlamaConfig) -> Path:
     return lorax.llamacpp.save_adapter(path, params, LLAMACPP_NAMES, heads=(config.heads, config.kv_heads))
 
 
+def llama_cpp_model(adapter: Path | None = None, n_ctx: int = 256):
+    """The GGUF in llama.cpp (needs ``pip install llama-cpp-python``), with a LoRA adapter GGUF if given;
+    ``model.eval(ids)`` fills ``model.scores`` for every position.
+
+    Weights stay in llama.cpp's plain CPU buffers (``use_extra_bufts`` off): its repacked-weight
+    path crashed on batches of more than one token on this machine (a VM whose CPU reports AMX).
+    """
+    import llama_cpp
+    from llama_cpp import llama_cpp as low_level
+
+    defaults = low_level.llama_model_default_params
+
+    def plain_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    low_level.llama_model_default_params = plain_buffers
+    try:
+        return llama_cpp.Llama(model_path=str(gguf_path()), lora_path=None if adapter is None else str(adapter),
+                               logits_all=True, n_ctx=n_ctx, n_threads=2, verbose=False)
+    finally:
+        low_level.llama_model_default_params = defaults
+
+
 if __name__ == "__main__":
     config, params, tok = load()
     print(generate(cached_step(config), params, config, tok, chat_prompt("What is the capital of France?")))
