@@ -17,6 +17,7 @@
 7. QLoRA: the GPT's train step over NF4 kernels against LoRA's (wall time side by side, XLA
    flops, the base's bytes among the step's arguments), and SmolLM2 over the GGUF's Q4_1
    blocks against the fp32 base (each in its own process).
+8. SmolLM2-135M decode tokens/s: KV cache, window recompute, transformers generate (`decode.py`).
 Writes results/benchmark.json, results/benchmark.md and results/performance.png.
 """
 
@@ -29,6 +30,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import decode
 import jax
 import jax.numpy as jnp
 
@@ -316,6 +318,7 @@ def markdown(report: dict) -> str:
     lines += [f"| {r['framework']} | {r['kind']} | {r['targets']} | {r['adapter_bytes'] / 2**20:.2f} | "
               f"{r['over_gguf_q4']:.4f} | "
               f"{r['over_fp32_base']:.4f} |" for r in report["adapters"]]
+    lines += ["", decode.markdown(report["decode"])]
     return "\n".join(lines)
 
 
@@ -394,6 +397,8 @@ def main(argv=None):
     print("QLoRA ...", flush=True)
     report["qlora"] = qlora_table(widths, repeats, warmup)
     report["smollm_qlora"] = smollm_qlora_runs(args.quick)
+    print("SmolLM2-135M decode, one process per runtime ...", flush=True)
+    report["decode"] = decode.runs(args.quick)
 
     table = markdown(report) + "\n\n" + qlora_markdown(report)
     print("\n" + table)

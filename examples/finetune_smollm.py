@@ -9,8 +9,8 @@ Prints the trainable share, held-out loss and perplexity before and after, gener
 the same prompt before and after, and the mean step time; writes a loss plot (PNG: the raw
 per-step loss, its moving average, and the held-out loss measured every --eval-every steps),
 the checkpoint (orbax: adapters plus optimizer state and step, so --resume continues the run
-exactly) and a PEFT export into --out. On SIGTERM (a preempted machine) it saves the
-checkpoint at the next step boundary and exits 0.
+exactly), a PEFT export and a llama.cpp adapter (adapter.gguf; plain LoRA only) into --out.
+On SIGTERM (a preempted machine) it saves the checkpoint at the next step boundary and exits 0.
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def main(argv=None):
 
     sys.path.insert(0, str(HERE))
     import smollm
-    from llama import Llama
+    from llama import Llama, cached_step
 
     import lorax
     import lorax.peft
@@ -178,8 +178,8 @@ def main(argv=None):
         batches = [test_ids[s[:, None] + np.arange(args.seq + 1)] for s in eval_starts]
         return float(np.mean([eval_loss(p, jnp.asarray(b)) for b in batches]))
 
-    generate = lambda p: smollm.generate(lorax.lora(fn), p, tokenizer, PROMPT, args.new_tokens,  # noqa: E731
-                                         window=len(tokenizer.encode(PROMPT).ids) + args.new_tokens)
+    step_with_cache = lorax.lora(cached_step(config))  # built once: generation compiles once for both uses
+    generate = lambda p: smollm.generate(step_with_cache, p, config, tokenizer, PROMPT, args.new_tokens)  # noqa: E731
     before_loss, before_text = held_out_loss(params), generate(params)
 
     trainable, frozen = lorax.split(params)
@@ -232,13 +232,17 @@ def main(argv=None):
 
     lorax.peft.save_peft(args.out / "peft", params, lorax.peft.LLAMA, initial=initial,
                          base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
+    llamacpp = not args.dora and args.init in ("kaiming_uniform", "gaussian")  # llama.cpp takes plain LoRA only
+    if llamacpp:
+        smollm.save_llamacpp_adapter(args.out / "adapter.gguf", params, config)
     plot_losses(args.out / "loss.png", losses, held_out, args.eval_every)
     summary = dict(trainable=report.trainable, total=report.total, share=report.share, before_loss=before_loss,
                    after_loss=after_loss, held_out=held_out, mean_step_s=mean_step, steps=args.steps,
                    rank=args.rank, targets=args.targets, batch=args.batch, seq=args.seq, init=args.init,
                    dora=args.dora, base=args.base, peak_rss_mib=peak_rss_mib())
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"\nwrote {args.out}/: adapter/ (orbax, with optimizer state), peft/ (PEFT format), loss.png, summary.json")
+    print(f"\nwrote {args.out}/: adapter/ (orbax, with optimizer state), peft/ (PEFT format), "
+          f"{'adapter.gguf (llama.cpp), ' if llamacpp else ''}loss.png, summary.json")
     return summary
 
 

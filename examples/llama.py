@@ -3,6 +3,10 @@
 Parameter paths mirror the torch module names (``params/layers/self_attn/q_proj/kernel``
 stacked over layers by ``nn.scan``), so `lorax.peft.LLAMA` maps them to PEFT's keys.
 Kernels are Flax's ``[in, out]``: ``kernel = torch_weight.T``.
+
+The same module decodes with a KV cache: ``Llama(config).apply(params, ids, positions, cache)``
+returns ``(logits, cache)`` (see `init_cache` and `cached_step`); without a cache it is the
+plain training forward.
 """
 
 from __future__ import annotations
@@ -59,11 +63,19 @@ def rope(x, positions, theta):
     return (x * jnp.cos(emb) + rotated * jnp.sin(emb)).astype(x.dtype)
 
 
+def write_cache(cache, new, start):
+    """``cache`` [batch, slots, ...] with ``new`` [batch, t, ...] written at slot ``start[b]`` of each row."""
+    put = lambda c, n, s: jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), s, axis=0)  # noqa: E731
+    return jax.vmap(put)(cache, new, start)
+
+
 class Attention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask):
+    def __call__(self, x, positions, mask, cache=None):
+        """``cache``: ``(k, v)`` [batch, slots, kv_heads, head_dim] of this layer; the new keys and
+        values are written at their positions (slot = position) and attention reads all slots."""
         c = self.config
         b, t, _ = x.shape
         proj = lambda n, name: nn.Dense(n * c.head_dim, use_bias=False, name=name)  # noqa: E731
@@ -71,12 +83,16 @@ class Attention(nn.Module):
         k = proj(c.kv_heads, "k_proj")(x).reshape(b, t, c.kv_heads, c.head_dim)
         v = proj(c.kv_heads, "v_proj")(x).reshape(b, t, c.kv_heads, c.head_dim)
         q, k = rope(q, positions, c.rope_theta), rope(k, positions, c.rope_theta)
+        if cache is not None:
+            cache = tuple(write_cache(old, new, positions[:, 0]) for old, new in zip(cache, (k, v)))
+            k, v = cache
         groups = c.heads // c.kv_heads
         k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(c.head_dim)
         logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
         out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
-        return nn.Dense(c.dim, use_bias=False, name="o_proj")(out.reshape(b, t, -1))
+        out = nn.Dense(c.dim, use_bias=False, name="o_proj")(out.reshape(b, t, -1))
+        return out if cache is None else (out, cache)
 
 
 class MLP(nn.Module):
@@ -93,33 +109,60 @@ class DecoderLayer(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, x, positions, mask):
+    def __call__(self, x, positions, mask, cache=None):
         c = self.config
-        x = x + Attention(c, name="self_attn")(RMSNorm(c.eps, name="input_layernorm")(x), positions, mask)
+        attended = Attention(c, name="self_attn")(RMSNorm(c.eps, name="input_layernorm")(x), positions, mask, cache)
+        if cache is not None:
+            attended, cache = attended
+        x = x + attended
         x = x + MLP(c, name="mlp")(RMSNorm(c.eps, name="post_attention_layernorm")(x))
-        return x, None
+        return x, cache
 
 
 class Llama(nn.Module):
-    """``Llama(config).apply(params, ids)`` -> logits [batch, seq, vocab]."""
+    """``Llama(config).apply(params, ids)`` -> logits [batch, seq, vocab].
+
+    With a cache (`init_cache`), ``apply(params, ids, positions, cache)`` -> ``(logits, cache)``:
+    ``ids`` [batch, t] sit at ``positions`` [batch, t] (consecutive in each row) and attend to
+    the cached slots up to their own position.
+    """
 
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, ids):
+    def __call__(self, ids, positions=None, cache=None):
         c = self.config
         embed = nn.Embed(c.vocab, c.dim, name="embed_tokens")
         t = ids.shape[1]
-        positions = jnp.broadcast_to(jnp.arange(t), ids.shape)
-        mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
+        if cache is None:
+            positions = jnp.broadcast_to(jnp.arange(t), ids.shape)
+            mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
+        else:
+            slots = jnp.arange(cache[0].shape[2])
+            mask = (slots <= positions[:, :, None])[:, None]  # [batch, 1, t, slots]
         layers = nn.scan(nn.remat(DecoderLayer) if c.remat else DecoderLayer, variable_axes={"params": 0},
                          split_rngs={"params": True},
-                         in_axes=(nn.broadcast, nn.broadcast), length=c.layers)
-        x, _ = layers(c, name="layers")(embed(ids), positions, mask)
+                         in_axes=(nn.broadcast, nn.broadcast, 0), length=c.layers)
+        x, cache = layers(c, name="layers")(embed(ids), positions, mask, cache)
         x = RMSNorm(c.eps, name="norm")(x)
-        if c.tie_embeddings:
-            return embed.attend(x)
-        return nn.Dense(c.vocab, use_bias=False, name="lm_head")(x)
+        logits = embed.attend(x) if c.tie_embeddings else nn.Dense(c.vocab, use_bias=False, name="lm_head")(x)
+        return logits if cache is None else (logits, cache)
+
+
+def init_cache(config: LlamaConfig, batch: int, slots: int, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
+    """An empty KV cache ``(k, v)``, each [layers, batch, slots, kv_heads, head_dim]."""
+    shape = (config.layers, batch, slots, config.kv_heads, config.head_dim)
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+
+def cached_step(config: LlamaConfig):
+    """``step(params, ids, positions, cache) -> (logits, cache)``: the model call `generate.generate` takes.
+
+    Wrap it with `lorax.lora` for adapted params; build it once and reuse it, so that
+    generation compiles once per shape.
+    """
+    model = Llama(config)
+    return lambda params, ids, positions, cache: model.apply(params, ids, positions, cache)
 
 
 _LAYER_WEIGHTS = {

@@ -11,10 +11,9 @@ import functools
 import importlib.metadata
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
+import generate as generation
 import numpy as np
-from llama import Llama, LlamaConfig, params_from_torch_names
+from llama import LlamaConfig, cached_step, init_cache, params_from_torch_names
 
 import lorax
 
@@ -114,25 +113,58 @@ def chat_prompt(user: str, system: str | None = None) -> str:
     return "".join(f"<|im_start|>{role}\n{text}<|im_end|>\n" for role, text in turns) + "<|im_start|>assistant\n"
 
 
-def generate(fn, params, tokenizer, prompt: str, max_new: int = 16, window: int = 128) -> str:
-    """Greedy decoding over a fixed-size window (one compilation)."""
+def generate(step, params, config: LlamaConfig, tokenizer, prompt: str, max_new: int = 16, **sampling) -> str:
+    """Continue ``prompt`` with the KV cache (`generate.generate`), stopping at the end-of-turn token.
+
+    ``step``: ``llama.cached_step(config)``, wrapped in `lorax.lora` for adapted params; the
+    keyword arguments (``temperature``, ``top_p``, ``key``) choose sampling over greedy.
+    """
     ids = tokenizer.encode(prompt).ids
-    if len(ids) + max_new > window:
-        raise ValueError(f"prompt of {len(ids)} tokens + {max_new} new exceeds the window of {window}")
-    buf = np.zeros((1, window), np.int32)
-    buf[0, : len(ids)] = ids
-    forward = jax.jit(lambda p, b: fn(p, b))
-    start, n = len(ids), len(ids)
-    for _ in range(max_new):
-        nxt = int(jnp.argmax(forward(params, jnp.asarray(buf))[0, n - 1]))
-        if nxt == tokenizer.eos_id:
-            break
-        buf[0, n] = nxt
-        n += 1
-    return tokenizer.decode(buf[0, start:n].tolist())
+    if len(ids) + max_new > config.max_len:
+        raise ValueError(f"prompt of {len(ids)} tokens + {max_new} new exceeds the context of {config.max_len}")
+    empty_cache = lambda batch, slots: init_cache(config, batch, slots)  # noqa: E731
+    [tokens] = generation.generate(step, params, empty_cache, [ids], max_new=max_new, eos_id=tokenizer.eos_id,
+                                   **sampling)
+    return tokenizer.decode(tokens)
+
+
+#: lorax path of each LLaMA projection -> its llama.cpp tensor, for `lorax.llamacpp.save_adapter`
+LLAMACPP_NAMES = {f"params/layers/{torch.replace('.', '/')}/kernel": f"blk.{{i}}.{name}.weight"
+                  for name, torch in _NAMES.items() if torch.endswith("_proj")}
+
+
+def save_llamacpp_adapter(path, params, config: LlamaConfig) -> Path:
+    """The LoRA adapters of ``params`` as a llama.cpp adapter GGUF (``llama-cli -m GGUF --lora path``)."""
+    import lorax.llamacpp
+
+    return lorax.llamacpp.save_adapter(path, params, LLAMACPP_NAMES, heads=(config.heads, config.kv_heads))
+
+
+def llama_cpp_model(adapter: Path | None = None, n_ctx: int = 256):
+    """The GGUF in llama.cpp (needs ``pip install llama-cpp-python``), with a LoRA adapter GGUF if given;
+    ``model.eval(ids)`` fills ``model.scores`` for every position.
+
+    Weights stay in llama.cpp's plain CPU buffers (``use_extra_bufts`` off): its repacked-weight
+    path crashed on batches of more than one token on this machine (a VM whose CPU reports AMX).
+    """
+    import llama_cpp
+    from llama_cpp import llama_cpp as low_level
+
+    defaults = low_level.llama_model_default_params
+
+    def plain_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    low_level.llama_model_default_params = plain_buffers
+    try:
+        return llama_cpp.Llama(model_path=str(gguf_path()), lora_path=None if adapter is None else str(adapter),
+                               logits_all=True, n_ctx=n_ctx, n_threads=2, verbose=False)
+    finally:
+        low_level.llama_model_default_params = defaults
 
 
 if __name__ == "__main__":
     config, params, tok = load()
-    fn = lambda p, ids: Llama(config).apply(p, ids)  # noqa: E731
-    print(generate(fn, params, tok, chat_prompt("What is the capital of France?")))
+    print(generate(cached_step(config), params, config, tok, chat_prompt("What is the capital of France?")))

