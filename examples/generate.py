@@ -5,8 +5,8 @@
 params), and ``empty_cache(batch, slots)``. Prefill and decode are each compiled once per
 shape and reused across calls, prompts, keys and sampling settings (those are traced
 arguments), as long as the same ``step`` object is passed. ``params`` is passed through to
-``step`` untouched: to choose an adapter per request, pass ``(params, index)`` and unpack it
-in ``step``.
+``step`` untouched: `routed` makes a step whose params are ``(bank, index)``, a
+`lorax.LoraBank` tree and one adapter index per request.
 
 >>> import jax, llama
 >>> config = llama.LlamaConfig(vocab=64, dim=32, layers=2, heads=4, kv_heads=2, hidden=64, remat=False)
@@ -27,7 +27,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import lorax
+
 Step = Callable[[Any, jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
+
+
+def routed(step: Step) -> Step:
+    """``step`` over ``(bank, index)``: several named adapters of one base (`lorax.adapters.bank`)
+    and, per request row, the adapter it uses (`lorax.adapters.index_of`; ``BASE`` for none).
+    Prefill and every decode step gather each row's factors; a new index or other adapters of
+    the same shapes reuse the compiled programs. Build it once, as ``step``."""
+    adapted = lorax.lora(step)
+
+    def run(params, ids, positions, cache):
+        bank, index = params
+        return adapted(lorax.adapters.route(bank, index), ids, positions, cache)
+
+    return run
 
 
 def pick(logits: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array) -> jax.Array:

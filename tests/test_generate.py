@@ -123,3 +123,19 @@ def test_bad_input(adapted, prompts, kwargs, message):
     _, params = adapted
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("+", r"\+")):
         generate.generate(STEP, params, empty_cache, prompts, **kwargs)
+
+
+def test_per_request_adapters_generate_what_each_adapter_generates_alone(adapted):
+    """One batch, three requests: adapter "a", adapter "b" and the base, each row equal to
+    generating with its adapter alone (cache and decode steps gather per row)."""
+    base, params = adapted
+    other = with_random_b(lorax.init(jax.random.key(7), lorax.LoraConfig(rank=2, alpha=4.0, targets=r".*_proj/kernel"),
+                                     fn, base, jnp.zeros((1, 8), jnp.int32)), scale=0.3)
+    bank = lorax.adapters.bank({"a": params, "b": other})
+    index = lorax.adapters.index_of(bank, ["a", "b", None])
+    mixed = generate.generate(generate.routed(llama.cached_step(CONFIG)), (bank, index), empty_cache, PROMPTS,
+                              max_new=8)
+    alone = [generate.generate(STEP, params, empty_cache, PROMPTS[:1], max_new=8)[0],
+             generate.generate(STEP, other, empty_cache, PROMPTS[1:2], max_new=8)[0],
+             generate.generate(llama.cached_step(CONFIG), base, empty_cache, PROMPTS[2:], max_new=8)[0]]
+    assert mixed == alone
