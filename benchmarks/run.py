@@ -3,8 +3,10 @@
     python benchmarks/run.py            # GPT-2-small widths and SmolLM2-135M, as in docs/performance.md (~15 min)
     python benchmarks/run.py --quick    # small widths, few steps: a smoke run (~1 min)
     python benchmarks/run.py --only qlora   # the QLoRA rows alone (GPT and SmolLM2), to results/qlora.*
+    python benchmarks/run.py --only smollm  # the roofline and SmolLM2 lorax vs PEFT alone, to results/smollm.*
 
-1. compiled costs of an Adam train step (XLA cost_analysis / memory_analysis);
+0. the roofline: this machine's plain matmul rate in JAX and torch (`roofline.py`);
+1. compiled costs of an Adam train step (matmul flops from the jaxpr, XLA's memory_analysis);
 2. wall time per step, variants interleaved in this process (median after warm-up), tokens/s;
 3. the same against rank and sequence length (the chart);
 4. inference: base vs merged vs unmerged LoRA forward, and where the unmerged time goes (rank,
@@ -259,18 +261,51 @@ def adapter_sizes(smollm: list[dict]) -> list[dict]:
                  gguf_bytes=gguf, fp32_base_bytes=fp32) for r in smollm if r["adapter_bytes"]]
 
 
-def markdown(report: dict) -> str:
-    f = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
-    peak = {k: v and v["peak"] for k, v in report["roofline"].items()}
-    lines = [f"Machine: {report['machine']}. GPT widths {report['widths']}, Adam, fp32, r=8 unless stated.", "",
+def roofline_markdown(report: dict) -> list[str]:
+    lines = [f"Machine: {report['machine']}.", "",
              "**Roofline**: plain fp32 matmul rate at the SmolLM2 projections' shapes ([512, in] x [in, out]), "
              "GFLOP/s", "", "| framework | " + " | ".join(report["roofline"]["jax"]) + " |",
              "|---|" + "---|" * len(report["roofline"]["jax"])]
     lines += [f"| {k} | " + " | ".join(f"{r:.0f}" for r in v.values()) + " |"
               for k, v in report["roofline"].items() if v]
-    lines += ["", "Efficiency = matmul flops of the step (every layer counted) / its time / the framework's "
-              "peak above.", "",
-             "**Compiled train step** (XLA cost / memory analysis)", "",
+    return lines + ["", "Efficiency = matmul flops of the step (every layer counted) / its time / the framework's "
+                    "peak above.", ""]
+
+
+def smollm_markdown(report: dict) -> list[str]:
+    f = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
+    lines = ["**SmolLM2-135M train step, lorax vs PEFT** (each in its own process, same batch, targets, "
+             "rank, fp32, AdamW; the run with the median time of those listed)", "",
+             "| framework | kind | targets | batch × seq | s / step | runs | tokens / s | trained params | "
+             "peak RSS MiB | GFLOP | own matmul peak | efficiency |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['framework']} | {r['kind']} | {r['targets'] or 'all (full FT)'} | {r['batch']} × {r['seq']} | "
+              f"{r['s_per_step']:.2f} | {' '.join(f'{t:.2f}' for t in r.get('s_per_step_runs', []))} | "
+              f"{r['tokens_per_s']:.0f} | {r['trained_params']:,} | "
+              f"{f(r['train_peak_rss_mib'], '.0f')} | {r['step_gflop']:.0f} | {r['matmul_peak_gflops']:.0f} | "
+              f"{r['efficiency']:.2f} |" for r in report["smollm"]]
+    by = {(r["framework"], r["kind"], r["targets"]): r for r in report["smollm"]}
+    for kind, targets in (("lora", "qv"), ("lora", "all-linear"), ("dora", "qv")):
+        if ("lorax", kind, targets) in by and ("peft", kind, targets) in by:
+            a, b = by[("lorax", kind, targets)], by[("peft", kind, targets)]
+            rss = None if None in (a["train_peak_rss_mib"], b["train_peak_rss_mib"]) else \
+                a["train_peak_rss_mib"] / b["train_peak_rss_mib"]
+            lines.append(f"\nlorax / PEFT, {kind} {targets}: time {a['s_per_step'] / b['s_per_step']:.3f}, "
+                         f"peak RSS {f(rss, '.3f')}")
+    if ("jax-full", "full", None) in by:
+        full = by[("jax-full", "full", None)]["efficiency"]
+        for targets in ("qv", "all-linear"):
+            if ("lorax", "lora", targets) in by:
+                lines.append(f"\nlorax LoRA {targets} efficiency / JAX full fine-tuning's: "
+                             f"{by[('lorax', 'lora', targets)]['efficiency'] / full:.3f}")
+    return lines
+
+
+def markdown(report: dict) -> str:
+    peak = {k: v and v["peak"] for k, v in report["roofline"].items()}
+    lines = roofline_markdown(report) + [f"GPT widths {report['widths']}, Adam, fp32, r=8 unless stated.", "",
+             "**Compiled train step** (matmul flops counted from the jaxpr, every layer; XLA's memory analysis)",
+             "",
              "| variant | GFLOPs | flops / full | step MiB | memory / full |", "|---|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['gflops']:.2f} | {r['flops_over_full']:.3f} | {r['step_mib']:.0f} | "
               f"{r['memory_over_full']:.3f} |" for r in report["compiled"]]
@@ -295,23 +330,7 @@ def markdown(report: dict) -> str:
               "| variant | ms | tokens / s | mixed batch's throughput / this |", "|---|---|---|---|"]
     lines += [f"| {r['variant']} | {1e3 * r['s_per_call']:.1f} | {r['tokens_per_s']:.0f} | "
               f"{r['mixed_throughput_over_this']:.3f} |" for r in report["serving"]]
-    lines += ["", "**SmolLM2-135M train step, lorax vs PEFT** (each in its own process, same batch, targets, "
-              "rank, fp32, AdamW)", "",
-              "| framework | kind | targets | batch × seq | s / step | tokens / s | trained params | peak RSS MiB "
-              "| GFLOP | own matmul peak | efficiency |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['framework']} | {r['kind']} | {r['targets'] or 'all (full FT)'} | {r['batch']} × {r['seq']} | "
-              f"{r['s_per_step']:.2f} | {r['tokens_per_s']:.0f} | {r['trained_params']:,} | "
-              f"{f(r['train_peak_rss_mib'], '.0f')} | {r['step_gflop']:.0f} | {r['matmul_peak_gflops']:.0f} | "
-              f"{r['efficiency']:.2f} |" for r in report["smollm"]]
-    by = {(r["framework"], r["kind"], r["targets"]): r for r in report["smollm"]}
-    for kind, targets in (("lora", "qv"), ("lora", "all-linear"), ("dora", "qv")):
-        if ("lorax", kind, targets) in by and ("peft", kind, targets) in by:
-            a, b = by[("lorax", kind, targets)], by[("peft", kind, targets)]
-            rss = None if None in (a["train_peak_rss_mib"], b["train_peak_rss_mib"]) else \
-                a["train_peak_rss_mib"] / b["train_peak_rss_mib"]
-            lines.append(f"\nlorax / PEFT, {kind} {targets}: time {a['s_per_step'] / b['s_per_step']:.3f}, "
-                         f"peak RSS {f(rss, '.3f')}")
+    lines += ["", *smollm_markdown(report)]
     lines += ["", "**Adapter file** (PEFT `adapter_model.safetensors`) against the base checkpoint", "",
               "| framework | kind | targets | adapter MiB | / GGUF Q4_1 file | / fp32 weights |",
               "|---|---|---|---|---|---|"]
@@ -366,12 +385,14 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="small widths and few steps: a smoke run")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--rounds", type=int, help="SmolLM2 runs per variant, frameworks alternating (2; quick: 1)")
-    parser.add_argument("--only", choices=("qlora",), help="run one section alone")
+    parser.add_argument("--only", choices=("qlora", "smollm"), help="run one section alone")
     args = parser.parse_args(argv)
     widths = QUICK if args.quick else gpt.GPT2_SMALL
     repeats, warmup = (3, 1) if args.quick else (20, 2)
     if args.only == "qlora":
         return qlora_main(args, widths, repeats, warmup)
+    if args.only == "smollm":
+        return smollm_main(args)
     ranks, seqs = ((1, 8), (16, 32)) if args.quick else ((1, 4, 8, 16, 64), (32, 64, 128, 256))
 
     report = dict(machine=machine(), widths=widths, repeats=repeats)
@@ -407,6 +428,19 @@ def main(argv=None):
     (args.out / "benchmark.md").write_text(table + "\n")
     chart(report, args.out / "performance.png")
     print(f"\nwrote {args.out}/benchmark.json, benchmark.md, performance.png")
+    return report
+
+
+def smollm_main(args) -> dict:
+    """The roofline and the SmolLM2 lorax-vs-PEFT steps alone, to results/smollm.*."""
+    report = dict(machine=machine(), roofline=roofline_rates())
+    report["smollm"] = smollm_runs(args.quick, args.rounds or (1 if args.quick else 2))
+    table = "\n".join(roofline_markdown(report) + smollm_markdown(report))
+    print("\n" + table)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "smollm.json").write_text(json.dumps(report, indent=2))
+    (args.out / "smollm.md").write_text(table + "\n")
+    print(f"\nwrote {args.out}/smollm.json, smollm.md")
     return report
 
 
