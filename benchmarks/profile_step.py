@@ -22,7 +22,9 @@ import tempfile
 import smollm_step
 
 CLASSES = ("projections", "low-rank factors", "attention", "RoPE", "norms", "SiLU and gating", "head",
-           "loss", "optimizer", "scan slices and residual buffers", "copies and transposes", "other")
+           "loss", "optimizer", "scan: per-layer weight slices", "scan: residual buffers", "copies and transposes",
+           "other")
+WEIGHT_DIMS = {576, 192, 1536}  # SmolLM2's projection widths: a slice of exactly these is a layer's weight
 
 
 # ----------------------------------------------------------------------------- JAX
@@ -44,9 +46,12 @@ def jax_class(opcode: str, op_name: str, text: str, rank: int) -> str:
     shapes = re.findall(r"\[([\d,]*)\]", text.split(" calls=")[0])
     dims = {int(d) for s in shapes for d in s.split(",") if d}
     if "jvp(" not in op_name:
-        return "optimizer" if op_name else "scan slices and residual buffers"
+        return "optimizer" if op_name else "scan: residual buffers"  # zero-filled stacks carry no op name
     if re.search(r"dynamic[_-](update[_-])?slice|dynamic_index|while/body/jit\(", op_name) or opcode == "broadcast":
-        return "scan slices and residual buffers"
+        out = re.match(r"\s*\S+ = \w+\[([\d,]*)\]", text)
+        out_dims = {int(d) for d in out.group(1).split(",") if d} if out else set()
+        weight = "dynamic_slice" in op_name and out_dims and out_dims <= WEIGHT_DIMS | {rank}
+        return "scan: per-layer weight slices" if weight else "scan: residual buffers"
     if "_proj/" in op_name:
         return "low-rank factors" if rank in dims else "projections"
     if "embed_tokens.attend" in op_name:
