@@ -3,7 +3,7 @@
     python benchmarks/run.py            # GPT-2-small widths and SmolLM2-135M, as in docs/performance.md (~15 min)
     python benchmarks/run.py --quick    # small widths, few steps: a smoke run (~1 min)
     python benchmarks/run.py --only qlora   # the QLoRA rows alone (GPT and SmolLM2), to results/qlora.*
-    python benchmarks/run.py --only smollm  # the roofline and SmolLM2 lorax vs PEFT alone, to results/smollm.*
+    python benchmarks/run.py --only smollm  # the roofline and SmolLM2 LoRA lorax vs PEFT alone, to results/smollm.*
 
 0. the roofline: this machine's plain matmul rate in JAX and torch (`roofline.py`);
 1. compiled costs of an Adam train step (matmul flops from the jaxpr, XLA's memory_analysis);
@@ -223,13 +223,14 @@ def serving_table(widths: dict, repeats: int, warmup: int, count: int = 8) -> li
                  mixed_throughput_over_this=ratio(t)) for k, t in times.items()]
 
 
-def smollm_runs(quick: bool, rounds: int) -> list[dict]:
+def smollm_runs(quick: bool, rounds: int, dora: bool = True) -> list[dict]:
     """Each framework in a fresh process: lorax and PEFT, LoRA on q,v and all-linear and DoRA on
     q,v; full FT for scale. ``rounds`` runs of each, the frameworks alternating; each row is the
     run with the median time, and lists every run's time."""
     shape = ["--batch", "1", "--seq", "32", "--steps", "2", "--warmup", "1"] if quick else []
-    jobs = [["lorax", "--targets", "qv"], ["peft", "--targets", "qv"],
-            ["lorax", "--targets", "qv", "--dora"], ["peft", "--targets", "qv", "--dora"]]
+    jobs = [["lorax", "--targets", "qv"], ["peft", "--targets", "qv"]]
+    if dora:
+        jobs += [["lorax", "--targets", "qv", "--dora"], ["peft", "--targets", "qv", "--dora"]]
     if not quick:
         jobs += [["lorax", "--targets", "all-linear"], ["peft", "--targets", "all-linear"],
                  ["jax-full"], ["torch-full"]]
@@ -434,7 +435,7 @@ def main(argv=None):
 def smollm_main(args) -> dict:
     """The roofline and the SmolLM2 lorax-vs-PEFT steps alone, to results/smollm.*."""
     report = dict(machine=machine(), roofline=roofline_rates())
-    report["smollm"] = smollm_runs(args.quick, args.rounds or (1 if args.quick else 2))
+    report["smollm"] = smollm_runs(args.quick, args.rounds or (1 if args.quick else 2), dora=False)
     table = "\n".join(roofline_markdown(report) + smollm_markdown(report))
     print("\n" + table)
     args.out.mkdir(parents=True, exist_ok=True)
