@@ -128,10 +128,14 @@ def torch_step(args):
     opt = torch.optim.AdamW(trained, lr=1e-4, weight_decay=0.0)
     ids = torch.from_numpy(_tokens(args.batch, args.seq, model.config.vocab_size)).long()
 
-    def run():
+    def backward():
         out = model(input_ids=ids[:, :-1], labels=None)
         loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
+        return loss
+
+    def run():
+        loss = backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(loss)
@@ -142,8 +146,9 @@ def torch_step(args):
             adapter_bytes = (Path(tmp) / "adapter_model.safetensors").stat().st_size
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
-        run()
+    with FlopCounterMode(display=False) as counter:  # forward and backward, no update: the weights stay
+        backward()
+    opt.zero_grad(set_to_none=True)
     return run, sum(p.numel() for p in trained), adapter_bytes, counter.get_total_flops(), None
 
 
