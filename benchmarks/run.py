@@ -432,17 +432,22 @@ def main(argv=None):
     return report
 
 
+def written(out: Path, name: str, report: dict, table: str) -> dict:
+    """Print ``table`` and write it and ``report`` to ``out/name.md`` and ``out/name.json``."""
+    print("\n" + table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
+    (out / f"{name}.md").write_text(table + "\n")
+    print(f"\nwrote {out}/{name}.json, {name}.md")
+    return report
+
+
 def smollm_main(args) -> dict:
     """The roofline and the SmolLM2 lorax-vs-PEFT steps alone, to results/smollm.*."""
     report = dict(machine=machine(), roofline=roofline_rates())
     report["smollm"] = smollm_runs(args.quick, args.rounds or (1 if args.quick else 2), dora=False)
     table = "\n".join(roofline_markdown(report) + smollm_markdown(report))
-    print("\n" + table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "smollm.json").write_text(json.dumps(report, indent=2))
-    (args.out / "smollm.md").write_text(table + "\n")
-    print(f"\nwrote {args.out}/smollm.json, smollm.md")
-    return report
+    return written(args.out, "smollm", report, table)
 
 
 def qlora_main(args, widths: dict, repeats: int, warmup: int) -> dict:
@@ -452,12 +457,7 @@ def qlora_main(args, widths: dict, repeats: int, warmup: int) -> dict:
     print("SmolLM2-135M, fp32 and Q4_1 bases ...", flush=True)
     report["smollm_qlora"] = smollm_qlora_runs(args.quick)
     table = qlora_markdown(report)
-    print("\n" + table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "qlora.json").write_text(json.dumps(report, indent=2))
-    (args.out / "qlora.md").write_text(table + "\n")
-    print(f"\nwrote {args.out}/qlora.json, qlora.md")
-    return report
+    return written(args.out, "qlora", report, table)
 
 
 if __name__ == "__main__":
