@@ -156,11 +156,11 @@ def add(params: Any, name: str, adapters: Any) -> Any:
 
     >>> import jax, jax.numpy as jnp, lorax
     >>> fn = lambda p, x: x @ p["w"]
-    >>> base, x = {"w": jnp.ones((4, 3))}, jnp.ones((1, 4))
+    >>> base, x = {"w": jnp.ones((8, 6))}, jnp.ones((1, 8))
     >>> one = lambda rank: lorax.init(jax.random.key(rank), lorax.LoraConfig(rank=rank), fn, base, x)
     >>> params = lorax.adapters.add(lorax.adapters.bank({"small": one(2)}), "big", one(4))
     >>> params["w"].adapter_ranks, params["w"].a.shape  # ranks padded to the largest
-    ((2, 4), (2, 4, 4))
+    ((2, 4), (2, 8, 4))
     """
     current = names(params)
     _check_name(name, "lorax.adapters.add")
