@@ -71,7 +71,7 @@ def jax_class(opcode: str, op_name: str, text: str, rank: int) -> str:
     return "other"
 
 
-def profile_jax(run, compiled, steps: int, rank: int) -> dict:
+def profile_jax(run, compiled, steps: int, rank: int, top: int = 0) -> dict:
     import jax
     from jax.profiler import ProfileData
 
@@ -82,7 +82,7 @@ def profile_jax(run, compiled, steps: int, rank: int) -> dict:
             run()
         jax.profiler.stop_trace()
         data = ProfileData.from_file(sorted(glob.glob(f"{trace}/**/*.xplane.pb", recursive=True))[-1])
-    ms = collections.Counter()
+    ms, by_op = collections.Counter(), collections.Counter()
     for plane in data.planes:
         for line in plane.lines:
             for event in line.events:
@@ -90,6 +90,9 @@ def profile_jax(run, compiled, steps: int, rank: int) -> dict:
                 if op is None or op not in index or index[op][0] in ("while", "call", "conditional"):
                     continue  # containers: their bodies' events are counted themselves
                 ms[jax_class(*index[op], rank)] += event.duration_ns / 1e6 / steps
+                by_op[op] += event.duration_ns / 1e6 / steps
+    for op, t in by_op.most_common(top):
+        print(f"  {t:8.1f} ms  {jax_class(*index[op], rank):30s} {index[op][2].strip()[:160]}")
     return ms
 
 
@@ -139,11 +142,12 @@ def profile_torch(run, steps: int, rank: int, vocab: int) -> dict:
 def main(argv=None):
     p = smollm_step.parser(__doc__.splitlines()[0])
     p.add_argument("--profiled", type=int, default=2, help="steps traced")
+    p.add_argument("--top", type=int, default=0, help="JAX: also print the N costliest HLO instructions")
     args = p.parse_args(argv)
     run, _, _, _, compiled = smollm_step.step_of(args)
     for _ in range(args.warmup):
         run()
-    ms = profile_jax(run, compiled, args.profiled, args.rank) if compiled else \
+    ms = profile_jax(run, compiled, args.profiled, args.rank, args.top) if compiled else \
         profile_torch(run, args.profiled, args.rank, 49152)
     total = sum(ms.values())
     print(f"{args.framework} {args.targets}: ms per step by op class (sum {total:.0f} ms, all threads)")

@@ -5,9 +5,10 @@
     python benchmarks/smollm_step.py torch-full          # full fine-tuning, for scale
     python benchmarks/smollm_step.py peft --targets qv --dora   # DoRA in both frameworks
     python benchmarks/smollm_step.py lorax --targets qv --base q4   # QLoRA over the GGUF's 4-bit blocks
+    python benchmarks/smollm_step.py peft --targets qv --base bf16  # a bf16 base, fp32 adapters (both)
 
 lorax runs the JAX LLaMA of ``examples/`` on the GGUF weights; PEFT runs transformers' load
-of the same file. Both: fp32, AdamW, the same random token batch, rank, alpha and targets,
+of the same file. Both: fp32 (or a bf16 base and bf16 compute with fp32 adapters), AdamW, the same random token batch, rank, alpha and targets,
 no dropout. The step's matmul flops (counted from the jaxpr for JAX, torch's flop counter) over its
 time, as a share of the same framework's plain matmul rate measured in the same process
 (`roofline.py`), is its efficiency. Peak RSS is the process's high-water mark reset after loading (the training
@@ -69,7 +70,7 @@ def lorax_step(args):
     import lorax.peft
 
     config, base, _ = smollm.load(base=args.base)
-    config = type(config)(**{**config.__dict__, "remat": False})
+    config = type(config)(**{**config.__dict__, "remat": {"none": False, "full": True}.get(args.remat, args.remat)})
     fn = lambda p, ids: Llama(config).apply(p, ids)  # noqa: E731
     ids = jax.numpy.asarray(_tokens(args.batch, args.seq, config.vocab))
     tx = optax.adamw(1e-4, weight_decay=0.0)
@@ -81,7 +82,7 @@ def lorax_step(args):
         state, rest, forward, adapter_bytes = base, (), fn, None
     else:
         lora_config = lorax.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=LORAX_TARGETS[args.targets],
-                                       use_dora=args.dora)
+                                       use_dora=args.dora)  # over a bf16 base the factors are fp32
         params = lorax.init(jax.random.key(0), lora_config, fn, base, ids[:, :-1])
         state, frozen = lorax.split(params)
         rest, forward = (frozen,), lambda t, f, x: lorax.lora(fn)(lorax.combine(t, f), x)
@@ -115,8 +116,11 @@ def torch_step(args):
     sys.path.insert(0, str(ROOT / "examples"))
     import smollm
 
+    if args.base == "q4":
+        raise SystemExit("--base q4 is lorax's (QLoRA over the GGUF's blocks); torch runs fp32 or bf16")
     path = smollm.gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    dtype = torch.bfloat16 if args.base == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     adapter_bytes = None
     if args.framework == "peft":
         from peft import LoraConfig, get_peft_model
@@ -130,7 +134,7 @@ def torch_step(args):
 
     def backward():
         out = model(input_ids=ids[:, :-1], labels=None)
-        loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), ids[:, 1:].flatten())
+        loss = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), ids[:, 1:].flatten())
         loss.backward()
         return loss
 
@@ -158,8 +162,11 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--targets", choices=tuple(PEFT_TARGETS), default="qv")
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--dora", action="store_true", help="DoRA adapters instead of LoRA")
-    p.add_argument("--base", choices=("fp32", "q4"), default="fp32",
-                   help="lorax's base: fp32 weights, or the GGUF's Q4_1/Q8_0 blocks kept as stored (QLoRA)")
+    p.add_argument("--base", choices=("fp32", "bf16", "q4"), default="fp32",
+                   help="the base: fp32 weights; bf16 weights and compute (adapters stay fp32); or, lorax only, "
+                        "the GGUF's Q4_1/Q8_0 blocks kept as stored (QLoRA)")
+    p.add_argument("--remat", default="none",
+                   help="JAX: recompute in the backward: none, full, or a jax.checkpoint_policies name")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
@@ -189,7 +196,7 @@ def main(argv=None):
     print(json.dumps(dict(
         framework=args.framework, targets=None if "full" in args.framework else args.targets, rank=args.rank,
         kind="full" if "full" in args.framework else "dora" if args.dora else "lora",
-        base=args.base if args.framework in ("lorax", "jax-full") else "fp32",
+        base=args.base,
         batch=args.batch, seq=args.seq, s_per_step=median, tokens_per_s=args.batch * args.seq / median,
         trained_params=count, train_peak_rss_mib=_peak_rss_mib() if reset else None,
         process_peak_rss_mib=max(load_peak, _peak_rss_mib()), adapter_bytes=adapter_bytes,

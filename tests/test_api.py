@@ -77,6 +77,28 @@ def test_init_distributions():
     assert not np.any(np.asarray(gauss.b, np.float32))
 
 
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_adapters_over_a_bf16_base_default_to_fp32_and_keep_the_product_in_bf16(use_dora):
+    fn, params, x = make_case("mlp")
+    params16 = jax.tree.map(lambda p: p.astype(jnp.bfloat16), params)
+    lp = lorax.init(KEY, lorax.LoraConfig(rank=2, use_dora=use_dora), fn, params16, x.astype(jnp.bfloat16))
+    kernel = lp["params"]["Dense_1"]["kernel"]
+    assert kernel.w.dtype == jnp.bfloat16 and kernel.a.dtype == kernel.b.dtype == jnp.float32
+    lp = with_random_b(lp)
+    x16 = x.astype(jnp.bfloat16)
+    assert lorax.lora(fn)(lp, x16).dtype == jnp.bfloat16
+    text = str(jax.make_jaxpr(lorax.lora(fn))(lp, x16))
+    assert "bf16[4,2]" in text and "f32[4,2]" not in text  # x·A [batch 4, r 2] in the compute dtype
+    trainable, frozen = lorax.split(lp)
+    loss = lambda t: lorax.lora(fn)(lorax.combine(t, frozen), x16).astype(jnp.float32).sum()  # noqa: E731
+    grads = jax.grad(loss)(trainable)
+    assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+    # the reference: the same product with fp32 factors in a materialized fp32 model
+    ref = jax.grad(lambda t: fn(lorax.merge(lorax.combine(t, jax.tree.map(lambda w: w.astype(jnp.float32), frozen))),
+                                x16.astype(jnp.float32)).sum())(trainable)
+    assert_trees_close(grads, ref, rtol=5e-2, atol=5e-2)
+
+
 def test_paths_render_alike_for_nnx_state():
     fn, state, x = make_case("nnx")
     lp = lorax.init(KEY, lorax.LoraConfig(rank=2), fn, state, x)

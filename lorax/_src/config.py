@@ -56,6 +56,14 @@ class AdapterSpec:
     dropout: float
     dtype: Any
 
+    def dtype_for(self, weight_dtype) -> Any:
+        """The adapter's dtype over a weight of ``weight_dtype``: the one asked for, else
+        float32 over a 16-bit float weight (factors trained in bf16 lose small updates), else
+        the weight's."""
+        if self.dtype is not None:
+            return self.dtype
+        return jnp.float32 if jnp.dtype(weight_dtype) in (jnp.bfloat16, jnp.float16) else weight_dtype
+
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
@@ -78,7 +86,7 @@ class LoraConfig:
         (top-r singular vectors of W; the base becomes the residual), ``"pissa_niter_K"``
         (the same by randomized SVD) or ``"olora"`` (QR). Outputs are unchanged at init.
       use_dora: DoRA (a trained magnitude per output unit) instead of plain LoRA.
-      dtype: adapter dtype; default the weight's.
+      dtype: adapter dtype; default the weight's, but float32 over bf16/fp16 weights (as PEFT).
       trainable: regexes of plain leaves trained fully (PEFT's ``modules_to_save``).
 
     >>> import lorax

@@ -83,7 +83,7 @@ class DoraWeight(Adapter):
     @classmethod
     def create(cls, key: jax.Array, spec, w: jax.Array, use) -> DoraWeight:
         """As `LoraWeight.create`, with ``m`` the column norms of the initial weight."""
-        dtype = spec.dtype or w.dtype
+        dtype = spec.dtype_for(w.dtype)
         base, a, b = low_rank_init(key, spec.init, w, use.a_axes, use.b_axes, use.stack_axes,
                                    spec.rank, spec.scale, dtype)
         stack = len(use.stack_axes)

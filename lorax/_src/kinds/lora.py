@@ -58,7 +58,7 @@ class LoraWeight(Adapter):
     @classmethod
     def create(cls, key: jax.Array, spec, w: jax.Array, use) -> LoraWeight:
         base, a, b = low_rank_init(key, spec.init, w, use.a_axes, use.b_axes, use.stack_axes,
-                                   spec.rank, spec.scale, spec.dtype or w.dtype)
+                                   spec.rank, spec.scale, spec.dtype_for(w.dtype))
         return cls(base, a, b, scale=spec.scale, a_axes=use.a_axes, b_axes=use.b_axes,
                    stack_axes=use.stack_axes, dropout=spec.dropout, init=spec.init)
 
