@@ -87,6 +87,30 @@ def test_lora_on_the_real_model_starts_at_the_base(smol):
     np.testing.assert_array_equal(lorax.lora(fn)(lp, ids), fn(params, ids))
 
 
+def test_bf16_base_follows_fp32_and_keeps_lora_factored_in_fp32_factors(smol):
+    config, params, tok, fn = smol
+    config16, params16, _ = smollm.load(base="bf16")
+    fn16 = lambda p, ids: Llama(config16).apply(p, ids)  # noqa: E731
+    assert params16["params"]["layers"]["mlp"]["up_proj"]["kernel"].dtype == jax.numpy.bfloat16
+    ids = np.array([tok.encode("HAMLET.\nTo be, or not to be, that is the question:").ids])
+    ref, out = np.asarray(fn(params, ids)), np.asarray(fn16(params16, ids))
+    assert out.dtype == np.float32
+    assert (out.argmax(-1) == ref.argmax(-1)).mean() >= 0.8
+    assert np.abs(out - ref).max() / np.abs(ref).max() < 0.1
+    lp = with_random_b(lorax.init(jax.random.key(0), lorax.LoraConfig(rank=4, targets=r".*/(q|v)_proj/kernel"),
+                                  fn16, params16, ids), scale=0.2)
+    q = lp["params"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert q.w.dtype == jax.numpy.bfloat16 and q.a.dtype == q.b.dtype == jax.numpy.float32
+    assert not lorax.explain(fn16, lp, ids).materialized
+    # the adapter's effect on the logits, against the fp32 model merged (a bf16 merge would round it away)
+    lp32 = jax.tree.map(lambda x: x.astype(jax.numpy.float32), lp)
+    effect = np.asarray(lorax.lora(fn16)(lp, ids)) - out
+    effect32 = np.asarray(fn(lorax.merge(lp32), ids)) - ref
+    assert np.abs(effect32).max() > 3.0
+    assert np.abs(effect - effect32).max() / np.abs(effect32).max() < 0.1  # measured 0.06
+    assert np.corrcoef(effect.ravel(), effect32.ravel())[0, 1] > 0.99
+
+
 def test_finetune_example_smoke_and_resume(tmp_path, capsys):
     import finetune_smollm
 
