@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+from report_files import written
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RUNTIMES = {"lorax-cache": "lorax, KV cache", "lorax-recompute": "lorax, window recompute",
@@ -137,13 +139,7 @@ def main(argv=None):
         print(json.dumps(measure(args)))
         return None
     rows = runs(args.quick, args.repeats)
-    table = markdown(rows)
-    print("\n" + table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "decode.json").write_text(json.dumps(rows, indent=2))
-    (args.out / "decode.md").write_text(table + "\n")
-    print(f"\nwrote {args.out}/decode.json, decode.md")
-    return rows
+    return written(args.out, "decode", rows, markdown(rows))
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ sys.path.insert(0, str(HERE.parent / "examples"))
 import gpt  # noqa: E402  (the GPT and its workload, shared with the tests)
 import roofline  # noqa: E402
 import walltime  # noqa: E402
+from report_files import written  # noqa: E402
 
 import lorax  # noqa: E402
 
@@ -134,16 +135,14 @@ def qlora_table(widths: dict, repeats: int, warmup: int) -> list[dict]:
     adapters, optimizer state, batch and the weights both keep in fp32) per kernel parameter."""
     import re
 
-    from lorax._src.paths import named_leaves
-
     steps = gpt.train_steps(variants=("lora", "qlora"), concrete=True, **widths)
     labels = {"LoRA all-linear": "lora", QLORA: "qlora"}
     timings = walltime.interleaved({label: steps[key] for label, key in labels.items()}, repeats=repeats,
                                    warmup=warmup)
     plain = gpt.model(**{**gpt.GPT2_SMALL, **widths}, concrete=False)[1]
-    kernel = [re.fullmatch(gpt.KERNELS, name) is not None for name, _ in named_leaves(plain)]
-    kernel_params = sum(x.size for k, (_, x) in zip(kernel, named_leaves(plain)) if k)
-    fp32_rest = sum(x.size * x.dtype.itemsize for k, (_, x) in zip(kernel, named_leaves(plain)) if not k)
+    leaves = [("/".join(str(k.key) for k in path), x) for path, x in jax.tree_util.tree_leaves_with_path(plain)]
+    kernel_params = sum(x.size for name, x in leaves if re.fullmatch(gpt.KERNELS, name))
+    fp32_rest = sum(x.size * x.dtype.itemsize for name, x in leaves if not re.fullmatch(gpt.KERNELS, name))
     rows = []
     for label, key in labels.items():
         step, (trainable, opt, frozen, ids) = steps[key]
@@ -422,23 +421,9 @@ def main(argv=None):
     print("SmolLM2-135M decode, one process per runtime ...", flush=True)
     report["decode"] = decode.runs(args.quick)
 
-    table = markdown(report) + "\n\n" + qlora_markdown(report)
-    print("\n" + table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "benchmark.json").write_text(json.dumps(report, indent=2))
-    (args.out / "benchmark.md").write_text(table + "\n")
+    written(args.out, "benchmark", report, markdown(report) + "\n\n" + qlora_markdown(report))
     chart(report, args.out / "performance.png")
-    print(f"\nwrote {args.out}/benchmark.json, benchmark.md, performance.png")
-    return report
-
-
-def written(out: Path, name: str, report: dict, table: str) -> dict:
-    """Print ``table`` and write it and ``report`` to ``out/name.md`` and ``out/name.json``."""
-    print("\n" + table)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(report, indent=2))
-    (out / f"{name}.md").write_text(table + "\n")
-    print(f"\nwrote {out}/{name}.json, {name}.md")
+    print(f"wrote {args.out}/performance.png")
     return report
 
 

@@ -8,10 +8,13 @@
     python benchmarks/smollm_step.py peft --targets qv --base bf16  # a bf16 base, fp32 adapters (both)
 
 lorax runs the JAX LLaMA of ``examples/`` on the GGUF weights; PEFT runs transformers' load
-of the same file. Both: fp32 (or a bf16 base and bf16 compute with fp32 adapters), AdamW, the same random token batch, rank, alpha and targets,
-no dropout. The step's matmul flops (counted from the jaxpr for JAX, torch's flop counter) over its
-time, as a share of the same framework's plain matmul rate measured in the same process
-(`roofline.py`), is its efficiency. Peak RSS is the process's high-water mark reset after loading (the training
+of the same file. Both: fp32, AdamW, the same random token batch, rank, alpha and targets, no
+dropout. ``--base bf16``: bf16 weights and fp32 adapters in both; torch computes in bf16, lorax's
+model gives its matmuls bf16 operands and keeps fp32 activations.
+
+The step's matmul flops (counted from the jaxpr for JAX, torch's flop counter) over its time, as
+a share of the same framework's plain matmul rate measured in the same process (`roofline.py`),
+is its efficiency. Peak RSS is the process's high-water mark reset after loading (the training
 phase, model included) and, separately, over the whole process.
 """
 

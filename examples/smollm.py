@@ -58,8 +58,9 @@ def _read(tensor, keep_blocks: bool):
 def load(path: Path | None = None, base: str = "fp32"):
     """``(config, params, tokenizer)`` for SmolLM2-135M-Instruct. ``base="fp32"`` dequantizes
     the weights; ``base="bf16"`` dequantizes them to bfloat16, and the projections and head
-    take bf16 operands and accumulate in fp32 (activations stay fp32); ``base="q4"`` keeps the file's blocks (Q4_1 layers, a Q8_0
-    embedding) as `lorax.QuantizedArray` leaves, for QLoRA over exactly the released weights."""
+    take bf16 operands and accumulate in fp32 (activations stay fp32); ``base="q4"`` keeps the
+    file's blocks (Q4_1 layers, a Q8_0 embedding) as `lorax.QuantizedArray` leaves, for QLoRA
+    over exactly the released weights."""
     if base not in BASES:
         raise ValueError(f"base must be one of {BASES}, got {base!r}")
     try:
