@@ -2,10 +2,11 @@
 
     python benchmarks/roofline.py jax      # one JSON line: GFLOP/s of fp32 matmuls in JAX
     python benchmarks/roofline.py torch    # the same in torch
+    python benchmarks/roofline.py jax bf16 # bf16 operands (JAX: accumulated and returned in fp32)
 
 A step's efficiency is its flops over its time, divided by the best plain matmul rate the same
 framework reaches on the same machine for the model's own projection shapes ([tokens, in] x
-[in, out], fp32). Two frameworks, or two machines, are then compared on how much of what the
+[in, out], in the step's operand dtype). Two frameworks, or two machines, are then compared on how much of what the
 machine can do each one gets, not on seconds that depend on which machine ran them.
 """
 
@@ -53,33 +54,35 @@ def _median_seconds(run, args: tuple, repeats: int) -> float:
     return statistics.median(times)
 
 
-def jax_gflops(shapes=PROJECTIONS, repeats: int = 20) -> dict:
-    """GFLOP/s of ``x @ w`` in JAX for each ``(tokens, in, out)``, and ``peak``, the best."""
+def jax_gflops(shapes=PROJECTIONS, repeats: int = 20, dtype: str = "float32") -> dict:
+    """GFLOP/s of ``x @ w`` in JAX for each ``(tokens, in, out)``, and ``peak``, the best.
+    ``dtype="bfloat16"``: bf16 operands accumulated in fp32, as the example model's bf16 matmuls."""
     import jax
     import jax.numpy as jnp
 
-    matmul = jax.jit(jnp.matmul)
+    matmul = jax.jit(lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.float32))
     rates = {}
     for m, k, n in shapes:
-        x, w = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
+        x, w = jnp.ones((m, k), dtype), jnp.ones((k, n), dtype)
         seconds = _median_seconds(lambda x, w: matmul(x, w).block_until_ready(), (x, w), repeats)
         rates[f"{m}x{k}x{n}"] = 2 * m * k * n / seconds / 1e9
     return dict(rates, peak=max(rates.values()))
 
 
-def torch_gflops(shapes=PROJECTIONS, repeats: int = 20) -> dict:
-    """As `jax_gflops`, in torch (``x @ w``, fp32, no grad)."""
+def torch_gflops(shapes=PROJECTIONS, repeats: int = 20, dtype: str = "float32") -> dict:
+    """As `jax_gflops`, in torch (``x @ w`` in ``dtype``, no grad)."""
     import torch
 
     rates = {}
     with torch.no_grad():
         for m, k, n in shapes:
-            x, w = torch.ones(m, k), torch.ones(k, n)
+            x, w = torch.ones(m, k, dtype=getattr(torch, dtype)), torch.ones(k, n, dtype=getattr(torch, dtype))
             rates[f"{m}x{k}x{n}"] = 2 * m * k * n / _median_seconds(torch.matmul, (x, w), repeats) / 1e9
     return dict(rates, peak=max(rates.values()))
 
 
 if __name__ == "__main__":
     framework = sys.argv[1] if len(sys.argv) > 1 else "jax"
-    rates = {"jax": jax_gflops, "torch": torch_gflops}[framework]()
-    print(json.dumps(dict(framework=framework, machine=machine(), gflops=rates)))
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}[sys.argv[2] if len(sys.argv) > 2 else "fp32"]
+    rates = {"jax": jax_gflops, "torch": torch_gflops}[framework](dtype=dtype)
+    print(json.dumps(dict(framework=framework, dtype=dtype, machine=machine(), gflops=rates)))

@@ -58,12 +58,18 @@ def machine() -> str:
     return f"{roofline.describe(roofline.machine())}, jax {jax.__version__} ({jax.default_backend()})"
 
 
-def roofline_rates() -> dict:
-    """Plain fp32 matmul GFLOP/s on this machine at the SmolLM2 projections' shapes: JAX here,
-    torch in a process of its own (as its training runs are)."""
-    done = subprocess.run([sys.executable, str(HERE / "roofline.py"), "torch"], capture_output=True, text=True)
-    torch = json.loads(done.stdout.strip().splitlines()[-1])["gflops"] if done.returncode == 0 else None
-    return dict(jax=roofline.jax_gflops(), torch=torch)
+def roofline_rates(dtypes=("fp32",)) -> dict:
+    """Plain matmul GFLOP/s on this machine at the SmolLM2 projections' shapes, per operand dtype:
+    JAX here, torch in a process of its own (as its training runs are)."""
+    rates = {}
+    for dtype in dtypes:
+        done = subprocess.run([sys.executable, str(HERE / "roofline.py"), "torch", dtype], capture_output=True,
+                              text=True)
+        suffix = "" if dtype == "fp32" else f" {dtype}"
+        rates[f"jax{suffix}"] = roofline.jax_gflops(dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype])
+        rates[f"torch{suffix}"] = json.loads(done.stdout.strip().splitlines()[-1])["gflops"] if done.returncode == 0 \
+            else None
+    return rates
 
 
 def train_programs(widths: dict, *, concrete: bool = True, floor: bool = False) -> dict:
@@ -222,10 +228,10 @@ def serving_table(widths: dict, repeats: int, warmup: int, count: int = 8) -> li
                  mixed_throughput_over_this=ratio(t)) for k, t in times.items()]
 
 
-def smollm_runs(quick: bool, rounds: int, dora: bool = True) -> list[dict]:
+def smollm_runs(quick: bool, rounds: int, dora: bool = True, bf16: bool = False) -> list[dict]:
     """Each framework in a fresh process: lorax and PEFT, LoRA on q,v and all-linear and DoRA on
-    q,v; full FT for scale. ``rounds`` runs of each, the frameworks alternating; each row is the
-    run with the median time, and lists every run's time."""
+    q,v; full FT for scale; with ``bf16``, LoRA again over a bf16 base. ``rounds`` runs of each,
+    the frameworks alternating; each row is the run with the median time, and lists every run's time."""
     shape = ["--batch", "1", "--seq", "32", "--steps", "2", "--warmup", "1"] if quick else []
     jobs = [["lorax", "--targets", "qv"], ["peft", "--targets", "qv"]]
     if dora:
@@ -233,6 +239,8 @@ def smollm_runs(quick: bool, rounds: int, dora: bool = True) -> list[dict]:
     if not quick:
         jobs += [["lorax", "--targets", "all-linear"], ["peft", "--targets", "all-linear"],
                  ["jax-full"], ["torch-full"]]
+    if bf16:
+        jobs += [[*job, "--base", "bf16"] for job in jobs if "--targets" in job and "--dora" not in job]
     runs: dict[str, list[dict]] = {}
     for _ in range(rounds):
         for job in jobs:
@@ -263,8 +271,9 @@ def adapter_sizes(smollm: list[dict]) -> list[dict]:
 
 def roofline_markdown(report: dict) -> list[str]:
     lines = [f"Machine: {report['machine']}.", "",
-             "**Roofline**: plain fp32 matmul rate at the SmolLM2 projections' shapes ([512, in] x [in, out]), "
-             "GFLOP/s", "", "| framework | " + " | ".join(report["roofline"]["jax"]) + " |",
+             "**Roofline**: plain matmul rate at the SmolLM2 projections' shapes ([512, in] x [in, out]), "
+             "GFLOP/s, fp32 unless named (JAX bf16: bf16 operands accumulated in fp32)", "",
+             "| framework | " + " | ".join(report["roofline"]["jax"]) + " |",
              "|---|" + "---|" * len(report["roofline"]["jax"])]
     lines += [f"| {k} | " + " | ".join(f"{r:.0f}" for r in v.values()) + " |"
               for k, v in report["roofline"].items() if v]
@@ -275,29 +284,35 @@ def roofline_markdown(report: dict) -> list[str]:
 def smollm_markdown(report: dict) -> list[str]:
     f = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
     lines = ["**SmolLM2-135M train step, lorax vs PEFT** (each in its own process, same batch, targets, "
-             "rank, fp32, AdamW; the run with the median time of those listed)", "",
-             "| framework | kind | targets | batch × seq | s / step | runs | tokens / s | trained params | "
+             "rank, AdamW; base fp32, or bf16 with fp32 adapters; the run with the median time of those listed; "
+             "the matmul peak is the framework's own in the base's dtype)", "",
+             "| framework | kind | targets | base | batch × seq | s / step | runs | tokens / s | trained params | "
              "peak RSS MiB | GFLOP | own matmul peak | efficiency |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['framework']} | {r['kind']} | {r['targets'] or 'all (full FT)'} | {r['batch']} × {r['seq']} | "
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['framework']} | {r['kind']} | {r['targets'] or 'all (full FT)'} | {r['base']} | "
+              f"{r['batch']} × {r['seq']} | "
               f"{r['s_per_step']:.2f} | {' '.join(f'{t:.2f}' for t in r.get('s_per_step_runs', []))} | "
               f"{r['tokens_per_s']:.0f} | {r['trained_params']:,} | "
               f"{f(r['train_peak_rss_mib'], '.0f')} | {r['step_gflop']:.0f} | {r['matmul_peak_gflops']:.0f} | "
               f"{r['efficiency']:.2f} |" for r in report["smollm"]]
-    by = {(r["framework"], r["kind"], r["targets"]): r for r in report["smollm"]}
-    for kind, targets in (("lora", "qv"), ("lora", "all-linear"), ("dora", "qv")):
-        if ("lorax", kind, targets) in by and ("peft", kind, targets) in by:
-            a, b = by[("lorax", kind, targets)], by[("peft", kind, targets)]
+    by = {(r["framework"], r["kind"], r["targets"], r["base"]): r for r in report["smollm"]}
+    pairs = [((kind, targets, base), (kind, targets, base)) for kind, targets in
+             (("lora", "qv"), ("lora", "all-linear"), ("dora", "qv")) for base in ("fp32", "bf16")]
+    pairs += [(("lora", targets, "bf16"), ("lora", targets, "fp32")) for targets in ("qv", "all-linear")]
+    for ours, theirs in pairs:
+        if ("lorax", *ours) in by and ("peft", *theirs) in by:
+            a, b = by[("lorax", *ours)], by[("peft", *theirs)]
             rss = None if None in (a["train_peak_rss_mib"], b["train_peak_rss_mib"]) else \
                 a["train_peak_rss_mib"] / b["train_peak_rss_mib"]
-            lines.append(f"\nlorax / PEFT, {kind} {targets}: time {a['s_per_step'] / b['s_per_step']:.3f}, "
-                         f"peak RSS {f(rss, '.3f')}")
-    if ("jax-full", "full", None) in by:
-        full = by[("jax-full", "full", None)]["efficiency"]
+            bases = ours[2] if ours == theirs else f"lorax {ours[2]} against PEFT {theirs[2]}"
+            lines.append(f"\nlorax / PEFT, {ours[0]} {ours[1]} ({bases}): time "
+                         f"{a['s_per_step'] / b['s_per_step']:.3f}, peak RSS {f(rss, '.3f')}")
+    if ("jax-full", "full", None, "fp32") in by:
+        full = by[("jax-full", "full", None, "fp32")]["efficiency"]
         for targets in ("qv", "all-linear"):
-            if ("lorax", "lora", targets) in by:
-                lines.append(f"\nlorax LoRA {targets} efficiency / JAX full fine-tuning's: "
-                             f"{by[('lorax', 'lora', targets)]['efficiency'] / full:.3f}")
+            if ("lorax", "lora", targets, "fp32") in by:
+                lines.append(f"\nlorax LoRA {targets} efficiency / JAX full fine-tuning's (fp32): "
+                             f"{by[('lorax', 'lora', targets, 'fp32')]['efficiency'] / full:.3f}")
     return lines
 
 
@@ -429,8 +444,8 @@ def main(argv=None):
 
 def smollm_main(args) -> dict:
     """The roofline and the SmolLM2 lorax-vs-PEFT steps alone, to results/smollm.*."""
-    report = dict(machine=machine(), roofline=roofline_rates())
-    report["smollm"] = smollm_runs(args.quick, args.rounds or (1 if args.quick else 2), dora=False)
+    report = dict(machine=machine(), roofline=roofline_rates(("fp32", "bf16")))
+    report["smollm"] = smollm_runs(args.quick, args.rounds or (1 if args.quick else 2), dora=False, bf16=True)
     table = "\n".join(roofline_markdown(report) + smollm_markdown(report))
     return written(args.out, "smollm", report, table)
 

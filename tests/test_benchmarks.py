@@ -24,8 +24,8 @@ def quick(tmp_path_factory):
 
 def test_quick_run_writes_table_json_and_chart(quick):
     out, report, stdout = quick
-    assert "| LoRA all-linear |" in stdout and "lorax / PEFT, lora qv: time" in stdout
-    assert "lorax / PEFT, dora qv: time" in stdout and "DoRA / LoRA, all-linear step time" in stdout
+    assert "| LoRA all-linear |" in stdout and "lorax / PEFT, lora qv (fp32): time" in stdout
+    assert "lorax / PEFT, dora qv (fp32): time" in stdout and "DoRA / LoRA, all-linear step time" in stdout
     assert (out / "performance.png").read_bytes()[:4] == b"\x89PNG"
     assert (out / "benchmark.md").read_text().strip() in stdout
 
