@@ -22,6 +22,7 @@ import time
 # SmolLM2-135M at batch 4 x 128: q/o (576 -> 576), k/v (576 -> 192), gate/up (576 -> 1536), down (1536 -> 576)
 PROJECTIONS = ((512, 576, 576), (512, 576, 192), (512, 576, 1536), (512, 1536, 576))
 FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # the command lines' short names -> array dtype names
 
 
 def machine() -> dict:
@@ -83,6 +84,6 @@ def torch_gflops(shapes=PROJECTIONS, repeats: int = 20, dtype: str = "float32") 
 
 if __name__ == "__main__":
     framework = sys.argv[1] if len(sys.argv) > 1 else "jax"
-    dtype = {"fp32": "float32", "bf16": "bfloat16"}[sys.argv[2] if len(sys.argv) > 2 else "fp32"]
+    dtype = DTYPES[sys.argv[2] if len(sys.argv) > 2 else "fp32"]
     rates = {"jax": jax_gflops, "torch": torch_gflops}[framework](dtype=dtype)
     print(json.dumps(dict(framework=framework, dtype=dtype, machine=machine(), gflops=rates)))

@@ -66,7 +66,7 @@ def roofline_rates(dtypes=("fp32",)) -> dict:
         done = subprocess.run([sys.executable, str(HERE / "roofline.py"), "torch", dtype], capture_output=True,
                               text=True)
         suffix = "" if dtype == "fp32" else f" {dtype}"
-        rates[f"jax{suffix}"] = roofline.jax_gflops(dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype])
+        rates[f"jax{suffix}"] = roofline.jax_gflops(dtype=roofline.DTYPES[dtype])
         rates[f"torch{suffix}"] = json.loads(done.stdout.strip().splitlines()[-1])["gflops"] if done.returncode == 0 \
             else None
     return rates
