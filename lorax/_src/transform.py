@@ -20,7 +20,7 @@ from jax import lax
 
 import lorax._src.kinds  # noqa: F401  (registers the adapter kinds and their rules)
 import lorax._src.rules  # noqa: F401  (registers the view, product and control rules)
-from lorax._src import compat
+from lorax._src import compat, precision
 from lorax._src.adapter import Adapter
 from lorax._src.kinds.frozen import FrozenBase
 from lorax._src.lowrank import Views
@@ -45,11 +45,13 @@ class How:
 class Context:
     """What rules see of the interpreter during one `lorax.lora` call: it evaluates bodies,
     counts adapter uses (for distinct dropout masks), notes how each use was computed and
-    keeps the activation views adapters share."""
+    keeps the activation views adapters share. ``narrow``: frozen low-precision products take
+    their backward in their own precision (`lorax._src.precision`)."""
 
     uses: dict[str, list[How]] = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
     count: int = 0
     views: Views = dataclasses.field(default_factory=Views)
+    narrow: bool = True
 
     def next_use(self) -> int:
         self.count += 1
@@ -118,7 +120,8 @@ def call(fn: Callable, params: Any, args: tuple, kwargs: dict, *, rng: jax.Array
             leaf.check(name)
             key = None if rng is None or leaf.dropout == 0.0 else jax.random.fold_in(rng, n)
             invals.append(Tracked(leaf.replace(w=lax.stop_gradient(leaf.w)), key, name))
-        elif isinstance(leaf, QuantizedArray):
+        elif isinstance(leaf, QuantizedArray) or (ctx.narrow and i < flat.num_params
+                                                  and precision.frozen_low_precision(leaf)):
             invals.append(Tracked(FrozenBase.of(leaf), None, name))
         elif isinstance(leaf, Trainable) and isinstance(leaf.value, QuantizedArray):
             raise ValueError(f"lorax.lora: {name!r} (shape {leaf.value.shape}) is a quantized weight marked "
@@ -129,13 +132,20 @@ def call(fn: Callable, params: Any, args: tuple, kwargs: dict, *, rng: jax.Array
     return jax.tree_util.tree_unflatten(out_tree, [ctx.materialized(v, "returned") for v in outs])
 
 
-def lora(fn: Callable, *, rng: jax.Array | None = None) -> Callable:
+def lora(fn: Callable, *, rng: jax.Array | None = None, low_precision_backward: bool = True) -> Callable:
     """Make ``fn(params, *args, **kwargs)`` accept a tree holding adapter nodes.
 
     Each dense, einsum, convolution and embedding use of a LoRA weight computes
     ``x·W + s·(x·A)·B`` (and its convolution / lookup / transposed forms) without ever
     building ``W + s·A·B``; ``W`` gets no gradient. ``rng`` turns on adapter dropout
     (each weight's ``dropout`` rate); without it dropout is off.
+
+    Frozen bf16/fp16 weights (adapters' bases and the plain low-precision matrices of
+    ``params``) multiplied as bf16 operands accumulated in fp32 take their backward in bf16
+    too, as torch's autocast does: the cotangent is rounded to bf16 before it meets the weight,
+    which spares XLA:CPU an fp32 copy of every such weight per step and runs the backward on
+    the bf16 engine. ``low_precision_backward=False`` keeps JAX's own fp32 backward, and with
+    it forward-mode AD (``jax.jvp``), which that custom backward does not support.
 
     >>> import jax, jax.numpy as jnp, lorax
     >>> fn = lambda p, x: x @ p["w"]
@@ -147,6 +157,6 @@ def lora(fn: Callable, *, rng: jax.Array | None = None) -> Callable:
 
     @functools.wraps(fn)
     def wrapped(params, *args, **kwargs):
-        return call(fn, params, args, kwargs, rng=rng, ctx=Context())
+        return call(fn, params, args, kwargs, rng=rng, ctx=Context(narrow=low_precision_backward))
 
     return wrapped

@@ -147,5 +147,5 @@ def _dot(eqn, invals, ctx):
     y = jnp.einsum(f"{d.x_sub},{example}{f1_sub}->{keep}", x, f1)
     y = y * scale.astype(y.dtype).reshape((batch,) + (1,) * (y.ndim - 1))
     update = jnp.einsum(f"{keep},{example}{f2_sub}->{d.out}", y, f2)
-    base = d.base(eqn, bank.w)
+    base = d.base(eqn, bank.w, ctx.narrow)
     return [base + update.astype(base.dtype)]

@@ -1,8 +1,11 @@
-"""A quantized weight that takes no adapter, as `lorax.lora` sees it: a frozen base alone.
+"""A frozen weight that takes no adapter, as `lorax.lora` sees it: a frozen base alone.
 
-`lorax.lora` binds each such weight to a `FrozenBase` so that views of it (a layer sliced off
-a stack inside ``scan``, a transpose, a cast) stay quantized, like an adapter's base, and each
-product dequantizes it at the use (`QuantizedArray.lorax_product`). It is never in a tree.
+`lorax.lora` binds each quantized weight and each plain bf16/fp16 matrix of ``params`` to a
+`FrozenBase`, so that views of it (a layer sliced off a stack inside ``scan``, a transpose, a
+cast) stay what they are, like an adapter's base, and each product is computed as the base's
+(`products.base_product`): a quantized weight dequantized at the use
+(`QuantizedArray.lorax_product`), a low-precision one with its backward in its own precision
+(`lorax._src.precision`). It is never in a tree.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ class FrozenBase(Adapter):
     kind = "frozen"
 
     @classmethod
-    def of(cls, w: QuantizedArray) -> FrozenBase:
+    def of(cls, w: QuantizedArray | jax.Array) -> FrozenBase:
         return cls(w, a_axes=(), b_axes=(), stack_axes=tuple(range(len(w.shape))))
 
     def layout(self) -> dict[str, tuple[int | str, ...]]:
@@ -44,4 +47,4 @@ def _product(eqn, invals, ctx):
         return None
     (position,) = positions
     operands = [v.weight.w if i == position else v for i, v in enumerate(invals)]
-    return [products.base_product(eqn, operands, position)]
+    return [products.base_product(eqn, operands, position, ctx.narrow)]

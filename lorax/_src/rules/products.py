@@ -15,17 +15,26 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorax._src import compat
+from lorax._src import compat, precision
 from lorax._src.lowrank import low_rank_update
 from lorax._src.table import rule
 from lorax._src.usage import use_of
 
 
-def base_product(eqn, operands: list, position: int) -> jax.Array:
+def base_product(eqn, operands: list, position: int, narrow: bool = False) -> jax.Array:
     """The frozen product, with the base weight at ``operands[position]``. A base that is
-    not a plain array (a quantized one) computes it itself through ``lorax_product``."""
+    not a plain array (a quantized one) computes it itself through ``lorax_product``; with
+    ``narrow``, a low-precision product accumulated wide has its backward in the operands'
+    precision (`lorax._src.precision`)."""
     own = getattr(operands[position], "lorax_product", None)
-    return own(eqn, operands, position) if own else compat.bind(eqn, operands)[0]
+    if own:
+        return own(eqn, operands, position)
+    if narrow and eqn.primitive.name == "dot_general" and precision.widens(eqn):
+        lhs, rhs = operands
+        lhs_sub, rhs_sub, out_sub = dot_subscripts(eqn.params["dimension_numbers"], jnp.ndim(lhs), jnp.ndim(rhs))
+        return precision.narrow_dot(lhs, rhs, ("".join(lhs_sub), "".join(rhs_sub), "".join(out_sub)),
+                                    eqn.params["precision"], eqn.params["preferred_element_type"])
+    return compat.bind(eqn, operands)[0]
 
 
 # ----------------------------------------------------------------------------- dot_general
@@ -65,9 +74,26 @@ class DotLetters:
     out: str
     factors: tuple[tuple[str, str], tuple[str, str]]
 
-    def base(self, eqn, w) -> jax.Array:
-        """The frozen product with ``w`` in the weight's place."""
-        return base_product(eqn, [w, self.x] if self.weight_is_lhs else [self.x, w], 0 if self.weight_is_lhs else 1)
+    def base(self, eqn, w, narrow: bool) -> jax.Array:
+        """The frozen product with ``w`` in the weight's place (``narrow``: see `base_product`)."""
+        return base_product(eqn, [w, self.x] if self.weight_is_lhs else [self.x, w], 0 if self.weight_is_lhs else 1,
+                            narrow)
+
+
+def dot_subscripts(dimension_numbers, lhs_nd: int, rhs_nd: int) -> tuple[list[str], list[str], list[str]]:
+    """A dot_general's operands and output lettered as an einsum: ``(lhs, rhs, out)``; the
+    letters are the first ``lhs_nd + rhs_nd`` of ``string.ascii_letters`` at most."""
+    (lc, rc), (lb, rb) = dimension_numbers
+    letters = iter(string.ascii_letters)
+    lhs = [next(letters) for _ in range(lhs_nd)]
+    rhs: list = [None] * rhs_nd
+    for l_axis, r_axis in zip((*lc, *lb), (*rc, *rb)):
+        rhs[r_axis] = lhs[l_axis]
+    rhs = [c or next(letters) for c in rhs]
+    out = [lhs[i] for i in lb]
+    out += [c for i, c in enumerate(lhs) if i not in (*lc, *lb)]
+    out += [c for i, c in enumerate(rhs) if i not in (*rc, *rb)]
+    return lhs, rhs, out
 
 
 def dot_letters(eqn, invals) -> DotLetters | None:
@@ -78,20 +104,12 @@ def dot_letters(eqn, invals) -> DotLetters | None:
         return None
     t, x = (lhs, rhs) if weight_is_lhs else (rhs, lhs)
     lw = t.weight
-    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
     w_nd, x_nd = len(lw.shape), jnp.ndim(x)
-    letters = iter(string.ascii_letters)
-    lhs_sub = [next(letters) for _ in range(w_nd if weight_is_lhs else x_nd)]
-    rhs_sub: list = [None] * (x_nd if weight_is_lhs else w_nd)
-    for l_axis, r_axis in zip((*lc, *lb), (*rc, *rb)):
-        rhs_sub[r_axis] = lhs_sub[l_axis]
-    rhs_sub = [c or next(letters) for c in rhs_sub]
-    out_sub = [lhs_sub[i] for i in lb]
-    out_sub += [c for i, c in enumerate(lhs_sub) if i not in (*lc, *lb)]
-    out_sub += [c for i, c in enumerate(rhs_sub) if i not in (*rc, *rb)]
+    lhs_sub, rhs_sub, out_sub = dot_subscripts(eqn.params["dimension_numbers"],
+                                               *((w_nd, x_nd) if weight_is_lhs else (x_nd, w_nd)))
     w_sub, x_sub = (lhs_sub, rhs_sub) if weight_is_lhs else (rhs_sub, lhs_sub)
 
-    rank = next(letters)
+    rank = string.ascii_letters[w_nd + x_nd]  # a letter neither operand uses
     stack = [w_sub[i] for i in lw.stack_axes]
     a_sub = "".join(stack + [w_sub[i] for i in lw.a_axes] + [rank])
     b_sub = "".join(stack + [rank] + [w_sub[i] for i in lw.b_axes])
@@ -110,7 +128,7 @@ def dot_parts(eqn, invals, ctx) -> DotParts | None:
     if d is None:
         return None
     lw = d.t.weight
-    base = d.base(eqn, lw.w)
+    base = d.base(eqn, lw.w, ctx.narrow)
     (f1_sub, f1), (f2_sub, f2) = ((sub, getattr(lw, name).astype(lw.w.dtype)) for sub, name in d.factors)
     kw = dict(precision=eqn.params.get("precision"),
               preferred_element_type=eqn.params.get("preferred_element_type"))

@@ -1,0 +1,76 @@
+"""Products of frozen low-precision weights, with their backward in the weights' precision.
+
+A model that multiplies bf16 (or fp16) operands and accumulates in fp32
+(``preferred_element_type=float32``) gets an fp32 cotangent back. JAX transposes the product
+into ``cotangent_fp32 · W_bf16``, which XLA:CPU computes by converting ``W`` to fp32 on every
+step: a per-step fp32 copy of a frozen weight, multiplied on the fp32 engine at a fraction of
+the bf16 one's speed. Inside `lorax.lora`, the products of frozen weights (the base of every
+adapter, and each plain bf16/fp16 matrix of ``params``) take the cotangent in the operands'
+dtype instead, as torch's autocast does: the gradient reaching a bf16 operand is rounded to
+bf16 anyway, so rounding the cotangent first changes it by about one bf16 rounding.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+LOW = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def frozen_low_precision(leaf: Any) -> bool:
+    """Whether a plain ``params`` leaf is a bf16/fp16 matrix (or stack of them), whose
+    products `lorax.lora` computes with `narrow_dot`."""
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and jnp.dtype(dtype) in LOW and len(getattr(leaf, "shape", ())) >= 2
+
+
+def widens(eqn) -> bool:
+    """Whether a dot_general multiplies two operands of one low-precision dtype into a wider
+    output (the case `narrow_dot` is for)."""
+    lhs, rhs = (v.aval.dtype for v in eqn.invars)
+    out = eqn.params.get("preferred_element_type")
+    return (lhs == rhs and jnp.dtype(lhs) in LOW and out is not None
+            and jnp.finfo(out).bits > jnp.finfo(lhs).bits and eqn.params.get("out_sharding") is None)
+
+
+def narrow_dot(x: jax.Array, y: jax.Array, subscripts: tuple[str, str, str], precision: Any,
+               preferred_element_type: Any) -> jax.Array:
+    """``einsum(lhs,rhs->out)`` of two low-precision operands accumulated in
+    ``preferred_element_type``; its backward multiplies the cotangent rounded to the
+    operands' dtype (still accumulating wide) and rounds each gradient to its operand's dtype.
+
+    >>> import jax, jax.numpy as jnp
+    >>> x, w = jnp.ones((2, 4), jnp.bfloat16), jnp.ones((4, 3), jnp.bfloat16)
+    >>> f = lambda x: narrow_dot(x, w, ("ij", "jk", "ik"), None, jnp.float32).sum()
+    >>> f(x).dtype, jax.grad(f)(x).dtype, float(jax.grad(f)(x)[0, 0])
+    (dtype('float32'), dtype(bfloat16), 3.0)
+    """
+    return _narrow(subscripts, precision, np.dtype(preferred_element_type), x, y)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _narrow(subscripts, precision, wide, x, y):
+    lhs, rhs, out = subscripts
+    return jnp.einsum(f"{lhs},{rhs}->{out}", x, y, precision=precision, preferred_element_type=wide)
+
+
+def _narrow_fwd(subscripts, precision, wide, x, y):
+    return _narrow(subscripts, precision, wide, x, y), (x, y)
+
+
+def _narrow_bwd(subscripts, precision, wide, residuals, g):
+    x, y = residuals
+    lhs, rhs, out = subscripts
+    g = g.astype(x.dtype)
+    dx = jnp.einsum(f"{out},{rhs}->{lhs}", g, y, precision=precision, preferred_element_type=wide)
+    dy = jnp.einsum(f"{out},{lhs}->{rhs}", g, x, precision=precision, preferred_element_type=wide)
+    return dx.astype(x.dtype), dy.astype(y.dtype)
+
+
+_narrow.defvjp(_narrow_fwd, _narrow_bwd)
+

@@ -1,0 +1,134 @@
+"""Frozen bf16 weights inside `lorax.lora`: the backward stays bf16, matches the merged model's
+to bf16 precision, and makes no fp32 copy of a frozen weight in the compiled program."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lorax
+from lorax._src.precision import narrow_dot
+
+BF16, F32 = jnp.bfloat16, jnp.float32
+
+
+def mm(x, w, dims=(((1,), (0,)), ((), ()))):
+    """The example LLaMA's bf16 product: bf16 operands, fp32 accumulation and output."""
+    return jax.lax.dot_general(x.astype(BF16), w.astype(BF16), dims, preferred_element_type=F32)
+
+
+def model(p, x):
+    """Two bf16 matrices: ``up`` (adapted in the tests) and ``down`` (a plain frozen leaf)."""
+    return mm(jnp.tanh(mm(x, p["up"])), p["down"])
+
+
+def weights(key=0):
+    k1, k2 = jax.random.split(jax.random.key(key))
+    return {"up": (jax.random.normal(k1, (48, 40)) / 7).astype(BF16),
+            "down": (jax.random.normal(k2, (40, 24)) / 6).astype(BF16)}
+
+
+X = jax.random.normal(jax.random.key(9), (16, 48))
+
+
+def adapted(targets=r"up"):
+    params = lorax.init(jax.random.key(1), lorax.LoraConfig(rank=4, targets=targets), model, weights(), X)
+    # a trained-looking b, so the adapter's gradients and effect are not trivially zero
+    up = params["up"]
+    return {**params, "up": up.replace(b=jax.random.normal(jax.random.key(3), up.b.shape) / 5)}
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("dims,x_shape,w_shape", [
+    ((((1,), (0,)), ((), ())), (6, 8), (8, 5)),          # x·W
+    ((((0,), (1,)), ((), ())), (8, 5), (6, 8)),          # W on the left: Wᵀ·x
+    ((((1,), (1,)), ((), ())), (6, 8), (5, 8)),          # a tied head x·Eᵀ
+    ((((2,), (1,)), ((0,), (0,))), (3, 6, 8), (3, 8, 5)),  # batched (stacked layers)
+])
+def test_narrow_dot_is_the_product_and_its_gradients_round_only_the_cotangent(dims, x_shape, w_shape):
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x, w = jax.random.normal(kx, x_shape).astype(BF16), jax.random.normal(kw, w_shape).astype(BF16)
+    from lorax._src.rules.products import dot_subscripts
+    subs = tuple("".join(s) for s in dot_subscripts(dims, len(x_shape), len(w_shape)))
+    out = narrow_dot(x, w, subs, None, F32)
+    exact = jax.lax.dot_general(x, w, dims, preferred_element_type=F32)
+    np.testing.assert_array_equal(out, exact)
+    g = jax.random.normal(kg, out.shape)
+    _, vjp = jax.vjp(lambda x, w: narrow_dot(x, w, subs, None, F32), x, w)
+    dx, dw = vjp(g)
+    assert dx.dtype == BF16 and dw.dtype == BF16
+    # JAX's own backward in fp32 (f32 cotangent, operands upcast): ours differs by bf16 rounding
+    _, ref_vjp = jax.vjp(lambda x, w: jax.lax.dot_general(x, w, dims, preferred_element_type=F32),
+                         x.astype(F32), w.astype(F32))
+    rx, rw = ref_vjp(g)
+    assert rel(dx, rx) < 1e-2 and rel(dw, rw) < 1e-2
+    # and it is JAX's backward of the bf16-rounded cotangent, rounded to bf16
+    for got, want in zip((dx, dw), ref_vjp(g.astype(BF16).astype(F32))):
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want.astype(BF16), np.float32),
+                                   rtol=1e-2, atol=1e-3)
+
+
+def loss_of(fn, params):
+    return jnp.mean(fn(params, X) ** 2)
+
+
+@pytest.mark.parametrize("narrow", [True, False])
+def test_adapter_gradients_over_a_bf16_base_match_the_merged_model(narrow):
+    params = adapted()
+    trained, frozen = lorax.split(params)
+    lossf = lambda t: loss_of(lorax.lora(model, low_precision_backward=narrow), lorax.combine(t, frozen))  # noqa: E731
+    got = jax.grad(lossf)(trained)
+    # reference: the merged model in fp32, differentiated by JAX through the merge
+    up = params["up"]
+    ref_model = lambda a, b: loss_of(  # noqa: E731
+        model, {"up": up.w.astype(F32) + up.scale * a @ b, "down": params["down"].astype(F32)})
+    ra, rb = jax.grad(ref_model, argnums=(0, 1))(up.a, up.b)
+    assert got["up"].a.dtype == F32 and got["up"].b.dtype == F32
+    assert rel(got["up"].a, ra) < 2e-2 and rel(got["up"].b, rb) < 2e-2
+    assert float(jnp.abs(ra).max()) > 1e-4  # a gradient that could be wrong
+
+
+def test_bf16_backward_makes_no_fp32_copy_of_a_frozen_weight():
+    """The compiled step: with JAX's own backward, XLA converts each frozen bf16 weight to fp32
+    (f32[48,40] and f32[40,24] appear); with lorax's, neither does."""
+    params = adapted()
+    trained, frozen = lorax.split(params)
+
+    def hlo(narrow):
+        lossf = lambda t: loss_of(lorax.lora(model, low_precision_backward=narrow), lorax.combine(t, frozen))  # noqa: E731
+        text = jax.jit(jax.grad(lossf)).lower(trained).compile().as_text()
+        return {shape: len(re.findall(rf"f32\[{shape}\]", text)) for shape in ("48,40", "40,24")}
+
+    assert hlo(False) != {"48,40": 0, "40,24": 0}
+    assert hlo(True) == {"48,40": 0, "40,24": 0}
+
+
+def test_a_plain_bf16_leaf_still_has_its_gradient():
+    """A plain bf16 matrix is frozen by lorax's contract, but differentiating it still works:
+    the gradient JAX computes, to bf16 precision."""
+    params = adapted()
+    got = jax.grad(lambda d: loss_of(lorax.lora(model), {**params, "down": d}))(params["down"])
+    merged = lorax.merge(params)
+    ref = jax.grad(lambda d: loss_of(model, {**merged, "down": d.astype(BF16)}))(params["down"].astype(F32))
+    assert got.dtype == BF16 and rel(got, ref) < 2e-2
+
+
+def test_fp32_weights_and_forward_mode_keep_jax_own_rules():
+    model32 = lambda p, x: jnp.tanh(x @ p["up"]) @ p["down"]  # noqa: E731
+    params32 = jax.tree.map(lambda x: x.astype(F32), weights())
+    lp = lorax.init(jax.random.key(1), lorax.LoraConfig(rank=4, targets="up"), model32, params32, X)
+    jaxpr = str(jax.make_jaxpr(jax.grad(lambda p: loss_of(lorax.lora(model32), p)))(lp))
+    assert "custom_vjp" not in jaxpr and "dot_general" in jaxpr
+    params = adapted()
+    tangent = jnp.ones_like(X)
+    with pytest.raises(TypeError, match="forward-mode"):
+        jax.jvp(lambda x: lorax.lora(model)(params, x), (X,), (tangent,))
+    out, dout = jax.jvp(lambda x: lorax.lora(model, low_precision_backward=False)(params, x), (X,), (tangent,))
+    ref_out, ref_dout = jax.jvp(lambda x: model(lorax.merge(params), x), (X,), (tangent,))
+    assert rel(out, ref_out) < 1e-2 and rel(dout, ref_dout) < 2e-2
