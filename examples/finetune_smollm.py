@@ -4,6 +4,7 @@
     python examples/finetune_smollm.py --steps 300 --rank 16 --targets all-linear
     python examples/finetune_smollm.py --resume        # continue where the last run stopped
     python examples/finetune_smollm.py --base q4       # QLoRA: train over the GGUF's own 4-bit blocks
+    python examples/finetune_smollm.py --base bf16     # bf16 weights and products, forward and backward
 
 Prints the trainable share, held-out loss and perplexity before and after, generations from
 the same prompt before and after, and the mean step time; writes a loss plot (PNG: the raw
@@ -40,8 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--init", default="kaiming_uniform", help="adapter init: kaiming_uniform, gaussian, pissa, olora")
     p.add_argument("--dora", action="store_true", help="DoRA adapters instead of plain LoRA")
-    p.add_argument("--base", choices=("fp32", "q4"), default="fp32",
-                   help="fp32: dequantize the GGUF weights; q4: keep its Q4_1/Q8_0 blocks (QLoRA)")
+    p.add_argument("--base", choices=smollm.BASES, default="fp32",
+                   help="fp32: dequantize the GGUF weights; bf16: hold them in bf16 and multiply in bf16 "
+                        "(fp32 accumulation, adapters and optimizer state); q4: keep its Q4_1/Q8_0 blocks (QLoRA)")
     p.add_argument("--eval-batches", type=int, default=6, help="held-out batches (fixed) per evaluation")
     p.add_argument("--eval-every", type=int, default=100, help="steps between held-out evaluations")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated before and after")

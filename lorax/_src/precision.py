@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_derivatives import SymbolicZero
 
 LOW = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
@@ -60,17 +61,23 @@ def _narrow(subscripts, precision, wide, x, y):
 
 
 def _narrow_fwd(subscripts, precision, wide, x, y):
-    return _narrow(subscripts, precision, wide, x, y), (x, y)
+    """Keeps only what the needed gradients use: ``y`` for ``x``'s, ``x`` for ``y``'s. A frozen
+    weight is not perturbed, so its gradient is never computed and ``x`` never saved."""
+    out = _narrow(subscripts, precision, wide, x.value, y.value)
+    return out, (x.value if y.perturbed else None, y.value if x.perturbed else None)
 
 
 def _narrow_bwd(subscripts, precision, wide, residuals, g):
     x, y = residuals
+    if isinstance(g, SymbolicZero):
+        return None, None
     lhs, rhs, out = subscripts
-    g = g.astype(x.dtype)
-    dx = jnp.einsum(f"{out},{rhs}->{lhs}", g, y, precision=precision, preferred_element_type=wide)
-    dy = jnp.einsum(f"{out},{lhs}->{rhs}", g, x, precision=precision, preferred_element_type=wide)
-    return dx.astype(x.dtype), dy.astype(y.dtype)
+    g = g.astype((x if y is None else y).dtype)
+    dx = None if y is None else jnp.einsum(f"{out},{rhs}->{lhs}", g, y, precision=precision,
+                                           preferred_element_type=wide).astype(y.dtype)
+    dy = None if x is None else jnp.einsum(f"{out},{lhs}->{rhs}", g, x, precision=precision,
+                                           preferred_element_type=wide).astype(x.dtype)
+    return dx, dy
 
 
-_narrow.defvjp(_narrow_fwd, _narrow_bwd)
-
+_narrow.defvjp(_narrow_fwd, _narrow_bwd, symbolic_zeros=True)
