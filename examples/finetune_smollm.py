@@ -41,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--init", default="kaiming_uniform", help="adapter init: kaiming_uniform, gaussian, pissa, olora")
     p.add_argument("--dora", action="store_true", help="DoRA adapters instead of plain LoRA")
-    p.add_argument("--base", choices=smollm.BASES, default="fp32",
+    p.add_argument("--base", choices=("fp32", "bf16", "q4"), default="fp32",  # smollm.BASES (imported later)
                    help="fp32: dequantize the GGUF weights; bf16: hold them in bf16 and multiply in bf16 "
                         "(fp32 accumulation, adapters and optimizer state); q4: keep its Q4_1/Q8_0 blocks (QLoRA)")
     p.add_argument("--eval-batches", type=int, default=6, help="held-out batches (fixed) per evaluation")
