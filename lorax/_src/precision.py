@@ -24,9 +24,10 @@ LOW = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def frozen_low_precision(leaf: Any) -> bool:
-    """Whether a plain ``params`` array is a bf16/fp16 matrix (or stack of them), whose
+    """Whether a plain ``params`` leaf is a bf16/fp16 matrix (or stack of them), whose
     products `lorax.lora` computes with `narrow_dot`."""
-    return jnp.dtype(leaf.dtype) in LOW and len(leaf.shape) >= 2
+    dtype = getattr(leaf, "dtype", None)
+    return dtype is not None and jnp.dtype(dtype) in LOW and len(getattr(leaf, "shape", ())) >= 2
 
 
 def widens(eqn) -> bool:
