@@ -8,6 +8,10 @@ the bf16 one's speed. Inside `lorax.lora`, the products of frozen weights (the b
 adapter, and each plain bf16/fp16 matrix of ``params``) take the cotangent in the operands'
 dtype instead, as torch's autocast does: the gradient reaching a bf16 operand is rounded to
 bf16 anyway, so rounding the cotangent first changes it by about one bf16 rounding.
+
+Only bf16 is narrowed. fp16 has bf16's precision but not its range: an fp16 cotangent
+underflows (a softmax gradient over many classes is mostly below fp16's smallest normal), so
+fp16 products keep JAX's own fp32 backward.
 """
 
 from __future__ import annotations
@@ -20,22 +24,37 @@ import jax.numpy as jnp
 import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
-LOW = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+NARROW = jnp.dtype(jnp.bfloat16)
+
+
+def narrowed(dtype: Any) -> bool:
+    """Whether products of ``dtype`` operands take their backward in that dtype (bf16 only).
+    Extended dtypes (typed PRNG keys) and anything that is not a dtype answer ``False``.
+
+    >>> import jax, jax.numpy as jnp
+    >>> narrowed(jnp.bfloat16), narrowed(jnp.float16), narrowed(jax.random.key(0).dtype)
+    (True, False, False)
+    """
+    if dtype is None or jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+        return False
+    try:
+        return np.dtype(dtype) == NARROW
+    except TypeError:
+        return False
 
 
 def frozen_low_precision(leaf: Any) -> bool:
-    """Whether a plain ``params`` leaf is a bf16/fp16 matrix (or stack of them), whose
-    products `lorax.lora` computes with `narrow_dot`."""
-    dtype = getattr(leaf, "dtype", None)
-    return dtype is not None and jnp.dtype(dtype) in LOW and len(getattr(leaf, "shape", ())) >= 2
+    """Whether a plain ``params`` leaf is a bf16 matrix (or stack of them), whose products
+    `lorax.lora` computes with `narrow_dot`."""
+    return narrowed(getattr(leaf, "dtype", None)) and len(getattr(leaf, "shape", ())) >= 2
 
 
 def widens(eqn) -> bool:
-    """Whether a dot_general multiplies two operands of one low-precision dtype into a wider
-    output (the case `narrow_dot` is for)."""
+    """Whether a dot_general multiplies two bf16 operands into a wider output (the case
+    `narrow_dot` is for)."""
     lhs, rhs = (v.aval.dtype for v in eqn.invars)
     out = eqn.params.get("preferred_element_type")
-    return (lhs == rhs and jnp.dtype(lhs) in LOW and out is not None
+    return (lhs == rhs and narrowed(lhs) and out is not None
             and jnp.finfo(out).bits > jnp.finfo(lhs).bits and eqn.params.get("out_sharding") is None)
 
 
@@ -51,7 +70,15 @@ def narrow_dot(x: jax.Array, y: jax.Array, subscripts: tuple[str, str, str], pre
     >>> f(x).dtype, jax.grad(f)(x).dtype, float(jax.grad(f)(x)[0, 0])
     (dtype('float32'), dtype(bfloat16), 3.0)
     """
-    return _narrow(subscripts, precision, np.dtype(preferred_element_type), x, y)
+    try:
+        return _narrow(subscripts, precision, np.dtype(preferred_element_type), x, y)
+    except TypeError as error:
+        if "forward-mode" not in str(error):
+            raise
+        raise TypeError(
+            "lorax.lora: forward-mode differentiation (jax.jvp, jax.jacfwd) of a product with a frozen bf16 "
+            f"weight (operands {x.shape} and {y.shape}) is not supported with the bf16 backward; call "
+            "lorax.lora(fn, low_precision_backward=False) to keep JAX's own rules.") from error
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))

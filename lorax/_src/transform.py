@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 from jax import lax
 
 import lorax._src.kinds  # noqa: F401  (registers the adapter kinds and their rules)
@@ -132,6 +133,16 @@ def call(fn: Callable, params: Any, args: tuple, kwargs: dict, *, rng: jax.Array
     return jax.tree_util.tree_unflatten(out_tree, [ctx.materialized(v, "returned") for v in outs])
 
 
+def _is_key(x: Any) -> bool:
+    """A typed key, or a legacy ``uint32[2]`` one."""
+    dtype = getattr(x, "dtype", None)
+    if dtype is None:
+        return False
+    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return True
+    return np.dtype(dtype) == np.uint32 and tuple(getattr(x, "shape", ())) == (2,)
+
+
 def lora(fn: Callable, *, rng: jax.Array | None = None, low_precision_backward: bool = True) -> Callable:
     """Make ``fn(params, *args, **kwargs)`` accept a tree holding adapter nodes.
 
@@ -140,12 +151,13 @@ def lora(fn: Callable, *, rng: jax.Array | None = None, low_precision_backward: 
     building ``W + s·A·B``; ``W`` gets no gradient. ``rng`` turns on adapter dropout
     (each weight's ``dropout`` rate); without it dropout is off.
 
-    Frozen bf16/fp16 weights (adapters' bases and the plain low-precision matrices of
-    ``params``) multiplied as bf16 operands accumulated in fp32 take their backward in bf16
-    too, as torch's autocast does: the cotangent is rounded to bf16 before it meets the weight,
-    which spares XLA:CPU an fp32 copy of every such weight per step and runs the backward on
-    the bf16 engine. ``low_precision_backward=False`` keeps JAX's own fp32 backward, and with
-    it forward-mode AD (``jax.jvp``), which that custom backward does not support.
+    Frozen bf16 weights (adapters' bases and the plain bf16 matrices of ``params``)
+    multiplied as bf16 operands accumulated in fp32 take their backward in bf16 too, as
+    torch's autocast does: the cotangent is rounded to bf16 before it meets the weight, which
+    spares XLA:CPU an fp32 copy of every such weight per step and runs the backward on the
+    bf16 engine. ``low_precision_backward=False`` keeps JAX's own fp32 backward, and with it
+    forward-mode AD (``jax.jvp``), which that custom backward does not support. fp16 weights
+    always keep JAX's backward: fp16 cotangents underflow.
 
     >>> import jax, jax.numpy as jnp, lorax
     >>> fn = lambda p, x: x @ p["w"]
@@ -154,6 +166,16 @@ def lora(fn: Callable, *, rng: jax.Array | None = None, low_precision_backward: 
     >>> bool(jnp.allclose(lorax.lora(fn)(lp, jnp.ones((1, 4))), fn(params, jnp.ones((1, 4)))))
     True
     """
+
+    if not callable(fn):
+        raise TypeError(f"lorax.lora: fn must be callable, got {type(fn).__name__}.")
+    if not isinstance(low_precision_backward, (bool, np.bool_)):
+        raise TypeError("lorax.lora: low_precision_backward must be True or False, got "
+                        f"{low_precision_backward!r} ({type(low_precision_backward).__name__}).")
+    if rng is not None and not _is_key(rng):
+        raise TypeError("lorax.lora: rng must be a PRNG key (jax.random.key(seed) or jax.random.PRNGKey(seed)) "
+                        f"or None, got {type(rng).__name__} {getattr(rng, 'shape', '')}.")
+    low_precision_backward = bool(low_precision_backward)
 
     @functools.wraps(fn)
     def wrapped(params, *args, **kwargs):
