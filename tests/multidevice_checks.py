@@ -232,3 +232,71 @@ def test_bank_routed_per_example_on_a_sharded_batch_matches_each_example_alone()
     for i, k in enumerate(index.tolist()):
         alone = base if k < 0 else lorax.merge(trees[f"t{k}"])
         np.testing.assert_allclose(out[i], fn3(alone, x[i:i + 1])[0], rtol=1e-4, atol=1e-4)
+
+
+MESHES = {"2x4": (8, (2, 4)), "1x2 (two devices)": (2, (1, 2))}
+
+
+def mesh_of(name):
+    count, shape = MESHES[name]
+    return Mesh(np.array(jax.devices()[:count]).reshape(shape), ("data", "model"))
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_resume_on_a_mesh_continues_like_the_uninterrupted_run(layout, mesh_name, tmp_path):
+    s1, s2, sx = LAYOUTS[layout]
+    m = mesh_of(mesh_name)
+    params = sharded_params(m, s1, s2)
+    fresh = adapted(params)
+    tx = optax.adamw(1e-2, weight_decay=0.1)
+    xs = [jax.device_put(jax.random.normal(jax.random.key(10 + i), (16, D)), NamedSharding(m, sx)) for i in range(4)]
+
+    @jax.jit
+    def step(t, f, opt, x):
+        g = jax.grad(lambda t: loss_fn(lorax.lora(fn)(lorax.combine(t, f), x)))(t)
+        updates, opt = tx.update(g, opt, t)
+        return optax.apply_updates(t, updates), opt
+
+    trainable, frozen = lorax.split(fresh)
+    opt = tx.init(trainable)
+    for i, x in enumerate(xs):
+        if i == 2:
+            lorax.save(tmp_path, lorax.combine(trainable, frozen), state={"opt": opt, "step": i})
+        trainable, opt = step(trainable, frozen, opt, x)
+
+    template = {"opt": tx.init(lorax.split(fresh)[0]), "step": 0}  # the documented template
+    back, state = lorax.load(tmp_path, params, state=template)
+    count, mu = state["opt"][0].count, state["opt"][0].mu
+    assert state["step"] == 2 and int(count) == 2
+    assert count.sharding == NamedSharding(m, P())  # replicated over the params' mesh, not committed to device 0
+    for like, x in zip(jax.tree.leaves(template["opt"]), jax.tree.leaves(state["opt"])):
+        own = isinstance(like.sharding, NamedSharding)  # else replicated over the mesh like the count
+        assert x.sharding == (like.sharding if own else NamedSharding(m, P())), (like.sharding, x.sharding)
+    assert isinstance(mu["w1"].a.sharding, NamedSharding)
+    resumed, resumed_frozen = lorax.split(back)
+    for x in xs[2:]:
+        resumed, state["opt"] = step(resumed, resumed_frozen, state["opt"], x)
+    assert_trees_close(resumed, trainable, rtol=1e-6, atol=1e-7)
+    assert_trees_close(state["opt"], opt, rtol=1e-6, atol=1e-7)
+
+
+def test_restored_state_follows_the_template_then_the_params_mesh_else_stays_unplaced(tmp_path):
+    m = mesh()
+    on_mesh = sharded_params(m, P(None, "model"), P("model", None))
+    lp = adapted(on_mesh)
+    sharded = NamedSharding(m, P("model"))
+    saved = {"moments": jax.device_put(jnp.arange(8.0), sharded), "count": jnp.int32(5),
+             "host": np.arange(3.0), "step": 5, "rate": np.float32(0.5)}
+    lorax.save(tmp_path, lp, state=saved)
+    template = {"moments": jax.device_put(jnp.zeros(8), sharded), "count": jnp.int32(0),
+                "host": np.zeros(3), "step": 0, "rate": np.float32(0.0)}
+    _, state = lorax.load(tmp_path, on_mesh, state=template)
+    assert state["moments"].sharding == sharded and state["count"].sharding == NamedSharding(m, P())
+    assert isinstance(state["host"], np.ndarray) and type(state["step"]) is int and type(state["rate"]) is np.float32
+    assert jax.tree.map(lambda v: np.asarray(v).tolist(), state) == jax.tree.map(lambda v: np.asarray(v).tolist(), saved)
+
+    _, state = lorax.load(tmp_path, jax.device_get(on_mesh), state=template)  # host params: no mesh
+    assert state["moments"].sharding == sharded  # the template's sharding still rules
+    assert not state["count"].committed  # free to join a computation on any device
+    assert jax.jit(lambda c, v: c + v)(state["count"], jax.device_put(jnp.int32(1), jax.devices()[3])) == 6

@@ -21,6 +21,7 @@ from lorax._src.config import LoraConfig
 from lorax._src.files import as_folder, remove, swap_in, writer_lock
 from lorax._src.initializers import makes_residual, residual
 from lorax._src.paths import unique_named_leaves
+from lorax._src.placement import place_state
 from lorax._src.quantized import QuantizedArray
 from lorax._src.records import FORMAT, check_record, index, real
 from lorax._src.sharding import factor_shardings
@@ -262,7 +263,7 @@ def load(directory: str | Path, base: Any, *, step: int | None = None, state: An
                                  state, saved)
     restored = {e["path"]: _node(e, leaves[e["path"]], x) for e, x in zip(record["weights"], arrays)}
     params = _map(lambda path, leaf: restored.get(path, leaf), base)
-    return params if state is None else (params, saved)
+    return params if state is None else (params, place_state(saved, state, params))
 
 
 def _restore(manager: ocp.CheckpointManager, step: int, item: str, template: Any, problem: str) -> Any:
