@@ -10,43 +10,90 @@
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorax._src import compat
 from lorax._src.adapter import Adapter
 from lorax._src.paths import unique_named_leaves
 from lorax._src.quantized import FORMATS, NF4, QuantizedArray
+from lorax._src.records import index
 from lorax._src.trainable import Trainable
 from lorax._src.trees import _map
 
-Targets = str | Callable[[str, Any], bool] | None
+Targets = str | Sequence[str] | Callable[[str, Any], bool] | None
+QUANTIZE_FORMATS = ("nf4", "int8", "q4_0", "q4_1", "q8_0")  # "u8" holds double-quantized scales only
 DOUBLE_QUANT_BLOCK = 256  # absmax values per 8-bit block when NF4's scales are quantized again
+FP16_MAX = float(np.finfo(np.float16).max)
+# The largest magnitude a GGUF block format holds before its fp16 scale overflows: q4_0's scale is the
+# block's absmax / 8, q8_0's absmax / 127; q4_1 stores the block's minimum itself.
+FP16_LIMITS = {"q4_0": 8 * FP16_MAX, "q8_0": 127 * FP16_MAX, "q4_1": FP16_MAX}
+LISTED = 20  # candidate weights listed when targets match nothing
 
 
 def encode(x: jax.Array, fmt: str, block: int, axis: int, *, double_quant: bool = False,
-           path: str = "") -> QuantizedArray:
-    """``x`` quantized to ``fmt`` in blocks of ``block`` along ``axis``."""
-    f = FORMATS[fmt]
+           path: str = "", who: str = "lorax.quantize") -> QuantizedArray:
+    """``x`` quantized to ``fmt`` in blocks of ``block`` along ``axis``. A concrete ``x`` must be
+    finite and fit the format's scales (a traced one is not checked)."""
     x = jnp.asarray(x)
-    axis = axis % x.ndim - x.ndim
-    n = x.shape[axis]
-    if n % block or (f.bits == 4 and block % 2):
+    where = f"{who}: {path or 'the weight'!r} (shape {tuple(x.shape)})"
+    axis = check_layout(x.shape, fmt, block, axis, double_quant, where)
+    if compat.is_tracer(x):
+        return _encode(x, fmt, block, axis, double_quant)
+    _check_finite(x, where)
+    q = _encode(x, fmt, block, axis, double_quant)
+    _check_scales(q, x, where)
+    return q
+
+
+def normalized_axis(axis: int, ndim: int, where: str) -> int:
+    """``axis`` of a weight of ``ndim`` axes, counted from the end (negative)."""
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{where}: axis {axis} is out of range for a weight of {ndim} axes; "
+                         f"pass an axis in [{-ndim}, {ndim - 1}].")
+    return axis % ndim - ndim
+
+
+def check_layout(shape: tuple[int, ...], fmt: str, block: int, axis: int, double_quant: bool, where: str) -> int:
+    """The block axis (negative) after checking that blocks of ``block`` tile it in ``fmt``."""
+    axis = normalized_axis(axis, len(shape), where)
+    n = shape[axis]
+    if n % block or (FORMATS[fmt].bits == 4 and block % 2):
         odd = " into an even block" if n % block == 0 else ""
-        raise ValueError(f"lorax.quantize: {path or 'the weight'!r} (shape {tuple(x.shape)}): the block size {block} "
-                         f"does not divide axis {axis} of length {n}{odd}; choose a block size that divides it, "
-                         "or another axis.")
-    if double_quant:
-        count = n // block
-        if count % min(DOUBLE_QUANT_BLOCK, count):
-            raise ValueError(f"lorax.quantize: {path or 'the weight'!r} (shape {tuple(x.shape)}) has {count} blocks "
-                             f"along axis {axis}, which blocks of {DOUBLE_QUANT_BLOCK} scales do not divide; "
-                             "pass double_quant=False.")
-    return _encode(x, fmt, block, axis, double_quant)
+        raise ValueError(f"{where}: the block size {block} does not divide axis {axis} of length {n}{odd}; "
+                         "choose a block size that divides it, or another axis.")
+    count = n // block
+    if double_quant and count % min(DOUBLE_QUANT_BLOCK, count):
+        raise ValueError(f"{where} has {count} blocks along axis {axis}, which blocks of {DOUBLE_QUANT_BLOCK} "
+                         "scales do not divide; pass double_quant=False.")
+    return axis
+
+
+def _check_finite(x: jax.Array, where: str) -> None:
+    if bool(jnp.all(jnp.isfinite(x))):
+        return
+    nan, inf = int(jnp.sum(jnp.isnan(x))), int(jnp.sum(jnp.isinf(x)))
+    raise ValueError(f"{where}: the weight holds NaN or inf ({nan} NaN, {inf} inf); quantized blocks cannot "
+                     "represent them. Find where they come from, or leave this weight unquantized.")
+
+
+def _check_scales(q: QuantizedArray, x: jax.Array, where: str) -> None:
+    """Refuse fp16 block scales (or offsets) that overflowed to inf."""
+    limit = FP16_LIMITS.get(q.fmt)
+    per_block = [a for a in (q.scale, q.offset) if a is not None]
+    if limit is None or all(bool(jnp.all(jnp.isfinite(a))) for a in per_block):
+        return
+    largest = float(jnp.max(jnp.abs(x)))
+    raise ValueError(f"{where}: its largest magnitude {largest:.6g} overflows {q.fmt}'s fp16 block scales, which "
+                     f"hold magnitudes up to about {limit:.6g}; scale the weight down, or use nf4 or int8 "
+                     "(fp32 scales).")
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4))
@@ -115,62 +162,147 @@ def quantize(params: Any, fmt: str, targets: Targets = None, *, block: int | Non
              double_quant: bool = False) -> Any:
     """``params`` with each targeted weight replaced by a `QuantizedArray` in ``fmt``.
 
-    ``fmt``: ``"nf4"`` (blocks of 64 along the last axis they divide, fp32 absmax; ``double_quant`` stores
-    the absmax in 8 bits too), ``"int8"`` (one scale per output channel: the block is the whole
-    input axis, ``-2`` of a Flax ``[in, out]`` kernel), or a GGUF block format (``"q4_0"``,
-    ``"q4_1"``, ``"q8_0"``: blocks of 32 along the input axis; each format takes the last axis its blocks divide when
-    its usual one does not, or ``axis``). ``targets``: a regex on paths,
-    a predicate ``(path, leaf) -> bool``, or None for every floating leaf of two or more axes.
-    An adapter's frozen ``w`` is quantized in place; a `Trainable` leaf cannot be.
+    Args:
+      params: a tree of arrays; adapters' frozen ``w`` are quantized in place, weights
+        already quantized are left as they are, and a targeted `Trainable` leaf is refused.
+      fmt: ``"nf4"`` (blocks of 64 along the last axis they divide, fp32 absmax; ``double_quant``
+        stores the absmax in 8 bits too), ``"int8"`` (one fp32 scale per output channel: the block
+        is the whole input axis, ``-2`` of a Flax ``[in, out]`` kernel, or the whole ``axis``), or
+        a GGUF block format (``"q4_0"``, ``"q4_1"``, ``"q8_0"``: fp16 scales over blocks of 32
+        along the input axis, or the last axis the blocks divide when that one does not).
+      targets: a regex or list of regexes fully matched against the paths, a predicate
+        ``(path, leaf) -> bool``, or None for every floating leaf of two or more axes. Targets
+        that match no weight are an error listing the weights.
+      block: values per block, a positive int that divides the block axis (even for 4-bit
+        formats); the GGUF formats take 32 only.
+      axis: the block axis of every targeted weight, in ``[-ndim, ndim)``; default as above.
+      double_quant: quantize NF4's absmax again (nf4 only).
+
+    Each targeted weight must be a floating array with every value finite, and for the GGUF
+    formats of magnitudes their fp16 scales hold (about 5.2e5 for q4_0, 6.6e4 for q4_1, 8.3e6
+    for q8_0); a traced weight is not checked. A bad argument or weight raises and returns nothing.
 
     >>> import jax.numpy as jnp, lorax
     >>> q = lorax.quantize({"kernel": jnp.ones((8, 4))}, "int8")["kernel"]
     >>> q.codes.dtype, q.scale.shape, q.dequantize().tolist()[0]
     (dtype('int8'), (1, 4), [1.0, 1.0, 1.0, 1.0])
+    >>> lorax.quantize({"kernel": jnp.ones((8, 4))}, "nf4", axis=2)
+    Traceback (most recent call last):
+    ValueError: lorax.quantize: 'kernel' (shape (8, 4)): axis 2 is out of range for a weight of 2 axes; pass an \
+axis in [-2, 1].
     """
-    if fmt not in FORMATS or fmt == "u8":
-        raise ValueError(f"lorax.quantize: unknown format {fmt!r}; choose one of nf4, int8, q4_0, q4_1, q8_0.")
+    fmt = _format(fmt)
+    block = _block(block, fmt)
+    if axis is not None and (isinstance(axis, bool) or not isinstance(axis, numbers.Integral)):
+        raise TypeError(f"lorax.quantize: axis must be None or an int, got {axis!r} ({type(axis).__name__}).")
+    if not isinstance(double_quant, (bool, np.bool_)):
+        raise TypeError(f"lorax.quantize: double_quant must be True or False, got {double_quant!r}.")
     if double_quant and fmt != "nf4":
         raise ValueError(f"lorax.quantize: double_quant applies to nf4, not {fmt!r}.")
-    unique_named_leaves(params, "lorax.quantize")
-    pattern = re.compile(targets) if isinstance(targets, str) else None
-
-    def wanted(path: str, leaf: Any) -> bool:
-        if pattern is not None:
-            return pattern.fullmatch(path) is not None
-        if callable(targets):
-            return bool(targets(path, leaf))
-        return jnp.ndim(leaf) >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating)
+    wanted = _selector(targets)
+    candidates = [(path, leaf, _base(leaf)) for path, leaf in unique_named_leaves(params, "lorax.quantize")]
+    candidates = [(path, leaf, base) for path, leaf, base in candidates
+                  if hasattr(base, "shape") and not isinstance(base, QuantizedArray)]
+    layouts = {path: _layout(path, leaf, base, fmt, block, None if axis is None else int(axis), bool(double_quant))
+               for path, leaf, base in candidates if wanted(path, base)}
+    if not layouts:
+        raise ValueError(_matched_nothing(targets, [(path, base) for path, _, base in candidates]))
 
     def one(path: str, leaf: Any) -> Any:
-        base = leaf.w if isinstance(leaf, Adapter) else leaf.value if isinstance(leaf, Trainable) else leaf
-        if isinstance(base, QuantizedArray) or not hasattr(base, "shape") or not wanted(path, base):
+        if path not in layouts:
             return leaf
-        if isinstance(leaf, Trainable):
-            raise ValueError(f"lorax.quantize: {path!r} (shape {tuple(base.shape)}) is marked Trainable "
-                             "(trained fully); a quantized weight is frozen. Exclude it from targets.")
-        if not jnp.issubdtype(base.dtype, jnp.floating) or jnp.ndim(base) < 1:
-            raise ValueError(f"lorax.quantize: {path!r} ({base.dtype}{list(base.shape)}) is not a floating "
-                             "array with an axis to quantize; exclude it from targets.")
-        size = block or FORMATS[fmt].block or 64
-        if fmt == "int8":
-            ax = -2 if axis is None and jnp.ndim(base) >= 2 else (axis or -1)
-            size = block or base.shape[ax]
-        elif axis is not None:
-            ax = axis
-        else:  # the input axis (GGUF) or the last axis, if the blocks divide it; else the last that they divide
-            first = -2 if fmt != "nf4" and jnp.ndim(base) >= 2 else -1
-            fits = [k for k in (first, *range(-1, -jnp.ndim(base) - 1, -1)) if base.shape[k] % size == 0]
-            ax = fits[0] if fits else first
-        q = encode(base, fmt, size, ax, double_quant=double_quant, path=path)
+        size, ax = layouts[path]
+        q = encode(_base(leaf), fmt, size, ax, double_quant=bool(double_quant), path=path)
         return leaf.replace(w=q) if isinstance(leaf, Adapter) else q
 
     return _map(one, params)
 
 
+def _format(fmt: Any) -> str:
+    names = ", ".join(QUANTIZE_FORMATS)
+    if not isinstance(fmt, str):
+        raise TypeError(f"lorax.quantize: fmt must be a format name, one of {names}; got {fmt!r} "
+                        f"({type(fmt).__name__}).")
+    if fmt not in QUANTIZE_FORMATS:
+        raise ValueError(f"lorax.quantize: unknown format {fmt!r}; choose one of {names}.")
+    return fmt
+
+
+def _block(block: Any, fmt: str) -> int | None:
+    if block is None:
+        return None
+    block = index(block, "lorax.quantize: block", minimum=1)
+    fixed = FORMATS[fmt].block
+    if fixed not in (None, block):
+        raise ValueError(f"lorax.quantize: {fmt} stores blocks of {fixed} (GGUF's fixed size), got block={block}; "
+                         "leave block unset.")
+    return block
+
+
+def _selector(targets: Any) -> Callable[[str, Any], bool]:
+    """Whether ``targets`` asks for the weight at a path."""
+    if targets is None:
+        return lambda path, leaf: jnp.ndim(leaf) >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating)
+    if callable(targets):
+        return lambda path, leaf: bool(targets(path, leaf))
+    items = [targets] if isinstance(targets, str) else targets
+    if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+        raise TypeError("lorax.quantize: targets must be None, a regex string, a list of them or a predicate "
+                        f"(path, leaf) -> bool, got {targets!r}.")
+    patterns = []
+    for item in items:
+        try:
+            patterns.append(re.compile(item))
+        except re.error as err:
+            raise ValueError(f"lorax.quantize: targets {item!r} is not a valid regex ({err}).") from None
+    return lambda path, leaf: any(p.fullmatch(path) for p in patterns)
+
+
+def _base(leaf: Any) -> Any:
+    """The array a leaf holds: an adapter's frozen ``w``, a `Trainable`'s value, or the leaf."""
+    return leaf.w if isinstance(leaf, Adapter) else leaf.value if isinstance(leaf, Trainable) else leaf
+
+
+def _layout(path: str, leaf: Any, base: Any, fmt: str, block: int | None, axis: int | None,
+            double_quant: bool) -> tuple[int, int]:
+    """The block size and (negative) block axis of a targeted weight, checked."""
+    where = f"lorax.quantize: {path!r} (shape {tuple(base.shape)})"
+    if isinstance(leaf, Trainable):
+        raise ValueError(f"{where} is marked Trainable (trained fully); a quantized weight is frozen. "
+                         "Exclude it from targets.")
+    ndim = jnp.ndim(base)
+    if not jnp.issubdtype(base.dtype, jnp.floating) or ndim < 1:
+        raise ValueError(f"lorax.quantize: {path!r} ({base.dtype}{list(base.shape)}) is not a floating "
+                         "array with an axis to quantize; exclude it from targets.")
+    size = block or FORMATS[fmt].block or 64
+    if axis is not None:
+        ax = normalized_axis(axis, ndim, where)
+    elif fmt == "int8":
+        ax = -2 if ndim >= 2 else -1
+    else:  # the input axis (GGUF) or the last axis, if the blocks divide it; else the last that they divide
+        first = -2 if fmt != "nf4" and ndim >= 2 else -1
+        fits = [k for k in (first, *range(-1, -ndim - 1, -1)) if base.shape[k] % size == 0]
+        ax = fits[0] if fits else first
+    if fmt == "int8":
+        size = block or base.shape[ax]
+    return size, check_layout(tuple(base.shape), fmt, size, ax, double_quant, where)
+
+
+def _matched_nothing(targets: Any, candidates: list[tuple[str, Any]]) -> str:
+    what = ("params hold no floating weight of two or more axes" if targets is None
+            else f"targets={targets!r} matched no weight")
+    lines = [f"  {path} {tuple(base.shape)} {base.dtype}" for path, base in candidates[:LISTED]]
+    if len(candidates) > LISTED:
+        lines.append(f"  ... and {len(candidates) - LISTED} more")
+    return (f"lorax.quantize: {what} to quantize (weights already quantized are left as they are). "
+            "Weights of params not yet quantized:\n" + "\n".join(lines or ["  (none)"]))
+
+
 # ----------------------------------------------------------------------------- GGUF
 
 GGUF_BLOCKS = {"Q4_0": ("q4_0", 2), "Q4_1": ("q4_1", 4), "Q8_0": ("q8_0", 2)}  # format, bytes before the codes
+GGUF_FLOATS = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16)}
+GGUF_BLOCK = 32
 
 
 def gguf_tensor(tensor: Any) -> QuantizedArray | np.ndarray:
@@ -178,30 +310,68 @@ def gguf_tensor(tensor: Any) -> QuantizedArray | np.ndarray:
     `QuantizedArray` over the file's bytes (no re-quantization), F32/F16 tensors an array.
     The shape is NumPy's (GGUF's reversed): ``[rows, in]``, blocks along the last axis.
 
+    The tensor needs ``name``, ``tensor_type`` (its ``.name`` the GGUF type), ``shape`` (GGUF's
+    dimensions, positive ints) and ``data``: F32/F16 values of that dtype, one per element, or
+    the blocks' bytes as uint8, the row length a multiple of 32 and each block's fp16 scale
+    (and Q4_1's minimum) finite. Every error names the tensor.
+
     >>> import numpy as np, lorax
     >>> from types import SimpleNamespace as T
     >>> block = np.array([0, 60, 0, 0] + [0x21] * 16, np.uint8)   # Q4_1: d=1.0, m=0, codes 1 and 2
     >>> t = T(name="w", tensor_type=T(name="Q4_1"), shape=np.array([32, 1]), data=block[None])
     >>> lorax.gguf_tensor(t).dequantize()[0, [0, 16]].tolist()
     [1.0, 2.0]
+    >>> lorax.gguf_tensor(T(name="w", tensor_type=T(name="Q4_1"), shape=np.array([64, 1]), data=block[None]))
+    Traceback (most recent call last):
+    ValueError: lorax.gguf_tensor: 'w' (shape [1, 64], Q4_1) holds 20 bytes (uint8); its 2 blocks take 40 bytes.
     """
-    kind = tensor.tensor_type.name
-    shape = tuple(reversed([int(n) for n in tensor.shape]))
-    if kind in ("F32", "F16"):
-        return np.asarray(tensor.data).reshape(shape)
+    name, kind, shape = _gguf_header(tensor)
+    where = f"lorax.gguf_tensor: {name!r} (shape {list(shape)}, {kind})"
+    data = np.asarray(tensor.data)
+    if kind in GGUF_FLOATS:
+        if data.dtype != GGUF_FLOATS[kind] or data.size != math.prod(shape):
+            raise ValueError(f"{where} holds {data.size} {data.dtype} values; expected {math.prod(shape)} "
+                             f"{GGUF_FLOATS[kind]} values.")
+        return data.reshape(shape)
     if kind not in GGUF_BLOCKS:
-        raise ValueError(f"lorax.gguf_tensor: {tensor.name!r} (shape {list(shape)}) is stored as {kind}; lorax reads "
+        raise ValueError(f"lorax.gguf_tensor: {name!r} (shape {list(shape)}) is stored as {kind}; lorax reads "
                          f"{', '.join(GGUF_BLOCKS)} blocks and F32/F16 as stored. Dequantize it with "
                          "gguf.quants.dequantize, or quantize the model to a supported type.")
     fmt, head = GGUF_BLOCKS[kind]
-    if shape[-1] % 32:
-        raise ValueError(f"lorax.gguf_tensor: {tensor.name!r} rows of {shape[-1]} are not whole blocks of 32.")
-    raw = np.asarray(tensor.data, np.uint8).reshape(*shape[:-1], shape[-1] // 32, -1)
+    if shape[-1] % GGUF_BLOCK:
+        raise ValueError(f"{where}: rows of {shape[-1]} are not whole blocks of {GGUF_BLOCK}.")
+    blocks = math.prod(shape) // GGUF_BLOCK
+    block_bytes = head + GGUF_BLOCK * FORMATS[fmt].bits // 8
+    if data.dtype != np.uint8 or data.size != blocks * block_bytes:
+        raise ValueError(f"{where} holds {data.size} bytes ({data.dtype}); its {blocks} blocks take "
+                         f"{blocks * block_bytes} bytes.")
+    raw = data.reshape(*shape[:-1], shape[-1] // GGUF_BLOCK, block_bytes)
     half = lambda k: np.ascontiguousarray(raw[..., 2 * k:2 * k + 2]).view(np.float16)[..., 0]  # noqa: E731
+    per_block = [half(0), half(1)] if fmt == "q4_1" else [half(0)]
+    if not all(np.isfinite(a).all() for a in per_block):
+        raise ValueError(f"{where}: block scales hold NaN or inf; the file is damaged.")
     codes = np.ascontiguousarray(raw[..., head:]).reshape(*shape[:-1], -1)
     codes = codes.view(np.int8) if fmt == "q8_0" else codes
-    return QuantizedArray(jnp.asarray(codes), jnp.asarray(half(0)), jnp.asarray(half(1)) if fmt == "q4_1" else None,
-                          fmt=fmt, block=32, axis=-1, dtype=np.dtype(np.float32))
+    return QuantizedArray(jnp.asarray(codes), jnp.asarray(per_block[0]),
+                          jnp.asarray(per_block[1]) if fmt == "q4_1" else None,
+                          fmt=fmt, block=GGUF_BLOCK, axis=-1, dtype=np.dtype(np.float32))
+
+
+def _gguf_header(tensor: Any) -> tuple[str, str, tuple[int, ...]]:
+    """A GGUF tensor's name, type name and NumPy shape, checked."""
+    missing = [field for field in ("name", "tensor_type", "shape", "data") if not hasattr(tensor, field)]
+    if missing:
+        raise TypeError(f"lorax.gguf_tensor: expected a gguf.GGUFReader tensor (name, tensor_type, shape, data), "
+                        f"got a {type(tensor).__name__} without {', '.join(missing)}.")
+    name, kind = tensor.name, getattr(tensor.tensor_type, "name", None)
+    if not isinstance(kind, str):
+        raise TypeError(f"lorax.gguf_tensor: {name!r}: tensor_type must be a gguf.GGMLQuantizationType, "
+                        f"got {tensor.tensor_type!r}.")
+    dims = np.asarray(tensor.shape)
+    if dims.ndim != 1 or dims.size == 0:
+        raise ValueError(f"lorax.gguf_tensor: {name!r}: shape must list its dimensions, got {tensor.shape!r}.")
+    shape = [index(n, f"lorax.gguf_tensor: {name!r}: shape[{i}]", minimum=1) for i, n in enumerate(dims)]
+    return name, kind, tuple(reversed(shape))
 
 
 # ----------------------------------------------------------------------------- merging
@@ -211,6 +381,8 @@ def merge_quantized(params: Any) -> tuple[Any, dict[str, float]]:
     """Merge each adapter over a quantized base and quantize the result again in the base's
     format; returns the tree and, per merged weight, the rounding error
     ``‖requantized - merged‖ / ‖merged‖``. (`lorax.merge` gives the full-precision merge.)
+    A merged weight holding NaN or inf, or too large for its format's fp16 scales, is refused
+    as in `quantize`.
 
     >>> import jax, jax.numpy as jnp, lorax
     >>> w = lorax.quantize({"w": jax.random.normal(jax.random.key(0), (64, 64))}, "nf4")["w"]
@@ -226,7 +398,8 @@ def merge_quantized(params: Any) -> tuple[Any, dict[str, float]]:
             leaf.check(path)
             q = leaf.w
             merged = leaf.replace(w=q.dequantize()).merged()
-            again = encode(merged, q.fmt, q.block, q.axis, double_quant=isinstance(q.scale, QuantizedArray), path=path)
+            again = encode(merged, q.fmt, q.block, q.axis, double_quant=isinstance(q.scale, QuantizedArray), path=path,
+                           who="lorax.merge_quantized")
             diff = again.dequantize().astype(jnp.float32) - merged.astype(jnp.float32)
             errors[path] = float(jnp.linalg.norm(diff) / jnp.maximum(jnp.linalg.norm(merged.astype(jnp.float32)),
                                                                       1e-30))

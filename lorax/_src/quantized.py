@@ -28,6 +28,7 @@ the codes as arguments and never holds a full-precision copy between steps.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable
 from typing import Any
 
@@ -78,7 +79,14 @@ class QuantizedArray:
     affine formats, one ``offset``) per block of ``block`` values along axis ``axis``.
 
     ``scale`` may itself be a `QuantizedArray` (NF4's double quantization). Build one with
-    `lorax.quantize` or `lorax.gguf_tensor`; read it back with `dequantize`.
+    `lorax.quantize` or `lorax.gguf_tensor`; read it back with `dequantize`. The layout is
+    checked on construction: ``fmt`` one of `FORMATS`, ``block`` a positive int (even for
+    4-bit codes, 32 for the GGUF formats), ``axis`` a negative int, ``dtype`` floating.
+
+    >>> import jax.numpy as jnp
+    >>> QuantizedArray(jnp.zeros((2, 16), jnp.uint8), jnp.ones((2, 1)), fmt="q4_0", block=64)
+    Traceback (most recent call last):
+    ValueError: QuantizedArray: q4_0 stores blocks of 32, got block=64.
     """
 
     codes: Any
@@ -88,6 +96,25 @@ class QuantizedArray:
     block: int = _static(64)
     axis: int = _static(-1)
     dtype: Any = _static(np.dtype(np.float32))
+
+    def __post_init__(self):
+        from lorax._src.records import index  # records imports the adapters, which import this module
+
+        if not isinstance(self.fmt, str) or self.fmt not in FORMATS:
+            raise ValueError(f"QuantizedArray: fmt must be one of {', '.join(FORMATS)}, got {self.fmt!r}.")
+        block = index(self.block, "QuantizedArray: block", minimum=1)
+        fixed, bits = FORMATS[self.fmt].block, FORMATS[self.fmt].bits
+        if fixed not in (None, block) or block % (8 // bits):
+            want = f"blocks of {fixed}" if fixed else "blocks of an even size (two codes a byte)"
+            raise ValueError(f"QuantizedArray: {self.fmt} stores {want}, got block={block}.")
+        if isinstance(self.axis, bool) or not isinstance(self.axis, numbers.Integral) or self.axis >= 0:
+            raise ValueError(f"QuantizedArray: axis must be a negative int (the block axis counted from the end), "
+                             f"got {self.axis!r}.")
+        if not _is_float_dtype(self.dtype):
+            raise ValueError(f"QuantizedArray: dtype must be a floating dtype, got {self.dtype!r}.")
+        object.__setattr__(self, "block", block)
+        object.__setattr__(self, "axis", int(self.axis))
+        object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
 
     @property
     def format(self) -> Format:
@@ -198,6 +225,13 @@ def _at(values, index: int, value) -> tuple:
     values = list(values)
     values[index] = value
     return tuple(values)
+
+
+def _is_float_dtype(dtype: Any) -> bool:
+    try:
+        return jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+        return False
 
 
 def is_quantized(x: Any) -> bool:
