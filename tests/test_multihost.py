@@ -52,6 +52,12 @@ def test_a_locked_folder_is_refused_on_every_process_without_a_hang(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [".lorax.lock"]
 
 
+def test_a_run_saved_on_two_processes_resumes_there_like_the_uninterrupted_run(tmp_path):
+    port, worker = free_port(), str(ROOT / "tests" / "multihost_worker.py")
+    outs = run_all([[sys.executable, worker, str(port), str(i), "2", str(tmp_path), "resume"] for i in range(2)])
+    assert [o.strip().splitlines()[-1] for o in outs] == ["process 0: resumed ok", "process 1: resumed ok"]
+
+
 def losses(out: str) -> list[float]:
     return [float(v) for v in re.findall(r"loss ([0-9.]+)", out)]
 
