@@ -167,6 +167,48 @@ def test_loraplus_gives_b_ratio_times_the_updates_of_a(style):
         lorax.optimizer(optax.sgd(0.1), b_lr_ratio=0)
 
 
+@pytest.mark.parametrize("ratio,error,match", [
+    ("16", TypeError, "b_lr_ratio must be a number, got '16'"),
+    (True, TypeError, "b_lr_ratio must be a number"),
+    (float("nan"), ValueError, "b_lr_ratio must be a finite number"),
+    (float("inf"), ValueError, "b_lr_ratio must be a finite number"),
+    (-2, ValueError, "b_lr_ratio must be a finite number > 0"),
+])
+def test_loraplus_ratio_is_validated(ratio, error, match):
+    with pytest.raises(error, match=match):
+        lorax.optimizer(optax.sgd(0.1), b_lr_ratio=ratio)
+
+
+def test_optimizer_takes_numpy_ratios_and_refuses_what_is_not_an_optax_transformation():
+    fn, params, x = make_case("mlp")
+    lp = with_random_b(lorax.init(KEY, lorax.LoraConfig(rank=2), fn, params, x))
+    tx = lorax.optimizer(optax.sgd(1.0), b_lr_ratio=np.float32(4))
+    grads = jax.tree.map(jnp.ones_like, lorax.split(lp)[0])
+    updates, _ = tx.update(grads, tx.init(lorax.split(lp)[0]), lorax.split(lp)[0])
+    node = next(n for n in jax.tree.leaves(updates, is_leaf=lambda n: isinstance(n, lorax.LoraWeight))
+                if isinstance(n, lorax.LoraWeight))
+    np.testing.assert_allclose(node.b, -4.0)
+    np.testing.assert_allclose(node.a, -1.0)
+    with pytest.raises(TypeError, match="tx must be an optax.GradientTransformation"):
+        lorax.optimizer(lambda g: g)
+
+
+def test_dora_over_an_all_zero_output_column_is_finite_and_matches_the_merge():
+    fn = lambda p, x: x @ p["w"]
+    w = jax.random.normal(KEY, (6, 4)).at[:, 2].set(0.0)
+    x = jax.random.normal(jax.random.key(5), (3, 6))
+    lp = lorax.init(KEY, lorax.LoraConfig(rank=2, use_dora=True), fn, {"w": w}, x)
+    assert np.isfinite(np.asarray(lp["w"].m)).all() and float(lp["w"].m[2]) == 0.0
+    np.testing.assert_allclose(lorax.lora(fn)(lp, x), fn({"w": w}, x), rtol=1e-5, atol=1e-6)
+    lp = with_random_b(lp)
+    trainable, frozen = lorax.split(lp)
+    loss = lambda t: jnp.sum(lorax.lora(fn)(lorax.combine(t, frozen), x) ** 2)  # noqa: E731
+    merged = lambda t: jnp.sum(fn(lorax.merge(lorax.combine(t, frozen)), x) ** 2)  # noqa: E731
+    np.testing.assert_allclose(loss(trainable), merged(trainable), rtol=1e-5)
+    for g in jax.tree.leaves(jax.grad(loss)(trainable)):
+        assert np.isfinite(np.asarray(g)).all()
+
+
 def test_contract_declares_fields_once():
     assert lorax.LoraWeight.trained_fields() == ("a", "b")
     assert lorax.DoraWeight.trained_fields() == ("a", "b", "m")

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from lorax._src.adapter import Adapter
+from lorax._src.records import real
 from lorax._src.trainable import Trainable, is_node
 
 TRAIN, TRAIN_B, FROZEN = "lora_trainable", "lora_trainable_b", "lora_frozen"
@@ -57,10 +58,14 @@ def optimizer(tx: optax.GradientTransformation, *, b_lr_ratio: float | None = No
     >>> len(jax.tree.leaves(state))  # adam's count, mu and nu for a and b only
     5
     """
+    if not isinstance(tx, optax.GradientTransformation):
+        raise TypeError(f"lorax.optimizer: tx must be an optax.GradientTransformation (optax.adam(1e-3), ...), "
+                        f"got {type(tx).__name__}.")
     if b_lr_ratio is None:
         return optax.partition({TRAIN: tx, FROZEN: freeze()}, labels)
-    if not b_lr_ratio > 0 or b_lr_ratio == float("inf"):
+    ratio = real(b_lr_ratio, "lorax.optimizer: b_lr_ratio")
+    if not ratio > 0:
         raise ValueError(f"lorax.optimizer: b_lr_ratio must be a finite number > 0, got {b_lr_ratio!r}.")
     transforms: dict[Hashable, optax.GradientTransformation] = {
-        TRAIN: tx, TRAIN_B: optax.chain(tx, optax.scale(b_lr_ratio)), FROZEN: freeze()}
+        TRAIN: tx, TRAIN_B: optax.chain(tx, optax.scale(ratio)), FROZEN: freeze()}
     return optax.partition(transforms, lambda params: labels(params, TRAIN_B))

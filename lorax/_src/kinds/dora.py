@@ -69,8 +69,10 @@ class DoraWeight(Adapter):
         return jnp.sqrt(jnp.maximum(ww + 2 * s * cross + s * s * quad, 0.0))
 
     def magnitude_scale(self) -> jax.Array:
-        """``m / ‖W + s·A·B‖`` (the norm a constant), shaped like ``m``."""
-        return self.m.astype(jnp.float32) / self.column_norm()
+        """``m / ‖W + s·A·B‖`` (the norm a constant), shaped like ``m``. An all-zero column
+        (norm 0) has an all-zero output whatever its factor, so it takes ``m`` itself, not NaN."""
+        norm = self.column_norm()
+        return self.m.astype(jnp.float32) / jnp.where(norm > 0, norm, 1.0)
 
     def merged(self) -> jax.Array:
         subs = self.subscripts()
