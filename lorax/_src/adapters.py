@@ -9,7 +9,6 @@ adapter each example uses for `lorax.lora`.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax._src import compat
+from lorax._src.files import check_plain_name
+from lorax._src.initializers import makes_residual
 from lorax._src.kinds.bank import BASE, LoraBank
 from lorax._src.kinds.lora import LoraWeight
 from lorax._src.paths import named_leaves
@@ -53,13 +54,15 @@ def base(params: Any) -> Any:
     return _map(lambda path, x: x.w if isinstance(x, LoraBank) else x, params)
 
 
-def _check_name(name: Any, who: str) -> None:
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):
-        raise ValueError(f"{who}: adapter name {name!r} must be a non-empty string of letters, digits, '_', '.' "
-                         "and '-' not starting with '.' (it names a folder on save).")
+def check_name(name: Any, who: str) -> str:
+    """``name`` if it can name an adapter: one plain folder name (it names a folder on save),
+    else a ValueError from ``who``. Every function that takes or makes an adapter name checks
+    it here."""
+    return check_plain_name(name, f"{who}: adapter name")
 
 
 def _position(params: Any, name: str, who: str) -> int:
+    check_name(name, who)
     current = names(params)
     if name not in current:
         raise ValueError(f"{who}: no adapter {name!r}; the bank holds {list(current)}.")
@@ -71,7 +74,7 @@ def _refuse(path: str, x: Any, who: str) -> None:
     if is_node(x) and type(x) is not LoraWeight:
         raise ValueError(f"{who}: {path!r} is a {type(x).__name__}; a bank holds plain LoRA adapters "
                          "(LoraWeight) only.")
-    if isinstance(x, LoraWeight) and x.init in ("pissa", "olora"):
+    if isinstance(x, LoraWeight) and makes_residual(x.init):
         raise ValueError(f"{who}: {path!r} was initialised with {x.init}, so its frozen w is a residual, not "
                          "the base; banks hold adapters of one unchanged base.")
 
@@ -141,8 +144,9 @@ def bank(named: dict[str, Any]) -> Any:
     """
     if not isinstance(named, dict) or not named:
         raise ValueError("lorax.adapters.bank: pass a non-empty dict {name: single-adapter params}.")
+    for name in named:
+        check_name(name, "lorax.adapters.bank")
     (first_name, first), *rest = named.items()
-    _check_name(first_name, "lorax.adapters.bank")
     out = _map(lambda path, x: _start(path, x, first_name), first)
     if not any(isinstance(leaf, LoraBank) for _, leaf in named_leaves(out)):
         raise ValueError(f"lorax.adapters.bank: {first_name!r} holds no LoraWeight.")
@@ -162,8 +166,8 @@ def add(params: Any, name: str, adapters: Any) -> Any:
     >>> params["w"].adapter_ranks, params["w"].a.shape  # ranks padded to the largest
     ((2, 4), (2, 8, 4))
     """
+    check_name(name, "lorax.adapters.add")
     current = names(params)
-    _check_name(name, "lorax.adapters.add")
     if name in current:
         raise ValueError(f"lorax.adapters.add: the bank already holds an adapter {name!r}; delete or rename it "
                          "first.")
@@ -216,7 +220,7 @@ def delete(params: Any, name: str) -> Any:
 def rename(params: Any, old: str, new: str) -> Any:
     """The bank tree with adapter ``old`` called ``new``."""
     at = _position(params, old, "lorax.adapters.rename")
-    _check_name(new, "lorax.adapters.rename")
+    check_name(new, "lorax.adapters.rename")
     if new in names(params) and new != old:
         raise ValueError(f"lorax.adapters.rename: the bank already holds an adapter {new!r}.")
     renamed = lambda x: x.replace(names=tuple(new if i == at else n for i, n in enumerate(x.names)))  # noqa: E731
@@ -245,8 +249,11 @@ def select(params: Any, which: str | Sequence[str]) -> Any:
     >>> type(lorax.adapters.select(params, "code")["w"]).__name__, both["w"].rank
     ('LoraWeight', 4)
     """
-    chosen = [which] if isinstance(which, str) else list(which)
     who = "lorax.adapters.select"
+    if not isinstance(which, (str, Sequence)):
+        raise TypeError(f"{who}: which must be an adapter name or a sequence of names, got {which!r} "
+                        f"({type(which).__name__}).")
+    chosen = [which] if isinstance(which, str) else list(which)
     at = [_position(params, n, who) for n in chosen]
     if not at or len(set(at)) != len(at):
         raise ValueError(f"{who}: choose one adapter name or distinct names, got {which!r}.")
@@ -286,8 +293,13 @@ def index_of(params: Any, which: str | None | Sequence[str | None]) -> jax.Array
     """
     current = names(params)
     single = which is None or isinstance(which, str)
+    if not single and not isinstance(which, Sequence):
+        raise TypeError(f"lorax.adapters.index_of: which must be an adapter name, None, or a sequence of them, "
+                        f"got {which!r} ({type(which).__name__}).")
     wanted = [which] if single else list(which)  # type: ignore[arg-type]
     for n in wanted:
+        if n is not None:
+            check_name(n, "lorax.adapters.index_of")
         if n is not None and n not in current:
             raise ValueError(f"lorax.adapters.index_of: no adapter {n!r}; the bank holds {list(current)} "
                              "(None selects the base alone).")

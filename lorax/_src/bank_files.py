@@ -3,6 +3,10 @@
 PEFT's layout for several adapters: the adapter named ``"default"`` in the folder itself,
 every other one in a sub-folder named after it (what ``PeftModel.save_pretrained`` writes and
 ``PeftModel.from_pretrained(..., adapter_name=)`` / ``load_adapter(folder / name, name)`` read).
+
+A save writes every adapter into a staged copy of the folder and swaps it in at once
+(`lorax._src.files.staged_folder`): any refusal or failure, for any adapter, leaves the
+folder as it was, and a finished save holds every adapter's new files.
 """
 
 from __future__ import annotations
@@ -11,9 +15,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
 from lorax._src import checkpoint, peft
-from lorax._src.adapters import bank, names, select
-from lorax._src.files import as_folder
+from lorax._src.adapters import bank, check_name, names, select
+from lorax._src.files import as_folder, staged_folder
 from lorax._src.peft_config import CONFIG_FILE
 
 DEFAULT = "default"  # PEFT's name for the adapter saved in the folder itself
@@ -22,6 +30,9 @@ DEFAULT = "default"  # PEFT's name for the adapter saved in the folder itself
 def save(directory: str | Path, params: Any, **kwargs) -> dict[str, Path]:
     """Save each adapter of a bank tree with `lorax.save` under ``directory / name``;
     ``kwargs`` go to `lorax.save`. Returns the step folder of each adapter.
+
+    All or nothing: if `lorax.save` refuses any adapter (a step rule, say) or a write fails,
+    no adapter's folder changes.
 
     >>> import jax, jax.numpy as jnp, lorax, tempfile
     >>> fn = lambda p, x: x @ p["w"]
@@ -32,8 +43,12 @@ def save(directory: str | Path, params: Any, **kwargs) -> dict[str, Path]:
     >>> lorax.adapters.names(lorax.adapters.load(folder, base))
     ('code', 'math')
     """
-    root = as_folder(directory, "lorax.adapters.save", must_exist=False)
-    return {name: checkpoint.save(root / name, select(params, name), **kwargs) for name in names(params)}
+    who = "lorax.adapters.save"
+    root = as_folder(directory, who, must_exist=False)
+    trees = _selected(params, who, lambda name: root / name)
+    with staged_folder(root, who, primary=jax.process_index() == 0, agree=_agreement()) as staged:
+        steps = {name: checkpoint.save(staged / name, tree, **kwargs) for name, tree in trees.items()}
+    return {name: root / name / step.name for name, step in steps.items()}
 
 
 def load(directory: str | Path, base: Any, *, only: Sequence[str] | None = None) -> Any:
@@ -48,11 +63,35 @@ def load(directory: str | Path, base: Any, *, only: Sequence[str] | None = None)
 def save_peft(directory: str | Path, params: Any, mapping: peft.Mapping, **kwargs) -> dict[str, Path]:
     """Export each adapter of a bank tree as a PEFT adapter folder, in PEFT's multi-adapter
     layout (``"default"`` in ``directory``, any other name in ``directory / name``);
-    ``kwargs`` go to `lorax.peft.save_peft`. Returns each adapter's folder."""
-    root = as_folder(directory, "lorax.adapters.save_peft", must_exist=False)
-    order = sorted(names(params), key=lambda n: n != DEFAULT)  # the root first: its swap keeps sub-folders
-    return {name: peft.save_peft(root if name == DEFAULT else root / name, select(params, name), mapping, **kwargs)
-            for name in order}
+    ``kwargs`` go to `lorax.peft.save_peft`. Returns each adapter's folder. All or nothing:
+    if any adapter is refused (its mapping, a scale PEFT cannot hold, ...) or a write fails,
+    the folder is left as it was; other sub-folders in it are kept."""
+    who = "lorax.adapters.save_peft"
+    root = as_folder(directory, who, must_exist=False)
+    folder = lambda top, name: top if name == DEFAULT else top / name  # noqa: E731
+    trees = _selected(params, who, lambda name: folder(root, name))
+    with staged_folder(root, who) as staged:
+        for name in sorted(trees, key=lambda n: n != DEFAULT):  # the root first: its swap keeps sub-folders
+            peft.save_peft(folder(staged, name), trees[name], mapping, **kwargs)
+    return {name: folder(root, name) for name in trees}
+
+
+def _selected(params: Any, who: str, place: Callable[[str], Path]) -> dict[str, Any]:
+    """Each adapter of the bank tree ``params`` as a single-adapter tree, by name; refuses a name
+    that is not one plain folder name, or whose folder ``place(name)`` is taken by a file."""
+    chosen = names(params)
+    for name in chosen:
+        check_name(name, who)
+        if place(name).exists() and not place(name).is_dir():
+            raise ValueError(f"{who}: {str(place(name))!r} is a file; adapter {name!r} needs a folder there.")
+    return {name: select(params, name) for name in chosen}
+
+
+def _agreement() -> Callable[[bool], bool] | None:
+    """On a multi-process run, a barrier that gives every process process 0's answer."""
+    if jax.process_count() == 1:
+        return None
+    return lambda ok: bool(multihost_utils.broadcast_one_to_all(np.asarray(ok)))
 
 
 def load_peft(directory: str | Path, fn: Callable, params: Any, *args, mapping: peft.Mapping,
@@ -74,6 +113,12 @@ def _choose(found: list[str], only: Sequence[str] | None, root: Path, who: str) 
         raise ValueError(f"{who}: {str(root)!r} holds no adapter folders.")
     if only is None:
         return found
+    if isinstance(only, str) or not isinstance(only, Sequence):
+        raise TypeError(f"{who}: only must be a list of adapter names, got {only!r} ({type(only).__name__}).")
+    for name in only:
+        check_name(name, who)
+    if len(set(only)) != len(only):
+        raise ValueError(f"{who}: only names an adapter twice: {list(only)}.")
     missing = [n for n in only if n not in found]
     if missing or not only:
         raise ValueError(f"{who}: {str(root)!r} has no adapters {missing or list(only)}; it holds {found}.")

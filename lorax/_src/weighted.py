@@ -22,9 +22,11 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from lorax._src.adapters import _append, _position, _zero, names
+from lorax._src.adapters import _append, _position, _zero, check_name, names
 from lorax._src.kinds.bank import LoraBank
+from lorax._src.records import index, real
 from lorax._src.trees import _map
 
 HOW = ("linear", "cat", "svd")
@@ -34,7 +36,8 @@ def weighted(params: Any, name: str, sources: Sequence[str], weights: Sequence[f
              how: Literal["linear", "cat", "svd"] = "svd", rank: int | None = None) -> Any:
     """The bank tree with a new adapter ``name``: the ``weights``-weighted combination of the
     adapters ``sources``, combined ``how`` (see the module docstring; ``rank`` is the SVD's,
-    by default the largest source rank).
+    by default the largest source rank). ``weights`` are finite numbers (NumPy scalars too),
+    one per source; a negative weight subtracts.
 
     >>> import jax, jax.numpy as jnp, lorax
     >>> fn = lambda p, x: x @ p["w"]
@@ -46,23 +49,25 @@ def weighted(params: Any, name: str, sources: Sequence[str], weights: Sequence[f
     [1.0, 1.0, 1.0]
     """
     who = "lorax.adapters.weighted"
-    if how not in HOW:
+    check_name(name, who)
+    if not isinstance(how, str) or how not in HOW:
         raise ValueError(f"{who}: how must be one of {HOW}, got {how!r}.")
-    at = [_position(params, n, who) for n in sources]
+    at = [_position(params, n, who) for n in _listed(sources, "sources", who)]
+    weights = [real(w, f"{who}: weights[{i}]") for i, w in enumerate(_listed(weights, "weights", who))]
     if not at or len(set(at)) != len(at) or len(weights) != len(at):
         raise ValueError(f"{who}: give distinct source names and one weight each; got {list(sources)} and "
-                         f"{list(weights)}.")
+                         f"{weights}.")
     if name in names(params):
         raise ValueError(f"{who}: the bank already holds an adapter {name!r}.")
-    if rank is not None and (how != "svd" or not isinstance(rank, int) or rank < 1):
-        raise ValueError(f"{who}: rank is the SVD's target rank (an int >= 1, how='svd'); got rank={rank!r} "
-                         f"with how={how!r}.")
+    if rank is not None and how != "svd":
+        raise ValueError(f"{who}: rank is the SVD's target rank (how='svd'); got rank={rank!r} with how={how!r}.")
+    rank = None if rank is None else index(rank, f"{who}: rank", minimum=1)
 
     def combine(path, x):
         if not isinstance(x, LoraBank):
             return x
         ranks = x.adapter_ranks
-        present = [(i, float(w)) for i, w in zip(at, weights) if ranks[i]]
+        present = [(i, w) for i, w in zip(at, weights) if ranks[i]]
         if not present:
             return _append(x, name, *_zero(x), 0.0, 0)
         if how == "linear" and len({ranks[i] for i, _ in present}) > 1:
@@ -73,6 +78,16 @@ def weighted(params: Any, name: str, sources: Sequence[str], weights: Sequence[f
                        1.0, a.shape[-1])
 
     return _map(combine, params)
+
+
+def _listed(values: Any, what: str, who: str) -> list:
+    """``values`` (a list, tuple or 1-d NumPy array) as a list; a string or anything else is refused."""
+    if isinstance(values, np.ndarray) and values.ndim == 1:
+        return list(values)
+    if isinstance(values, str) or not isinstance(values, Sequence):
+        raise TypeError(f"{who}: {what} must be a list (one entry per source), got {values!r} "
+                        f"({type(values).__name__}).")
+    return list(values)
 
 
 def _combined(x: LoraBank, present: list[tuple[int, float]], how: str, rank: int) -> tuple[jax.Array, jax.Array]:
