@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -23,7 +24,7 @@ from lorax._src.initializers import makes_residual, residual
 from lorax._src.paths import unique_named_leaves
 from lorax._src.placement import place_state
 from lorax._src.quantized import QuantizedArray
-from lorax._src.records import FORMAT, check_record, index, real
+from lorax._src.records import FORMAT, base_mismatch, check_record, fingerprint, index, real
 from lorax._src.sharding import factor_shardings
 from lorax._src.trainable import Trainable
 from lorax._src.trees import _map
@@ -41,13 +42,14 @@ def _entries(params: Any) -> tuple[list[dict], list[dict]]:
             if leaf.several:
                 raise ValueError(f"lorax.save: {path!r} is a {type(leaf).__name__} holding several named adapters; "
                                  "save them with lorax.adapters.save (one folder per adapter).")
+            _has_base(path, leaf)
             leaf.check(path)
             _concrete(path, *leaf.trained().values())
             meta.append(dict(path=path, kind=leaf.kind, shape=list(leaf.shape), dtype=str(jnp.dtype(leaf.dtype)),
                              rank=leaf.rank, scale=real(leaf.scale, f"lorax.save: the scale of {path!r}"),
                              a_axes=list(leaf.a_axes), b_axes=list(leaf.b_axes), stack_axes=list(leaf.stack_axes),
                              dropout=float(leaf.dropout), init=leaf.init, factor_dtype=str(leaf.factor_dtype),
-                             lorax_version=lorax.__version__))
+                             lorax_version=lorax.__version__, base=fingerprint(leaf.w)))
             arrays.append(leaf.trained())
         elif isinstance(leaf, Trainable):
             _concrete(path, leaf.value)
@@ -55,6 +57,15 @@ def _entries(params: Any) -> tuple[list[dict], list[dict]]:
                              dtype=str(leaf.value.dtype)))
             arrays.append({"value": leaf.value})
     return meta, arrays
+
+
+def _has_base(path: str, leaf: Adapter) -> None:
+    """Refuse an adapter without its concrete frozen base: `load` checks the base against its fingerprint."""
+    w = leaf.w.codes if isinstance(leaf.w, QuantizedArray) else leaf.w
+    if not isinstance(w, (jax.Array, np.ndarray)) or compat.is_tracer(w):
+        raise TypeError(f"lorax.save: the {type(leaf).__name__} at {path!r} holds {type(leaf.w).__name__} as its "
+                        "frozen base w, not a concrete array; save the whole tree (lorax.combine(trainable, "
+                        "frozen)), not its trainable half, and outside jit.")
 
 
 def _concrete(path: str, *arrays) -> None:
@@ -85,7 +96,8 @@ def save(directory: str | Path, params: Any, *, step: int | None = None, keep: i
     highest. A save writes the whole step to a staging folder first and renames it into
     place (swapping atomically with an old step it replaces), so it either completes or
     leaves the folder as it was; a second process saving to the same folder meanwhile gets
-    an error. ``keep`` (an int >= 1) keeps only the newest steps, never the one just written.
+    an error. ``keep`` (an int >= 1) then deletes the steps older than ``step`` that are not
+    among the newest ``keep`` (``step`` counted): never the step just written, nor a newer one.
     On a multi-process run every process calls `save`; host-local and NumPy leaves are
     written as replicas (every process must hold the same value), and process 0 alone
     moves folders.
@@ -153,12 +165,18 @@ def save(directory: str | Path, params: Any, *, step: int | None = None, keep: i
         finally:
             if primary:
                 remove(staging)
-        others = [s for s in steps if s != step]
-        for old in others[: max(0, len(others) - (keep - 1))] if keep is not None and primary else ():
+        for old in _expired(steps, step, keep) if keep is not None and primary else ():
             os.rename(root / str(old), staging)  # out of sight first, so no half-deleted step is visible
             remove(staging)
     _sync("lorax.save:done")
     return root / str(step)
+
+
+def _expired(steps: list[int], written: int, keep: int) -> list[int]:
+    """The steps `save` deletes after writing ``written`` with ``keep``: those outside the newest
+    ``keep`` (``written`` counted) and older than ``written``; a newer step is never deleted."""
+    newest = sorted({*steps, written})[-keep:]
+    return [s for s in steps if s < written and s not in newest]
 
 
 def _sync(name: str) -> None:
@@ -198,13 +216,18 @@ def _choose_step(root: Path, step: int | None, steps: list[int], overwrite: bool
     return step
 
 
-def load(directory: str | Path, base: Any, *, step: int | None = None, state: Any = None) -> Any:
+def load(directory: str | Path, base: Any, *, step: int | None = None, state: Any = None,
+         check_base: bool = True) -> Any:
     """Read adapters saved by `save` onto the plain ``base`` tree (latest step by default).
 
     Refuses a base that does not fit, listing every mismatch (missing path, other shape
-    or dtype), and damaged metadata, naming the file and the field. Factors are placed
-    after the base weight's sharding. Nothing is written. With ``state`` (a template of the
-    pytree given to `save`, e.g. a fresh ``tx.init(trainable)``), returns ``(params, state)``.
+    or dtype), and damaged metadata, naming the file and the field. With ``check_base``,
+    also a base whose adapted weights differ from the fingerprint `save` recorded of the
+    base the adapters were trained on (a base already merged with them, another checkpoint
+    or seed; see `lorax._src.records.base_mismatch` for the tolerance); checkpoints written
+    before fingerprints load unchecked. Factors are placed after the base weight's sharding.
+    Nothing is written. With ``state`` (a template of the pytree given to `save`, e.g. a fresh
+    ``tx.init(trainable)``, each leaf of the saved dtype and shape), returns ``(params, state)``.
 
     >>> import jax, jax.numpy as jnp, lorax, optax, tempfile
     >>> fn = lambda p, x: x @ p["w"]
@@ -218,6 +241,8 @@ def load(directory: str | Path, base: Any, *, step: int | None = None, state: An
     (7, True)
     """
     root = as_folder(directory, "lorax.load", must_exist=True)
+    if not isinstance(check_base, bool):
+        raise TypeError(f"lorax.load: check_base must be True or False, got {check_base!r}.")
     steps = _steps(root)
     if step is None:
         if not steps:
@@ -234,18 +259,8 @@ def load(directory: str | Path, base: Any, *, step: int | None = None, state: An
             raise ValueError(f"lorax.load: {str(meta_file)!r} is missing or unreadable; step {step} is not "
                              f"a complete lorax checkpoint ({type(err).__name__}: {err}).") from None
         record = check_record(record, str(meta_file))
-        problems = []
-        for e in record["weights"]:
-            path, leaf = e["path"], leaves.get(e["path"])
-            if leaf is None:
-                problems.append(f"  {path}: not in the base")
-            elif isinstance(leaf, (Adapter, Trainable)):
-                problems.append(f"  {path}: the base already holds a lorax node here; pass the plain tree")
-            elif not hasattr(leaf, "dtype"):
-                problems.append(f"  {path}: the base holds {type(leaf).__name__}, not an array")
-            elif list(leaf.shape) != e["shape"] or str(jnp.dtype(leaf.dtype)) != e["dtype"]:
-                problems.append(f"  {path}: base has {tuple(leaf.shape)} {leaf.dtype}, the adapter "
-                                f"was saved for {tuple(e['shape'])} {e['dtype']}")
+        problems = [f"  {e['path']}: {problem}" for e in record["weights"]
+                    if (problem := _misfit(e, leaves.get(e["path"])))]
         if problems:
             raise ValueError("lorax.load: the checkpoint does not fit this base:\n" + "\n".join(problems))
         if state is not None and not record.get("state"):
@@ -256,14 +271,82 @@ def load(directory: str | Path, base: Any, *, step: int | None = None, state: An
                           f"the arrays of step {step} in {str(root)!r} are missing or damaged")
         saved = None
         if state is not None:
+            _check_state_template(root / str(step) / "state", state)
             saved = _restore(manager, step, "state", _state(state, "lorax.load"),
                              f"the state of step {step} in {str(root)!r} does not match the template given, "
                              "or is damaged")
             saved = jax.tree.map(lambda like, x: type(like)(x) if isinstance(like, (np.generic, int, float)) else x,
                                  state, saved)
     restored = {e["path"]: _node(e, leaves[e["path"]], x) for e, x in zip(record["weights"], arrays)}
+    if check_base:
+        _check_bases(record["weights"], restored, f"step {step} in {str(root)!r}")
     params = _map(lambda path, leaf: restored.get(path, leaf), base)
     return params if state is None else (params, place_state(saved, state, params))
+
+
+def _misfit(entry: dict, leaf: Any) -> str | None:
+    """Why the base leaf ``leaf`` cannot take the weight ``entry`` describes, or None."""
+    if leaf is None:
+        return "not in the base"
+    if isinstance(leaf, (Adapter, Trainable)):
+        return "the base already holds a lorax node here; pass the plain tree"
+    if not hasattr(leaf, "dtype"):
+        return f"the base holds {type(leaf).__name__}, not an array"
+    if list(leaf.shape) != entry["shape"] or str(jnp.dtype(leaf.dtype)) != entry["dtype"]:
+        return (f"base has {tuple(leaf.shape)} {leaf.dtype}, the adapter was saved for {tuple(entry['shape'])} "
+                f"{entry['dtype']}")
+    if entry["kind"] != "trainable" and makes_residual(entry["init"]) and isinstance(leaf, QuantizedArray):
+        return (f"the adapter was initialised with init={entry['init']!r}, so its frozen base is a residual of the "
+                f"original weight, which cannot be rebuilt over a quantized ({leaf.fmt}) base; load it onto the "
+                "full-precision base")
+    return None
+
+
+def _check_bases(entries: list[dict], restored: dict, where: str) -> None:
+    """Refuse frozen bases unlike the fingerprints recorded at save, listing each with both values."""
+    problems = []
+    for e in entries:
+        if "base" in e:
+            problem = base_mismatch(e["base"], restored[e["path"]].w)
+            residual_note = " (its PiSSA/OLoRA residual)" if makes_residual(e["init"]) else ""
+            problems += [f"  {e['path']}{residual_note}: {problem}"] if problem else []
+    if problems:
+        raise ValueError(f"lorax.load: the base is not the one the adapters of {where} were trained on:\n"
+                         + "\n".join(problems) + "\nA base already merged with these adapters (lorax.merge, "
+                         "then nnx.update on the model the base was split from), another checkpoint or another "
+                         "seed? Load onto the original base, or pass check_base=False to load anyway.")
+
+
+def _check_state_template(folder: Path, state: Any) -> None:
+    """Refuse ``state`` template leaves of another dtype or shape than the saved ones (orbax would cast
+    them), listing each with both."""
+    template = _state(state, "lorax.load")
+    try:
+        saved = ocp.StandardCheckpointHandler().metadata(epath.Path(folder)).tree
+    except Exception:  # unreadable metadata: the restore reports the damage
+        return
+    found = {_key_names(p): x for p, x in jax.tree_util.tree_flatten_with_path(saved)[0]}
+    problems = []
+    for path, like in jax.tree_util.tree_flatten_with_path(template)[0]:
+        meta = found.get(_key_names(path))
+        if meta is None or not hasattr(meta, "dtype"):
+            continue  # a leaf the checkpoint lacks: the restore reports it
+        want, shape = np.dtype(meta.dtype), tuple(meta.shape)
+        if type(like) in (int, float):  # a Python number takes any width of its kind, exactly
+            same, got = want.kind in ("iu" if type(like) is int else "f") and shape == (), type(like).__name__
+        else:
+            same, got = np.dtype(like.dtype) == want and tuple(like.shape) == shape, f"{like.dtype}{list(like.shape)}"
+        if not same:
+            problems.append(f"  state{jax.tree_util.keystr(path)}: saved as {want}{list(shape)}, the template "
+                            f"holds {got}")
+    if problems:
+        raise ValueError("lorax.load: the state template differs from the saved state; restoring would cast or "
+                         "truncate it:\n" + "\n".join(problems) + "\nPass a template of the saved dtypes and shapes.")
+
+
+def _key_names(path: tuple) -> tuple[str, ...]:
+    """A tree path as names, alike for a NamedTuple's field and the dict key orbax saves it under."""
+    return tuple(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def _restore(manager: ocp.CheckpointManager, step: int, item: str, template: Any, problem: str) -> Any:

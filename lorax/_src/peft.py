@@ -23,9 +23,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from lorax._src.adapter import Adapter
+from lorax._src.adapter import Adapter, as_matrices
 from lorax._src.config import LoraConfig
 from lorax._src.files import as_folder, remove, swap_in
 from lorax._src.init import init
@@ -33,13 +34,15 @@ from lorax._src.initializers import makes_residual
 from lorax._src.kinds import DoraWeight, LoraWeight
 from lorax._src.paths import named_leaves, unique_named_leaves
 from lorax._src.peft_config import CONFIG_FILE, pattern_value, read_config, targeted
-from lorax._src.records import real
+from lorax._src.quantized import QuantizedArray, dense
+from lorax._src.records import base_mismatch, fingerprint, is_fingerprint, real
 from lorax._src.sharding import place_factors
 from lorax._src.trainable import Trainable
 from lorax._src.trees import _map
 
 PREFIX = "base_model.model."
 WEIGHTS_FILE = "adapter_model.safetensors"
+BASE_KEY = "lorax_base"  # safetensors metadata: JSON {module: fingerprint of its base weight}; PEFT ignores it
 
 #: ``(regex on the lorax path, torch module name)``; ``{i}`` is the layer: a regex group, or
 #: the index in the stack of an ``nn.scan``-ed weight.
@@ -113,7 +116,10 @@ def save_peft(directory: str | Path, params: Any, mapping: Mapping, *, base_mode
     ``initial``: for adapters made with ``init="pissa"`` or ``"olora"``, whose frozen base
     is a residual, the trainable tree at initialisation (``lorax.split(params)[0]`` right
     after `lorax.init`); the folder then holds plain LoRA adapters of twice the rank that
-    apply to the *original* base, as PEFT's own conversion writes them.
+    apply to the *original* base, as PEFT's own conversion writes them. The weights file's
+    metadata (``lorax_base``, which PEFT ignores) holds a fingerprint of each module's base
+    weight as the ``[in, out]`` matrix the adapter acts on (the original weight for PiSSA/OLoRA),
+    which `load_peft` checks.
 
     >>> import jax, jax.numpy as jnp, lorax, lorax.peft, tempfile
     >>> fn = lambda p, x: x @ p["q_proj"]["kernel"]
@@ -125,7 +131,10 @@ def save_peft(directory: str | Path, params: Any, mapping: Mapping, *, base_mode
     """
     target = as_folder(directory, "lorax.peft.save_peft", must_exist=False)
     _check_mapping(mapping)
-    tensors, ranks, alphas, saved, owner, dropouts = {}, {}, {}, set(), {}, set()
+    for name, value in (("base_model_name_or_path", base_model_name_or_path), ("task_type", task_type)):
+        if not isinstance(value, str) and not (name == "task_type" and value is None):
+            raise TypeError(f"lorax.peft.save_peft: {name} must be a string, got {value!r} ({type(value).__name__}).")
+    tensors, ranks, alphas, saved, owner, dropouts, bases = {}, {}, {}, set(), {}, set(), {}
     starts = dict(named_leaves(initial)) if initial is not None else None
     kinds = {type(leaf) for _, leaf in named_leaves(params) if isinstance(leaf, Adapter)}
     if any(kind.several for kind in kinds):
@@ -157,12 +166,18 @@ def save_peft(directory: str | Path, params: Any, mapping: Mapping, *, base_mode
             continue
         if not isinstance(leaf, Adapter):
             continue
+        _require_base(path, leaf)
         leaf.check(path)
+        start = None
         if starts is not None and makes_residual(leaf.init) and isinstance(leaf, LoraWeight):
-            if not isinstance(starts.get(path), LoraWeight):
+            start = starts.get(path)
+            if not isinstance(start, LoraWeight):
                 raise ValueError(f"lorax.peft: `initial` has no adapter at {path!r}; pass the trainable "
                                  "tree saved right after lorax.init.")
-            leaf = relative_to_original(leaf, starts[path])
+        matrices = _base_matrices(leaf, start)
+        fmt = leaf.w.fmt if isinstance(leaf.w, QuantizedArray) else None
+        if start is not None and isinstance(leaf, LoraWeight):
+            leaf = relative_to_original(leaf, start)
         alpha = real(leaf.scale * leaf.rank, f"lorax.peft: lora_alpha (scale x rank) of {path!r}", positive=True)
         suffix_a, suffix_b = _suffixes(path)
         for index, arrays in _layers(leaf):
@@ -176,6 +191,7 @@ def save_peft(directory: str | Path, params: Any, mapping: Mapping, *, base_mode
             if "m" in arrays:
                 tensors[PREFIX + module + MAGNITUDE] = np.ascontiguousarray(arrays["m"])
             ranks[module], alphas[module] = leaf.rank, alpha
+            bases[module] = fingerprint(matrices[index], fmt)
         dropouts.add(leaf.dropout)
     if not ranks:
         raise ValueError("lorax.peft: params hold no LoraWeight to export.")
@@ -195,11 +211,31 @@ def save_peft(directory: str | Path, params: Any, mapping: Mapping, *, base_mode
         "inference_mode": True,
     }
     _write_folder(target, json.dumps(config, indent=2, sort_keys=True),
-                  {k: v.astype(np.float32) if v.dtype.kind == "V" else v for k, v in tensors.items()})
+                  {k: v.astype(np.float32) if v.dtype.kind == "V" else v for k, v in tensors.items()},
+                  {BASE_KEY: json.dumps(bases, sort_keys=True)})
     return target
 
 
-def _write_folder(target: Path, config: str, tensors: dict) -> None:
+def _require_base(path: str, leaf: Adapter) -> None:
+    """Refuse an adapter without its frozen base, whose fingerprint the folder records."""
+    if not isinstance(leaf.w, (jax.Array, np.ndarray, QuantizedArray)):
+        raise TypeError(f"lorax.peft: the {type(leaf).__name__} at {path!r} holds {type(leaf.w).__name__} as its "
+                        "frozen base w, not an array; export the whole tree (lorax.combine(trainable, frozen)).")
+
+
+def _base_matrices(leaf: Adapter, initial: LoraWeight | None) -> jax.Array:
+    """The frozen base of ``leaf`` as ``[*stack, in, out]`` matrices (dequantized); with ``initial``
+    (a PiSSA/OLoRA adapter's factors at init), the original weight its residual was made from."""
+    m = as_matrices(dense(leaf.w), leaf.a_axes, leaf.b_axes, leaf.stack_axes)
+    if initial is None:
+        return m
+    stack, (fan_in, fan_out) = m.shape[:-2], m.shape[-2:]
+    a0 = jnp.asarray(initial.a, jnp.float32).reshape(*stack, fan_in, -1)
+    b0 = jnp.asarray(initial.b, jnp.float32).reshape(*stack, -1, fan_out)
+    return m.astype(jnp.float32) + leaf.scale * (a0 @ b0)
+
+
+def _write_folder(target: Path, config: str, tensors: dict, metadata: dict[str, str]) -> None:
     """Write the adapter into a sibling folder, then swap it in: a crash leaves the old or the new adapter.
 
     Other files of an existing folder (a README, say) are carried over by hard link."""
@@ -214,7 +250,7 @@ def _write_folder(target: Path, config: str, tensors: dict) -> None:
                 copy = shutil.copytree if entry.is_dir() and not entry.is_symlink() else _link
                 copy(entry, staging / entry.name, **({"symlinks": True, "copy_function": _link}
                                                       if copy is shutil.copytree else {}))
-        save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt"})
+        save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt", **metadata})
         (staging / CONFIG_FILE).write_text(config)
         swap_in(staging, target)
     finally:
@@ -272,22 +308,32 @@ def _check_ranks(modules: dict, config: dict) -> None:
                              f"{CONFIG_FILE}); PEFT refuses such an adapter.")
 
 
-def load_peft(directory: str | Path, fn: Callable, params: Any, *args, mapping: Mapping, **kwargs) -> Any:
+def load_peft(directory: str | Path, fn: Callable, params: Any, *args, mapping: Mapping, check_base: bool = True,
+              **kwargs) -> Any:
     """Read a PEFT adapter folder onto plain ``params``; returns the LoRA tree.
 
     ``fn`` and its example arguments are traced as in `lorax.init`, to learn each weight's
     layout. The config is checked against PEFT's rules (``r`` against the tensors, alphas
     > 0); modules that ``target_modules`` does not list are skipped with a warning, as PEFT
     skips them. Every tensor's shape is checked against the base; tensors for modules the
-    base does not have are refused.
+    base does not have are refused. With ``check_base``, a folder written by `save_peft`
+    also refuses a base unlike the one it was saved from (its ``lorax_base`` fingerprints; a
+    base already merged with the adapter, another checkpoint or seed); folders without them
+    (PEFT's own) load unchecked.
     """
     directory = as_folder(directory, "lorax.peft.load_peft", must_exist=True)
     _check_mapping(mapping)
+    if not callable(fn):
+        raise TypeError(f"lorax.peft.load_peft: fn must be the model function (params, *args) -> output, "
+                        f"got {type(fn).__name__}.")
+    if not isinstance(check_base, bool):
+        raise TypeError(f"lorax.peft.load_peft: check_base must be True or False, got {check_base!r}.")
     config = read_config(directory)
     try:
         tensors = load_file(directory / WEIGHTS_FILE)
     except Exception as err:  # safetensors raises its own error types for corrupt files
         raise ValueError(f"lorax.peft: {directory / WEIGHTS_FILE} is missing or corrupt: {err}") from None
+    recorded = _recorded_bases(directory / WEIGHTS_FILE) if check_base else {}
     modules: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
     full: dict[str, np.ndarray] = {}  # modules_to_save tensors by torch name
     saved = config.get("modules_to_save") or []
@@ -327,6 +373,7 @@ def load_peft(directory: str | Path, fn: Callable, params: Any, *args, mapping: 
                                             dropout=float(config.get("lora_dropout") or 0.0), use_dora=dora),
               fn, params, *args, **kwargs)
     claimed: set[str] = set()
+    unlike: list[str] = []  # base weights unlike the recorded fingerprints
 
     def fill(name, leaf):
         if not isinstance(leaf, (LoraWeight, DoraWeight)):
@@ -336,11 +383,16 @@ def load_peft(directory: str | Path, fn: Callable, params: Any, *args, mapping: 
         stack, r = a.shape[: len(leaf.stack_axes)], leaf.rank
         want_a, want_b = (r, math.prod(a.shape[len(stack):-1])), (math.prod(b.shape[len(stack) + 1:]), r)
         scales = set()
+        matrices = as_matrices(dense(leaf.w), leaf.a_axes, leaf.b_axes, leaf.stack_axes) if recorded else None
+        fmt = leaf.w.fmt if isinstance(leaf.w, QuantizedArray) else None
         for index in np.ndindex(*stack):
             module = module_name(mapping, name, index)
             if module not in modules:
                 raise ValueError(f"lorax.peft: the adapter has no tensors for {module!r} ({name!r} layer {index}).")
             claimed.add(module)
+            if matrices is not None:
+                where = f"{name!r}{f' layer {index}' if index else ''}"
+                unlike.extend(_unlike_base(recorded, module, where, matrices[index], fmt, directory / WEIGHTS_FILE))
             A, B = modules[module]["A"], modules[module]["B"]
             if A.shape != want_a or B.shape != want_b:
                 raise ValueError(f"lorax.peft: {module!r}: lora_A {A.shape} / lora_B {B.shape} do not fit "
@@ -382,6 +434,10 @@ def load_peft(directory: str | Path, fn: Callable, params: Any, *args, mapping: 
         return Trainable(jnp.asarray(value, leaf.dtype))
 
     out = _map(fill, lp)
+    if unlike:
+        raise ValueError(f"lorax.peft: the base is not the one {directory} was saved from:\n" + "\n".join(unlike)
+                         + "\nA base already merged with this adapter, another checkpoint or another seed? Load "
+                         "onto the original base, or pass check_base=False to load anyway.")
     if full:
         out = _map(fill_full, out)
     unclaimed = sorted((set(modules) | set(full)) - claimed)
@@ -389,3 +445,30 @@ def load_peft(directory: str | Path, fn: Callable, params: Any, *args, mapping: 
         raise ValueError(f"lorax.peft: adapter modules with no matching weight in the base: {unclaimed}; "
                          "the adapter is for another base, or the mapping misses them.")
     return out
+
+
+def _recorded_bases(file: Path) -> dict[str, Any]:
+    """The base fingerprints `save_peft` wrote in ``file``'s metadata, by module; {} if none."""
+    try:
+        with safe_open(file, framework="numpy") as f:
+            text = (f.metadata() or {}).get(BASE_KEY)
+        recorded = None if text is None else json.loads(text)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"lorax.peft: {file}: the {BASE_KEY!r} metadata is unreadable ({err}).") from None
+    if recorded is not None and not (isinstance(recorded, dict) and all(isinstance(v, dict)
+                                                                         for v in recorded.values())):
+        raise ValueError(f"lorax.peft: {file}: the {BASE_KEY!r} metadata must map module names to base "
+                         f"fingerprints, got {recorded!r:.200}.")
+    return recorded or {}
+
+
+def _unlike_base(recorded: dict, module: str, where: str, matrix: jax.Array, fmt: str | None,
+                 file: Path) -> list[str]:
+    """A line naming ``module`` if its base ``matrix`` differs from its recorded fingerprint."""
+    if module not in recorded:
+        return []
+    if not is_fingerprint(recorded[module], matrix.size):
+        raise ValueError(f"lorax.peft: {file}: {BASE_KEY}[{module!r}] is not a base fingerprint of a "
+                         f"{tuple(matrix.shape)} weight, got {recorded[module]!r:.200}; the file is damaged.")
+    problem = base_mismatch(recorded[module], matrix, fmt)
+    return [f"  {module} ({where}): {problem}"] if problem else []

@@ -1,4 +1,5 @@
-"""Checking values at lorax's boundary: steps, counts, and checkpoint metadata against its schema."""
+"""Checking values at lorax's boundary: steps, counts, checkpoint metadata against its schema, and
+the fingerprint a checkpoint keeps of the base it was trained on."""
 
 from __future__ import annotations
 
@@ -6,12 +7,19 @@ import math
 import numbers
 from typing import Any, NoReturn, TypeGuard
 
+import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
 
 from lorax._src.adapter import KINDS
 from lorax._src.initializers import valid_init
+from lorax._src.quantized import QuantizedArray, dense
 
 FORMAT = 1
+SAMPLES = 16  # values of each base weight a fingerprint records
+ACROSS_FORMATS = 0.05  # the norm's relative tolerance between a quantized and a full-precision base
+NON_FINITE = ("nan", "inf", "-inf")  # how a fingerprint writes numbers JSON has no literal for
 
 
 def index(value: Any, what: str, *, minimum: int = 0) -> int:
@@ -102,6 +110,9 @@ def check_record(record: Any, where: str) -> dict:
                 sorted(k for x in axes for k in x) != list(range(len(shape))):
             bad(field("a_axes/b_axes/stack_axes"), f"lists of ints splitting the {len(shape)} axes of "
                 f"the weight once each", axes)
+        if "base" in e and not is_fingerprint(e["base"], math.prod(shape)):  # absent before fingerprints
+            bad(field("base"), f"a base fingerprint {{'norm', 'sample' ({min(SAMPLES, math.prod(shape))} "
+                "numbers), 'format'}", e["base"])
     return record
 
 
@@ -121,3 +132,104 @@ def _is_dtype(x) -> bool:
     except TypeError:
         return False
     return True
+
+
+def fingerprint(w: Any, fmt: str | None = None) -> dict:
+    """What a checkpoint records of the frozen base weight ``w`` under an adapter, to recognise it on load.
+
+    The weight's L2 norm and `SAMPLES` of its values at evenly spaced flat positions, computed
+    in float32 where ``w`` lives (sharded and multi-process weights included; only the numbers
+    come to the host) and the same on every process and device: the samples are read, not
+    computed. A `QuantizedArray` is fingerprinted by its dequantized value and its format is
+    recorded; ``fmt`` names the format of a weight already dequantized. Numbers JSON cannot
+    hold are written as ``"nan"``, ``"inf"`` and ``"-inf"``.
+
+    >>> import jax.numpy as jnp
+    >>> fingerprint(jnp.array([[3.0, 4.0]]))
+    {'norm': 5.0, 'sample': [3.0, 4.0]}
+    """
+    summary = _host(_summary(w))
+    record: dict[str, Any] = {"norm": _number(summary[0]), "sample": [_number(v) for v in summary[1:]]}
+    fmt = w.fmt if isinstance(w, QuantizedArray) else fmt
+    if fmt is not None:
+        record["format"] = fmt
+    return record
+
+
+def base_mismatch(recorded: dict, w: Any, fmt: str | None = None) -> str | None:
+    """How the base weight ``w`` differs from the one ``recorded`` (a `fingerprint`) describes; None if alike.
+
+    Between bases of one format the norm and each sample must agree to within
+    ``max(1e-4, 2·eps)`` of ``w``'s dtype (a sample relative to its magnitude plus the weight's
+    RMS): a base merged with an adapter, or another seed or checkpoint, is told apart, while
+    the rounding of another device's reduction is not. Between a quantized and a full-precision
+    base (or two formats) the values differ by the quantization error, so only the norm is
+    compared, to within `ACROSS_FORMATS`: a gross mismatch is caught there, not a small change.
+
+    >>> import jax.numpy as jnp
+    >>> base_mismatch(fingerprint(jnp.ones((2, 2))), 2 * jnp.ones((2, 2)))
+    'recorded norm 2 and values [1, 1, 1, 1], found norm 4 and values [2, 2, 2, 2]'
+    """
+    found = fingerprint(w, fmt)
+    across = recorded.get("format") != found.get("format")
+    tolerance = ACROSS_FORMATS if across else max(1e-4, 2 * float(jnp.finfo(w.dtype).eps))
+    norm, found_norm = float(recorded["norm"]), float(found["norm"])
+    alike = _close(norm, found_norm, tolerance * abs(norm))
+    if not across:
+        rms = norm / math.sqrt(max(1, math.prod(w.shape)))
+        alike = alike and len(recorded["sample"]) == len(found["sample"]) and all(
+            _close(float(a), float(b), tolerance * (abs(float(a)) + rms))
+            for a, b in zip(recorded["sample"], found["sample"]))
+    return None if alike else f"recorded {_describe(recorded)}, found {_describe(found)}"
+
+
+def is_fingerprint(value: Any, size: int) -> bool:
+    """Whether ``value`` is a well-formed `fingerprint` of a weight of ``size`` values."""
+    return isinstance(value, dict) and set(value) <= {"norm", "sample", "format"} and \
+        _is_recorded(value.get("norm")) and isinstance(value.get("sample"), list) and \
+        len(value["sample"]) == min(SAMPLES, size) and all(_is_recorded(v) for v in value["sample"]) and \
+        isinstance(value.get("format", ""), str)
+
+
+@jax.jit
+def _summary(w: Any) -> jax.Array:
+    """``[norm, *samples]`` of ``w`` (dequantized), in float32."""
+    x = dense(w).astype(jnp.float32)
+    return jnp.stack([jnp.sqrt(jnp.sum(jnp.square(x))), *(x[position] for position in _positions(x.shape))])
+
+
+def _positions(shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """`SAMPLES` evenly spaced positions in a weight of ``shape`` (every one if it holds fewer)."""
+    size = math.prod(shape)
+    count = min(SAMPLES, size)
+    flat = [(2 * i + 1) * size // (2 * count) for i in range(count)]
+    return [tuple(int(k) for k in np.unravel_index(f, shape)) for f in flat]
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    """``x`` on the host; a multi-process array is gathered from every process."""
+    if not x.is_fully_addressable:
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
+def _number(x: Any) -> float | str:
+    value = float(x)
+    return value if math.isfinite(value) else str(value)
+
+
+def _close(a: float, b: float, tolerance: float) -> bool:
+    if not (math.isfinite(a) and math.isfinite(b)):
+        return str(a) == str(b)
+    return abs(a - b) <= tolerance
+
+
+def _describe(record: dict) -> str:
+    values = ", ".join(f"{float(v):.6g}" for v in record["sample"][:4])
+    more = ", ..." if len(record["sample"]) > 4 else ""
+    fmt = f" ({record['format']})" if "format" in record else ""
+    return f"norm {float(record['norm']):.6g}{fmt} and values [{values}{more}]"
+
+
+def _is_recorded(x: Any) -> bool:
+    return _is_real(x) and math.isfinite(x) or x in NON_FINITE
