@@ -124,7 +124,7 @@ def test_a_failed_write_leaves_the_old_file(tmp_path, adapted, monkeypatch):
 
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", disk_full)
     with pytest.raises(OSError, match="No space left"):
-        save(tmp_path, with_random_b(params, key=jax.random.key(5)))
+        save(tmp_path, with_random_b(params, key=jax.random.key(5)), overwrite=True)
     assert path.read_bytes() == before and os.listdir(tmp_path) == ["adapter.gguf"]
 
 

@@ -10,8 +10,9 @@ permuted for its rotary kernel; the adapter's ``lora_b`` rows get the same permu
 from __future__ import annotations
 
 import collections
+import numbers
 import os
-import tempfile
+import string
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import jax
 import numpy as np
 
 from lorax._src.adapter import Adapter
+from lorax._src.files import atomic_file
 from lorax._src.initializers import makes_residual
 from lorax._src.kinds import LoraWeight
 from lorax._src.paths import unique_named_leaves
@@ -31,6 +33,7 @@ from lorax._src.trainable import Trainable
 Names = Mapping[str, str] | Callable[[str, tuple[int, ...]], "str | None"]
 
 ROPE_PERMUTED = {"attn_q.weight": 0, "attn_k.weight": 1}  # tensor name suffix -> which of ``heads``
+WHO = "lorax.llamacpp.save_adapter"
 
 
 def rope_permute(rows: np.ndarray, heads: int) -> np.ndarray:
@@ -46,26 +49,84 @@ def rope_permute(rows: np.ndarray, heads: int) -> np.ndarray:
     return rows.reshape(heads, 2, out // heads // 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
 
 
-def _tensor_name(names: Names, path: str, index: tuple[int, ...]) -> str | None:
+def _check_names(names: Any) -> None:
+    """``names`` must be a function or a dict of str paths to templates using only ``{i}``."""
     if callable(names):
-        return names(path, index)
+        return
+    if not isinstance(names, Mapping):
+        raise TypeError(f"{WHO}: names must be a dict {{lorax path: llama.cpp tensor name}} or a function "
+                        f"(path, layer index) -> name, got {type(names).__name__}.")
+    for path, template in names.items():
+        if not isinstance(path, str) or not isinstance(template, str) or not template:
+            raise TypeError(f"{WHO}: names must map str lorax paths to non-empty str tensor names; got "
+                            f"names[{path!r}] = {template!r}.")
+        try:
+            fields = [(field, spec, conversion) for _, field, spec, conversion in string.Formatter().parse(template)
+                      if field is not None]
+        except ValueError as err:
+            raise ValueError(f"{WHO}: names[{path!r}] = {template!r} is not a valid template ({err}).") from None
+        if any(f != ("i", "", None) for f in fields):
+            raise ValueError(f"{WHO}: names[{path!r}] = {template!r} uses {{{fields[0][0]}}}; a template may use "
+                             "only {i}, the layer of a stacked weight.")
+
+
+def _tensor_name(names: Names, path: str, index: tuple[int, ...]) -> str | None:
+    where = f"{path!r}{f' layer {index}' if index else ''}"
+    if callable(names):
+        name = names(path, index)
+        if name is not None and (not isinstance(name, str) or not name):
+            raise TypeError(f"{WHO}: names({path!r}, {index}) returned {name!r}; it must return a non-empty str "
+                            "tensor name, or None.")
+        return name
     template = names.get(path)
-    return None if template is None else template.format(i=".".join(map(str, index)))
+    if template is None:
+        return None
+    stacked = "{i}" in template
+    if stacked != bool(index):
+        raise ValueError(f"{WHO}: names[{path!r}] = {template!r} for {where}: "
+                         + ("a stacked weight needs {i} in its template (one tensor per layer)." if index else
+                            "{i} is the layer of a stacked weight, and this weight is not stacked."))
+    return template.format(i=".".join(map(str, index)))
 
 
-def _factors(names: Names, path: str, leaf: LoraWeight, heads: tuple[int, int] | None):
+def _check_heads(heads: Any) -> tuple[int, int] | bool:
+    """``heads`` as two positive ints (NumPy ints pass), or False; anything else refused."""
+    if heads is False:
+        return False
+    if isinstance(heads, (tuple, list)) and len(heads) == 2 and all(
+            isinstance(h, numbers.Integral) and not isinstance(h, (bool, np.bool_)) and int(h) > 0 for h in heads):
+        return int(heads[0]), int(heads[1])
+    raise ValueError(f"{WHO}: heads must be (n_head, n_head_kv), two positive ints, or False; got {heads!r}.")
+
+
+def _permuted(lora_b: np.ndarray, heads: tuple[int, int] | bool | None, name: str, where: str) -> np.ndarray:
+    """``lora_b`` with its rows in llama.cpp's order for the base tensor ``name``."""
+    suffix = next((s for s in ROPE_PERMUTED if name.endswith(s)), None)
+    if suffix is None or heads is False:
+        return lora_b
+    if not isinstance(heads, tuple):
+        raise ValueError(f"{WHO}: {where} maps to {name!r}, whose rows llama.cpp's converter permutes for "
+                         "LLaMA-family models: pass heads=(n_head, n_head_kv) to permute lora_b alike, or "
+                         "heads=False for an architecture that stores them unpermuted.")
+    count = heads[ROPE_PERMUTED[suffix]]
+    if lora_b.shape[0] % (2 * count):
+        raise ValueError(f"{WHO}: {where} maps to {name!r} with lora_b of shape {lora_b.shape} [out, rank]: "
+                         f"{lora_b.shape[0]} rows do not split into {count} heads of two rotary halves "
+                         f"(heads={heads}).")
+    return rope_permute(lora_b, count)
+
+
+def _factors(names: Names, path: str, leaf: LoraWeight, heads: tuple[int, int] | bool | None):
     """``(base tensor name, lora_a [r, in], lora_b [out, r])`` per layer of ``leaf``."""
     a = np.asarray(jax.device_get(leaf.a), np.float32)
     b = np.asarray(jax.device_get(leaf.b), np.float32)
     for index in np.ndindex(*a.shape[: len(leaf.stack_axes)]):
+        where = f"{path!r}{f' layer {index}' if index else ''}"
         name = _tensor_name(names, path, index)
         if name is None:
-            raise ValueError(f"lorax.llamacpp: the name map gives no llama.cpp tensor for {path!r}"
-                             f"{f' layer {index}' if index else ''}.")
+            raise ValueError(f"lorax.llamacpp: the name map gives no llama.cpp tensor for {where}.")
         lora_a, lora_b = a[index].reshape(-1, leaf.rank).T, b[index].reshape(leaf.rank, -1).T
-        suffix = next((s for s in ROPE_PERMUTED if name.endswith(s)), None)
-        if heads is not None and suffix is not None:
-            lora_b = rope_permute(lora_b, heads[ROPE_PERMUTED[suffix]])
+        lora_b = _permuted(lora_b, heads, name, where)
         yield name, np.ascontiguousarray(lora_a), np.ascontiguousarray(lora_b)
 
 
@@ -92,17 +153,21 @@ def _lora_leaves(params: Any) -> list[tuple[str, LoraWeight]]:
     return leaves
 
 
-def save_adapter(path: str | os.PathLike, params: Any, names: Names, *, heads: tuple[int, int] | None = None,
-                 arch: str = "llama") -> Path:
+def save_adapter(path: str | os.PathLike, params: Any, names: Names, *,
+                 heads: tuple[int, int] | bool | None = None, arch: str = "llama", overwrite: bool = False) -> Path:
     """Write the LoRA adapters of ``params`` as a llama.cpp adapter GGUF at ``path``; returns it.
 
     ``names`` maps each adapted lorax path to the base model's llama.cpp tensor name: a dict of
-    templates (``{i}`` is the layer of a stacked weight) or a function ``(path, index) -> name``.
-    ``heads``: ``(n_head, n_head_kv)`` of a LLaMA-family model, whose ``attn_q``/``attn_k`` rows
-    llama.cpp stores permuted for its rotary kernel; ``None`` leaves every row order as is.
-    ``arch`` must equal the base model's ``general.architecture``. Per-weight scales that
-    differ from the file's single alpha are folded into ``lora_b``. The file is written
-    beside ``path`` and renamed over it: a failure leaves what was there.
+    templates (``{i}``, the only field, is the layer of a stacked weight) or a function
+    ``(path, index) -> name``. ``heads``: ``(n_head, n_head_kv)`` of a LLaMA-family model,
+    whose ``attn_q``/``attn_k`` rows llama.cpp stores permuted for its rotary kernel, or
+    ``False`` for an architecture that keeps them unpermuted; needed (None is refused) when
+    ``names`` gives an ``attn_q`` or ``attn_k`` tensor. ``arch`` must equal the base model's
+    ``general.architecture``. Per-weight scales that differ from the file's single alpha are
+    folded into ``lora_b``. An existing file at ``path`` is refused unless ``overwrite``.
+    The file is written beside ``path``, synced and renamed into place: a failure leaves
+    what was there; a new file gets the permissions ``open(path, "w")`` gives, a replaced
+    one keeps its own.
 
     >>> import jax, jax.numpy as jnp, lorax, lorax.llamacpp, tempfile, os
     >>> fn = lambda p, x: x @ p["q"]
@@ -115,11 +180,18 @@ def save_adapter(path: str | os.PathLike, params: Any, names: Names, *, heads: t
         from gguf import GGUFWriter
     except ImportError:
         raise ImportError("lorax.llamacpp needs the gguf package: pip install gguf") from None
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{WHO}: path must be a str or os.PathLike, got {type(path).__name__}.")
     target = Path(path).absolute()
     if target.is_dir():
         raise ValueError(f"lorax.llamacpp: {str(target)!r} is a folder; pass the adapter file's path.")
-    if heads is not None and (len(heads) != 2 or not all(isinstance(h, int) and h > 0 for h in heads)):
-        raise ValueError(f"lorax.llamacpp: heads must be (n_head, n_head_kv), two positive ints; got {heads!r}.")
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"{WHO}: overwrite must be True or False, got {overwrite!r}.")
+    if not isinstance(arch, str) or not arch:
+        raise ValueError(f"{WHO}: arch must be the base model's general.architecture, a non-empty str such as "
+                         f"'llama'; got {arch!r}.")
+    heads = None if heads is None else _check_heads(heads)
+    _check_names(names)
     tensors, alphas, owner = {}, {}, {}
     for leaf_path, leaf in _lora_leaves(params):
         alpha = real(leaf.scale * leaf.rank, f"lorax.llamacpp: alpha (scale x rank) of {leaf_path!r}", positive=True)
@@ -129,10 +201,7 @@ def save_adapter(path: str | os.PathLike, params: Any, names: Names, *, heads: t
             owner[name] = leaf_path
             tensors[name], alphas[name] = (lora_a, lora_b), alpha
     alpha = collections.Counter(alphas.values()).most_common(1)[0][0]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, staging = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(fd)
-    try:
+    with atomic_file(target, WHO, overwrite=overwrite) as staging:
         writer = GGUFWriter(staging, arch=arch)
         writer.add_type("adapter")
         writer.add_string("adapter.type", "lora")
@@ -144,8 +213,4 @@ def save_adapter(path: str | os.PathLike, params: Any, names: Names, *, heads: t
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(staging, target)
-    finally:
-        if os.path.exists(staging):
-            os.remove(staging)
     return target
