@@ -2,7 +2,7 @@
 
     python examples/finetune_smollm.py                 # defaults: about 10 minutes on 2 cores
     python examples/finetune_smollm.py --steps 300 --rank 16 --targets all-linear
-    python examples/finetune_smollm.py --resume        # continue where the last run stopped
+    python examples/finetune_smollm.py --resume        # continue the last run up to --steps
     python examples/finetune_smollm.py --base q4       # QLoRA: train over the GGUF's own 4-bit blocks
     python examples/finetune_smollm.py --base bf16     # bf16 weights and products, forward and backward
 
@@ -12,6 +12,12 @@ per-step loss, its moving average, and the held-out loss measured every --eval-e
 the checkpoint (orbax: adapters plus optimizer state and step, so --resume continues the run
 exactly), a PEFT export and a llama.cpp adapter (adapter.gguf; plain LoRA only) into --out.
 On SIGTERM (a preempted machine) it saves the checkpoint at the next step boundary and exits 0.
+
+With --resume the run continues from the saved step up to --steps (a run stopped at step 98
+of 400 trains steps 99 to 400): the progress bar starts at the saved step, the data stream
+and the held-out schedule carry on, and the loss history (history.json, replaced atomically
+before each checkpoint) continues, so the plot and summary cover the whole run. A resumed
+run ends in the model and losses of an uninterrupted one (tests/test_resume_smollm.py).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import argparse
 import importlib.metadata
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -93,15 +100,18 @@ def peak_rss_mib() -> float:
 
 
 def smooth(values, beta=0.95):
-    """Exponential moving average with the start-up bias removed (as TensorBoard's smoothing).
+    """Exponential moving average with the start-up bias removed (as TensorBoard's smoothing);
+    NaN (a step with no recorded loss) stays NaN and is left out of the average.
 
     >>> [round(v, 3) for v in smooth([1.0, 0.0, 0.0], beta=0.5)]
     [1.0, 0.333, 0.143]
     """
-    out, average = [], 0.0
-    for i, value in enumerate(values, 1):
-        average = beta * average + (1 - beta) * value
-        out.append(average / (1 - beta**i))
+    out, average, seen = [], 0.0, 0
+    for value in values:
+        if not math.isnan(value):
+            seen += 1
+            average = beta * average + (1 - beta) * value
+        out.append(average / (1 - beta**seen) if seen and not math.isnan(value) else math.nan)
     return out
 
 
@@ -121,6 +131,24 @@ def plot_losses(path, losses, held_out, steps_per_eval):
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def read_history(path: Path, step: int) -> tuple[list[float], list[tuple[int, float]]]:
+    """The per-step losses and held-out ``(step, loss)`` points of a saved run, up to ``step``.
+
+    Steps the history lacks (a checkpoint written without one) read as NaN: gaps in the plot.
+    """
+    history = json.loads(path.read_text()) if path.exists() else {"losses": [], "held_out": []}
+    losses = history["losses"][:step]
+    held_out = [(int(s), float(v)) for s, v in history["held_out"] if s <= step]
+    return losses + [math.nan] * (step - len(losses)), held_out
+
+
+def write_history(path: Path, losses: list[float], held_out: list[tuple[int, float]]) -> None:
+    """Replace the history file in one rename: a reader sees the old file or the new one, never half of one."""
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(json.dumps({"losses": losses, "held_out": held_out}))
+    os.replace(staging, path)
 
 
 def main(argv=None):
@@ -154,7 +182,7 @@ def main(argv=None):
     example = jnp.zeros((args.batch, args.seq), jnp.int32)
     lora_config = lorax.LoraConfig(rank=args.rank, alpha=args.alpha, targets=TARGETS.get(args.targets, args.targets),
                                    init=args.init, use_dora=args.dora)
-    adapter_dir = args.out / "adapter"
+    adapter_dir, history_file = args.out / "adapter", args.out / "history.json"
     tx = optax.adamw(args.lr, weight_decay=0.0)
     try:
         fresh = lorax.init(jax.random.key(0), lora_config, fn, base, example)
@@ -164,6 +192,10 @@ def main(argv=None):
             params, state = lorax.load(adapter_dir.absolute(), base, state=state)
     except ValueError as err:
         fail(f"{err} (--resume needs the --rank and --targets of the saved run)" if args.resume else str(err))
+    start = state["step"]
+    if start > args.steps:
+        fail(f"--resume: the checkpoint in {adapter_dir} is at step {start}, past --steps {args.steps}; "
+             "pass a larger --steps to train further")
     report = lorax.explain(fn, params, example)
     print(f"trainable parameters: {report.trainable:,} of {report.total:,} ({100 * report.share:.3f}%), "
           f"{len(report.rows)} adapted weights, materialized: {report.materialized or 'none'}")
@@ -182,11 +214,18 @@ def main(argv=None):
 
     step_with_cache = lorax.lora(cached_step(config))  # built once: generation compiles once for both uses
     generate = lambda p: smollm.generate(step_with_cache, p, config, tokenizer, PROMPT, args.new_tokens)  # noqa: E731
-    before_loss, before_text = held_out_loss(params), generate(params)
+    losses, held_out = read_history(history_file, start) if args.resume else ([], [])
+    if not held_out or held_out[0][0] != 0:
+        held_out.insert(0, (0, held_out_loss(fresh)))
+    if 0 < start < args.steps and start % args.eval_every == 0 and held_out[-1][0] != start:
+        held_out.append((start, held_out_loss(params)))  # the evaluation a finished run skipped at its last step
+    before_loss, before_text = held_out[0][1], generate(fresh)
+    if args.resume:
+        print(f"resumed at step {start} of {args.steps}")
 
     trainable, frozen = lorax.split(params)
     initial = lorax.split(fresh)[0]  # PiSSA/OLoRA: PEFT files are relative to the original base (deterministic)
-    for _ in range(state["step"]):  # the data position: skip the batches the saved run trained on
+    for _ in range(start):  # the data position: skip the batches the saved run trained on
         rng.integers(0, len(train_ids) - args.seq - 1, args.batch)
     preempted = []
     handler = signal.signal(signal.SIGTERM, lambda signum, frame: preempted.append(signum))
@@ -197,8 +236,9 @@ def main(argv=None):
         updates, opt_state = tx.update(grads, opt_state, trainable)
         return optax.apply_updates(trainable, updates), opt_state, value
 
-    losses, times, held_out = [], [], [(0, before_loss)]
-    bar = tqdm(range(1, args.steps + 1), desc="LoRA fine-tuning", unit="step")
+    times = []
+    bar = tqdm(range(start + 1, args.steps + 1), desc="LoRA fine-tuning", unit="step", initial=start,
+               total=args.steps)
     for i in bar:
         starts = rng.integers(0, len(train_ids) - args.seq - 1, args.batch)
         ids = jnp.asarray(train_ids[starts[:, None] + np.arange(args.seq + 1)])
@@ -217,7 +257,9 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, handler)
     params = lorax.combine(trainable, frozen)
     args.out.mkdir(parents=True, exist_ok=True)
-    lorax.save(adapter_dir.absolute(), params, step=state["step"], keep=3, config=lora_config, state=state)
+    if state["step"] > start:  # a resumed run with nothing left to train has its checkpoint already
+        write_history(history_file, losses, held_out)  # first: a history past the checkpoint is cut on resume
+        lorax.save(adapter_dir.absolute(), params, step=state["step"], keep=3, config=lora_config, state=state)
     if preempted:
         print(f"\npreempted: saved step {state['step']} to {adapter_dir}; rerun with --resume")
         return {"preempted_at": state["step"]}
@@ -225,11 +267,12 @@ def main(argv=None):
     held_out.append((args.steps, after_loss))
 
     steady = times[1:] or times
-    mean_step = sum(steady) / len(steady)
+    mean_step = sum(steady) / len(steady) if steady else None
     print(f"\nheld-out loss {before_loss:.4f} -> {after_loss:.4f}, "
           f"perplexity {math.exp(before_loss):.2f} -> {math.exp(after_loss):.2f}")
-    print(f"mean step time {mean_step:.3f} s ({args.batch * args.seq / mean_step:.0f} tokens/s; first step, "
-          f"with compilation, {times[0]:.1f} s); {args.base} base, peak RSS {peak_rss_mib():.0f} MiB")
+    if mean_step is not None:
+        print(f"mean step time {mean_step:.3f} s ({args.batch * args.seq / mean_step:.0f} tokens/s; first step, "
+              f"with compilation, {times[0]:.1f} s); {args.base} base, peak RSS {peak_rss_mib():.0f} MiB")
     print(f"\nprompt: {PROMPT!r}\n--- before ---\n{before_text}\n--- after ---\n{after_text}")
 
     lorax.peft.save_peft(args.out / "peft", params, lorax.peft.LLAMA, initial=initial,

@@ -124,7 +124,7 @@ def test_finetune_example_smoke_and_resume(tmp_path, capsys):
     assert summary["held_out"][0][1] == summary["before_loss"] and summary["held_out"][-1][1] == summary["after_loss"]
     for name in ("loss.png", "summary.json", "peft/adapter_config.json", "peft/adapter_model.safetensors", "adapter/2"):
         assert (tmp_path / name).exists(), name
-    finetune_smollm.main([*tiny, "--resume", "--steps", "1"])
+    finetune_smollm.main([*tiny, "--resume", "--steps", "3"])  # one more step: 2 -> 3
     assert (tmp_path / "adapter" / "3").exists()
 
 
