@@ -178,18 +178,18 @@ def quantize(params: Any, fmt: str, targets: Targets = None, *, block: int | Non
       axis: the block axis of every targeted weight, in ``[-ndim, ndim)``; default as above.
       double_quant: quantize NF4's absmax again (nf4 only).
 
-    Each targeted weight must be a floating array with every value finite, and for the GGUF
-    formats of magnitudes their fp16 scales hold (about 5.2e5 for q4_0, 6.6e4 for q4_1, 8.3e6
-    for q8_0); a traced weight is not checked. A bad argument or weight raises and returns nothing.
+    Each targeted weight must be a floating array whose values are finite and, in a GGUF format,
+    small enough for its fp16 scales (``|w|`` up to about 5.2e5 for q4_0, 6.6e4 for q4_1, 8.3e6
+    for q8_0); a traced weight's values are not checked. A bad argument or weight raises an error
+    naming it (and the weight's path and shape); ``params`` are never modified.
 
     >>> import jax.numpy as jnp, lorax
     >>> q = lorax.quantize({"kernel": jnp.ones((8, 4))}, "int8")["kernel"]
     >>> q.codes.dtype, q.scale.shape, q.dequantize().tolist()[0]
     (dtype('int8'), (1, 4), [1.0, 1.0, 1.0, 1.0])
-    >>> lorax.quantize({"kernel": jnp.ones((8, 4))}, "nf4", axis=2)
+    >>> lorax.quantize({"kernel": jnp.ones((8, 4))}, "nf4", axis=2)  # doctest: +ELLIPSIS
     Traceback (most recent call last):
-    ValueError: lorax.quantize: 'kernel' (shape (8, 4)): axis 2 is out of range for a weight of 2 axes; pass an \
-axis in [-2, 1].
+    ValueError: lorax.quantize: 'kernel' (shape (8, 4)): axis 2 is out of range ...; pass an axis in [-2, 1].
     """
     fmt = _format(fmt)
     block = _block(block, fmt)
@@ -323,7 +323,7 @@ def gguf_tensor(tensor: Any) -> QuantizedArray | np.ndarray:
     [1.0, 2.0]
     >>> lorax.gguf_tensor(T(name="w", tensor_type=T(name="Q4_1"), shape=np.array([64, 1]), data=block[None]))
     Traceback (most recent call last):
-    ValueError: lorax.gguf_tensor: 'w' (shape [1, 64], Q4_1) holds 20 bytes (uint8); its 2 blocks take 40 bytes.
+    ValueError: lorax.gguf_tensor: 'w' (shape [1, 64], Q4_1) holds 20 uint8 values; its 2 blocks take 40 uint8 bytes.
     """
     name, kind, shape = _gguf_header(tensor)
     where = f"lorax.gguf_tensor: {name!r} (shape {list(shape)}, {kind})"
@@ -343,8 +343,8 @@ def gguf_tensor(tensor: Any) -> QuantizedArray | np.ndarray:
     blocks = math.prod(shape) // GGUF_BLOCK
     block_bytes = head + GGUF_BLOCK * FORMATS[fmt].bits // 8
     if data.dtype != np.uint8 or data.size != blocks * block_bytes:
-        raise ValueError(f"{where} holds {data.size} bytes ({data.dtype}); its {blocks} blocks take "
-                         f"{blocks * block_bytes} bytes.")
+        raise ValueError(f"{where} holds {data.size} {data.dtype} values; its {blocks} blocks take "
+                         f"{blocks * block_bytes} uint8 bytes.")
     raw = data.reshape(*shape[:-1], shape[-1] // GGUF_BLOCK, block_bytes)
     half = lambda k: np.ascontiguousarray(raw[..., 2 * k:2 * k + 2]).view(np.float16)[..., 0]  # noqa: E731
     per_block = [half(0), half(1)] if fmt == "q4_1" else [half(0)]

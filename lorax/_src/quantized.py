@@ -98,7 +98,7 @@ class QuantizedArray:
     dtype: Any = _static(np.dtype(np.float32))
 
     def __post_init__(self):
-        from lorax._src.records import index  # records imports the adapters, which import this module
+        from lorax._src.records import index  # records imports this module
 
         if not isinstance(self.fmt, str) or self.fmt not in FORMATS:
             raise ValueError(f"QuantizedArray: fmt must be one of {', '.join(FORMATS)}, got {self.fmt!r}.")
