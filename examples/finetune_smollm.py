@@ -279,7 +279,7 @@ def main(argv=None):
                          base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct")
     llamacpp = not args.dora and args.init in ("kaiming_uniform", "gaussian")  # llama.cpp takes plain LoRA only
     if llamacpp:
-        smollm.save_llamacpp_adapter(args.out / "adapter.gguf", params, config)
+        smollm.save_llamacpp_adapter(args.out / "adapter.gguf", params, config, overwrite=True)  # the run's own
     plot_losses(args.out / "loss.png", losses, held_out, args.eval_every)
     summary = dict(trainable=report.trainable, total=report.total, share=report.share, before_loss=before_loss,
                    after_loss=after_loss, held_out=held_out, mean_step_s=mean_step, steps=args.steps,

@@ -137,11 +137,12 @@ LLAMACPP_NAMES = {f"params/layers/{torch.replace('.', '/')}/kernel": f"blk.{{i}}
                   for name, torch in _NAMES.items() if torch.endswith("_proj")}
 
 
-def save_llamacpp_adapter(path, params, config: LlamaConfig) -> Path:
+def save_llamacpp_adapter(path, params, config: LlamaConfig, *, overwrite: bool = False) -> Path:
     """The LoRA adapters of ``params`` as a llama.cpp adapter GGUF (``llama-cli -m GGUF --lora path``)."""
     import lorax.llamacpp
 
-    return lorax.llamacpp.save_adapter(path, params, LLAMACPP_NAMES, heads=(config.heads, config.kv_heads))
+    return lorax.llamacpp.save_adapter(path, params, LLAMACPP_NAMES, heads=(config.heads, config.kv_heads),
+                                       overwrite=overwrite)
 
 
 def llama_cpp_model(adapter: Path | None = None, n_ctx: int = 256):
