@@ -1,4 +1,5 @@
-"""Resumable training: kill -9 or SIGTERM a run, restart it, and get the uninterrupted losses bit for bit."""
+"""Resumable training: kill -9 or SIGTERM a run, restart it, and get the uninterrupted losses bit for bit;
+SIGTERM every process of a two-process run, restart them, and get the uninterrupted run's losses and adapters."""
 
 import json
 import os
@@ -11,7 +12,9 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from test_multihost import free_port
 
 import lorax
 
@@ -90,3 +93,60 @@ def test_state_template_mismatch_and_missing_state_are_clear_errors(tmp_path):
         lorax.save(tmp_path, lp, state={"key": jax.random.key(0)})
     with pytest.raises(TypeError, match=r"state\['name'\] is str"):
         lorax.save(tmp_path, lp, state={"name": "run"})
+
+
+def start_hosts(out, *extra):
+    """The two processes (two CPU devices each) of one multi-process run of the example."""
+    port = free_port()
+    return [subprocess.Popen([sys.executable, str(SCRIPT), "--out", str(out), *ARGS, "--processes", "2",
+                              "--process-id", str(i), "--coordinator", f"127.0.0.1:{port}", "--cpu-devices", "2",
+                              *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT))) for i in range(2)]
+
+
+def finish(procs, timeout=240):
+    """Each process's stdout once all exit 0; every process is killed on the way out."""
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    return [out for out, _ in outs]
+
+
+def trained_adapters(out):
+    import resumable_train
+
+    _, _, _, base = resumable_train.problem()
+    trainable, _ = lorax.split(lorax.load(out / "ckpt", base))
+    return [np.asarray(x) for x in jax.tree.leaves(trainable)]
+
+
+def test_sigterm_to_every_process_of_a_multi_process_run_then_resume_gives_the_uninterrupted_run(tmp_path):
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    procs = []
+    try:
+        procs = start_hosts(reference) + start_hosts(run, "--sleep", "0.3")  # the two runs side by side
+        deadline = time.monotonic() + 180
+        while not (run / "losses.jsonl").exists() or len(losses(run)) < 7:
+            assert all(p.poll() is None for p in procs[2:]) and time.monotonic() < deadline, "the run ended early"
+            time.sleep(0.05)
+        for p in procs[2:]:
+            p.send_signal(signal.SIGTERM)
+        outs = finish(procs)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
+    stopped = len(losses(run))
+    assert f"preempted: saved step {stopped}, exiting" in outs[2] and 7 <= stopped < 24
+    assert "preempted" not in outs[3]  # process 0 alone prints
+    assert sorted(int(p.name) for p in (run / "ckpt").iterdir() if p.name.isdigit())[-1] == stopped
+    resumed = finish(start_hosts(run, "--resume"))
+    assert f"resumed at step {stopped}" in resumed[0]
+    assert losses(run) == losses(reference) and len(losses(reference)) == 24
+    for got, want in zip(trained_adapters(run), trained_adapters(reference), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
