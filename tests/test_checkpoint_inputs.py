@@ -81,14 +81,18 @@ def _state(**changes):
 def test_state_template_of_another_dtype_or_shape_is_refused(tmp_path, changes, match):
     lorax.save(tmp_path, adapted(), state=_state())
     unchanged(tmp_path, lambda: lorax.load(tmp_path, BASE, state=_state(**changes)), ValueError,
-              r"(?s)restoring would cast or truncate it:\n.*" + match)
+              r"(?s)the state in .*/0/state' does not match the template given \(restoring would round, truncate "
+              r"or reshape it\):\n.*" + match)
 
 
-def test_state_template_of_the_saved_dtypes_restores_exactly(tmp_path):
+def test_state_template_of_the_saved_or_a_wider_dtype_restores_exactly(tmp_path):
     lorax.save(tmp_path, adapted(), state=_state(lr=np.float32(0.25)))
     _, back = lorax.load(tmp_path, BASE, state=_state(opt=jnp.zeros(4), step=0, lr=np.float32(0)))
     np.testing.assert_array_equal(back["opt"], jnp.arange(4.0))
     assert back["step"] == 7 and back["lr"] == np.float32(0.25) and back["count"].dtype == jnp.int32
+    _, wide = lorax.load(tmp_path, BASE, state=_state(opt=np.zeros(4), count=np.zeros(3, np.int64)))
+    assert wide["opt"].dtype == np.float64 and wide["count"].dtype == np.int64  # widened, every value kept
+    np.testing.assert_array_equal(wide["count"], [0, 1, 2])
 
 
 # -------------------------------------------------------------------------------------------- bases

@@ -227,7 +227,8 @@ def load(directory: str | Path, base: Any, *, step: int | None = None, state: An
     or seed; see `lorax._src.records.base_mismatch` for the tolerance); checkpoints written
     before fingerprints load unchecked. Factors are placed after the base weight's sharding.
     Nothing is written. With ``state`` (a template of the pytree given to `save`, e.g. a fresh
-    ``tx.init(trainable)``, each leaf of the saved dtype and shape), returns ``(params, state)``.
+    ``tx.init(trainable)``, each leaf of the saved shape and of a dtype that holds the saved one
+    exactly), returns ``(params, state)``.
 
     >>> import jax, jax.numpy as jnp, lorax, optax, tempfile
     >>> fn = lambda p, x: x @ p["w"]
@@ -318,8 +319,8 @@ def _check_bases(entries: list[dict], restored: dict, where: str) -> None:
 
 
 def _check_state_template(folder: Path, state: Any) -> None:
-    """Refuse ``state`` template leaves of another dtype or shape than the saved ones (orbax would cast
-    them), listing each with both."""
+    """Refuse ``state`` template leaves that would not hold the saved ones exactly (orbax casts to the
+    template): another shape, or a dtype the saved one does not widen to safely. Lists each with both."""
     template = _state(state, "lorax.load")
     try:
         saved = ocp.StandardCheckpointHandler().metadata(epath.Path(folder)).tree
@@ -335,13 +336,15 @@ def _check_state_template(folder: Path, state: Any) -> None:
         if type(like) in (int, float):  # a Python number takes any width of its kind, exactly
             same, got = want.kind in ("iu" if type(like) is int else "f") and shape == (), type(like).__name__
         else:
-            same, got = np.dtype(like.dtype) == want and tuple(like.shape) == shape, f"{like.dtype}{list(like.shape)}"
+            same = np.can_cast(want, like.dtype, "safe") and tuple(like.shape) == shape
+            got = f"{like.dtype}{list(like.shape)}"
         if not same:
             problems.append(f"  state{jax.tree_util.keystr(path)}: saved as {want}{list(shape)}, the template "
                             f"holds {got}")
     if problems:
-        raise ValueError("lorax.load: the state template differs from the saved state; restoring would cast or "
-                         "truncate it:\n" + "\n".join(problems) + "\nPass a template of the saved dtypes and shapes.")
+        raise ValueError(f"lorax.load: the state in {str(folder)!r} does not match the template given (restoring "
+                         "would round, truncate or reshape it):\n" + "\n".join(problems) + "\nPass a template of "
+                         "the saved shapes, with the saved dtypes or wider ones.")
 
 
 def _key_names(path: tuple) -> tuple[str, ...]:
