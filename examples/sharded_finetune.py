@@ -11,7 +11,16 @@ The base weights are sharded tensor-parallel over ``model`` (column-parallel q/k
 row-parallel o/down) and the batch over ``data``; lorax places each adapter after its
 weight and `lorax.partition_specs` gives the jit shardings. With ``--distributed`` each host
 feeds its own rows of the batch (``jax.make_array_from_process_local_data``); process 0 alone
-prints, and ``--out`` saves the adapters and optimizer state (every process takes part).
+prints, and ``--out`` saves the adapters, optimizer state and step (every process takes part)
+at the last step and every ``--save-every`` steps, as step folders named by the step.
+
+``--resume`` continues from the latest step saved in ``--out`` up to ``--steps`` (on every
+process of a multi-process run): `lorax.load` reads the optimizer state back onto the mesh
+(a fresh ``tx.init`` is its template), the data stream skips the batches already trained on,
+and the run ends in the model and losses of an uninterrupted one:
+
+    python examples/sharded_finetune.py --cpu-devices 8 --steps 30 --save-every 10 --out /tmp/ft
+    python examples/sharded_finetune.py --cpu-devices 8 --steps 60 --out /tmp/ft --resume
 """
 
 from __future__ import annotations
@@ -30,7 +39,9 @@ def parse_args(argv=None):
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=32)
-    parser.add_argument("--out", help="save the adapters and optimizer state here at the end")
+    parser.add_argument("--out", help="save the adapters, optimizer state and step here at the end")
+    parser.add_argument("--save-every", type=int, default=0, help="also save every N steps (0: at the end only)")
+    parser.add_argument("--resume", action="store_true", help="continue from the latest step saved in --out")
     parser.add_argument("--distributed", action="store_true",
                         help="join a multi-process run (jax.distributed.initialize); the flags below, "
                              "else JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, else "
@@ -43,6 +54,13 @@ def parse_args(argv=None):
 
 def _env_int(name: str) -> int | None:
     return int(os.environ[name]) if name in os.environ else None
+
+
+def llama_config(seq: int):
+    """The small LLaMA this example trains (``seq`` tokens per sequence)."""
+    from llama import LlamaConfig
+
+    return LlamaConfig(vocab=256, dim=128, layers=4, heads=8, kv_heads=4, hidden=256, max_len=seq)
 
 
 def base_spec(path: str, ndim: int):
@@ -60,6 +78,8 @@ def base_spec(path: str, ndim: int):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.resume and not args.out:
+        raise SystemExit("error: --resume needs --out, the folder of the run to continue")
     if args.cpu_devices:
         os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.cpu_devices}"
     import jax
@@ -75,7 +95,7 @@ def main(argv=None):
     import lorax
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from llama import Llama, LlamaConfig
+    from llama import Llama
 
     log = print if jax.process_index() == 0 else (lambda *a, **k: None)
     devices = np.array(jax.devices())  # every host's, ordered by process: hosts split the data axis
@@ -92,7 +112,7 @@ def main(argv=None):
         local = rows.reshape(jax.process_count(), -1, *rows.shape[1:])[jax.process_index()]
         return jax.make_array_from_process_local_data(sharding, local, rows.shape)
 
-    config = LlamaConfig(vocab=256, dim=128, layers=4, heads=8, kv_heads=4, hidden=256, max_len=args.seq)
+    config = llama_config(args.seq)
     model = Llama(config)
     fn = lambda p, ids: model.apply(p, ids)  # noqa: E731
     ids_shape = (args.batch, args.seq)
@@ -111,6 +131,12 @@ def main(argv=None):
     named = lambda tree: jax.tree.map(lambda s: NamedSharding(mesh, s), tree)  # noqa: E731
     tx = optax.adamw(3e-3)
     opt_state = tx.init(trainable)
+    start = 0
+    if args.resume:  # the fresh optimizer state is the template: lorax.load places the saved one like it
+        lp, state = lorax.load(os.path.abspath(args.out), params, state={"opt": opt_state, "step": 0})
+        trainable, frozen = lorax.split(lp)
+        opt_state, start = state["opt"], state["step"]
+        log(f"resumed at step {start}")
 
     @jax.jit
     def step(trainable, opt_state, frozen, ids):
@@ -123,20 +149,25 @@ def main(argv=None):
         trainable = jax.lax.with_sharding_constraint(optax.apply_updates(trainable, updates), named(t_specs))
         return trainable, opt_state, value
 
+    def save(done: int) -> None:
+        saved = lorax.save(os.path.abspath(args.out), lorax.combine(trainable, frozen), step=done,
+                           state={"opt": opt_state, "step": done})
+        log(f"saved {saved}")
+
     # a learnable stream: each sequence counts up from a random start
     rng = np.random.default_rng(0)
-    for i in range(args.steps):
-        start = rng.integers(0, config.vocab, (args.batch, 1))
-        ids = batch(((start + np.arange(args.seq)) % config.vocab).astype(np.int32))
+    for _ in range(start):  # a resumed run skips the batches already trained on
+        rng.integers(0, config.vocab, (args.batch, 1))
+    for i in range(start, args.steps):
+        first = rng.integers(0, config.vocab, (args.batch, 1))
+        ids = batch(((first + np.arange(args.seq)) % config.vocab).astype(np.int32))
         trainable, opt_state, value = step(trainable, opt_state, frozen, ids)
         if i % max(1, args.steps // 6) == 0 or i == args.steps - 1:
             log(f"step {i:3d}  loss {float(value):.6f}")
+        if args.out and (i + 1 == args.steps or args.save_every and (i + 1) % args.save_every == 0):
+            save(i + 1)
     a = trainable["params"]["layers"]["self_attn"]["q_proj"]["kernel"].a
     log(f"after training, q_proj a sharding: {a.sharding.spec}")
-    if args.out:
-        saved = lorax.save(os.path.abspath(args.out), lorax.combine(trainable, frozen),
-                           state={"opt": opt_state, "step": args.steps})
-        log(f"saved {saved}")
 
 
 if __name__ == "__main__":

@@ -73,4 +73,4 @@ def test_two_hosts_of_four_devices_train_like_one_process_of_eight(tmp_path):
     assert "over 8 cpu devices in 2 processes" in host0 and quiet == []  # process 0 alone logs
     assert len(losses(one)) == 7 and losses(one)[-1] < losses(one)[0]
     np.testing.assert_allclose(losses(host0), losses(one), rtol=1e-5)  # all-reduce order differs across hosts
-    assert (tmp_path / "two" / "0" / "state").is_dir()
+    assert (tmp_path / "two" / "12" / "state").is_dir()  # saved as the step it reached
