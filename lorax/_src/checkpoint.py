@@ -42,9 +42,9 @@ def _entries(params: Any) -> tuple[list[dict], list[dict]]:
             if leaf.several:
                 raise ValueError(f"lorax.save: {path!r} is a {type(leaf).__name__} holding several named adapters; "
                                  "save them with lorax.adapters.save (one folder per adapter).")
+            _concrete(path, *leaf.trained().values())
             _has_base(path, leaf)
             leaf.check(path)
-            _concrete(path, *leaf.trained().values())
             meta.append(dict(path=path, kind=leaf.kind, shape=list(leaf.shape), dtype=str(jnp.dtype(leaf.dtype)),
                              rank=leaf.rank, scale=real(leaf.scale, f"lorax.save: the scale of {path!r}"),
                              a_axes=list(leaf.a_axes), b_axes=list(leaf.b_axes), stack_axes=list(leaf.stack_axes),
@@ -64,8 +64,8 @@ def _has_base(path: str, leaf: Adapter) -> None:
     w = leaf.w.codes if isinstance(leaf.w, QuantizedArray) else leaf.w
     if not isinstance(w, (jax.Array, np.ndarray)) or compat.is_tracer(w):
         raise TypeError(f"lorax.save: the {type(leaf).__name__} at {path!r} holds {type(leaf.w).__name__} as its "
-                        "frozen base w, not a concrete array; save the whole tree (lorax.combine(trainable, "
-                        "frozen)), not its trainable half, and outside jit.")
+                        "frozen base w, not a concrete array (the trainable half of lorax.split, an abstract tree "
+                        "from jax.eval_shape, or a call under jit?); save lorax.combine(trainable, frozen).")
 
 
 def _concrete(path: str, *arrays) -> None:
@@ -307,7 +307,7 @@ def _check_bases(entries: list[dict], restored: dict, where: str) -> None:
     """Refuse frozen bases unlike the fingerprints recorded at save, listing each with both values."""
     problems = []
     for e in entries:
-        if "base" in e:
+        if "base" in e and e["kind"] != "trainable":
             problem = base_mismatch(e["base"], restored[e["path"]].w)
             residual_note = " (its PiSSA/OLoRA residual)" if makes_residual(e["init"]) else ""
             problems += [f"  {e['path']}{residual_note}: {problem}"] if problem else []
