@@ -230,3 +230,15 @@ def test_peft_damaged_fingerprints_are_refused(tmp_path, text, match):
     save_file(load_file(file), file, metadata={"format": "pt", "lorax_base": text})
     with pytest.raises(ValueError, match=match):
         lorax.peft.load_peft(out, fn, make_base(), X, mapping=MAPPING)
+
+
+def test_bank_load_checks_every_adapter_base_and_takes_the_override(tmp_path):
+    base = make_base()
+    bank = lorax.adapters.bank({"one": adapted(base), "two": adapted(base, alpha=4.0)})
+    lorax.adapters.save(tmp_path, bank)
+    other = make_base(seed=3)
+    with pytest.raises(ValueError, match=r"(?s)q_proj/kernel: recorded.*check_base=False"):
+        lorax.adapters.load(tmp_path, other)
+    back = lorax.adapters.load(tmp_path, other, check_base=False)
+    assert lorax.adapters.names(back) == ("one", "two")
+    np.testing.assert_array_equal(lorax.adapters.base(back)["q_proj"]["kernel"], other["q_proj"]["kernel"])

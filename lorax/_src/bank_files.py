@@ -51,13 +51,14 @@ def save(directory: str | Path, params: Any, **kwargs) -> dict[str, Path]:
     return {name: root / name / step.name for name, step in steps.items()}
 
 
-def load(directory: str | Path, base: Any, *, only: Sequence[str] | None = None) -> Any:
+def load(directory: str | Path, base: Any, *, only: Sequence[str] | None = None, check_base: bool = True) -> Any:
     """A bank tree of the adapters saved by `save` under ``directory`` (each sub-folder's
-    latest step; ``only`` picks and orders them; otherwise sorted by name) on the plain ``base``."""
+    latest step; ``only`` picks and orders them; otherwise sorted by name) on the plain ``base``.
+    ``check_base``: as `lorax.load`, each adapter's recorded base fingerprint must match ``base``."""
     root = as_folder(directory, "lorax.adapters.load", must_exist=True)
     found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     chosen = _choose(found, only, root, "lorax.adapters.load")
-    return bank({name: checkpoint.load(root / name, base) for name in chosen})
+    return bank({name: checkpoint.load(root / name, base, check_base=check_base) for name in chosen})
 
 
 def save_peft(directory: str | Path, params: Any, mapping: peft.Mapping, **kwargs) -> dict[str, Path]:
