@@ -1,12 +1,8 @@
-import sys
-from pathlib import Path
+"""Fixtures shared by the unit and integration tests (the run's set-up is in the root conftest.py)."""
 
 import jax
 import numpy as np
 import pytest
-
-# the examples hold the model code tests and benchmarks share (examples/gpt.py, llama.py, ...)
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 
 def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-5):

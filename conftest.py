@@ -1,0 +1,61 @@
+"""How the whole suite runs: which tests are integration tests, how xdist shares them out, and
+one JAX compilation cache for the run.
+
+- Everything under ``tests/integration/`` and ``notebooks/`` is marked ``integration``; the unit
+  loop is ``pytest -m "not integration"``.
+- ``pytest -n auto --dist loadgroup`` (the project's default options) sends each integration
+  module to one worker as a whole (its module fixtures load a model or run a command once), and
+  the rest test by test. Integration modules go first, heaviest first, so no worker is left
+  with a long module at the end.
+- The first pytest process makes a temporary JAX compilation cache that every worker and every
+  subprocess they start inherits through ``JAX_COMPILATION_CACHE_DIR``: a program compiled once
+  (an example script run twice, a resumed run) is not compiled again. A cache the caller set is
+  kept as it is.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent
+INTEGRATION = (ROOT / "tests" / "integration", ROOT / "notebooks")
+# integration modules by cost (the slowest first); any other goes after these, in file order
+HEAVIEST = ("test_benchmarks", "test_smollm", "test_docs", "test_resume_smollm", "test_resume", "test_multihost",
+            "test_sharding", "test_paper_tables", "test_peft", "test_minilm")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if hasattr(config, "workerinput") or os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return  # a worker (it inherited the cache) or a cache chosen by the caller
+    cache = tempfile.mkdtemp(prefix="lorax-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
+    config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
+
+
+def _integration_module(item: pytest.Item) -> str | None:
+    path = Path(str(item.path))
+    return path.stem if any(path.is_relative_to(root) for root in INTEGRATION) else None
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        module = _integration_module(item)
+        if module is not None:
+            item.add_marker(pytest.mark.integration)
+            item.add_marker(pytest.mark.xdist_group(module))
+
+    def rank(indexed: tuple[int, pytest.Item]) -> tuple[int, int]:
+        position, item = indexed
+        module = _integration_module(item)
+        if module is None:
+            return (len(HEAVIEST) + 1, position)
+        return (HEAVIEST.index(module) if module in HEAVIEST else len(HEAVIEST), position)
+
+    items[:] = [item for _, item in sorted(enumerate(items), key=rank)]
