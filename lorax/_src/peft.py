@@ -11,10 +11,7 @@ from __future__ import annotations
 import collections
 import json
 import math
-import os
 import re
-import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -28,7 +25,7 @@ from safetensors.numpy import load_file, save_file
 
 from lorax._src.adapter import Adapter, as_matrices
 from lorax._src.config import LoraConfig
-from lorax._src.files import as_folder, remove, swap_in
+from lorax._src.files import as_folder, staged_folder
 from lorax._src.init import init
 from lorax._src.initializers import makes_residual
 from lorax._src.kinds import DoraWeight, LoraWeight
@@ -236,32 +233,14 @@ def _base_matrices(leaf: Adapter, initial: LoraWeight | None) -> jax.Array:
 
 
 def _write_folder(target: Path, config: str, tensors: dict, metadata: dict[str, str]) -> None:
-    """Write the adapter into a sibling folder, then swap it in: a crash leaves the old or the new adapter.
-
-    Other files of an existing folder (a README, say) are carried over by hard link."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, target.stat().st_mode if target.is_dir() else 0o777 & ~umask)
-        for entry in (target.iterdir() if target.is_dir() else ()):
-            if entry.name not in (CONFIG_FILE, WEIGHTS_FILE):
-                copy = shutil.copytree if entry.is_dir() and not entry.is_symlink() else _link
-                copy(entry, staging / entry.name, **({"symlinks": True, "copy_function": _link}
-                                                      if copy is shutil.copytree else {}))
-        save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": "pt", **metadata})
-        (staging / CONFIG_FILE).write_text(config)
-        swap_in(staging, target)
-    finally:
-        remove(staging)  # the old adapter after a swap, or a partial write
-
-
-def _link(src, dst) -> None:
-    try:
-        os.link(src, dst, follow_symlinks=False)
-    except OSError:
-        shutil.copy2(src, dst, follow_symlinks=False)
+    """Write the adapter into a staged copy of ``target`` and swap it in (`files.staged_folder`):
+    a crash leaves the old or the new adapter. Other files of an existing folder (a README, say)
+    are carried over."""
+    with staged_folder(target, "lorax.peft.save_peft") as staged:
+        for name in (WEIGHTS_FILE, CONFIG_FILE):  # hard links to the old adapter's files: replace, never write through
+            (staged / name).unlink(missing_ok=True)
+        save_file(tensors, staged / WEIGHTS_FILE, metadata={"format": "pt", **metadata})
+        (staged / CONFIG_FILE).write_text(config)
 
 
 def _check_mapping(mapping: Any) -> None:
