@@ -3,8 +3,10 @@ re-running the window for every token (the example's old decoder), and transform
 on torch with a PEFT adapter. Each runs in a process of its own; one command prints the table
 and writes results/decode.json and results/decode.md.
 
-    python benchmarks/decode.py             # prompt 32 tokens, 64 new, batch 1
-    python benchmarks/decode.py --quick     # 8 new tokens: a smoke run
+    PYTHONPATH=examples python3 benchmarks/decode.py           # prompt 32 tokens, 64 new, batch 1
+    PYTHONPATH=examples python3 benchmarks/decode.py --quick   # 8 new tokens: a smoke run
+
+(run from the repository root, with the examples' package on the path).
 
 Decode rate = (new - 1) / (time for ``new`` tokens - time for 1 token): the prefill and the
 first token are taken out; median of ``--repeats`` after a warm-up (compilation excluded).
@@ -20,10 +22,10 @@ import sys
 import time
 from pathlib import Path
 
+from processes import examples_env
 from report_files import written
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
 RUNTIMES = {"lorax-cache": "lorax, KV cache", "lorax-recompute": "lorax, window recompute",
             "transformers": "transformers generate + PEFT (torch)"}
 TARGETS = r".*/(q|v)_proj/kernel"
@@ -38,11 +40,8 @@ def _prompt(batch: int, length: int, vocab: int):
 def lorax_generator(args):
     """``run(new) -> tokens`` for lorax, with the cache or by window recompute."""
     import jax
-
-    sys.path.insert(0, str(ROOT / "examples"))
-    import generate
-    import smollm
-    from llama import Llama, cached_step, init_cache
+    from lorax_examples import generate, smollm
+    from lorax_examples.llama import Llama, cached_step, init_cache
 
     import lorax
 
@@ -64,11 +63,9 @@ def lorax_generator(args):
 
 def transformers_generator(args):
     import torch
+    from lorax_examples import smollm
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-
-    sys.path.insert(0, str(ROOT / "examples"))
-    import smollm
 
     path = smollm.gguf_path()
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
@@ -118,7 +115,8 @@ def runs(quick: bool, repeats: int | None = None) -> list[dict]:
     rows = []
     for runtime in RUNTIMES:
         print(f"  decode: {runtime} ...", flush=True)
-        done = subprocess.run([sys.executable, __file__, "--runtime", runtime, *shape], capture_output=True, text=True)
+        done = subprocess.run([sys.executable, __file__, "--runtime", runtime, *shape], capture_output=True, text=True,
+                              env=examples_env())
         if done.returncode:
             raise SystemExit(f"decode.py --runtime {runtime} failed:\n{done.stderr[-3000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))

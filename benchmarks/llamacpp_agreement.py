@@ -1,7 +1,7 @@
 """lorax against llama.cpp on SmolLM2-135M with an adapter the main job trained and exported.
 
     pip install llama-cpp-python            # builds llama.cpp from source (minutes)
-    python benchmarks/llamacpp_agreement.py --steps 40
+    PYTHONPATH=examples python3 benchmarks/llamacpp_agreement.py --steps 40   # from the repository root
 
 Runs `examples/finetune_smollm.py` for ``--steps`` (its LoRA: q, v, r=8; it writes
 ``adapter.gguf`` with `lorax.llamacpp.save_adapter`), then compares lorax (the dequantised
@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "examples"))
 PROMPTS = ("HAMLET.\nTo be, or not to be,", "ROMEO.\nBut soft, what light", "KING LEAR.\nBlow, winds,")
 
 
@@ -38,7 +36,7 @@ class LlamaCpp:
     """llama.cpp through llama-cpp-python: logits of a window and greedy continuations."""
 
     def __init__(self, adapter: Path | None):
-        import smollm
+        from lorax_examples import smollm
 
         self.llm = smollm.llama_cpp_model(adapter)
 
@@ -68,10 +66,9 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     import finetune_smollm
-    import generate
     import jax
-    import smollm
-    from llama import Llama, cached_step, init_cache
+    from lorax_examples import generate, smollm
+    from lorax_examples.llama import Llama, cached_step, init_cache
 
     import lorax
 

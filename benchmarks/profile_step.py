@@ -1,5 +1,8 @@
 """Where one SmolLM2-135M train step spends its time, by op class, in JAX and in torch.
 
+Run from the repository root, the examples' package on the path:
+PYTHONPATH=examples python benchmarks/profile_step.py ...
+
     python benchmarks/profile_step.py lorax --targets qv     # XLA:CPU trace of the compiled step
     python benchmarks/profile_step.py peft --targets qv      # torch.profiler of PEFT's step
     python benchmarks/profile_step.py jax-full               # (and torch-full)

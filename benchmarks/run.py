@@ -1,5 +1,8 @@
 """LoRA vs full fine-tuning vs materialized LoRA vs PEFT: one command, a table, JSON and a chart.
 
+Run from the repository root, the examples' package on the path:
+PYTHONPATH=examples python3 benchmarks/run.py ...
+
     python benchmarks/run.py            # GPT-2-small widths and SmolLM2-135M, as in docs/performance.md (~15 min)
     python benchmarks/run.py --quick    # small widths, few steps: a smoke run (~1 min)
     python benchmarks/run.py --only qlora   # the QLoRA rows alone (GPT and SmolLM2), to results/qlora.*
@@ -35,13 +38,13 @@ from pathlib import Path
 import decode
 import jax
 import jax.numpy as jnp
+import roofline
+import walltime
+from lorax_examples import gpt  # the GPT and its workload, shared with the tests
+from processes import examples_env
+from report_files import written
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent / "examples"))
-import gpt  # noqa: E402  (the GPT and its workload, shared with the tests)
-import roofline  # noqa: E402
-import walltime  # noqa: E402
-from report_files import written  # noqa: E402
 
 import lorax  # noqa: E402
 
@@ -64,7 +67,7 @@ def roofline_rates(dtypes=("fp32",)) -> dict:
     rates = {}
     for dtype in dtypes:
         done = subprocess.run([sys.executable, str(HERE / "roofline.py"), "torch", dtype], capture_output=True,
-                              text=True)
+                              text=True, env=examples_env())
         suffix = "" if dtype == "fp32" else f" {dtype}"
         rates[f"jax{suffix}"] = roofline.jax_gflops(dtype=roofline.DTYPES[dtype])
         rates[f"torch{suffix}"] = json.loads(done.stdout.strip().splitlines()[-1])["gflops"] if done.returncode == 0 \
@@ -169,7 +172,8 @@ def smollm_qlora_runs(quick: bool) -> list[dict]:
     for base in ("fp32", "q4"):
         print(f"  SmolLM2: lorax qv, {base} base ...", flush=True)
         done = subprocess.run([sys.executable, str(HERE / "smollm_step.py"), "lorax", "--targets", "qv",
-                               "--base", base, *shape], capture_output=True, text=True)
+                               "--base", base, *shape], capture_output=True, text=True,
+                              env=examples_env())
         if done.returncode:
             raise SystemExit(f"smollm_step.py --base {base} failed:\n{done.stderr[-3000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -246,7 +250,7 @@ def smollm_runs(quick: bool, rounds: int, dora: bool = True, bf16: bool = False)
         for job in jobs:
             print(f"  SmolLM2: {' '.join(job)} ...", flush=True)
             done = subprocess.run([sys.executable, str(HERE / "smollm_step.py"), *job, *shape],
-                                  capture_output=True, text=True)
+                                  capture_output=True, text=True, env=examples_env())
             if done.returncode:
                 raise SystemExit(f"smollm_step.py {' '.join(job)} failed:\n{done.stderr[-3000:]}")
             runs.setdefault(" ".join(job), []).append(json.loads(done.stdout.strip().splitlines()[-1]))
@@ -259,8 +263,8 @@ def smollm_runs(quick: bool, rounds: int, dora: bool = True, bf16: bool = False)
 
 def adapter_sizes(smollm: list[dict]) -> list[dict]:
     """Each adapter file against the GGUF checkpoint and the same weights in fp32."""
-    import smollm as model_file
     from gguf import GGUFReader
+    from lorax_examples import smollm as model_file
 
     path = model_file.gguf_path()
     gguf, fp32 = path.stat().st_size, 4 * sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)

@@ -1,5 +1,8 @@
 """One framework's SmolLM2-135M train step, timed in a process of its own; prints one JSON line.
 
+Run from the repository root, the examples' package on the path:
+PYTHONPATH=examples python benchmarks/smollm_step.py ...
+
     python benchmarks/smollm_step.py lorax --targets qv
     python benchmarks/smollm_step.py peft --targets all-linear
     python benchmarks/smollm_step.py torch-full          # full fine-tuning, for scale
@@ -24,14 +27,12 @@ import argparse
 import json
 import resource
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import roofline
 
-ROOT = Path(__file__).resolve().parents[1]
 FRAMEWORKS = ("lorax", "jax-full", "peft", "torch-full")
 PEFT_TARGETS = {"qv": ["q_proj", "v_proj"], "all-linear": "all-linear"}
 LORAX_TARGETS = {"qv": r".*/(q|v)_proj/kernel", "all-linear": "all-linear"}
@@ -63,11 +64,9 @@ def lorax_step(args):
     waits; ``flops`` are its matmul flops, every layer counted (`flops.matmul_flops`)."""
     import jax
     import optax
-
-    sys.path.insert(0, str(ROOT / "examples"))
-    import smollm
-    from flops import matmul_flops
-    from llama import Llama
+    from lorax_examples import smollm
+    from lorax_examples.flops import matmul_flops
+    from lorax_examples.llama import Llama
 
     import lorax
     import lorax.peft
@@ -114,10 +113,8 @@ def lorax_step(args):
 
 def torch_step(args):
     import torch
+    from lorax_examples import smollm
     from transformers import AutoModelForCausalLM
-
-    sys.path.insert(0, str(ROOT / "examples"))
-    import smollm
 
     if args.base == "q4":
         raise SystemExit("--base q4 is lorax's (QLoRA over the GGUF's blocks); torch runs fp32 or bf16")

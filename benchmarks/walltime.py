@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 
 import jax
-from flops import matmul_flops
+from lorax_examples.flops import matmul_flops
 
 
 @dataclasses.dataclass(frozen=True)

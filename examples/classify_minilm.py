@@ -14,18 +14,15 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import sys
 import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import optax
+from lorax_examples.minilm import MiniLMClassifier, load_encoder, tokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from minilm import MiniLMClassifier, load_encoder, tokenizer  # noqa: E402
-
-import lorax  # noqa: E402
+import lorax
 
 
 def parse_args(argv=None):

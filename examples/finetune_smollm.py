@@ -32,7 +32,6 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
 PROMPT = "HAMLET.\nTo be, or not to be,"
 TARGETS = {"qv": r".*/(q|v)_proj/kernel", "all-linear": "all-linear"}
 
@@ -164,9 +163,8 @@ def main(argv=None):
         fail(f"{err.name} is missing: pip install -e '.[examples]'")
     matplotlib.use("Agg")
 
-    sys.path.insert(0, str(HERE))
-    import smollm
-    from llama import Llama, cached_step
+    from lorax_examples import smollm
+    from lorax_examples.llama import Llama, cached_step
 
     import lorax
     import lorax.peft

@@ -18,7 +18,6 @@ import argparse
 import json
 import multiprocessing
 import os
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -28,13 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from classify_minilm import accuracy, encode, fit, train_step, variant, xent
+from lorax_examples import plays
+from lorax_examples.minilm import MiniLMClassifier, load_encoder, tokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import plays  # noqa: E402
-from classify_minilm import accuracy, encode, fit, train_step, variant, xent  # noqa: E402
-from minilm import MiniLMClassifier, load_encoder, tokenizer  # noqa: E402
-
-import lorax  # noqa: E402
+import lorax
 
 PLAYS = ["hamlet", "macbeth", "lear", "othello", "romeo_and_juliet", "twelfth_night", "as_you_like_it",
          "antony_and_cleopatra"]

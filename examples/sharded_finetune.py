@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import sys
 
 
 def parse_args(argv=None):
@@ -58,7 +57,7 @@ def _env_int(name: str) -> int | None:
 
 def llama_config(seq: int):
     """The small LLaMA this example trains (``seq`` tokens per sequence)."""
-    from llama import LlamaConfig
+    from lorax_examples.llama import LlamaConfig
 
     return LlamaConfig(vocab=256, dim=128, layers=4, heads=8, kv_heads=4, hidden=256, max_len=seq)
 
@@ -91,11 +90,9 @@ def main(argv=None):
     import numpy as np
     import optax
     from jax.sharding import Mesh, NamedSharding
+    from lorax_examples.llama import Llama
 
     import lorax
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from llama import Llama
 
     log = print if jax.process_index() == 0 else (lambda *a, **k: None)
     devices = np.array(jax.devices())  # every host's, ordered by process: hosts split the data axis

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -17,6 +19,14 @@ from models import GPT, MLP, NNXMLP, ConvNet, plain_fn, plain_params
 import lorax
 
 KEY = jax.random.key(0)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def subprocess_env(**variables: str) -> dict[str, str]:
+    """The environment of a child Python process: this one's, with lorax, the examples' package
+    (`lorax_examples`) and the tests' helpers importable, and ``variables`` set."""
+    path = os.pathsep.join(str(p) for p in (ROOT, ROOT / "examples", ROOT / "tests"))
+    return dict(os.environ, PYTHONPATH=path, **variables)
 
 
 def with_random_b(params, key=KEY, scale=0.1):

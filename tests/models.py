@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # also for subprocesses
-from gpt import GPT  # noqa: E402, F401  (shared with the benchmarks: examples/gpt.py)
+from lorax_examples.gpt import GPT  # noqa: F401  (shared with the benchmarks)
 
 
 class MLP(nn.Module):

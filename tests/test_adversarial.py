@@ -6,7 +6,6 @@ disk changed."""
 import hashlib
 import json
 import math
-import os
 import shutil
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import lock_held_by_another_process
+from helpers import lock_held_by_another_process, subprocess_env
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
@@ -159,8 +158,6 @@ def test_second_writer_gets_a_clear_error(tmp_path):
 
 def test_two_processes_saving_at_once_never_leave_a_broken_step(tmp_path):
     script = textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(ROOT / 'tests')!r})
         from test_adversarial import adapted, lorax
         ok = 0
         for i in range(3):
@@ -171,9 +168,8 @@ def test_two_processes_saving_at_once_never_leave_a_broken_step(tmp_path):
                 assert "another process is saving" in str(err), err
         print(ok)
     """)
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
     procs = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, env=env) for _ in range(2)]
+                              text=True, env=subprocess_env()) for _ in range(2)]
     try:
         outs = [p.communicate(timeout=240) for p in procs]
     finally:
@@ -191,8 +187,6 @@ def test_save_into_a_regular_file_fails_fast_and_exits(tmp_path):
     target = tmp_path / "file"
     target.write_text("not a folder")
     script = textwrap.dedent(f"""
-        import sys
-        sys.path.insert(0, {str(ROOT / 'tests')!r})
         from test_adversarial import adapted, lorax
         try:
             lorax.save({str(target)!r}, adapted(0))
@@ -200,7 +194,7 @@ def test_save_into_a_regular_file_fails_fast_and_exits(tmp_path):
             print(err)
     """)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                          env=subprocess_env())
     assert proc.returncode == 0 and "is a file, not a folder" in proc.stdout, proc.stderr[-2000:]
     assert target.read_text() == "not a folder"
 

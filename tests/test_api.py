@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_trees_close
 from helpers import KEY, make_case, with_random_b
 from models import GPT
 
 import lorax
+from conftest import assert_trees_close
 
 
 def test_public_api_is_pinned():

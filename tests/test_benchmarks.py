@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -17,7 +18,7 @@ def quick(tmp_path_factory):
         pytest.importorskip("peft")
     out = tmp_path_factory.mktemp("bench")
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=2400)
+                          capture_output=True, text=True, cwd=ROOT, timeout=2400, env=subprocess_env())
     assert done.returncode == 0, done.stderr[-3000:]
     return out, json.loads((out / "benchmark.json").read_text()), done.stdout
 

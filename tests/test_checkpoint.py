@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import KEY, make_case, with_random_b
+from helpers import KEY, make_case, subprocess_env, with_random_b
 
 import lorax
 
@@ -72,9 +72,7 @@ def test_retention_keeps_newest_steps_and_load_takes_latest(tmp_path):
 
 def test_crash_mid_save_leaves_previous_step_loadable(tmp_path):
     script = textwrap.dedent(f"""
-        import os, sys
-        sys.path.insert(0, {str(ROOT / 'tests')!r})
-        sys.path.insert(0, {str(ROOT / 'examples')!r})
+        import os
         import jax, lorax
         from helpers import with_random_b
         from test_checkpoint import _adapted
@@ -86,7 +84,8 @@ def test_crash_mid_save_leaves_previous_step_loadable(tmp_path):
         ocp.CheckpointManager.wait_until_finished = lambda self: os._exit(17)
         lorax.save({str(tmp_path / 'run')!r}, with_random_b(lp, jax.random.key(9)), step=1)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env=subprocess_env())
     assert proc.returncode == 17, proc.stderr[-2000:]
     _, params, lp, _ = _adapted()
     back = lorax.load(tmp_path / "run", params)

@@ -2,8 +2,8 @@
 
 import math
 
-import gpt as costs
 import pytest
+from lorax_examples import gpt as costs
 
 # GPT-2-small widths (d=768, 12 heads), 4 layers, batch 4, seq 128, r=8 on every linear layer.
 WIDTHS = dict(d=768, heads=12, layers=4, vocab=2048, batch=4, seq=128, rank=8)

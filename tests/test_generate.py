@@ -1,12 +1,11 @@
 """Generation with a KV cache (examples/generate.py) on a tiny random LLaMA, with and without LoRA."""
 
-import generate
 import jax
 import jax.numpy as jnp
-import llama
 import numpy as np
 import pytest
 from helpers import KEY, with_random_b
+from lorax_examples import generate, llama
 
 import lorax
 

@@ -5,11 +5,10 @@ import os
 
 import jax
 import jax.numpy as jnp
-import llama
 import numpy as np
 import pytest
-import smollm
 from helpers import KEY, with_random_b
+from lorax_examples import llama, smollm
 
 import lorax
 import lorax.llamacpp

@@ -1,12 +1,8 @@
 """The MiniLM comparison example, at smoke-test size."""
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 if os.environ.get("CI") != "true":
     import importlib.metadata as md

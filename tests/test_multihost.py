@@ -3,7 +3,6 @@
 Checkpoints of host-local, NumPy-based and global leaves save and load on two processes, and
 the sharded fine-tuning example trained by two "hosts" gives the losses of one 8-device process."""
 
-import os
 import re
 import socket
 import subprocess
@@ -11,10 +10,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from helpers import lock_held_by_another_process
+from helpers import lock_held_by_another_process, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, PYTHONPATH=str(ROOT))
 
 
 def free_port() -> int:
@@ -25,7 +23,8 @@ def free_port() -> int:
 
 def run_all(commands, timeout=480):
     """Run the commands at once; every child is killed on the way out. Returns their stdouts."""
-    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for c in commands]
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=subprocess_env()) for c in commands]
     try:
         outs = [p.communicate(timeout=timeout) for p in procs]
     finally:

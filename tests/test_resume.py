@@ -2,7 +2,6 @@
 SIGTERM every process of a two-process run, restart them, and get the uninterrupted run's losses and adapters."""
 
 import json
-import os
 import re
 import signal
 import subprocess
@@ -14,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import subprocess_env
 from test_multihost import free_port
 
 import lorax
@@ -25,7 +25,7 @@ ARGS = ["--steps", "24", "--save-every", "5"]
 
 def run(out, *extra, timeout=240):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), *ARGS, *extra], capture_output=True,
-                          text=True, timeout=timeout, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                          text=True, timeout=timeout, env=subprocess_env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 
@@ -45,7 +45,7 @@ def interrupt(out, sig, after_lines):
     """Start a slow run, send ``sig`` once it has logged ``after_lines`` losses; return its exit code and output."""
     proc = subprocess.Popen([sys.executable, str(SCRIPT), "--out", str(out), *ARGS, "--sleep", "0.3"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                            env=subprocess_env())
     try:
         deadline = time.monotonic() + 180
         while not (out / "losses.jsonl").exists() or len(losses(out)) < after_lines:
@@ -101,7 +101,7 @@ def start_hosts(out, *extra):
     return [subprocess.Popen([sys.executable, str(SCRIPT), "--out", str(out), *ARGS, "--processes", "2",
                               "--process-id", str(i), "--coordinator", f"127.0.0.1:{port}", "--cpu-devices", "2",
                               *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=dict(os.environ, PYTHONPATH=str(ROOT))) for i in range(2)]
+                             env=subprocess_env()) for i in range(2)]
 
 
 def finish(procs, timeout=240):

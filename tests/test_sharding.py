@@ -1,6 +1,5 @@
 """Runs tests/multidevice_checks.py and the sharded fine-tuning example on 8 fake CPU devices in subprocesses."""
 
-import os
 import re
 import subprocess
 import sys
@@ -10,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import subprocess_env
 
 import lorax
 
@@ -18,7 +18,7 @@ EXAMPLE = HERE.parent / "examples" / "sharded_finetune.py"
 
 
 def test_multidevice_checks_pass_on_8_cpu_devices():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
                            "--rootdir", str(HERE), str(HERE / "multidevice_checks.py")],
                           cwd=HERE, env=env, capture_output=True, text=True, timeout=900)
@@ -56,7 +56,7 @@ def test_sharded_finetune_example_runs_on_8_cpu_devices(uninterrupted):
 
 def saved_adapters(folder: Path) -> list[np.ndarray]:
     import sharded_finetune
-    from llama import Llama
+    from lorax_examples.llama import Llama
 
     base = Llama(sharded_finetune.llama_config(32)).init(jax.random.key(0), jnp.zeros((8, 32), jnp.int32))
     return [np.asarray(x) for x in jax.tree.leaves(lorax.split(lorax.load(folder, base))[0])]

