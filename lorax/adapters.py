@@ -1,4 +1,18 @@
-"""Several named adapters of one base: banks, per-example routing, weighted combinations."""
+"""Several named adapters of one base: banks, per-example routing, weighted combinations.
+
+A *bank tree* is the base's tree with a `lorax.LoraBank` in place of every weight some adapter
+adapts: `bank` builds one from single-adapter trees, `select` gives one adapter back as an
+ordinary tree, `route` picks an adapter per example inside `lorax.lora`, and `save` / `load`,
+`save_peft` / `load_peft` keep one folder per adapter.
+
+>>> import jax, jax.numpy as jnp, lorax
+>>> fn = lambda p, x: x @ p["w"]
+>>> base, x = {"w": jnp.ones((4, 3))}, jnp.ones((2, 4))
+>>> one = lambda seed: lorax.init(jax.random.key(seed), lorax.LoraConfig(rank=2), fn, base, x)
+>>> params = lorax.adapters.bank({"math": one(0), "code": one(1)})
+>>> lorax.adapters.names(params), lorax.lora(fn)(lorax.adapters.route(params, ["code", None]), x).shape
+(('math', 'code'), (2, 3))
+"""
 
 from lorax._src.adapters import add as add
 from lorax._src.adapters import bank as bank

@@ -30,20 +30,26 @@ from lorax._src import display
 from lorax._src.quantized import dense
 
 Axes = tuple[int, ...]
-RANK = "rank"  # a layout entry for the adapter's rank axis
-ADAPTERS = "adapters"  # a layout entry for the axis of several named adapters (`LoraBank`)
+RANK = "rank"
+"""A `Adapter.layout` entry: the adapter's rank axis."""
+ADAPTERS = "adapters"
+"""A `Adapter.layout` entry: the axis of several named adapters (`LoraBank`)."""
 
 
 def frozen_field(**kw) -> Any:
+    """A frozen array of an adapter kind (its base ``w``, a bank's scales): kept by `lorax.split`'s
+    frozen half, never trained; ``kw`` go to `dataclasses.field`."""
     return dataclasses.field(metadata=dict(role="frozen"), **kw)
 
 
 def trained_field(group: str = "a", **kw) -> Any:
-    """A trained array; ``group`` ("a" or "b") is its LoRA+ learning-rate group."""
+    """A trained array of an adapter kind; ``group`` ("a" or "b") is its LoRA+ learning-rate
+    group (`lorax.optimizer`'s ``b_lr_ratio`` applies to group "b"); ``kw`` go to `dataclasses.field`."""
     return dataclasses.field(metadata=dict(role="trained", group=group), **kw)
 
 
 def static_field(default: Any) -> Any:
+    """Static metadata of an adapter kind: part of the pytree's structure, not a leaf."""
     return dataclasses.field(default=default, metadata=dict(static=True))
 
 
@@ -52,14 +58,49 @@ KindT = TypeVar("KindT", bound=type)
 
 
 def register_kind(cls: KindT) -> KindT:
-    """Make ``cls`` a pytree and a kind that checkpoints and PEFT I/O can name."""
+    """Make ``cls`` a pytree and a kind that checkpoints and PEFT I/O can name (by ``cls.kind``).
+
+    Use it as a class decorator above ``@dataclasses.dataclass(frozen=True)``; see the worked
+    example on the "Extending lorax" page of the documentation.
+    """
     KINDS[cls.kind] = cls
     return jax.tree_util.register_dataclass(cls)
 
 
 @dataclasses.dataclass(frozen=True)
 class Adapter:
-    """The base of every adapter kind; see the module docstring for the contract."""
+    """The base of every adapter kind: a frozen dataclass whose fields declare what is what.
+
+    Everything generic in lorax (split and combine, the optimizer's labels, sharding specs,
+    checkpoints, slicing a stack inside ``scan``, transposes and casts inside `lorax.lora`)
+    reads these declarations; a kind adds only its own maths (`merged`, `create`) and its
+    product rules. `LoraWeight`, `DoraWeight` and `LoraBank` are the built-in kinds.
+
+    Attributes:
+      w: the frozen base weight (a ``frozen_field``): an array or a `QuantizedArray`.
+      scale: the update's scale (``alpha / rank``).
+      a_axes: W's contracted (input) axes.
+      b_axes: W's output axes.
+      stack_axes: W's axes of stacked layers (``nn.scan``): one adapter per layer.
+      dropout: the dropout rate on the adapter's input (on when `lorax.lora` gets ``rng``).
+      init: how the factors started (``"kaiming_uniform"``, ``"gaussian"``, ``"pissa"``,
+        ``"olora"``, ...); after ``"pissa"`` or ``"olora"`` the frozen ``w`` is the residual
+        ``W - s·a₀·b₀`` of the original weight.
+      kind: the kind's name in checkpoints (class constant: ``"lora"``, ``"dora"``, ...).
+      several: True for a kind holding several named adapters (`LoraBank`), saved one by one.
+
+    A kind's trained arrays are ``trained_field``s, each laid out in terms of W's axes
+    (`layout`). All the static fields are keyword-only.
+
+    >>> import jax.numpy as jnp, lorax
+    >>> lw = lorax.LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)), scale=0.5)
+    >>> isinstance(lw, lorax.Adapter), lw.kind, lw.trained_fields(), lw.frozen_fields()
+    (True, 'lora', ('a', 'b'), ('w',))
+    >>> lw.layout()  # a: W's axis 0, then the rank; b: the rank, then W's axis 1
+    {'a': (0, 'rank'), 'b': ('rank', 1)}
+    >>> lw.rank, lw.shape, lw.dtype
+    (2, (4, 3), dtype('float32'))
+    """
 
     kind: ClassVar[str]
     several: ClassVar[bool] = False  # holds several named adapters (`LoraBank`): saved one by one
@@ -77,42 +118,58 @@ class Adapter:
 
     @classmethod
     def fields_with(cls, role: str) -> tuple[str, ...]:
+        """The names of the fields declared with ``role`` (``"trained"`` or ``"frozen"``)."""
         return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("role") == role)
 
     @classmethod
     def trained_fields(cls) -> tuple[str, ...]:
+        """The trained arrays' field names (``("a", "b")`` for `LoraWeight`)."""
         return cls.fields_with("trained")
 
     @classmethod
     def frozen_fields(cls) -> tuple[str, ...]:
+        """The frozen arrays' field names (``("w",)`` for `LoraWeight`)."""
         return cls.fields_with("frozen")
 
     @classmethod
     def array_fields(cls) -> tuple[str, ...]:
+        """The frozen then the trained field names: every array the node holds."""
         return cls.frozen_fields() + cls.trained_fields()
 
     @classmethod
     def group(cls, name: str) -> str:
-        """The LoRA+ learning-rate group ("a" or "b") of trained field ``name``."""
+        """The LoRA+ learning-rate group ("a" or "b") of trained field ``name``.
+
+        >>> import lorax
+        >>> [lorax.DoraWeight.group(name) for name in lorax.DoraWeight.trained_fields()]
+        ['a', 'b', 'b']
+        """
         return {f.name: f.metadata.get("group", "a") for f in dataclasses.fields(cls)}[name]
 
     def layout(self) -> dict[str, tuple[int | str, ...]]:
-        """Per trained field, the W axis (or `RANK`) behind each of its axes."""
+        """Per trained field, the W axis (or `RANK`, or `ADAPTERS`) behind each of its axes.
+
+        The one method every kind must write; shapes, stacking, sharding and checkpoints are
+        derived from it. See the class example.
+        """
         raise NotImplementedError
 
     # ------------------------------------------------------------------ derived
 
     @property
     def rank(self) -> int:
+        """The adapter's rank, read from the first trained array's `RANK` axis."""
         name, entries = next(iter(self.layout().items()))
         return getattr(self, name).shape[entries.index(RANK)]
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """The shape of the weight this node stands for (``w``'s)."""
         return tuple(self.w.shape)
 
     @property
     def dtype(self):
+        """The dtype of the weight this node stands for (``w``'s)."""
         return self.w.dtype
 
     @property
@@ -121,6 +178,7 @@ class Adapter:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("static")}
 
     def trained(self) -> dict[str, Any]:
+        """The trained arrays by field name."""
         return {name: getattr(self, name) for name in self.trained_fields()}
 
     def axis_sizes(self, rank: int) -> dict[str, int]:
@@ -151,11 +209,18 @@ class Adapter:
                              f"expected {show(want)}.")
 
     def num_adapter_params(self) -> int:
+        """The number of trained parameters (what `lorax.explain` counts)."""
         return sum(math.prod(x.shape) for x in self.trained().values())
 
     def subscripts(self, letters: str = string.ascii_letters) -> dict[str, str]:
         """Einsum subscripts of ``w`` (key ``"w"``) and of each trained field; the rank
-        takes the first letter after W's, the adapters axis (`ADAPTERS`) the next."""
+        takes the first letter after W's, the adapters axis (`ADAPTERS`) the next.
+
+        >>> import jax.numpy as jnp, lorax
+        >>> lw = lorax.LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)))
+        >>> lw.subscripts()
+        {'w': 'ab', 'a': 'ac', 'b': 'cb'}
+        """
         ndim = len(self.a_axes) + len(self.b_axes) + len(self.stack_axes)
         w_sub = letters[:ndim]
         extra = {RANK: letters[ndim], ADAPTERS: letters[ndim + 1]}
@@ -175,8 +240,17 @@ class Adapter:
 
     @classmethod
     def create(cls, key: jax.Array, spec: Any, w: jax.Array, use: Any) -> Adapter:
-        """A new adapter for ``w`` used as ``use`` (`lorax._src.usage.Use`), after ``spec``
-        (`lorax._src.config.AdapterSpec`), leaving the model's outputs unchanged."""
+        """A new adapter for ``w``, leaving the model's outputs unchanged: what `lorax.init` calls.
+
+        Args:
+          key: a PRNG key for the factors' initialisation.
+          spec: what `LoraConfig` asks for this weight, resolved: ``spec.kind``, ``spec.rank``,
+            ``spec.scale``, ``spec.init``, ``spec.dropout``, and ``spec.dtype_for(w.dtype)``,
+            the factors' dtype.
+          w: the weight (an array or a `QuantizedArray`).
+          use: how the model uses ``w``, read from its jaxpr: ``use.primitive``,
+            ``use.a_axes`` (contracted), ``use.b_axes`` (outputs), ``use.stack_axes``.
+        """
         raise NotImplementedError
 
     @property
@@ -198,10 +272,24 @@ class Adapter:
     # ------------------------------------------------------------------ generic reshaping
 
     def replace(self, **changes) -> Self:
+        """A copy with the given fields changed (`dataclasses.replace`).
+
+        >>> import jax.numpy as jnp, lorax
+        >>> lw = lorax.LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)))
+        >>> lw.replace(scale=2.0).scale, lw.scale
+        (2.0, 1.0)
+        """
         return dataclasses.replace(self, **changes)
 
     def map_trained(self, fn: Callable[[str, jax.Array, tuple], jax.Array], **changes) -> Self:
-        """Apply ``fn(name, array, layout)`` to each trained array."""
+        """Apply ``fn(name, array, layout)`` to each trained array (``layout``: that array's
+        `layout` entries); ``changes`` replace other fields at the same time.
+
+        >>> import jax.numpy as jnp, lorax
+        >>> lw = lorax.LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.ones((2, 3)))
+        >>> lw.map_trained(lambda name, x, layout: x[..., :1] if layout[-1] == "rank" else x[:1]).rank
+        1
+        """
         layout = self.layout()
         return self.replace(**{n: fn(n, getattr(self, n), layout[n]) for n in layout}, **changes)
 
@@ -235,6 +323,7 @@ class Adapter:
                             stack_axes=down(self.stack_axes[1:]), **changes)
 
     def cast(self, dtype) -> dict[str, jax.Array]:
+        """The trained arrays by field name, cast to ``dtype``."""
         return {n: x.astype(dtype) for n, x in self.trained().items()}
 
 

@@ -5,6 +5,14 @@ adapts. It is built from single-adapter trees (from `lorax.init`, `lorax.load` o
 `lorax.peft.load_peft`) and stays a pure params-in/params-out value: `select` gives back an
 ordinary single-adapter tree (everything else in lorax applies to it), `route` sets which
 adapter each example uses for `lorax.lora`.
+
+>>> import jax, jax.numpy as jnp, lorax
+>>> fn = lambda p, x: x @ p["w"]
+>>> base, x = {"w": jnp.ones((4, 3))}, jnp.ones((2, 4))
+>>> one = lambda seed: lorax.init(jax.random.key(seed), lorax.LoraConfig(rank=2), fn, base, x)
+>>> params = lorax.adapters.bank({"math": one(0), "code": one(1)})
+>>> lorax.lora(fn)(lorax.adapters.route(params, ["code", "math"]), x).shape  # one adapter per example
+(2, 3)
 """
 
 from __future__ import annotations
@@ -49,7 +57,16 @@ def names(params: Any) -> tuple[str, ...]:
 
 
 def base(params: Any) -> Any:
-    """The plain base tree of a bank tree (to pass to `lorax.init` for a new adapter)."""
+    """The plain base tree of a bank tree (to pass to `lorax.init` for a new adapter).
+
+    >>> import jax, jax.numpy as jnp, lorax
+    >>> fn = lambda p, x: x @ p["w"]
+    >>> base, x = {"w": jnp.ones((4, 3))}, jnp.ones((1, 4))
+    >>> params = lorax.adapters.bank({"math": lorax.init(jax.random.key(0), lorax.LoraConfig(rank=2), fn, base, x)})
+    >>> plain = lorax.adapters.base(params)
+    >>> type(params["w"]).__name__, bool((plain["w"] == base["w"]).all())
+    ('LoraBank', True)
+    """
     names(params)
     return _map(lambda path, x: x.w if isinstance(x, LoraBank) else x, params)
 
@@ -140,7 +157,16 @@ def bank(named: dict[str, Any]) -> Any:
     """A bank tree holding each single-adapter tree of ``named`` under its name.
 
     The trees must adapt one base (the same plain leaves and frozen weights); each may
-    adapt its own weights with its own ranks and scales. See `names` for an example.
+    adapt its own weights with its own ranks and scales. Only plain LoRA adapters (`LoraWeight`,
+    not DoRA nor PiSSA/OLoRA, whose frozen weight is not the base) go into a bank.
+
+    >>> import jax, jax.numpy as jnp, lorax
+    >>> fn = lambda p, x: x @ p["q"] @ p["v"]
+    >>> base, x = {"q": jnp.ones((4, 4)), "v": jnp.ones((4, 3))}, jnp.ones((1, 4))
+    >>> only = lambda targets, rank: lorax.init(jax.random.key(0), lorax.LoraConfig(rank, targets=targets), fn, base, x)
+    >>> params = lorax.adapters.bank({"math": only("q", 2), "code": only(["q", "v"], 1)})
+    >>> params["q"].names, params["q"].adapter_ranks, params["v"].adapter_ranks  # rank 0: not adapted
+    (('math', 'code'), (2, 1), (0, 1))
     """
     if not isinstance(named, dict) or not named:
         raise ValueError("lorax.adapters.bank: pass a non-empty dict {name: single-adapter params}.")
@@ -211,14 +237,32 @@ def _keep(params: Any, keep: list[int]) -> Any:
 
 
 def delete(params: Any, name: str) -> Any:
-    """The bank tree without adapter ``name``; deleting the last one gives the plain base."""
+    """The bank tree without adapter ``name``; deleting the last one gives the plain base.
+
+    >>> import jax, jax.numpy as jnp, lorax
+    >>> fn = lambda p, x: x @ p["w"]
+    >>> base, x = {"w": jnp.ones((4, 3))}, jnp.ones((1, 4))
+    >>> one = lambda seed: lorax.init(jax.random.key(seed), lorax.LoraConfig(rank=2), fn, base, x)
+    >>> params = lorax.adapters.delete(lorax.adapters.bank({"math": one(0), "code": one(1)}), "math")
+    >>> lorax.adapters.names(params), type(lorax.adapters.delete(params, "code")["w"]).__name__
+    (('code',), 'ArrayImpl')
+    """
     gone = _position(params, name, "lorax.adapters.delete")
     keep = [i for i in range(len(names(params))) if i != gone]
     return _keep(params, keep) if keep else base(params)
 
 
 def rename(params: Any, old: str, new: str) -> Any:
-    """The bank tree with adapter ``old`` called ``new``."""
+    """The bank tree with adapter ``old`` called ``new`` (one plain folder name, as every
+    adapter name: it names a folder when the bank is saved).
+
+    >>> import jax, jax.numpy as jnp, lorax
+    >>> fn = lambda p, x: x @ p["w"]
+    >>> base, x = {"w": jnp.ones((4, 3))}, jnp.ones((1, 4))
+    >>> params = lorax.adapters.bank({"math": lorax.init(jax.random.key(0), lorax.LoraConfig(rank=2), fn, base, x)})
+    >>> lorax.adapters.names(lorax.adapters.rename(params, "math", "algebra"))
+    ('algebra',)
+    """
     at = _position(params, old, "lorax.adapters.rename")
     check_name(new, "lorax.adapters.rename")
     if new in names(params) and new != old:

@@ -54,7 +54,17 @@ def save(directory: str | Path, params: Any, **kwargs) -> dict[str, Path]:
 def load(directory: str | Path, base: Any, *, only: Sequence[str] | None = None, check_base: bool = True) -> Any:
     """A bank tree of the adapters saved by `save` under ``directory`` (each sub-folder's
     latest step; ``only`` picks and orders them; otherwise sorted by name) on the plain ``base``.
-    ``check_base``: as `lorax.load`, each adapter's recorded base fingerprint must match ``base``."""
+    ``check_base``: as `lorax.load`, each adapter's recorded base fingerprint must match ``base``.
+
+    >>> import jax, jax.numpy as jnp, lorax, tempfile
+    >>> fn = lambda p, x: x @ p["w"]
+    >>> base, x = {"w": jnp.ones((4, 3))}, jnp.ones((1, 4))
+    >>> one = lambda seed: lorax.init(jax.random.key(seed), lorax.LoraConfig(rank=2), fn, base, x)
+    >>> folder = tempfile.mkdtemp()
+    >>> _ = lorax.adapters.save(folder, lorax.adapters.bank({"math": one(0), "code": one(1), "sql": one(2)}))
+    >>> lorax.adapters.names(lorax.adapters.load(folder, base, only=["sql", "math"]))
+    ('sql', 'math')
+    """
     root = as_folder(directory, "lorax.adapters.load", must_exist=True)
     found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     chosen = _choose(found, only, root, "lorax.adapters.load")
@@ -66,7 +76,18 @@ def save_peft(directory: str | Path, params: Any, mapping: peft.Mapping, **kwarg
     layout (``"default"`` in ``directory``, any other name in ``directory / name``);
     ``kwargs`` go to `lorax.peft.save_peft`. Returns each adapter's folder. All or nothing:
     if any adapter is refused (its mapping, a scale PEFT cannot hold, ...) or a write fails,
-    the folder is left as it was; other sub-folders in it are kept."""
+    the folder is left as it was; other sub-folders in it are kept.
+
+    >>> import jax, jax.numpy as jnp, lorax, tempfile, os
+    >>> fn = lambda p, x: x @ p["q_proj"]["kernel"]
+    >>> base, x = {"q_proj": {"kernel": jnp.ones((4, 3))}}, jnp.ones((1, 4))
+    >>> one = lambda seed: lorax.init(jax.random.key(seed), lorax.LoraConfig(rank=2), fn, base, x)
+    >>> folder = tempfile.mkdtemp()
+    >>> params = lorax.adapters.bank({"default": one(0), "code": one(1)})
+    >>> _ = lorax.adapters.save_peft(folder, params, [("q_proj/kernel", "q_proj")])
+    >>> sorted(os.listdir(folder))  # "default" in the folder itself, "code" beside its files
+    ['adapter_config.json', 'adapter_model.safetensors', 'code']
+    """
     who = "lorax.adapters.save_peft"
     root = as_folder(directory, who, must_exist=False)
     folder = lambda top, name: top if name == DEFAULT else top / name  # noqa: E731
@@ -99,7 +120,18 @@ def load_peft(directory: str | Path, fn: Callable, params: Any, *args, mapping: 
               only: Sequence[str] | None = None, **kwargs) -> Any:
     """A bank tree of the PEFT adapters in ``directory`` (PEFT's multi-adapter layout: the
     folder itself is ``"default"`` when it holds an adapter, each sub-folder holding one is
-    named after it) read onto the plain ``params`` as `lorax.peft.load_peft` reads one."""
+    named after it) read onto the plain ``params`` as `lorax.peft.load_peft` reads one;
+    ``only`` picks and orders them, ``kwargs`` go to `lorax.peft.load_peft`.
+
+    >>> import jax, jax.numpy as jnp, lorax, tempfile
+    >>> fn = lambda p, x: x @ p["q_proj"]["kernel"]
+    >>> base, x = {"q_proj": {"kernel": jnp.ones((4, 3))}}, jnp.ones((1, 4))
+    >>> one = lambda seed: lorax.init(jax.random.key(seed), lorax.LoraConfig(rank=2), fn, base, x)
+    >>> folder, mapping = tempfile.mkdtemp(), [("q_proj/kernel", "q_proj")]
+    >>> _ = lorax.adapters.save_peft(folder, lorax.adapters.bank({"default": one(0), "code": one(1)}), mapping)
+    >>> lorax.adapters.names(lorax.adapters.load_peft(folder, fn, base, x, mapping=mapping))
+    ('default', 'code')
+    """
     root = as_folder(directory, "lorax.adapters.load_peft", must_exist=True)
     found = [DEFAULT] if (root / CONFIG_FILE).is_file() else []
     found += sorted(p.name for p in root.iterdir() if (p / CONFIG_FILE).is_file() and p.name != DEFAULT)

@@ -224,8 +224,9 @@ def load(directory: str | Path, base: Any, *, step: int | None = None, state: An
     or dtype), and damaged metadata, naming the file and the field. With ``check_base``,
     also a base whose adapted weights differ from the fingerprint `save` recorded of the
     base the adapters were trained on (a base already merged with them, another checkpoint
-    or seed; see `lorax._src.records.base_mismatch` for the tolerance); checkpoints written
-    before fingerprints load unchecked. Factors are placed after the base weight's sharding.
+    or seed: norm and sampled values must agree to within ``max(1e-4, 2·eps)`` of the weight's
+    dtype; across a quantized and a full-precision base only the norm is compared, within 5%);
+    checkpoints written before fingerprints load unchecked. Factors are placed after the base weight's sharding.
     Nothing is written. With ``state`` (a template of the pytree given to `save`, e.g. a fresh
     ``tx.init(trainable)``, each leaf of the saved shape and of a dtype that holds the saved one
     exactly), returns ``(params, state)``.

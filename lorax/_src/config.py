@@ -16,8 +16,46 @@ from lorax._src.initializers import valid_init
 from lorax._src.records import index, real
 
 Targets = str | Sequence[str] | Callable[[str, Any], bool]
+"""Which weights `LoraConfig` adapts (its ``targets``), one of:
+
+- ``"all-linear"`` (the default): every weight that ``fn`` uses as a matmul, einsum or
+  convolution weight, except embedding tables and a head tied to them;
+- a regex, or a list of regexes, fully matched (``re.fullmatch``) against each parameter's
+  path: its keys joined with ``/``, as ``"params/h_0/attn/query/kernel"``;
+- a predicate ``(path, leaf) -> bool``.
+
+``LoraConfig(exclude=...)`` then removes paths. Targets that match no weight are an error that
+lists the candidate weights.
+
+>>> import jax, jax.numpy as jnp, lorax
+>>> fn = lambda p, x: x @ p["attn"]["query"] @ p["attn"]["value"] @ p["mlp"]
+>>> base = {"attn": {"query": jnp.ones((4, 4)), "value": jnp.ones((4, 4))}, "mlp": jnp.ones((4, 2))}
+>>> adapted = lambda targets: [row.path for row in lorax.explain(fn, lorax.init(
+...     jax.random.key(0), lorax.LoraConfig(rank=1, targets=targets), fn, base, jnp.ones((1, 4))),
+...     jnp.ones((1, 4))).rows]
+>>> adapted("all-linear"), adapted("attn/.*"), adapted(["mlp", "attn/value"])
+(['attn/query', 'attn/value', 'mlp'], ['attn/query', 'attn/value'], ['attn/value', 'mlp'])
+>>> adapted(lambda path, leaf: leaf.shape[-1] == 2)
+['mlp']
+"""
 
 ALL_LINEAR = "all-linear"
+"""``targets="all-linear"``, `LoraConfig`'s default: every weight of two or more axes that ``fn``
+uses as a matmul, einsum or convolution weight (read from how ``fn`` uses it, not from its
+name), except embedding tables (read by index) and a head tied to one. Weights that are not
+floating or whose use contracts no axis (an RMSNorm scale written as an einsum) are passed
+over and listed in `lorax.explain`'s ``skipped``.
+
+>>> import jax, jax.numpy as jnp, lorax
+>>> def fn(p, ids):  # an embedding, an RMSNorm-like scale, a projection and a tied head
+...     h = jnp.einsum("bte,e->bte", p["embed"][ids], p["norm"]) @ p["proj"]
+...     return h @ p["embed"].T
+>>> base = {"embed": jnp.ones((10, 4)), "norm": jnp.ones(4), "proj": jnp.ones((4, 4))}
+>>> ids = jnp.zeros((1, 3), int)
+>>> report = lorax.explain(fn, lorax.init(jax.random.key(0), lorax.LoraConfig(rank=2), fn, base, ids), ids)
+>>> [row.path for row in report.rows], report.skipped
+(['proj'], [('norm', 'its use contracts no axis (an elementwise scale)')])
+"""
 
 
 def _patterns(value: str | Sequence[str] | None, field: str) -> tuple[re.Pattern, ...]:
@@ -89,9 +127,16 @@ class LoraConfig:
       dtype: adapter dtype; default the weight's, but float32 over bf16/fp16 weights (as PEFT).
       trainable: regexes of plain leaves trained fully (PEFT's ``modules_to_save``).
 
-    >>> import lorax
-    >>> lorax.LoraConfig(rank=8, alpha=16.0).resolve("h/query/kernel", None, linear=True).scale
-    2.0
+    >>> import jax, jax.numpy as jnp, lorax
+    >>> fn = lambda p, x: x @ p["q"] @ p["v"]
+    >>> base, x = {"q": jnp.ones((4, 4)), "v": jnp.ones((4, 4))}, jnp.ones((1, 4))
+    >>> config = lorax.LoraConfig(rank=2, alpha=4.0, rank_pattern={"v": 1})
+    >>> lp = lorax.init(jax.random.key(0), config, fn, base, x)
+    >>> [(row.path, row.rank, row.scale) for row in lorax.explain(fn, lp, x).rows]  # scale alpha / rank
+    [('q', 2, 2.0), ('v', 1, 4.0)]
+    >>> lorax.LoraConfig(rank=0)
+    Traceback (most recent call last):
+    ValueError: LoraConfig: rank for 'rank' must be a positive int, got 0.
     """
 
     rank: int = 8
@@ -158,8 +203,9 @@ class LoraConfig:
                     alpha=[(re.compile(k), v) for k, v in self.alpha_pattern.items()])
 
     def resolve(self, path: str, leaf: Any, linear: bool) -> AdapterSpec | None:
-        """The `AdapterSpec` for ``path``, or None when it is not a target (``linear``: the
-        leaf is used by a matmul or convolution, for ``"all-linear"``)."""
+        """What this config asks for the weight at ``path`` (its kind, rank, scale, init,
+        dropout and dtype), or None when it is not a target (``linear``: the leaf is used by
+        a matmul or convolution, for ``"all-linear"``)."""
         patterns = self._compiled
         if any(p.fullmatch(path) for p in patterns["exclude"]):
             return None
@@ -177,4 +223,5 @@ class LoraConfig:
         return AdapterSpec("dora" if self.use_dora else "lora", rank, scale, self.init, self.dropout, self.dtype)
 
     def is_trainable(self, path: str) -> bool:
+        """Whether ``trainable`` names ``path`` (a leaf trained fully)."""
         return any(p.fullmatch(path) for p in self._compiled["trainable"])

@@ -20,8 +20,27 @@ from lorax._src.trainable import Trainable, is_node
 
 @dataclasses.dataclass(frozen=True)
 class Row:
-    """One adapted, fully trained or quantized weight: ``kind`` is the adapter kind ("lora",
-    "dora"), "trainable" or "frozen <format>"; ``how`` says how its uses were computed."""
+    """One line of an `Explanation`: an adapted, fully trained or quantized weight.
+
+    Attributes:
+      path: the weight's path (``"params/h_0/attn/query/kernel"``).
+      shape: the weight's shape.
+      rank: the adapter's rank (0 for a `Trainable` or a frozen quantized weight).
+      scale: the adapter's scale (1.0 for a `Trainable`, 0.0 for a frozen quantized weight).
+      params: the weight's trained parameters.
+      how: how its uses were computed: ``"factored (dot_general)"`` (the primitives, factored),
+        ``"materialized: <primitive>"`` (``W + s·a·b`` built for those uses), ``"trained fully"``,
+        ``"dequantized per use (...)"`` or ``"unused"``; over a quantized base, ``" over nf4"``
+        and the like follows.
+      kind: the adapter kind (``"lora"``, ``"dora"``, ``"lora_bank"``), ``"trainable"`` or
+        ``"frozen <format>"``.
+
+    >>> import jax, jax.numpy as jnp, lorax
+    >>> fn = lambda p, x: x @ p["w"]
+    >>> lp = lorax.init(jax.random.key(0), lorax.LoraConfig(rank=2), fn, {"w": jnp.ones((4, 3))}, jnp.ones((1, 4)))
+    >>> lorax.explain(fn, lp, jnp.ones((1, 4))).rows[0]
+    Row(path='w', shape=(4, 3), rank=2, scale=1.0, params=14, how='factored (dot_general)', kind='lora')
+    """
 
     path: str
     shape: tuple[int, ...]
@@ -34,6 +53,33 @@ class Row:
 
 @dataclasses.dataclass(frozen=True)
 class Explanation:
+    """What `explain` found: one `Row` per adapted, fully trained or quantized weight, and the
+    parameter budget. ``print`` it for a table; in a notebook it renders as one.
+
+    Attributes:
+      rows: one `Row` per adapter, `Trainable` leaf and frozen `QuantizedArray`, in tree order.
+      trainable: the parameters trained (adapter factors and `Trainable` leaves).
+      total: all parameters, frozen and trained.
+      skipped: ``(path, why)`` of each weight used linearly that ``"all-linear"`` passed over (an
+        integer table, an elementwise scale written as an einsum).
+
+    >>> import jax, jax.numpy as jnp, lorax
+    >>> fn = lambda p, x: (x @ p["v"] + x @ p["w"]).sum() + jnp.sum(p["w"] ** 2)  # a penalty on W
+    >>> base = {"v": jnp.ones((4, 3)), "w": jnp.ones((4, 3))}
+    >>> lp = lorax.init(jax.random.key(0), lorax.LoraConfig(rank=2), fn, base, jnp.ones((1, 4)))
+    >>> report = lorax.explain(fn, lp, jnp.ones((1, 4)))
+    >>> [(row.path, row.how) for row in report.rows]
+    [('v', 'factored (dot_general)'), ('w', 'materialized: integer_pow')]
+    >>> report.materialized, report.trainable, report.total, round(report.share, 3)
+    (['w'], 28, 52, 0.538)
+    >>> print(report)
+    path  shape  kind  rank  scale  params  computed
+    ----  -----  ----  ----  -----  ------  -------------------------
+    v     4x3    lora  2     1      14      factored (dot_general)
+    w     4x3    lora  2     1      14      materialized: integer_pow
+    trainable 28 of 52 parameters (53.8462%)
+    """
+
     rows: list[Row]
     trainable: int
     total: int
@@ -41,10 +87,13 @@ class Explanation:
 
     @property
     def share(self) -> float:
+        """``trainable / total``: the fraction of parameters trained (0.0 for an empty tree)."""
         return self.trainable / self.total if self.total else 0.0
 
     @property
     def materialized(self) -> list[str]:
+        """The paths of the adapted weights some use of which was materialized (``W + s·a·b``
+        built for that use): candidates for a missing rule, or for leaving untargeted."""
         return [r.path for r in self.rows if "materialized" in r.how]
 
     def __str__(self) -> str:

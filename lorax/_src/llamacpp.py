@@ -28,9 +28,24 @@ from lorax._src.paths import unique_named_leaves
 from lorax._src.records import real
 from lorax._src.trainable import Trainable
 
-#: lorax path -> llama.cpp base tensor name (``{i}``: the layer of an ``nn.scan`` stack), or a
-#: function ``(path, layer index) -> name or None``.
 Names = Mapping[str, str] | Callable[[str, tuple[int, ...]], "str | None"]
+"""How `save_adapter` names the base model's tensors: a dict from each adapted lorax path to its
+llama.cpp tensor name, or a function ``(path, layer index) -> name or None``.
+
+In a dict, ``{i}`` (the only field a template may use) is the layer of a stacked weight (an
+``nn.scan`` stack), giving one tensor per layer; adapted paths the dict does not list are
+refused. llama.cpp's names are ``blk.N.attn_q.weight``, ``blk.N.ffn_down.weight`` and the like
+(``gguf-dump MODEL.gguf`` lists a model's).
+
+>>> import jax, jax.numpy as jnp, lorax, lorax.llamacpp, tempfile, os, gguf
+>>> fn = lambda p, x: jax.lax.scan(lambda h, w: (h @ w, None), x, p["layers"]["v"])[0]  # two stacked layers
+>>> base = {"layers": {"v": jnp.ones((2, 4, 4))}}
+>>> lp = lorax.init(jax.random.key(0), lorax.LoraConfig(rank=2), fn, base, jnp.ones((1, 4)))
+>>> names = {"layers/v": "blk.{i}.attn_v.weight"}  # or lambda path, index: f"blk.{index[0]}.attn_v.weight"
+>>> out = lorax.llamacpp.save_adapter(os.path.join(tempfile.mkdtemp(), "a.gguf"), lp, names)
+>>> [tensor.name for tensor in gguf.GGUFReader(out).tensors]
+['blk.0.attn_v.weight.lora_a', 'blk.0.attn_v.weight.lora_b', 'blk.1.attn_v.weight.lora_a', 'blk.1.attn_v.weight.lora_b']
+"""
 
 ROPE_PERMUTED = {"attn_q.weight": 0, "attn_k.weight": 1}  # tensor name suffix -> which of ``heads``
 WHO = "lorax.llamacpp.save_adapter"
@@ -40,7 +55,8 @@ def rope_permute(rows: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's converter's row order for a LLaMA Q/K weight (or its LoRA B) ``[out, ...]``:
     within each head, the two rotary halves are interleaved.
 
-    >>> rope_permute(np.arange(8)[:, None], heads=1).ravel().tolist()
+    >>> import numpy as np, lorax.llamacpp
+    >>> lorax.llamacpp.rope_permute(np.arange(8)[:, None], heads=1).ravel().tolist()
     [0, 4, 1, 5, 2, 6, 3, 7]
     """
     out = rows.shape[0]

@@ -41,9 +41,25 @@ PREFIX = "base_model.model."
 WEIGHTS_FILE = "adapter_model.safetensors"
 BASE_KEY = "lorax_base"  # safetensors metadata: JSON {module: fingerprint of its base weight}; PEFT ignores it
 
-#: ``(regex on the lorax path, torch module name)``; ``{i}`` is the layer: a regex group, or
-#: the index in the stack of an ``nn.scan``-ed weight.
 Mapping = Callable[[str, tuple[int, ...]], "str | None"] | Sequence[tuple[str, str]]
+r"""How lorax paths name PEFT's torch modules: a sequence of ``(regex, template)`` pairs or a
+function ``(path, layer index) -> module name or None``.
+
+Each regex is fully matched against the lorax path (keys joined with ``/``); the first that
+matches gives the module name by formatting ``template`` with the regex's named groups, and
+``{i}``, when the regex has no group ``i``, with the layer's index in the stack of an
+``nn.scan``-ed weight. Paths that no entry matches have no module (`save_peft` refuses an
+adapter there). `LLAMA` and `GPT2` are built in.
+
+>>> import lorax.peft
+>>> mapping = [(r"layers_(?P<i>\d+)/(?P<m>q|v)/kernel", "model.layers.{i}.self_attn.{m}_proj")]
+>>> lorax.peft.module_name(mapping, "layers_2/q/kernel", ())
+'model.layers.2.self_attn.q_proj'
+>>> lorax.peft.module_name([(r"layers/(?P<m>q|v)/kernel", "model.layers.{i}.{m}_proj")], "layers/v/kernel", (5,))
+'model.layers.5.v_proj'
+>>> lorax.peft.module_name(lambda path, index: "model." + path.replace("/", "."), "q/kernel", ())
+'model.q.kernel'
+"""
 
 LLAMA: Mapping = (
     (r"(?:.*/)?layers(?:_(?P<i>\d+))?/self_attn/(?P<m>[qkvo])_proj/kernel", "model.layers.{i}.self_attn.{m}_proj"),
@@ -53,18 +69,48 @@ LLAMA: Mapping = (
     (r"(?:.*/)?norm/scale", "model.norm"),
     (r"(?:.*/)?lm_head/kernel", "lm_head"),
 )
+"""The `Mapping` of Hugging Face's LLaMA family (Llama, Mistral, Qwen2, SmolLM, ...) laid out as
+in transformers' Flax models: ``layers_N`` (or one ``layers`` stack of ``nn.scan``) holding
+``self_attn/{q,k,v,o}_proj``, ``mlp/{gate,up,down}_proj`` and the two layer norms, then
+``embed_tokens``, the final ``norm`` and ``lm_head``, under any prefix.
+
+>>> import lorax.peft
+>>> lorax.peft.module_name(lorax.peft.LLAMA, "params/model/layers_3/self_attn/q_proj/kernel", ())
+'model.layers.3.self_attn.q_proj'
+>>> lorax.peft.module_name(lorax.peft.LLAMA, "model/layers/mlp/down_proj/kernel", (5,))  # layer 5 of a stack
+'model.layers.5.mlp.down_proj'
+>>> lorax.peft.module_name(lorax.peft.LLAMA, "params/lm_head/kernel", ())
+'lm_head'
+"""
 GPT2: Mapping = (
     (r"(?:.*/)?h(?:_(?P<i>\d+))?/attn/(?P<m>c_attn|c_proj)/kernel", "transformer.h.{i}.attn.{m}"),
     (r"(?:.*/)?h(?:_(?P<i>\d+))?/mlp/(?P<m>c_fc|c_proj)/kernel", "transformer.h.{i}.mlp.{m}"),
     (r"(?:.*/)?wte/embedding", "transformer.wte"),
 )
+"""The `Mapping` of Hugging Face's GPT-2 laid out as in transformers' Flax model: ``h_N`` (or one
+``h`` stack of ``nn.scan``) holding ``attn/{c_attn,c_proj}`` and ``mlp/{c_fc,c_proj}``, and
+the token embedding ``wte``, under any prefix.
+
+>>> import lorax.peft
+>>> lorax.peft.module_name(lorax.peft.GPT2, "params/transformer/h_0/attn/c_attn/kernel", ())
+'transformer.h.0.attn.c_attn'
+>>> lorax.peft.module_name(lorax.peft.GPT2, "transformer/h/mlp/c_fc/kernel", (11,))
+'transformer.h.11.mlp.c_fc'
+"""
 
 MAGNITUDE = ".lora_magnitude_vector"  # DoRA's m, [out_features]
 PART_NAMES = {"A": "lora_A", "B": "lora_B", "M": "lora_magnitude_vector"}
 
 
 def module_name(mapping: Mapping, path: str, index: tuple[int, ...]) -> str | None:
-    """The torch module name of lorax ``path`` (layer ``index`` of a stack), or None."""
+    """The torch module name of lorax ``path`` (layer ``index`` of a stack), or None.
+
+    >>> import lorax.peft
+    >>> lorax.peft.module_name(lorax.peft.LLAMA, "model/layers_0/self_attn/v_proj/kernel", ())
+    'model.layers.0.self_attn.v_proj'
+    >>> lorax.peft.module_name(lorax.peft.LLAMA, "model/layers_0/self_attn/rotary", ()) is None
+    True
+    """
     if callable(mapping):
         return mapping(path, index)
     for pattern, template in mapping:
@@ -291,14 +337,25 @@ def load_peft(directory: str | Path, fn: Callable, params: Any, *args, mapping: 
               **kwargs) -> Any:
     """Read a PEFT adapter folder onto plain ``params``; returns the LoRA tree.
 
-    ``fn`` and its example arguments are traced as in `lorax.init`, to learn each weight's
-    layout. The config is checked against PEFT's rules (``r`` against the tensors, alphas
-    > 0); modules that ``target_modules`` does not list are skipped with a warning, as PEFT
-    skips them. Every tensor's shape is checked against the base; tensors for modules the
-    base does not have are refused. With ``check_base``, a folder written by `save_peft`
+    ``fn`` and its example arguments (``args``, ``kwargs``) are traced as in `lorax.init`, to
+    learn each weight's layout; ``mapping`` names each weight's torch module (a `Mapping`, such
+    as `LLAMA`). The config is checked against PEFT's rules (``r`` against the tensors, each
+    alpha positive); modules that ``target_modules`` does not list are skipped with a warning,
+    as PEFT skips them. Every tensor's shape is checked against the base; tensors for modules
+    the base does not have are refused. With ``check_base``, a folder written by `save_peft`
     also refuses a base unlike the one it was saved from (its ``lorax_base`` fingerprints; a
     base already merged with the adapter, another checkpoint or seed); folders without them
     (PEFT's own) load unchecked.
+
+    >>> import jax, jax.numpy as jnp, lorax, lorax.peft, tempfile
+    >>> fn = lambda p, x: x @ p["q_proj"]["kernel"]
+    >>> base, x = {"q_proj": {"kernel": jnp.ones((4, 3))}}, jnp.ones((1, 4))
+    >>> lp = lorax.init(jax.random.key(0), lorax.LoraConfig(rank=2, alpha=4.0), fn, base, x)
+    >>> mapping = [("q_proj/kernel", "q_proj")]
+    >>> folder = lorax.peft.save_peft(tempfile.mkdtemp(), lp, mapping)
+    >>> back = lorax.peft.load_peft(folder, fn, base, x, mapping=mapping)["q_proj"]["kernel"]
+    >>> back.rank, back.scale, bool((back.a == lp["q_proj"]["kernel"].a).all())
+    (2, 2.0, True)
     """
     directory = as_folder(directory, "lorax.peft.load_peft", must_exist=True)
     _check_mapping(mapping)

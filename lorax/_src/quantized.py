@@ -78,13 +78,29 @@ class QuantizedArray:
     """A weight of ``shape``/``dtype`` held as ``codes`` (uint8) with one ``scale`` (and, for
     affine formats, one ``offset``) per block of ``block`` values along axis ``axis``.
 
-    ``scale`` may itself be a `QuantizedArray` (NF4's double quantization). Build one with
-    `lorax.quantize` or `lorax.gguf_tensor`; read it back with `dequantize`. The layout is
-    checked on construction: ``fmt`` one of `FORMATS`, ``block`` a positive int (even for
-    4-bit codes, 32 for the GGUF formats), ``axis`` a negative int, ``dtype`` floating.
+    Build one with `lorax.quantize` or `lorax.gguf_tensor`; read it back with `dequantize`.
+    It stands wherever the weight did (as an adapter's frozen ``w`` too): inside `lorax.lora`
+    each use dequantizes it. The layout is checked on construction.
 
-    >>> import jax.numpy as jnp
-    >>> QuantizedArray(jnp.zeros((2, 16), jnp.uint8), jnp.ones((2, 1)), fmt="q4_0", block=64)
+    Attributes:
+      codes: the codes, uint8 (int8 for ``"int8"`` and ``"q8_0"``); 4-bit formats pack two
+        codes a byte along ``axis``.
+      scale: one scale per block, the block axis of length ``shape[axis] // block``; itself a
+        `QuantizedArray` for NF4 with ``double_quant``.
+      offset: one offset per block for the affine formats (``"q4_1"``), else None.
+      fmt: ``"nf4"``, ``"int8"``, ``"q4_0"``, ``"q4_1"`` or ``"q8_0"`` (``"u8"``: the 8-bit
+        scales of double quantization).
+      block: values per block: a positive int, even for 4-bit codes, 32 for the GGUF formats.
+      axis: the block axis, a negative int (counted from the end).
+      dtype: the floating dtype `dequantize` returns.
+
+    >>> import jax.numpy as jnp, lorax
+    >>> q = lorax.quantize({"w": jnp.ones((4, 64))}, "nf4")["w"]
+    >>> q
+    QuantizedArray(nf4 float32[4, 64], block=64 along axis -1, 4.50 bits/value)
+    >>> q.codes.shape, q.scale.shape, q.shape, q.dequantize().tolist()[0][:3]
+    ((4, 32), (4, 1), (4, 64), [1.0, 1.0, 1.0])
+    >>> lorax.QuantizedArray(jnp.zeros((2, 16), jnp.uint8), jnp.ones((2, 1)), fmt="q4_0", block=64)
     Traceback (most recent call last):
     ValueError: QuantizedArray: q4_0 stores blocks of 32, got block=64.
     """
@@ -118,20 +134,24 @@ class QuantizedArray:
 
     @property
     def format(self) -> Format:
+        """How ``fmt`` reads its codes: bits per code and the level each code stands for."""
         return FORMATS[self.fmt]
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """The shape of the weight (not of the packed codes)."""
         shape = list(self.codes.shape)
         shape[self.axis] *= 8 // self.format.bits
         return tuple(shape)
 
     @property
     def ndim(self) -> int:
+        """The weight's number of axes."""
         return len(self.codes.shape)
 
     @property
     def size(self) -> int:
+        """The weight's number of values."""
         return int(np.prod(self.shape))
 
     @property
@@ -140,6 +160,7 @@ class QuantizedArray:
         return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(self))
 
     def bits_per_value(self) -> float:
+        """Bits held per weight value, scales and offsets included (4.5 for NF4 in blocks of 64)."""
         return 8 * self.nbytes / self.size
 
     def astype(self, dtype) -> QuantizedArray:
@@ -147,7 +168,7 @@ class QuantizedArray:
         return dataclasses.replace(self, dtype=jnp.dtype(dtype))
 
     def dequantize(self) -> jax.Array:
-        """The weight, in ``dtype``."""
+        """The weight, in ``dtype``: each code's level times its block's scale (plus its offset)."""
         fmt, k = self.format, self.axis % self.ndim
         codes = jnp.asarray(self.codes)
         shape = self.shape

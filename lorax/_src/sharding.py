@@ -43,16 +43,19 @@ def factor_shardings(lw: Adapter, w_sharding) -> dict[str, Any]:
 def partition_specs(params: Any, base_specs: Any = None) -> Any:
     """The PartitionSpec tree of a LoRA tree, for ``jax.jit`` in/out shardings.
 
-    Each adapter becomes one of specs: ``w`` keeps its own, the trained arrays follow
-    `factor_specs`. Base specs come from ``base_specs`` (a spec tree of the plain model,
-    e.g. ``flax.linen.get_partition_spec(variables)``; matched by path) or else from each
-    array's own ``NamedSharding``. ``split`` the result like the params.
+    Each adapter becomes one of specs: ``w`` keeps its own, and each trained array takes the
+    spec of the W axis behind each of its axes (``a`` that of W's contracted axes, ``b`` that
+    of its output axes, stack axes keep theirs, the rank axis is unsharded). Base specs come
+    from ``base_specs`` (a spec tree of the plain model, e.g.
+    ``flax.linen.get_partition_spec(variables)``; matched by path) or else from each array's
+    own ``NamedSharding``. `lorax.split` the result like the params.
 
     >>> import jax.numpy as jnp, lorax
     >>> from jax.sharding import PartitionSpec as P
     >>> lw = lorax.LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)))
-    >>> partition_specs({"w": lw}, {"w": P(None, "model")})["w"].b
-    P(None, 'model')
+    >>> specs = lorax.partition_specs({"w": lw}, {"w": P("data", "model")})["w"]
+    >>> specs.w, specs.a, specs.b
+    (P('data', 'model'), P('data', None), P(None, 'model'))
     """
     given = dict(named_leaves(base_specs)) if base_specs is not None else {}
     names = iter(name for name, _ in named_leaves(params))

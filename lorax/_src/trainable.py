@@ -17,9 +17,18 @@ from lorax._src.quantized import QuantizedArray
 class Trainable:
     """Marks a plain leaf as fully trainable (PEFT's ``modules_to_save``): a head, a bias, a norm.
 
-    >>> import jax.numpy as jnp, lorax
-    >>> lorax.Trainable(jnp.zeros(3)).value.shape
-    (3,)
+    `lorax.init` wraps the leaves ``LoraConfig(trainable=...)`` names; `lorax.lora` passes the
+    value to the model, `lorax.split` puts it in the trained half and `lorax.merge` unwraps it.
+
+    Attributes:
+      value: the array trained in full.
+
+    >>> import jax, jax.numpy as jnp, lorax
+    >>> fn = lambda p, x: x @ p["w"] + p["bias"]
+    >>> base = {"w": jnp.ones((4, 3)), "bias": jnp.zeros(3)}
+    >>> lp = lorax.init(jax.random.key(0), lorax.LoraConfig(rank=2, trainable="bias"), fn, base, jnp.ones((1, 4)))
+    >>> type(lp["bias"]).__name__, lp["bias"].value.shape, lorax.merge(lp)["bias"].shape
+    ('Trainable', (3,), (3,))
     """
 
     value: Any  # an array; a label or a PartitionSpec in the trees lorax derives from params

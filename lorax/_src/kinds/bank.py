@@ -27,7 +27,20 @@ from lorax._src.kinds.lora import LoraWeight
 from lorax._src.rules import products
 from lorax._src.table import apply
 
-BASE = -1  # the index that selects the base weight alone
+BASE = -1
+"""The adapter index that selects the base weight alone (-1): in `lorax.adapters.route`'s
+``index`` and what `lorax.adapters.index_of` gives for None.
+
+>>> import jax, jax.numpy as jnp, lorax
+>>> fn = lambda p, x: x @ p["w"]
+>>> base, x = {"w": jnp.ones((4, 3))}, jnp.ones((2, 4))
+>>> lp = lorax.init(jax.random.key(0), lorax.LoraConfig(rank=2), fn, base, x)
+>>> lp["w"] = lp["w"].replace(b=jnp.ones((2, 3)))  # a trained adapter
+>>> params = lorax.adapters.bank({"math": lp})
+>>> out = lorax.lora(fn)(lorax.adapters.route(params, jnp.array([0, lorax.adapters.BASE])), x)
+>>> bool(jnp.allclose(out[1], fn(base, x)[1])), bool(jnp.allclose(out[0], fn(base, x)[0]))
+(True, False)
+"""
 
 
 @register_kind
@@ -39,7 +52,22 @@ class LoraBank(Adapter):
     ``r`` the largest rank; ``scales`` and ``ranks`` are ``[n]`` arrays (adapter ``i`` uses the
     first ``ranks[i]`` of the ``r``; rank 0: this weight is not adapted by it), so banks that
     differ in scales or ranks but not in shapes share a compiled program; ``index`` is None (not
-    routed), a scalar, or one entry per example. Build banks with `lorax.adapters`.
+    routed), a scalar, or one entry per example. Build banks with `lorax.adapters`
+    (`lorax.adapters.bank`, `lorax.adapters.route`).
+
+    Attributes:
+      w: the frozen base weight (an array or a `QuantizedArray`).
+      a: the trained down-projections, ``(*stack, n, *a_axes, r)``.
+      b: the trained up-projections, ``(*stack, n, r, *b_axes)``.
+      scales: each adapter's scale, ``[n]`` (frozen).
+      ranks: each adapter's rank, ``[n]`` int (frozen); 0 where that adapter leaves ``w`` alone.
+      index: which adapter each example uses: None (not routed), a scalar, or ``[batch]``
+        ints; `lorax.adapters.BASE` (-1) selects the base alone.
+      names: the adapters' names, in index order (keyword-only).
+      a_axes: W's contracted (input) axes (keyword-only, as the fields after it).
+      b_axes: W's output axes.
+      stack_axes: W's axes of stacked layers.
+      dropout: the rate applied to the adapters' input.
 
     >>> import jax.numpy as jnp, lorax
     >>> bank = lorax.LoraBank(jnp.zeros((2, 2)), jnp.ones((2, 2, 1)), jnp.ones((2, 1, 2)),
@@ -80,7 +108,14 @@ class LoraBank(Adapter):
 
     @property
     def adapter_ranks(self) -> tuple[int, ...]:
-        """Each adapter's own rank, as ints (outside ``jit``)."""
+        """Each adapter's own rank, as ints (outside ``jit``).
+
+        >>> import jax.numpy as jnp, lorax
+        >>> bank = lorax.LoraBank(jnp.zeros((2, 2)), jnp.ones((2, 2, 2)), jnp.ones((2, 2, 2)),
+        ...                       jnp.array([1.0, 1.0]), jnp.array([2, 1]), names=("x", "y"))
+        >>> bank.adapter_ranks
+        (2, 1)
+        """
         if compat.is_tracer(self.ranks):
             raise TypeError(f"the ranks of the LoraBank of adapters {self.names} are traced (a call under jit?); "
                             "select, combine and save adapters outside jit.")

@@ -30,7 +30,24 @@ from lorax._src.table import apply
 @dataclasses.dataclass(frozen=True, repr=False)  # Adapter.__repr__ summarizes the arrays
 class DoraWeight(Adapter):
     """A frozen weight ``w`` with a low-rank direction update ``scale * a @ b`` and a trained
-    magnitude ``m`` per output unit (shape ``(*stack, *b_axes)``); see `LoraWeight` for the axes.
+    magnitude ``m`` per output unit (DoRA, Liu et al. 2024): the weight it stands for is
+    ``m · (W + scale·a·b) / ‖W + scale·a·b‖``, the norm taken over W's contracted axes.
+    `lorax.init` builds these with ``LoraConfig(use_dora=True)``.
+
+    Attributes:
+      w: the frozen base weight (an array or a `QuantizedArray`).
+      a: the trained down-projection, ``(*stack, *a_axes, rank)``.
+      b: the trained up-projection, ``(*stack, rank, *b_axes)``; zero at initialisation.
+      m: the trained magnitude per output unit, ``(*stack, *b_axes)``; W's column norms at
+        initialisation.
+      scale: the update's scale, as for `LoraWeight`.
+      a_axes: W's contracted (input) axes.
+      b_axes: W's output axes.
+      stack_axes: W's axes of stacked layers: one adapter per layer.
+      dropout: the rate applied to the adapter's input.
+      init: how the factors started (a `LoraConfig` ``init``).
+
+    The fields after ``m`` are keyword-only.
 
     >>> import jax.numpy as jnp, lorax
     >>> w = jnp.array([[3.0, 0.0], [4.0, 1.0]])

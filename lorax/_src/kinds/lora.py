@@ -23,7 +23,21 @@ class LoraWeight(Adapter):
     (``b_axes``); axes of stacked layers (``stack_axes``, e.g. from ``nn.scan``)
     lead both factors, giving one independent adapter per layer:
     ``a.shape == (*stack, *a_axes, rank)`` and ``b.shape == (*stack, rank, *b_axes)``.
-    Axis numbers index ``w``. ``dropout`` is the rate applied to the adapter's input.
+    Axis numbers index ``w``. `lorax.init` builds these; build one by hand to import factors.
+
+    Attributes:
+      w: the frozen base weight (an array or a `QuantizedArray`).
+      a: the trained down-projection, ``(*stack, *a_axes, rank)``.
+      b: the trained up-projection, ``(*stack, rank, *b_axes)``; zero at initialisation.
+      scale: the update's scale: ``alpha / rank`` (``alpha / sqrt(rank)`` with rsLoRA).
+      a_axes: W's contracted (input) axes.
+      b_axes: W's output axes.
+      stack_axes: W's axes of stacked layers (``nn.scan``): one adapter per layer.
+      dropout: the rate applied to the adapter's input (on when `lorax.lora` gets ``rng``).
+      init: how the factors started (a `LoraConfig` ``init``); after ``"pissa"`` or
+        ``"olora"`` the frozen ``w`` is the residual ``W - scale·a₀·b₀``.
+
+    The fields after ``b`` are keyword-only.
 
     >>> import jax.numpy as jnp, lorax
     >>> lw = lorax.LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)),
@@ -41,7 +55,13 @@ class LoraWeight(Adapter):
         return {"a": (*self.stack_axes, *self.a_axes, RANK), "b": (*self.stack_axes, RANK, *self.b_axes)}
 
     def low_rank(self) -> jax.Array:
-        """``scale * a @ b`` laid out like ``w`` (in the factors' dtype)."""
+        """``scale * a @ b`` laid out like ``w`` (in the factors' dtype).
+
+        >>> import jax.numpy as jnp, lorax
+        >>> lw = lorax.LoraWeight(jnp.zeros((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), scale=0.5)
+        >>> lw.low_rank().tolist()
+        [[0.5, 0.5], [0.5, 0.5]]
+        """
         subs = self.subscripts()
         return jnp.einsum(f"{subs['a']},{subs['b']}->{subs['w']}", self.a, self.b) * self.scale
 
