@@ -26,11 +26,26 @@ Kind = Literal["view", "product", "control"]
 
 @dataclasses.dataclass
 class Rule:
+    """Everything lorax knows of one primitive, for `lorax.init` and `lorax.lora` alike.
+
+    Attributes:
+      kind: ``"view"`` (transpose, cast, slice of a stack: the weight stays lazy),
+        ``"product"`` (dot, convolution, lookup: computed factored) or ``"control"`` (jit,
+        remat, scan, cond, while: the body is interpreted the same way).
+      read: ``read(eqn, views, walk)``, for `lorax.init`: which parameter axes each output
+        stands for and which uses of a weight the equation makes; ``walk(jaxpr, views)``
+        follows a weight into a body.
+      apply: ``{adapter type: fn(eqn, invals, ctx)}``, for `lorax.lora`: the equation's outputs,
+        or None when this use cannot be factored (the weight is then materialized for this use
+        alone and `lorax.explain` says why). Found along the adapter type's MRO.
+    """
+
     kind: Kind
     read: Callable[..., Any]
     apply: dict[type, Callable[..., Any]] = dataclasses.field(default_factory=dict)
 
     def handler(self, adapter_type: type) -> Callable[..., Any] | None:
+        """The ``apply`` function for ``adapter_type`` or its nearest base class, or None."""
         for cls in adapter_type.__mro__:
             if cls in self.apply:
                 return self.apply[cls]
@@ -41,7 +56,12 @@ RULES: dict[str, Rule] = {}
 
 
 def rule(*names: str, kind: Kind) -> Callable:
-    """Register ``read`` for ``names``: ``@rule("dot_general", kind="product")``."""
+    """Register ``read`` for the primitives ``names``, as a decorator:
+    ``@rule("neg", kind="view")`` over ``def read(eqn, views, walk) -> (out_views, uses)``.
+
+    A view's ``read`` usually returns ``[views[0]], []``: the output stands for the same
+    parameter axes as the input, and the equation makes no use of its own.
+    """
 
     def add(read):
         for name in names:
@@ -52,7 +72,14 @@ def rule(*names: str, kind: Kind) -> Callable:
 
 
 def apply(*names: str, adapter: type) -> Callable:
-    """Register how adapters of type ``adapter`` are computed through ``names``."""
+    """Register how adapters of type ``adapter`` are computed through the primitives ``names``
+    (each must already have a `rule`), as a decorator over ``fn(eqn, invals, ctx)``.
+
+    ``invals`` are the equation's inputs, an adapted weight among them as a tracked value (its
+    adapter in ``.weight``, with ``w`` already gradient-stopped); ``fn`` returns the list of
+    outputs, or None to have this use materialized. Register view and control rules for
+    ``lorax.Adapter`` (every kind), product rules for each kind.
+    """
 
     def add(fn):
         for name in names:

@@ -47,8 +47,6 @@ class DoraWeight(Adapter):
       dropout: the rate applied to the adapter's input.
       init: how the factors started (a `LoraConfig` ``init``).
 
-    The fields after ``m`` are keyword-only.
-
     >>> import jax.numpy as jnp, lorax
     >>> w = jnp.array([[3.0, 0.0], [4.0, 1.0]])
     >>> dw = lorax.DoraWeight(w, jnp.zeros((2, 1)), jnp.zeros((1, 2)), jnp.array([10.0, 1.0]))

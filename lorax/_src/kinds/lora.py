@@ -37,8 +37,6 @@ class LoraWeight(Adapter):
       init: how the factors started (a `LoraConfig` ``init``); after ``"pissa"`` or
         ``"olora"`` the frozen ``w`` is the residual ``W - scale·a₀·b₀``.
 
-    The fields after ``b`` are keyword-only.
-
     >>> import jax.numpy as jnp, lorax
     >>> lw = lorax.LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)),
     ...                       scale=0.5, a_axes=(0,), b_axes=(1,))
