@@ -17,7 +17,7 @@ With --resume the run continues from the saved step up to --steps (a run stopped
 of 400 trains steps 99 to 400): the progress bar starts at the saved step, the data stream
 and the held-out schedule carry on, and the loss history (history.json, replaced atomically
 before each checkpoint) continues, so the plot and summary cover the whole run. A resumed
-run ends in the model and losses of an uninterrupted one (tests/test_resume_smollm.py).
+run ends in the model and losses of an uninterrupted one (tests/integration/test_resume_smollm.py).
 """
 
 from __future__ import annotations

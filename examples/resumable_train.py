@@ -8,7 +8,7 @@ dropout RNG key (as key data) and the data position; the loop saves every --save
 steps and at the last one. On SIGTERM the loop saves at the next step boundary and exits 0.
 ``--resume`` continues from the latest checkpoint in --out up to --steps, and losses.jsonl
 carries on from the saved step. A resumed run's losses equal an uninterrupted run's, bit for
-bit on CPU (tests/test_resume.py kills this script with SIGKILL and SIGTERM to check it).
+bit on CPU (tests/integration/test_resume.py kills this script with SIGKILL and SIGTERM to check it).
 
 The same loop runs as a multi-process job, one process per host, here two local processes of
 two fake CPU devices each (start both; --coordinator is process 0's address):

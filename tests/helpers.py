@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from pathlib import Path
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from flax import nnx
 from models import GPT, MLP, NNXMLP, ConvNet, plain_fn, plain_params
 
@@ -88,3 +91,73 @@ def lock_held_by_another_process(folder):
     finally:
         holder.kill()
         holder.wait(timeout=30)
+
+
+def adapted_gpt():
+    """``(fn, params, adapters, x)``: the GPT with rank-2 adapters (alpha 6) made non-zero, its final
+    norm and first layer norm trained in full."""
+    fn, params, x = make_case("gpt")
+    config = lorax.LoraConfig(rank=2, alpha=6.0, trainable=r".*ln_f.*|.*LayerNorm_0/scale")
+    return fn, params, with_random_b(lorax.init(KEY, config, fn, params, x)), x
+
+
+# Two projections, q then v, adapted at rank 2: the subject of the checkpoint and PEFT file tests.
+QV_MAPPING = [(r"(?P<m>q|v)_proj/kernel", "layer.{m}_proj")]
+QV_BASE = {"q_proj": {"kernel": jnp.ones((6, 5))}, "v_proj": {"kernel": jnp.full((5, 4), 0.5)}}
+QV_X = jnp.ones((2, 6))
+
+
+def qv_fn(p, x):
+    return (x @ p["q_proj"]["kernel"]) @ p["v_proj"]["kernel"]
+
+
+def qv_adapted(seed=0, **config):
+    """The q/v model's adapters, a normal ``b`` drawn from ``seed``, so each seed saves other numbers."""
+    lp = lorax.init(jax.random.key(seed), lorax.LoraConfig(rank=2, **config), qv_fn, QV_BASE, QV_X)
+    return jax.tree.map(lambda n: _seeded_b(n, seed), lp, is_leaf=lambda n: isinstance(n, lorax.LoraWeight))
+
+
+def _seeded_b(node, seed):
+    if not isinstance(node, lorax.LoraWeight):
+        return node
+    b = jax.random.normal(jax.random.key(seed + 1), node.b.shape)
+    return lorax.LoraWeight(node.w, node.a, b, scale=node.scale, a_axes=node.a_axes, b_axes=node.b_axes)
+
+
+def qv_b(tree):
+    """The q projection's ``b``, as NumPy."""
+    return np.asarray(tree["q_proj"]["kernel"].b)
+
+
+def snapshot(root: Path) -> dict:
+    """Every path under ``root`` with a hash of each file's bytes."""
+    if not root.exists():
+        return {}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
+
+
+def unchanged(root: Path, call, error, match):
+    """``call()`` raises ``error`` matching ``match`` and leaves everything under ``root`` as it was."""
+    before = snapshot(root)
+    with pytest.raises(error, match=match):
+        call()
+    assert snapshot(root) == before
+
+
+# Two projections of one input: the base the bank tests gather small adapters over.
+BANK_BASE = {"q_proj": {"kernel": jnp.arange(24.0).reshape(4, 6) / 24}, "v_proj": {"kernel": jnp.ones((4, 6))}}
+BANK_X = jnp.ones((2, 4))
+
+
+def bank_fn(p, x):
+    return x @ p["q_proj"]["kernel"] + x @ p["v_proj"]["kernel"]
+
+
+def bank_member(seed, rank=2, alpha=None, init="kaiming_uniform"):
+    """One adapter over `BANK_BASE` (alpha twice the rank unless given), ``b`` drawn from ``seed``."""
+    config = lorax.LoraConfig(rank=rank, alpha=alpha or 2.0 * rank, init=init)
+    params = lorax.init(jax.random.key(seed), config, bank_fn, BANK_BASE, BANK_X)
+    b = lambda lw: lw.replace(b=jax.random.normal(jax.random.key(seed + 50), lw.b.shape))  # noqa: E731
+    return jax.tree.map(lambda x: b(x) if isinstance(x, lorax.LoraWeight) else x, params,
+                        is_leaf=lambda x: isinstance(x, lorax.LoraWeight))

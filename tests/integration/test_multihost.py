@@ -7,12 +7,9 @@ import re
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
-from helpers import lock_held_by_another_process, subprocess_env
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, lock_held_by_another_process, subprocess_env
 
 
 def free_port() -> int:
@@ -37,7 +34,7 @@ def run_all(commands, timeout=480):
 
 
 def test_two_processes_save_and_load_host_local_numpy_and_global_leaves(tmp_path):
-    port, worker = free_port(), str(ROOT / "tests" / "multihost_worker.py")
+    port, worker = free_port(), str(ROOT / "tests" / "integration" / "multihost_worker.py")
     outs = run_all([[sys.executable, worker, str(port), str(i), "2", str(tmp_path)] for i in range(2)])
     assert [o.strip().splitlines()[-1] for o in outs] == ["process 0: ok", "process 1: ok"]
     assert sorted(p.name for p in (tmp_path / "local").iterdir()) == [".lorax.lock", "0"]
@@ -45,14 +42,14 @@ def test_two_processes_save_and_load_host_local_numpy_and_global_leaves(tmp_path
 
 def test_a_locked_folder_is_refused_on_every_process_without_a_hang(tmp_path):
     with lock_held_by_another_process(tmp_path):
-        port, worker = free_port(), str(ROOT / "tests" / "multihost_worker.py")
+        port, worker = free_port(), str(ROOT / "tests" / "integration" / "multihost_worker.py")
         outs = run_all([[sys.executable, worker, str(port), str(i), "2", str(tmp_path), "locked"] for i in range(2)])
     assert [o.strip().splitlines()[-1] for o in outs] == ["process 0: refused", "process 1: refused"]
     assert [p.name for p in tmp_path.iterdir()] == [".lorax.lock"]
 
 
 def test_a_run_saved_on_two_processes_resumes_there_like_the_uninterrupted_run(tmp_path):
-    port, worker = free_port(), str(ROOT / "tests" / "multihost_worker.py")
+    port, worker = free_port(), str(ROOT / "tests" / "integration" / "multihost_worker.py")
     outs = run_all([[sys.executable, worker, str(port), str(i), "2", str(tmp_path), "resume"] for i in range(2)])
     assert [o.strip().splitlines()[-1] for o in outs] == ["process 0: resumed ok", "process 1: resumed ok"]
 

@@ -1,13 +1,13 @@
 """`save` / `load` / `save_peft` / `load_peft` arguments and inputs: retention that never deletes a newer
 step, state templates that would cast, bases a checkpoint cannot go on; each refusal changes nothing."""
 
-import hashlib
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import unchanged
 
 import lorax
 import lorax.peft
@@ -26,18 +26,6 @@ def adapted(seed=0, **config):
     lp = lorax.init(jax.random.key(seed), lorax.LoraConfig(rank=2, **config), fn, BASE, X)
     return jax.tree.map(lambda n: n.replace(b=jnp.full_like(n.b, seed + 1.0)) if isinstance(n, lorax.LoraWeight)
                         else n, lp, is_leaf=lambda n: isinstance(n, lorax.LoraWeight))
-
-
-def snapshot(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(root.rglob("*"))} if root.exists() else {}
-
-
-def unchanged(root: Path, call, error, match):
-    before = snapshot(root)
-    with pytest.raises(error, match=match):
-        call()
-    assert snapshot(root) == before
 
 
 def steps(root: Path) -> list[str]:

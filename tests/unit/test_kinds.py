@@ -1,7 +1,6 @@
 """Adapter kinds and initialisations against the materialized reference fn(merge(params)):
 DoRA, PiSSA, OLoRA; LoRA+ in the optimizer; the adapter contract's generic parts."""
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

@@ -7,13 +7,12 @@ run here (a long job, a downloaded model) goes in a ```bash block.
 import re
 import runpy
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 import lorax
 
-ROOT = Path(__file__).resolve().parents[1]
 PAGES = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "docs").rglob("*.md"))
 
 

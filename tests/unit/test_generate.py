@@ -1,4 +1,4 @@
-"""Generation with a KV cache (examples/generate.py) on a tiny random LLaMA, with and without LoRA."""
+"""Generation with a KV cache (lorax_examples.generate) on a tiny random LLaMA, with and without LoRA."""
 
 import jax
 import jax.numpy as jnp

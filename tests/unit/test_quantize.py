@@ -1,8 +1,5 @@
-"""`lorax.quantize`, `lorax.gguf_tensor`, `lorax.merge_quantized` and `QuantizedArray` refuse bad
+"""`lorax.quantize`, `lorax.merge_quantized` and `QuantizedArray` refuse bad
 input with an error naming the argument or the weight's path and shape, and leave the input as it was."""
-
-import os
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -204,98 +201,6 @@ def test_errors_come_before_any_weight_is_encoded(monkeypatch):
     monkeypatch.setattr(lorax._src.quantize, "_encode", lambda *a: calls.append(a))
     refused({"a": W, "b": jnp.ones((4, 48))}, ValueError, r"'b' \(shape \(4, 48\)\)", "q4_0", axis=-1)
     assert calls == []
-
-
-# ----------------------------------------------------------------------------- gguf_tensor
-
-
-@pytest.fixture(scope="module")
-def gguf_file():
-    """The tensors of a GGUF file written by the gguf package, by type name."""
-    gguf = pytest.importorskip("gguf")
-    data = np.random.default_rng(0).normal(size=(8, 64)).astype(np.float32)
-    path = os.path.join(tempfile.mkdtemp(), "t.gguf")
-    writer = gguf.GGUFWriter(path, "llama")
-    for kind in ("Q4_0", "Q4_1", "Q8_0"):
-        qtype = gguf.GGMLQuantizationType[kind]
-        writer.add_tensor(f"blk.0.{kind}.weight", gguf.quants.quantize(data, qtype), raw_dtype=qtype)
-    writer.add_tensor("blk.0.F32.weight", data)
-    writer.add_tensor("blk.0.F16.weight", data.astype(np.float16))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return data, {t.tensor_type.name: t for t in gguf.GGUFReader(path).tensors}
-
-
-def gguf_refused(tensor, error, match):
-    before = np.array(tensor.data)
-    with pytest.raises(error, match=match):
-        lorax.gguf_tensor(tensor)
-    assert np.array_equal(np.asarray(tensor.data), before)
-
-
-@pytest.mark.parametrize("kind,bound", [("Q4_0", 0.3), ("Q4_1", 0.3), ("Q8_0", 0.02), ("F32", 0), ("F16", 1e-3)])
-def test_gguf_reader_tensors_read_back(gguf_file, kind, bound):
-    data, tensors = gguf_file
-    got = lorax.gguf_tensor(tensors[kind])
-    dense = got.dequantize() if isinstance(got, lorax.QuantizedArray) else got
-    assert dense.shape == (8, 64) and float(np.abs(np.asarray(dense, np.float32) - data).max()) <= bound
-
-
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
-def test_gguf_block_data_of_the_wrong_size_is_refused(gguf_file, kind):
-    t = gguf_file[1][kind]
-    row = {"Q4_0": 36, "Q4_1": 40, "Q8_0": 68}[kind]
-    gguf_refused(t._replace(data=t.data[:4]), ValueError, rf"'blk.0.{kind}.weight' \(shape \[8, 64\], {kind}\) holds "
-                 rf"{4 * row} uint8 values; its 16 blocks take {8 * row} uint8 bytes")
-    gguf_refused(t._replace(shape=np.array([64, 4], np.uint32)), ValueError,
-                 rf"'blk.0.{kind}.weight' \(shape \[4, 64\], {kind}\) holds {8 * row} uint8 values; its 8 blocks take "
-                 rf"{4 * row} uint8 bytes")
-    gguf_refused(t._replace(data=t.data.view(np.uint16)), ValueError, rf"holds {4 * row} uint16 values; its 16 blocks")
-    gguf_refused(t._replace(data=t.data.astype(np.float32)), ValueError, rf"holds {8 * row} float32 values")
-
-
-@pytest.mark.parametrize("kind", ["F32", "F16"])
-def test_gguf_float_data_of_the_wrong_size_or_dtype_is_refused(gguf_file, kind):
-    t = gguf_file[1][kind]
-    dtype = "float32" if kind == "F32" else "float16"
-    gguf_refused(t._replace(data=t.data[:7]), ValueError, rf"'blk.0.{kind}.weight' \(shape \[8, 64\], {kind}\) holds "
-                 rf"448 {dtype} values; expected 512 {dtype} values")
-    gguf_refused(t._replace(data=t.data.astype(np.float64)), ValueError, r"holds 512 float64 values; expected 512")
-
-
-def test_gguf_rows_that_are_not_whole_blocks_name_the_tensor(gguf_file):
-    t = gguf_file[1]["Q8_0"]
-    gguf_refused(t._replace(shape=np.array([48, 8], np.uint32)), ValueError,
-                 r"'blk.0.Q8_0.weight' \(shape \[8, 48\], Q8_0\): rows of 48 are not whole blocks of 32")
-
-
-@pytest.mark.parametrize("shape,error,match", [
-    (np.array([0, 8]), ValueError, r"'blk.0.Q4_0.weight': shape\[0\] must be a positive int, got 0"),
-    (np.array([64.0, 8.0]), TypeError, r"'blk.0.Q4_0.weight': shape\[0\] must be a positive int, got "
-     r"(np.float64\()?64.0"),
-    (np.array([], np.uint32), ValueError, r"'blk.0.Q4_0.weight': shape must list its dimensions"),
-    (np.uint32(512), ValueError, r"'blk.0.Q4_0.weight': shape must list its dimensions")])
-def test_gguf_bad_shapes_name_the_tensor(gguf_file, shape, error, match):
-    gguf_refused(gguf_file[1]["Q4_0"]._replace(shape=shape), error, match)
-
-
-def test_gguf_non_finite_block_scales_are_refused(gguf_file):
-    t = gguf_file[1]["Q4_1"]
-    data = np.array(t.data)
-    data[2, 20 + 2:20 + 4] = np.array([np.inf], np.float16).view(np.uint8)  # row 2, second block's minimum
-    gguf_refused(t._replace(data=data), ValueError, r"'blk.0.Q4_1.weight' \(shape \[8, 64\], Q4_1\): block scales "
-                 "hold NaN or inf")
-
-
-def test_gguf_objects_that_are_not_tensors_are_refused(gguf_file):
-    t = gguf_file[1]["Q4_0"]
-    with pytest.raises(TypeError, match=r"expected a gguf.GGUFReader tensor .*got a ndarray without name, "
-                                        r"tensor_type\.$"):
-        lorax.gguf_tensor(np.zeros(3))
-    gguf_refused(t._replace(tensor_type="Q4_0"), TypeError, r"'blk.0.Q4_0.weight': tensor_type must be a "
-                 r"gguf.GGMLQuantizationType, got 'Q4_0'")
 
 
 # ----------------------------------------------------------------------------- merge_quantized and QuantizedArray

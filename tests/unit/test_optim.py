@@ -1,4 +1,5 @@
-"""Frozen means frozen: no change, no gradient work, no optimizer state."""
+"""Training through `lorax.optimizer` and `split`: frozen means frozen (no change, no gradient work, no
+optimizer state)."""
 
 import re
 

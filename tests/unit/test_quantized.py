@@ -1,10 +1,9 @@
-"""Quantized bases (QLoRA): each format against its dequantized model, GGUF blocks against the
-gguf package, frozen codes, the compiled step's argument bytes, and the errors."""
+"""Quantized bases (QLoRA): each format against its dequantized model, frozen codes, the compiled
+step's argument bytes, and the errors."""
 
 import dataclasses
 import functools
 import tempfile
-from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -100,34 +99,6 @@ def test_views_and_scan_slices_keep_the_codes():
     view = lambda p, x: x @ p["w"].T.astype(jnp.float32)  # noqa: E731
     np.testing.assert_allclose(lorax.lora(view)({"w": t}, jnp.ones((1, 64))),
                                jnp.ones((1, 64)) @ t.dequantize().T, rtol=1e-6)
-
-
-def gguf_tensor_of(data, qtype, name="blk.0.attn_q.weight"):
-    """A stand-in for a ``gguf.GGUFReader`` tensor holding ``data`` encoded by the gguf package."""
-    gguf = pytest.importorskip("gguf")
-    raw = gguf.quants.quantize(data, qtype)
-    return SimpleNamespace(name=name, tensor_type=qtype, shape=np.array(data.shape[::-1]), data=raw), raw
-
-
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
-def test_gguf_blocks_as_stored_match_gguf_dequantize(kind):
-    gguf = pytest.importorskip("gguf")
-    qtype = gguf.GGMLQuantizationType[kind]
-    data = np.random.default_rng(0).normal(size=(48, 128)).astype(np.float32)
-    tensor, raw = gguf_tensor_of(data, qtype)
-    q = lorax.gguf_tensor(tensor)
-    assert q.shape == (48, 128) and q.fmt == kind.lower()
-    np.testing.assert_allclose(np.asarray(q.dequantize()), gguf.quants.dequantize(raw, qtype), rtol=1e-6, atol=1e-7)
-    assert q.nbytes == raw.nbytes  # the file's bytes, no more
-    again = lorax.quantize({"w": jnp.asarray(data)}, kind.lower(), axis=-1)["w"]  # lorax's encoder, llama.cpp's rule
-    np.testing.assert_allclose(again.dequantize(), q.dequantize(), atol=float(np.abs(data).max()) / 6)
-
-
-def test_unsupported_gguf_type_names_the_tensor_and_type():
-    tensor = SimpleNamespace(name="blk.3.ffn_down.weight", tensor_type=SimpleNamespace(name="Q6_K"),
-                             shape=np.array([256, 4]), data=np.zeros((4, 210), np.uint8))
-    with pytest.raises(ValueError, match=r"'blk.3.ffn_down.weight'.*Q6_K"):
-        lorax.gguf_tensor(tensor)
 
 
 def test_block_size_that_does_not_divide_the_axis_is_refused():

@@ -1,4 +1,4 @@
-"""Runs tests/multidevice_checks.py and the sharded fine-tuning example on 8 fake CPU devices in subprocesses."""
+"""Runs multidevice_checks.py and the sharded fine-tuning example on 8 fake CPU devices in subprocesses."""
 
 import re
 import subprocess
@@ -9,17 +9,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import subprocess_env
+from helpers import ROOT, subprocess_env
 
 import lorax
 
 HERE = Path(__file__).resolve().parent
-EXAMPLE = HERE.parent / "examples" / "sharded_finetune.py"
+EXAMPLE = ROOT / "examples" / "sharded_finetune.py"
 
 
 def test_multidevice_checks_pass_on_8_cpu_devices():
     env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", "-n", "0",
                            "--rootdir", str(HERE), str(HERE / "multidevice_checks.py")],
                           cwd=HERE, env=env, capture_output=True, text=True, timeout=900)
     print(proc.stdout[-4000:])

@@ -4,12 +4,9 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from helpers import subprocess_env
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT, subprocess_env
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """One process of a local multi-process JAX run (``jax.distributed`` over gloo on CPU), for test_multihost.py.
 
-    python tests/multihost_worker.py PORT PROCESS_ID NUM_PROCESSES FOLDER [save-load|locked|resume]
+    python tests/integration/multihost_worker.py PORT PROCESS_ID NUM_PROCESSES FOLDER [save-load|locked|resume]
 """
 
 from __future__ import annotations

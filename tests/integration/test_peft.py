@@ -1,18 +1,23 @@
-"""PEFT interop: lorax -> PEFT folder -> PeftModel, and PEFT -> lorax, numerically."""
+"""PEFT interop: lorax -> PEFT folder -> PeftModel, and PEFT -> lorax, numerically; target_modules as PEFT
+matches them."""
 
 import dataclasses
 import json
 import os
+import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import with_random_b
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import load_file
 
 import lorax
 import lorax.peft
+from lorax._src import peft_config
 
 if os.environ.get("CI") == "true":  # CI installs the torch stack: a missing one is a failure
     import peft
@@ -199,19 +204,6 @@ def test_modules_to_save_travel_both_ways(tmp_path):
     assert rel_err(lorax.lora(fn)(lp, IDS), torch_logits(again)) < 1e-4
 
 
-@pytest.mark.parametrize("mapping, path, index, expected", [
-    (lorax.peft.LLAMA, "params/layers/self_attn/q_proj/kernel", (3,), "model.layers.3.self_attn.q_proj"),
-    (lorax.peft.LLAMA, "params/layers_7/mlp/down_proj/kernel", (), "model.layers.7.mlp.down_proj"),
-    (lorax.peft.LLAMA, "params/layers/self_attn/q_proj/kernel", (), None),  # a stack needs its layer
-    (lorax.peft.GPT2, "params/h/attn/c_attn/kernel", (0,), "transformer.h.0.attn.c_attn"),
-    (lorax.peft.GPT2, "params/h_11/mlp/c_fc/kernel", (), "transformer.h.11.mlp.c_fc"),
-    (lorax.peft.GPT2, "params/wte/embedding", (), "transformer.wte"),
-    (lambda path, index: f"custom.{path}.{index}", "x", (1,), "custom.x.(1,)"),
-])
-def test_module_names(mapping, path, index, expected):
-    assert lorax.peft.module_name(mapping, path, index) == expected
-
-
 def _perturb_magnitudes(lp, seed=5):
     key = jax.random.key(seed)
 
@@ -274,3 +266,20 @@ def test_pissa_olora_adapter_exports_as_lora_on_the_original_base(tmp_path, init
     assert rel_err(fn(params, IDS), theirs) > 1e-3
     with pytest.raises(ValueError, match="`initial` has no adapter at"):
         lorax.peft.save_peft(tmp_path / "bad", trained, lorax.peft.LLAMA, initial={})
+
+
+NAMES = st.lists(st.sampled_from(["q_proj", "v_proj", "proj", "layers.0.q_proj", "lm_head", "mlp"]), max_size=3)
+
+
+@settings(max_examples=80, deadline=None)
+@given(targets=NAMES | st.sampled_from([r".*q_proj", r"model\..*", "lm_head"]),
+       exclude=st.none() | NAMES | st.sampled_from([r".*\.0\..*"]),
+       saved=st.none() | st.lists(st.sampled_from(["lm_head", "proj"]), max_size=2),
+       module=st.sampled_from(["model.layers.0.q_proj", "model.layers.1.v_proj", "lm_head", "model.proj",
+                               "model.layers.0.mlp.up_proj"]))
+def test_target_modules_match_peft_exactly(targets, exclude, saved, module):
+    check = pytest.importorskip("peft.tuners.tuners_utils").check_target_module_exists
+    theirs = types.SimpleNamespace(target_modules=targets, exclude_modules=exclude, modules_to_save=saved,
+                                   target_parameters=None, layers_to_transform=None, layers_pattern=None)
+    ours = {"target_modules": targets, "exclude_modules": exclude, "modules_to_save": saved}
+    assert peft_config.targeted(ours, module) == bool(check(theirs, module))

@@ -1,0 +1,69 @@
+"""`lorax.LoraConfig`: every wrong type and value refused, naming the field; NumPy scalars taken as
+numbers; rank and alpha patterns, rsLoRA, predicate targets, exclude and trainable."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from helpers import KEY, make_case
+
+import lorax
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(alpha=math.inf), ValueError, "alpha for 'alpha' must be a finite number, got inf"),
+    (dict(alpha=math.nan), ValueError, "must be a finite number, got nan"),
+    (dict(alpha="16"), TypeError, r"alpha for 'alpha' must be a number, got '16' \(str\)"),
+    (dict(rank=True), TypeError, r"rank for 'rank' must be a positive int, got True \(bool\)"),
+    (dict(rank_pattern={"x": 2.0}), TypeError, "rank for 'x' must be a positive int"),
+    (dict(rank_pattern=[("x", 2)]), TypeError, r"rank_pattern must be a mapping \{regex: value\}"),
+    (dict(alpha_pattern={"(": 2.0}), ValueError, r"LoraConfig.alpha_pattern: '\(' is not a valid regex"),
+    (dict(targets=5), TypeError, r"LoraConfig.targets: expected a regex string .* got 5"),
+    (dict(targets=["ok", 3]), TypeError, r"LoraConfig.targets: expected .* got \['ok', 3\]"),
+    (dict(exclude=7), TypeError, "LoraConfig.exclude: expected a regex string"),
+    (dict(dropout=math.nan), ValueError, "dropout must be a finite number"),
+    (dict(dropout="0.1"), TypeError, "dropout must be a number"),
+    (dict(use_rslora="yes"), TypeError, "use_rslora must be True or False"),
+    (dict(dtype="float99"), TypeError, "dtype must be None or a dtype"),
+    (dict(rank=0), ValueError, "rank for 'rank' must be a positive int, got 0"),
+    (dict(rank=2.5), TypeError, "must be a positive int, got 2.5"),
+    (dict(alpha=0.0), ValueError, "alpha for 'alpha' must be > 0"),
+    (dict(alpha_pattern={"x": -1.0}), ValueError, "alpha for 'x' must be > 0"),
+    (dict(targets="(unclosed"), ValueError, r"LoraConfig.targets: '\(unclosed' is not a valid regex"),
+    (dict(exclude=["[bad"]), ValueError, "LoraConfig.exclude"),
+    (dict(dropout=1.0), ValueError, "dropout must be in"),
+    (dict(init="zeros"), ValueError, "init must be"),
+    (dict(use_dora="yes"), TypeError, "use_dora must be True or False"),
+])
+def test_config_refuses_wrong_types_and_values(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        lorax.LoraConfig(**kwargs)
+
+
+def test_config_takes_numpy_scalars_as_numbers():
+    config = lorax.LoraConfig(rank=np.int64(4), alpha=np.float32(8), rank_pattern={"x": np.int32(2)},
+                              dropout=np.float64(0.1), use_rslora=np.bool_(False))
+    scale = config.resolve("y", None, linear=True).scale
+    assert (type(config.rank), config.rank_pattern["x"], scale, config.dropout) == (int, 2, 2.0, 0.1)
+    assert json.dumps(config.record())  # JSON-able as written into checkpoints
+
+
+def test_rank_alpha_patterns_and_rslora():
+    fn, params, x = make_case("mlp")
+    config = lorax.LoraConfig(rank=4, alpha=8.0, rank_pattern={r".*Dense_1/kernel": 2},
+                              alpha_pattern={r".*Dense_2/kernel": 1.0}, use_rslora=True)
+    lp = lorax.init(KEY, config, fn, params, x)["params"]
+    assert [lp[f"Dense_{i}"]["kernel"].rank for i in range(3)] == [4, 2, 4]
+    assert [lp[f"Dense_{i}"]["kernel"].scale for i in range(3)] == pytest.approx(
+        [8 / 2, 8 / np.sqrt(2), 1 / 2])
+
+
+def test_predicate_targets_exclude_and_trainable():
+    fn, params, x = make_case("mlp")
+    config = lorax.LoraConfig(rank=2, targets=lambda path, leaf: leaf.ndim == 2,
+                              exclude=r".*Dense_0/.*", trainable=r".*/bias")
+    lp = lorax.init(KEY, config, fn, params, x)["params"]
+    assert not isinstance(lp["Dense_0"]["kernel"], lorax.LoraWeight)
+    assert isinstance(lp["Dense_1"]["kernel"], lorax.LoraWeight)
+    assert isinstance(lp["Dense_0"]["bias"], lorax.Trainable)
