@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from lorax._src import display, transform
 from lorax._src.adapter import Adapter
@@ -152,9 +153,18 @@ def explain(fn: Callable, params: Any, *args, **kwargs) -> Explanation:
             size = math.prod(leaf.value.shape)
             total, trainable = total + size, trainable + size
             rows.append(Row(name, tuple(leaf.value.shape), 0, 1.0, size, "trained fully", "trainable"))
-        elif hasattr(leaf, "shape"):
+        elif _is_parameter(leaf):
             total += math.prod(leaf.shape)
     return Explanation(rows, trainable, total, _skipped(fn, params, args, kwargs))
+
+
+def _is_parameter(leaf: Any) -> bool:
+    """A plain floating-point array: integer state and PRNG keys (an NNX state's RNG counters
+    and keys) are in the tree but are not parameters."""
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is None or not hasattr(leaf, "shape") or jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+        return False
+    return bool(jnp.issubdtype(dtype, jnp.inexact))
 
 
 def _skipped(fn: Callable, params: Any, args: tuple, kwargs: dict) -> list[tuple[str, str]]:

@@ -94,3 +94,12 @@ def test_a_plain_tree_with_a_key_leaf_is_adapted_and_differentiated(dtype):
     loss = lambda t: lorax.lora(fn)(lorax.combine(t, frozen), x).sum().astype(jnp.float32)
     assert jax.grad(loss)(trainable)["w"].b.shape == (2, 3)
     assert lorax.explain(fn, params, x).rows
+
+
+def test_explain_counts_floating_weights_only_not_rng_keys_or_counters():
+    forward, state = nnx_case()
+    params = lorax.init(jax.random.key(1), lorax.LoraConfig(rank=2), forward, state, X)
+    floats = sum(x.size for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating))
+    explanation = lorax.explain(forward, params, X)
+    assert explanation.trainable == 2 * (6 + 8) + 2 * (8 + 3)
+    assert explanation.total == floats + explanation.trainable  # the base weights and the adapters
