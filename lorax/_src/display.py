@@ -13,6 +13,9 @@ import html
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+import jax
+import numpy as np
+
 if TYPE_CHECKING:
     from treescope import renderers, rendering_parts
 
@@ -73,7 +76,13 @@ def _fields(node: Any, frozen: Sequence[str], skip: Sequence[str] = ()) -> dict[
 def _headline(node: Any, kind: str) -> str:
     rank = getattr(node, "rank", None)  # None also when the factors are absent (a split's frozen half)
     parts = [kind] + ([f"rank={rank}"] if rank is not None else [])
-    if hasattr(node, "scale"):
+    scales = getattr(node, "scales", None)  # a bank: each adapter's own scale, not the unused `scale`
+    if scales is not None:
+        try:
+            parts.append("scales=" + ",".join(f"{float(v):g}" for v in np.asarray(scales).ravel()))
+        except (TypeError, jax.errors.TracerArrayConversionError):  # traced, or abstract
+            parts.append(f"scales={array_summary(scales, 'frozen')}")
+    elif hasattr(node, "scale"):
         parts.append(f"scale={node.scale:g}")
     return " ".join(parts)
 

@@ -162,7 +162,7 @@ def _is_parameter(leaf: Any) -> bool:
     """A plain floating-point array: integer state and PRNG keys (an NNX state's RNG counters
     and keys) are in the tree but are not parameters."""
     dtype = getattr(leaf, "dtype", None)
-    if dtype is None or not hasattr(leaf, "shape") or jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+    if dtype is None or not hasattr(leaf, "shape") or jnp.issubdtype(dtype, jax.dtypes.extended):
         return False
     return bool(jnp.issubdtype(dtype, jnp.inexact))
 

@@ -35,7 +35,7 @@ def narrowed(dtype: Any) -> bool:
     >>> narrowed(jnp.bfloat16), narrowed(jnp.float16), narrowed(jax.random.key(0).dtype)
     (True, False, False)
     """
-    if dtype is None or jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+    if dtype is None or jnp.issubdtype(dtype, jax.dtypes.extended):
         return False
     try:
         return np.dtype(dtype) == NARROW

@@ -84,3 +84,12 @@ def test_explain_renders_markdown_and_html_tables(adapted):
     assert lines[-1].startswith("trainable 244 of ")
     html = report._repr_html_()
     assert html.count("<tr>") == len(report.rows) + 1 and "params/Dense_1/kernel" in html
+
+
+def test_a_bank_headline_shows_each_adapter_scale_not_the_unused_scale():
+    bank = lorax.LoraBank(jnp.ones((4, 3)), jnp.ones((2, 4, 1)), jnp.ones((2, 1, 3)), jnp.array([2.0, 0.5]),
+                          jnp.array([1, 1]), names=("x", "y"))
+    assert repr(bank).startswith("LoraBank(lora_bank rank=1 scales=2,0.5, w=f32[4,3] frozen")
+    seen = []
+    jax.jit(lambda b: seen.append(repr(b)) or b.a)(bank)
+    assert "scales=f32[2] frozen," in seen[0]
