@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parent
 INTEGRATION = (ROOT / "tests" / "integration", ROOT / "notebooks")
 # integration modules by cost (the slowest first); any other goes after these, in file order
 HEAVIEST = ("test_benchmarks", "test_smollm", "test_docs", "test_resume_smollm", "test_resume", "test_multihost",
-            "test_sharding", "test_paper_tables", "test_peft", "test_minilm")
+            "test_sharding", "test_paper_tables", "test_peft", "test_checkpoint_processes", "test_minilm",
+            "test_multi_peft", "test_llamacpp")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -65,7 +65,8 @@ def test_two_hosts_of_four_devices_train_like_one_process_of_eight(tmp_path):
         [*common, "--cpu-devices", "8", "--out", str(tmp_path / "one")],
         *[[*common, "--cpu-devices", "4", "--distributed", "--coordinator", f"127.0.0.1:{port}",
            "--num-processes", "2", "--process-id", str(i), "--out", str(tmp_path / "two")] for i in range(2)]])
-    quiet = [line for line in host1.splitlines() if not line.startswith("[Gloo]")]  # gloo's own chatter
+    # gloo's own chatter, whose lines other processes' output can split: "[Gloo] Rank 1 is connected to 1 peer ranks..."
+    quiet = [line for line in host1.splitlines() if line.strip() and not re.search(r"\[Gloo\]|peer ranks", line)]
     assert "over 8 cpu devices in 2 processes" in host0 and quiet == []  # process 0 alone logs
     assert len(losses(one)) == 7 and losses(one)[-1] < losses(one)[0]
     np.testing.assert_allclose(losses(host0), losses(one), rtol=1e-5)  # all-reduce order differs across hosts

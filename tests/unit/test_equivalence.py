@@ -5,10 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import CASES, KEY, make_case, with_random_b
+from helpers import CASES, KEY, assert_trees_close, make_case, with_random_b
 
 import lorax
-from conftest import assert_trees_close
 
 TOL = {"gpt-bf16": dict(rtol=5e-2, atol=5e-2)}
 

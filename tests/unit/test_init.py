@@ -5,13 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import KEY, make_case, with_random_b
+from helpers import KEY, assert_trees_close, make_case, with_random_b
 from helpers import QV_BASE as BASE
 from helpers import QV_X as X
 from helpers import qv_fn as fn
 
 import lorax
-from conftest import assert_trees_close
 
 
 def test_init_distributions():

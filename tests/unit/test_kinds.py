@@ -6,11 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from helpers import KEY, make_case, with_random_b
+from helpers import KEY, assert_trees_close, make_case, with_random_b
 from lorax_examples import gpt
 
 import lorax
-from conftest import assert_trees_close
 
 MODELS = ["mlp", "gpt", "gpt-bf16", "nnx", "plain"]  # gpt: multi-axis DenseGeneral, nn.scan over nn.remat
 TOL = {"gpt-bf16": dict(rtol=5e-2, atol=5e-2)}

@@ -3,9 +3,9 @@
 import jax
 import jax.numpy as jnp
 import pytest
+from helpers import assert_trees_close
 
 import lorax
-from conftest import assert_trees_close
 from lorax._src.lowrank import low_rank_update
 
 CASES = [

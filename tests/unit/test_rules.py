@@ -2,13 +2,12 @@
 
 import jax
 import jax.numpy as jnp
-from helpers import with_random_b
+from helpers import assert_trees_close, with_random_b
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax import lax
 
 import lorax
-from conftest import assert_trees_close
 
 SETTINGS = settings(max_examples=25, deadline=None)
 

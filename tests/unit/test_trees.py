@@ -6,10 +6,9 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import pytest
-from helpers import KEY, make_case, with_random_b
+from helpers import KEY, assert_trees_close, make_case, with_random_b
 
 import lorax
-from conftest import assert_trees_close
 
 
 def test_merge_unmerge_round_trip_and_merge_jits():
