@@ -59,6 +59,17 @@ def _tokens(batch: int, seq: int, vocab: int):
     return np.random.default_rng(0).integers(0, vocab, (batch, seq + 1)).astype(np.int32)
 
 
+def _adapter_bytes(folder: Path) -> tuple[int, int]:
+    """``(file bytes, tensor bytes)`` of a PEFT folder's safetensors file: the file is an 8-byte
+    header length, the JSON header (names, shapes, metadata such as lorax's base fingerprint), then
+    the tensors."""
+    path = folder / "adapter_model.safetensors"
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+    size = path.stat().st_size
+    return size, size - 8 - header
+
+
 def lorax_step(args):
     """``(step, trainable_count, adapter_bytes, flops, compiled)``; ``step()`` runs one step and
     waits; ``flops`` are its matmul flops, every layer counted (`flops.matmul_flops`)."""
@@ -90,7 +101,7 @@ def lorax_step(args):
         rest, forward = (frozen,), lambda t, f, x: lorax.lora(fn)(lorax.combine(t, f), x)
         with tempfile.TemporaryDirectory() as tmp:
             lorax.peft.save_peft(Path(tmp), params, lorax.peft.LLAMA)
-            adapter_bytes = (Path(tmp) / "adapter_model.safetensors").stat().st_size
+            adapter_bytes = _adapter_bytes(Path(tmp))
     count = sum(x.size for x in jax.tree.leaves(state))
     opt = tx.init(state)
 
@@ -147,7 +158,7 @@ def torch_step(args):
     if args.framework == "peft":
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
-            adapter_bytes = (Path(tmp) / "adapter_model.safetensors").stat().st_size
+            adapter_bytes = _adapter_bytes(Path(tmp))
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:  # forward and backward, no update: the weights stay
@@ -200,7 +211,8 @@ def main(argv=None):
         base=args.base,
         batch=args.batch, seq=args.seq, s_per_step=median, tokens_per_s=args.batch * args.seq / median,
         trained_params=count, train_peak_rss_mib=_peak_rss_mib() if reset else None,
-        process_peak_rss_mib=max(load_peak, _peak_rss_mib()), adapter_bytes=adapter_bytes,
+        process_peak_rss_mib=max(load_peak, _peak_rss_mib()), adapter_bytes=adapter_bytes and adapter_bytes[0],
+        adapter_tensor_bytes=adapter_bytes and adapter_bytes[1],
         first_loss=losses[0], last_loss=losses[-1], machine=roofline.machine(), step_gflop=flops / 1e9,
         matmul_peak_gflops=peak, efficiency=flops / median / 1e9 / peak)))
 

@@ -32,7 +32,7 @@ def _perturbed(lp, seed=7):
 def _check_against_merged(fn, lp, x, name):
     trainable, frozen = lorax.split(lp)
     tol = TOL.get(name, dict(rtol=2e-4, atol=2e-5))
-    out, ref = lorax.lora(fn)(lp, x), fn(lorax.merge(lp), x)
+    out, ref = jax.jit(lorax.lora(fn))(lp, x), jax.jit(fn)(lorax.merge(lp), x)  # eager runs: test_equivalence
     assert out.dtype == ref.dtype
     assert_trees_close(out, ref, **tol)
 
@@ -40,7 +40,7 @@ def _check_against_merged(fn, lp, x, name):
         return lambda t: jnp.sum(jnp.square(forward(lorax.combine(t, frozen), x).astype(jnp.float32)))
 
     g = jax.jit(jax.grad(loss(lorax.lora(fn))))(trainable)
-    g_ref = jax.grad(loss(lambda p, x: fn(lorax.merge(p), x)))(trainable)
+    g_ref = jax.jit(jax.grad(loss(lambda p, x: fn(lorax.merge(p), x))))(trainable)
     assert max(float(jnp.abs(leaf).max()) for leaf in jax.tree.leaves(g_ref)) > 1e-3
     assert_trees_close(g, g_ref, **(tol if name == "gpt-bf16" else dict(rtol=1e-3, atol=1e-5)))
 
@@ -52,7 +52,8 @@ def test_dora_outputs_and_gradients_match_merged_reference(name):
     kinds = {type(n) for n in jax.tree.leaves(lp, is_leaf=lambda n: isinstance(n, lorax.Adapter))
              if isinstance(n, lorax.Adapter)}
     assert kinds == {lorax.DoraWeight}
-    np.testing.assert_allclose(lorax.lora(fn)(lp, x).astype(jnp.float32), fn(params, x).astype(jnp.float32),
+    out, ref = jax.jit(lorax.lora(fn))(lp, x), jax.jit(fn)(params, x)
+    np.testing.assert_allclose(out.astype(jnp.float32), ref.astype(jnp.float32),
                                **TOL.get(name, dict(rtol=1e-5, atol=1e-5)))
     lp = _perturbed(lp)
     _check_against_merged(fn, lp, x, name)
@@ -75,7 +76,7 @@ def test_dora_merge_is_magnitude_times_unit_direction():
 def test_initialisations_leave_outputs_unchanged_and_match_reference(init, name):
     fn, params, x = make_case(name)
     lp = lorax.init(KEY, lorax.LoraConfig(rank=2, alpha=4.0, init=init), fn, params, x)
-    np.testing.assert_allclose(lorax.lora(fn)(lp, x), fn(params, x), rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(jax.jit(lorax.lora(fn))(lp, x), jax.jit(fn)(params, x), rtol=2e-4, atol=2e-5)
     if init != "gaussian":  # the factors carry W's principal part: b is not zero, the base is the residual
         lw = lp["params"]["Dense_1"]["kernel"] if name == "mlp" else None
         if lw is not None:

@@ -46,7 +46,7 @@ def test_dot_general_rule_matches_merged_weight(layout, seed):
     lp = with_random_b(lorax.init(key, lorax.LoraConfig(rank=1, alpha=3.0), fn, params, x), key)
     lw = lp["w"]
     assert set(lw.a_axes) == set(wc) and set(lw.stack_axes) == set(wb)
-    assert_trees_close(lorax.lora(fn)(lp, x), fn(lorax.merge(lp), x), rtol=1e-4, atol=1e-5)
+    assert_trees_close(jax.jit(lorax.lora(fn))(lp, x), jax.jit(fn)(lorax.merge(lp), x), rtol=1e-4, atol=1e-5)
     assert lorax.explain(fn, lp, x).rows[0].how == "factored (dot_general)"
 
 
@@ -62,7 +62,7 @@ def test_conv_rule_matches_merged_weight(kh, kw, padding, stride, dilation, seed
     params = {"k": jax.random.normal(key, (kh, kw, 3, 5))}
     x = jax.random.normal(jax.random.fold_in(key, 1), (2, 7, 6, 3))
     lp = with_random_b(lorax.init(key, lorax.LoraConfig(rank=2), fn, params, x), key)
-    assert_trees_close(lorax.lora(fn)(lp, x), fn(lorax.merge(lp), x), rtol=1e-4, atol=1e-5)
+    assert_trees_close(jax.jit(lorax.lora(fn))(lp, x), jax.jit(fn)(lorax.merge(lp), x), rtol=1e-4, atol=1e-5)
     assert lorax.explain(fn, lp, x).rows[0].how == "factored (conv_general_dilated)"
 
 
@@ -76,4 +76,4 @@ def test_lookup_rule_matches_merged_table(vocab, dim, idx_shape, seed):
     ids = jax.random.randint(key, idx_shape, 0, vocab)
     config = lorax.LoraConfig(rank=1, targets="e")
     lp = with_random_b(lorax.init(key, config, fn, params, ids), key)
-    assert_trees_close(lorax.lora(fn)(lp, ids), fn(lorax.merge(lp), ids), rtol=1e-5, atol=1e-6)
+    assert_trees_close(jax.jit(lorax.lora(fn))(lp, ids), jax.jit(fn)(lorax.merge(lp), ids), rtol=1e-5, atol=1e-6)
