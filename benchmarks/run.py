@@ -4,7 +4,7 @@ Run from the repository root, the examples' package on the path:
 PYTHONPATH=examples python3 benchmarks/run.py ...
 
     python benchmarks/run.py            # GPT-2-small widths and SmolLM2-135M, as in docs/performance.md (~15 min)
-    python benchmarks/run.py --quick    # small widths, few steps: a smoke run (~1 min)
+    python benchmarks/run.py --quick    # small widths, few steps: a smoke run (~7 min on 2 cores)
     python benchmarks/run.py --only qlora   # the QLoRA rows alone (GPT and SmolLM2), to results/qlora.*
     python benchmarks/run.py --only smollm  # the roofline and SmolLM2 LoRA lorax vs PEFT alone, to results/smollm.*
 
