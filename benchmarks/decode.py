@@ -45,7 +45,7 @@ def lorax_generator(args):
 
     import lorax
 
-    config, base, _ = smollm.load()
+    config, base, _ = smollm.load(layers=args.layers)
     config = type(config)(**{**config.__dict__, "remat": False})
     prompts = _prompt(args.batch, args.prompt, config.vocab)
     fn = lambda p, ids: Llama(config).apply(p, ids)  # noqa: E731
@@ -65,10 +65,8 @@ def transformers_generator(args):
     import torch
     from lorax_examples import smollm
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
 
-    path = smollm.gguf_path()
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model = smollm.transformers_model("float32", args.layers)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
     model.eval()
     ids = torch.from_numpy(_prompt(args.batch, args.prompt, model.config.vocab_size)).long()
@@ -93,7 +91,8 @@ def measure(args) -> dict:
             samples.append(time.perf_counter() - start)
         timings[new] = statistics.median(samples)
     decode = max(timings[args.new] - timings[1], 1e-9)
-    return dict(runtime=args.runtime, label=RUNTIMES[args.runtime], batch=args.batch, prompt=args.prompt,
+    return dict(runtime=args.runtime, label=RUNTIMES[args.runtime], layers=args.layers or 30, batch=args.batch,
+                prompt=args.prompt,
                 new=args.new, first_token_s=timings[1], total_s=timings[args.new],
                 decode_tokens_per_s=args.batch * (args.new - 1) / decode)
 
@@ -109,9 +108,10 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def runs(quick: bool, repeats: int | None = None) -> list[dict]:
-    """Each runtime in a fresh process; one row per runtime."""
+def runs(quick: bool, repeats: int | None = None, layers: int | None = None) -> list[dict]:
+    """Each runtime in a fresh process; one row per runtime (``layers``: the first N decoder layers)."""
     shape = ["--new", "8", "--repeats", "1"] if quick else ["--repeats", str(repeats or 3)]
+    shape += [] if layers is None else ["--layers", str(layers)]
     rows = []
     for runtime in RUNTIMES:
         print(f"  decode: {runtime} ...", flush=True)
@@ -131,12 +131,13 @@ def main(argv=None):
     p.add_argument("--new", type=int, default=64, help="new tokens per prompt")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="8 new tokens, one repeat: a smoke run")
+    p.add_argument("--layers", type=int, help="keep the first N decoder layers (a smoke run); all 30 by default")
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
     if args.runtime:
         print(json.dumps(measure(args)))
         return None
-    rows = runs(args.quick, args.repeats)
+    rows = runs(args.quick, args.repeats, args.layers)
     return written(args.out, "decode", rows, markdown(rows))
 
 

@@ -4,7 +4,8 @@ Run from the repository root, the examples' package on the path:
 PYTHONPATH=examples python3 benchmarks/run.py ...
 
     python benchmarks/run.py            # GPT-2-small widths and SmolLM2-135M, as in docs/performance.md (~15 min)
-    python benchmarks/run.py --quick    # small widths, few steps: a smoke run (~7 min on 2 cores)
+    python benchmarks/run.py --quick    # small widths, few steps: a smoke run (~5 min on 2 cores)
+    python benchmarks/run.py --smoke    # --quick at each section's smallest configuration: the tests' run
     python benchmarks/run.py --only qlora   # the QLoRA rows alone (GPT and SmolLM2), to results/qlora.*
     python benchmarks/run.py --only smollm  # the roofline and SmolLM2 LoRA lorax vs PEFT alone, to results/smollm.*
 
@@ -100,12 +101,13 @@ def compiled_table(widths: dict) -> list[dict]:
             for label, c in compiled.items()]
 
 
-def wall_table(widths: dict, repeats: int, warmup: int) -> list[dict]:
+def wall_table(widths: dict, repeats: int, warmup: int) -> tuple[list[dict], dict]:
+    """The rows, and the timings by label (the sequence sweep reuses them at this length)."""
     timings = walltime.interleaved(train_programs(widths, floor=True), repeats=repeats, warmup=warmup)
     tokens = widths["batch"] * widths["seq"]
     return [dict(variant=k, s_per_step=t.seconds, tokens_per_s=tokens / t.seconds, gflop=t.flops / 1e9,
                  gflops_per_s=t.flops / t.seconds / 1e9, time_over_full=t.over(timings[FULL]))
-            for k, t in timings.items()]
+            for k, t in timings.items()], timings
 
 
 def rank_sweep(widths: dict, ranks, repeats: int, warmup: int) -> list[dict]:
@@ -120,11 +122,15 @@ def rank_sweep(widths: dict, ranks, repeats: int, warmup: int) -> list[dict]:
                  flops_over_full=t.flops / full.flops) for (label, rank), t in timings.items()]
 
 
-def seq_sweep(widths: dict, seqs, repeats: int, warmup: int) -> list[dict]:
+def seq_sweep(widths: dict, seqs, repeats: int, warmup: int, measured: dict) -> list[dict]:
+    """Train-step time against sequence length; at the widths' own length, the wall table's
+    ``measured`` timings (the same programs) are reused rather than run again."""
     rows = []
     for seq in seqs:
-        w = dict(widths, seq=seq)
-        timings = walltime.interleaved(train_programs(w), repeats=repeats, warmup=warmup)
+        if seq == widths["seq"]:
+            timings = {k: t for k, t in measured.items() if k != FLOOR}
+        else:
+            timings = walltime.interleaved(train_programs(dict(widths, seq=seq)), repeats=repeats, warmup=warmup)
         rows += [dict(variant=k, seq=seq, s_per_step=t.seconds,
                       gflops=t.flops / 1e9) for k, t in timings.items()]
     return rows
@@ -165,9 +171,10 @@ def qlora_table(widths: dict, repeats: int, warmup: int) -> list[dict]:
     return rows
 
 
-def smollm_qlora_runs(quick: bool) -> list[dict]:
+def smollm_qlora_runs(quick: bool, layers: int | None = None) -> list[dict]:
     """SmolLM2 LoRA on q,v over the fp32 base and over the GGUF's blocks, each in its own process."""
     shape = ["--batch", "1", "--seq", "32", "--steps", "2", "--warmup", "1"] if quick else ["--steps", "5"]
+    shape += _layers(layers)
     rows = []
     for base in ("fp32", "q4"):
         print(f"  SmolLM2: lorax qv, {base} base ...", flush=True)
@@ -232,11 +239,18 @@ def serving_table(widths: dict, repeats: int, warmup: int, count: int = 8) -> li
                  mixed_throughput_over_this=ratio(t)) for k, t in times.items()]
 
 
-def smollm_runs(quick: bool, rounds: int, dora: bool = True, bf16: bool = False) -> list[dict]:
+def _layers(layers: int | None) -> list[str]:
+    """`smollm_step.py`'s arguments for the first ``layers`` decoder layers (None: all)."""
+    return [] if layers is None else ["--layers", str(layers)]
+
+
+def smollm_runs(quick: bool, rounds: int, dora: bool = True, bf16: bool = False,
+                layers: int | None = None) -> list[dict]:
     """Each framework in a fresh process: lorax and PEFT, LoRA on q,v and all-linear and DoRA on
     q,v; full FT for scale; with ``bf16``, LoRA again over a bf16 base. ``rounds`` runs of each,
     the frameworks alternating; each row is the run with the median time, and lists every run's time."""
     shape = ["--batch", "1", "--seq", "32", "--steps", "2", "--warmup", "1"] if quick else []
+    shape += _layers(layers)
     jobs = [["lorax", "--targets", "qv"], ["peft", "--targets", "qv"]]
     if dora:
         jobs += [["lorax", "--targets", "qv", "--dora"], ["peft", "--targets", "qv", "--dora"]]
@@ -402,10 +416,17 @@ def chart(report: dict, path: Path) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small widths and few steps: a smoke run")
+    parser.add_argument("--smoke", action="store_true",
+                        help="--quick at each section's smallest configuration (one rank, one sequence length, "
+                             "SmolLM2's first 2 layers): the test suite's run")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--rounds", type=int, help="SmolLM2 runs per variant, frameworks alternating (2; quick: 1)")
     parser.add_argument("--only", choices=("qlora", "smollm"), help="run one section alone")
+    parser.add_argument("--smollm-layers", type=int, dest="layers",
+                        help="SmolLM2 runs keep the first N decoder layers (a smoke run); all 30 by default")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.quick, args.layers = True, args.layers or 2
     widths = QUICK if args.quick else gpt.GPT2_SMALL
     repeats, warmup = (3, 1) if args.quick else (20, 2)
     if args.only == "qlora":
@@ -413,6 +434,8 @@ def main(argv=None):
     if args.only == "smollm":
         return smollm_main(args)
     ranks, seqs = ((1, 8), (16, 32)) if args.quick else ((1, 4, 8, 16, 64), (32, 64, 128, 256))
+    if args.smoke:
+        ranks, seqs = (1,), (widths["seq"],)
 
     report = dict(machine=machine(), widths=widths, repeats=repeats)
     print("roofline (plain matmul rates) ...", flush=True)
@@ -420,11 +443,11 @@ def main(argv=None):
     print("compiled costs ...", flush=True)
     report["compiled"] = compiled_table(widths)
     print("wall time ...", flush=True)
-    report["wall"] = wall_table(widths, repeats, warmup)
+    report["wall"], measured = wall_table(widths, repeats, warmup)
     print("rank sweep ...", flush=True)
     report["ranks"] = rank_sweep(widths, ranks, repeats, warmup)
     print("sequence sweep ...", flush=True)
-    report["seqs"] = seq_sweep(widths, seqs, repeats, warmup)
+    report["seqs"] = seq_sweep(widths, seqs, repeats, warmup, measured)
     print("inference ...", flush=True)
     report["inference"] = inference_table(widths, repeats, warmup)
     print("unmerged overhead ...", flush=True)
@@ -432,13 +455,13 @@ def main(argv=None):
     print("serving 8 adapters ...", flush=True)
     report["serving"] = serving_table(widths, repeats, warmup)
     print("SmolLM2-135M, one process per framework ...", flush=True)
-    report["smollm"] = smollm_runs(args.quick, args.rounds or (1 if args.quick else 2))
+    report["smollm"] = smollm_runs(args.quick, args.rounds or (1 if args.quick else 2), layers=args.layers)
     report["adapters"] = adapter_sizes(report["smollm"])
     print("QLoRA ...", flush=True)
     report["qlora"] = qlora_table(widths, repeats, warmup)
-    report["smollm_qlora"] = smollm_qlora_runs(args.quick)
+    report["smollm_qlora"] = smollm_qlora_runs(args.quick, args.layers)
     print("SmolLM2-135M decode, one process per runtime ...", flush=True)
-    report["decode"] = decode.runs(args.quick)
+    report["decode"] = decode.runs(args.quick, layers=args.layers)
 
     written(args.out, "benchmark", report, markdown(report) + "\n\n" + qlora_markdown(report))
     chart(report, args.out / "performance.png")
@@ -449,7 +472,8 @@ def main(argv=None):
 def smollm_main(args) -> dict:
     """The roofline and the SmolLM2 lorax-vs-PEFT steps alone, to results/smollm.*."""
     report = dict(machine=machine(), roofline=roofline_rates(("fp32", "bf16")))
-    report["smollm"] = smollm_runs(args.quick, args.rounds or (1 if args.quick else 2), dora=False, bf16=True)
+    report["smollm"] = smollm_runs(args.quick, args.rounds or (1 if args.quick else 2), dora=False, bf16=True,
+                                   layers=args.layers)
     table = "\n".join(roofline_markdown(report) + smollm_markdown(report))
     return written(args.out, "smollm", report, table)
 
@@ -459,7 +483,7 @@ def qlora_main(args, widths: dict, repeats: int, warmup: int) -> dict:
     print("QLoRA on the GPT ...", flush=True)
     report["qlora"] = qlora_table(widths, repeats, warmup)
     print("SmolLM2-135M, fp32 and Q4_1 bases ...", flush=True)
-    report["smollm_qlora"] = smollm_qlora_runs(args.quick)
+    report["smollm_qlora"] = smollm_qlora_runs(args.quick, args.layers)
     table = qlora_markdown(report)
     return written(args.out, "qlora", report, table)
 

@@ -82,7 +82,7 @@ def lorax_step(args):
     import lorax
     import lorax.peft
 
-    config, base, _ = smollm.load(base=args.base)
+    config, base, _ = smollm.load(base=args.base, layers=args.layers)
     config = type(config)(**{**config.__dict__, "remat": {"none": False, "full": True}.get(args.remat, args.remat)})
     fn = lambda p, ids: Llama(config).apply(p, ids)  # noqa: E731
     ids = jax.numpy.asarray(_tokens(args.batch, args.seq, config.vocab))
@@ -125,13 +125,10 @@ def lorax_step(args):
 def torch_step(args):
     import torch
     from lorax_examples import smollm
-    from transformers import AutoModelForCausalLM
 
     if args.base == "q4":
         raise SystemExit("--base q4 is lorax's (QLoRA over the GGUF's blocks); torch runs fp32 or bf16")
-    path = smollm.gguf_path()
-    dtype = torch.bfloat16 if args.base == "bf16" else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    model = smollm.transformers_model("bfloat16" if args.base == "bf16" else "float32", args.layers)
     adapter_bytes = None
     if args.framework == "peft":
         from peft import LoraConfig, get_peft_model
@@ -182,6 +179,7 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--layers", type=int, help="keep the first N decoder layers (a smoke run); all 30 by default")
     return p
 
 
@@ -208,7 +206,7 @@ def main(argv=None):
     print(json.dumps(dict(
         framework=args.framework, targets=None if "full" in args.framework else args.targets, rank=args.rank,
         kind="full" if "full" in args.framework else "dora" if args.dora else "lora",
-        base=args.base,
+        base=args.base, layers=args.layers or 30,
         batch=args.batch, seq=args.seq, s_per_step=median, tokens_per_s=args.batch * args.seq / median,
         trained_params=count, train_peak_rss_mib=_peak_rss_mib() if reset else None,
         process_peak_rss_mib=max(load_peak, _peak_rss_mib()), adapter_bytes=adapter_bytes and adapter_bytes[0],

@@ -7,6 +7,7 @@ from the GGUF metadata with ``tokenizers``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.metadata
 from pathlib import Path
@@ -56,12 +57,13 @@ def _read(tensor, keep_blocks: bool):
     return w.reshape(tuple(reversed(tensor.shape.tolist())))
 
 
-def load(path: Path | None = None, base: str = "fp32"):
+def load(path: Path | None = None, base: str = "fp32", layers: int | None = None):
     """``(config, params, tokenizer)`` for SmolLM2-135M-Instruct. ``base="fp32"`` dequantizes
     the weights; ``base="bf16"`` dequantizes them to bfloat16, and the projections and head
     take bf16 operands and accumulate in fp32 (activations stay fp32); ``base="q4"`` keeps the
     file's blocks (Q4_1 layers, a Q8_0 embedding) as `lorax.QuantizedArray` leaves, for QLoRA
-    over exactly the released weights."""
+    over exactly the released weights. ``layers``: keep only the first that many decoder
+    layers (a small, fast model for smoke runs: transformers' ``num_hidden_layers``)."""
     if base not in BASES:
         raise ValueError(f"base must be one of {BASES}, got {base!r}")
     try:
@@ -78,10 +80,16 @@ def load(path: Path | None = None, base: str = "fp32"):
         rope_theta=float(meta[f"{arch}.rope.freq_base"]), eps=float(meta[f"{arch}.attention.layer_norm_rms_epsilon"]),
         max_len=int(meta[f"{arch}.context_length"]), matmul_dtype=jnp.bfloat16 if base == "bf16" else None,
         tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors))
+    if layers is not None:
+        if not 1 <= layers <= config.layers:
+            raise ValueError(f"layers must be between 1 and {config.layers}, got {layers!r}")
+        config = dataclasses.replace(config, layers=layers)
     tensors = {}
     for t in reader.tensors:
-        w = _read(t, keep_blocks=base == "q4")
         name = t.name.removesuffix(".weight")
+        if name.startswith("blk.") and int(name.split(".")[1]) >= config.layers:
+            continue
+        w = _read(t, keep_blocks=base == "q4")
         if name.startswith("blk."):
             _, layer, kind = name.split(".", 2)
             if kind in ("attn_q", "attn_k"):  # rows move in whole block-rows: the codes permute alike
@@ -94,6 +102,18 @@ def load(path: Path | None = None, base: str = "fp32"):
                      "output": "lm_head.weight"}[name]] = w
     params = params_from_torch_names(config, tensors.__getitem__)
     return config, params, tokenizer_from_gguf(reader)
+
+
+def transformers_model(dtype: str = "float32", layers: int | None = None):
+    """transformers' ``LlamaForCausalLM`` read from the same GGUF file (torch; ``dtype`` a torch
+    dtype name), with its first ``layers`` decoder layers when given, as `load` keeps them."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = gguf_path()
+    extra = {} if layers is None else {"num_hidden_layers": layers}
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                dtype=getattr(torch, dtype), **extra)
 
 
 def tokenizer_from_gguf(reader):

@@ -1,4 +1,6 @@
-"""The benchmark command runs end to end (`--quick`); its numbers are checked where deterministic."""
+"""The benchmark command runs end to end (`--smoke`: `--quick` at each section's smallest
+configuration, SmolLM2 cut to its first two decoder layers); its numbers are checked where
+deterministic."""
 
 import json
 import os
@@ -8,14 +10,17 @@ import sys
 import pytest
 from helpers import ROOT, subprocess_env
 
+LAYERS = 2  # SmolLM2's first decoder layers, as --smoke keeps them
+FLOOR = "frozen model, input gradient only (LoRA's floor)"  # a wall-table row the sweeps do not have
+
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     if os.environ.get("CI") != "true":  # in CI the PEFT comparison must run, not skip
         pytest.importorskip("peft")
     out = tmp_path_factory.mktemp("bench")
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run.py"), "--quick", "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=2400, env=subprocess_env())
+    command = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--smoke", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=2400, env=subprocess_env())
     assert done.returncode == 0, done.stderr[-3000:]
     return out, json.loads((out / "benchmark.json").read_text()), done.stdout
 
@@ -35,7 +40,9 @@ def test_quick_run_reports_every_section(quick):
             "DoRA all-linear"} <= variants
     assert all(r["s_per_step"] > 0 for r in report["wall"])
     assert {r["framework"] for r in report["smollm"]} == {"lorax", "peft"}
-    assert {r["rank"] for r in report["ranks"]} == {1, 8}
+    assert {r["rank"] for r in report["ranks"]} == {1}
+    assert {r["seq"] for r in report["seqs"]} == {report["widths"]["seq"]}  # the wall table's, reused
+    assert {r["variant"] for r in report["seqs"]} == {r["variant"] for r in report["wall"]} - {FLOOR}
     assert {r["variant"] for r in report["serving"]} == {"base", "one adapter", "mixed", "8 sequential calls"}
     assert {"base", "all-linear r=8", "bank of 2, one adapter r=8"} <= {r["variant"] for r in report["overhead"]}
     assert [r["runtime"] for r in report["decode"]] == ["lorax-cache", "lorax-recompute", "transformers"]
@@ -64,7 +71,9 @@ def test_deterministic_measures_hold_in_the_quick_run(quick):
     inference = {r["variant"]: r["flops_over_base"] for r in report["inference"]}
     assert inference["merged"] == 1.0 and 1.0 < inference["unmerged"] < 1.1
     # lorax and PEFT train the same adapters and write the same tensors; lorax's header adds the base's fingerprint
-    for kind, count in (("lora", 460_800), ("dora", 460_800 + 30 * (576 + 192))):  # + m per q, v output
+    assert {r["layers"] for r in report["smollm"] + report["smollm_qlora"] + report["decode"]} == {LAYERS}
+    per_layer = {"lora": 15_360, "dora": 15_360 + 576 + 192}  # q: 8·(576+576), v: 8·(576+192); DoRA: + m
+    for kind, count in ((kind, LAYERS * n) for kind, n in per_layer.items()):
         lorax_run, peft_run = sorted((r for r in report["smollm"] if r["kind"] == kind), key=lambda r: r["framework"])
         assert lorax_run["trained_params"] == peft_run["trained_params"] == count
         assert lorax_run["adapter_tensor_bytes"] == peft_run["adapter_tensor_bytes"] == 4 * count
