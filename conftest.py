@@ -11,9 +11,11 @@ one JAX compilation cache for the run.
   subprocess they start inherits through ``JAX_COMPILATION_CACHE_DIR``: a program compiled once
   (an example script run twice, a resumed run) is not compiled again. A cache the caller set is
   kept as it is.
-- The unit loop (``-m "not integration"``) checks numbers, not speed, on programs that run in
-  milliseconds and compile in tens of them: it turns XLA:CPU's LLVM optimisations off
-  (``XLA_FLAGS``), about 1.4x faster. The full run keeps them, for the models and benchmarks.
+- Tests check numbers, not speed, on programs that mostly run in milliseconds and compile in
+  tens of them: pytest's processes turn XLA:CPU's LLVM optimisations off (``XLA_FLAGS``), about
+  1.4x faster; the processes tests start (examples, benchmarks: `helpers.subprocess_env`) get
+  the caller's flags. The unit loop (``-m "not integration"``) also draws a third of each
+  property test's examples (``LORAX_UNIT_LOOP``); the full run draws them all.
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_
 def pytest_configure(config: pytest.Config) -> None:
     if hasattr(config, "workerinput"):
         return  # a worker inherits the controller's environment
+    os.environ["LORAX_CALLER_XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "")  # for the processes tests start
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
     if config.getoption("markexpr", "").replace(" ", "") == "notintegration":
-        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+        os.environ["LORAX_UNIT_LOOP"] = "1"  # property tests draw fewer examples (`helpers.examples`)
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return  # a cache chosen by the caller
     cache = tempfile.mkdtemp(prefix="lorax-jax-cache-")

@@ -22,6 +22,13 @@ from models import GPT, MLP, NNXMLP, ConvNet, plain_fn, plain_params
 import lorax
 
 KEY = jax.random.key(0)
+UNIT_LOOP = os.environ.get("LORAX_UNIT_LOOP") == "1"  # set by the root conftest for -m "not integration"
+
+
+def examples(n: int) -> int:
+    """Hypothesis examples for a property test: ``n`` in the full suite (CI draws them all), a
+    third of them (at least 4) in the unit loop, whose every draw is a fresh compile."""
+    return max(4, n // 3) if UNIT_LOOP else n
 
 
 def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-5):
@@ -41,9 +48,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def subprocess_env(**variables: str) -> dict[str, str]:
     """The environment of a child Python process: this one's, with lorax, the examples' package
-    (`lorax_examples`) and the tests' helpers importable, and ``variables`` set."""
+    (`lorax_examples`) and the tests' helpers importable, the XLA flags pytest was started with
+    (not the tests' fast-compile ones: see the root conftest), and ``variables`` set."""
     path = os.pathsep.join(str(p) for p in (ROOT, ROOT / "examples", ROOT / "tests"))
-    return dict(os.environ, PYTHONPATH=path, **variables)
+    flags = {"XLA_FLAGS": os.environ.get("LORAX_CALLER_XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))}
+    return dict(os.environ, PYTHONPATH=path, **{**flags, **variables})
 
 
 def with_random_b(params, key=KEY, scale=0.1):

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from helpers import QV_BASE as BASE
 from helpers import adapted_gpt as _adapted
-from helpers import lock_held_by_another_process, unchanged, with_random_b
+from helpers import examples, lock_held_by_another_process, unchanged, with_random_b
 from helpers import qv_adapted as adapted
 from helpers import qv_b as b_of
 from hypothesis import HealthCheck, given, settings
@@ -235,7 +235,7 @@ def test_missing_items_are_named(tmp_path):
               "the arrays of step 1 in .* are missing or damaged")
 
 
-SLOW = settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+SLOW = settings(max_examples=examples(12), deadline=None, suppress_health_check=list(HealthCheck))
 
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=False) | st.text(max_size=3),

@@ -2,14 +2,14 @@
 
 import jax
 import jax.numpy as jnp
-from helpers import assert_trees_close, with_random_b
+from helpers import assert_trees_close, examples, with_random_b
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax import lax
 
 import lorax
 
-SETTINGS = settings(max_examples=25, deadline=None)
+SETTINGS = settings(max_examples=examples(25), deadline=None)
 
 
 @st.composite
