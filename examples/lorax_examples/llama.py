@@ -42,6 +42,12 @@ class LlamaConfig:
     # head take bf16 operands, accumulating in fp32 (AVX512-BF16/AMX on CPU); activations, norms,
     # attention and the loss stay fp32.
     matmul_dtype: Any = None
+    # LoRA written into the model by hand, for comparison with lorax (benchmarks/memory.py): the
+    # projections named here (e.g. ("q_proj", "v_proj")) get lora_a [in, r] and lora_b [r, out]
+    # params and compute x·W + (alpha/r)·(x·a)·b, factored. () leaves the model plain.
+    lora_targets: tuple[str, ...] = ()
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
 
     @property
     def head_dim(self) -> int:
@@ -70,16 +76,31 @@ def matmul(x, w, dimension_numbers, dtype=None):
     return jax.checkpoint(cast)(x, w)
 
 
+def lora_of(config: LlamaConfig, name: str) -> dict:
+    """`Linear`'s hand-written LoRA arguments for the projection ``name``."""
+    if name not in config.lora_targets:
+        return {}
+    return dict(lora_rank=config.lora_rank, lora_scale=config.lora_alpha / config.lora_rank)
+
+
 class Linear(nn.Module):
-    """``x @ kernel`` (no bias; ``kernel`` [in, out] as Flax's Dense) through `matmul`."""
+    """``x @ kernel`` (no bias; ``kernel`` [in, out] as Flax's Dense) through `matmul`; with
+    ``lora_rank``, plus the hand-written factored LoRA term ``scale·(x·lora_a)·lora_b``."""
 
     features: int
     dtype: Any = None
+    lora_rank: int = 0
+    lora_scale: float = 1.0
 
     @nn.compact
     def __call__(self, x):
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
-        return matmul(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), self.dtype)
+        y = matmul(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), self.dtype)
+        if not self.lora_rank:
+            return y
+        a = self.param("lora_a", nn.initializers.normal(1.0 / self.lora_rank), (x.shape[-1], self.lora_rank))
+        b = self.param("lora_b", nn.initializers.zeros, (self.lora_rank, self.features))
+        return y + (self.lora_scale * (x @ a) @ b).astype(y.dtype)
 
 
 @jax.named_scope("rope")
@@ -109,7 +130,7 @@ class Attention(nn.Module):
         values are written at their positions (slot = position) and attention reads all slots."""
         c = self.config
         b, t, _ = x.shape
-        proj = lambda n, name: Linear(n * c.head_dim, c.matmul_dtype, name=name)  # noqa: E731
+        proj = lambda n, name: Linear(n * c.head_dim, c.matmul_dtype, name=name, **lora_of(c, name))  # noqa: E731
         q = proj(c.heads, "q_proj")(x).reshape(b, t, c.heads, c.head_dim)
         k = proj(c.kv_heads, "k_proj")(x).reshape(b, t, c.kv_heads, c.head_dim)
         v = proj(c.kv_heads, "v_proj")(x).reshape(b, t, c.kv_heads, c.head_dim)
@@ -122,7 +143,7 @@ class Attention(nn.Module):
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(c.head_dim)
         logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
         out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
-        out = Linear(c.dim, c.matmul_dtype, name="o_proj")(out.reshape(b, t, -1))
+        out = Linear(c.dim, c.matmul_dtype, name="o_proj", **lora_of(c, "o_proj"))(out.reshape(b, t, -1))
         return out if cache is None else (out, cache)
 
 
@@ -131,7 +152,8 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        dense = lambda n, name: Linear(n, self.config.matmul_dtype, name=name)  # noqa: E731
+        c = self.config
+        dense = lambda n, name: Linear(n, c.matmul_dtype, name=name, **lora_of(c, name))  # noqa: E731
         h = nn.silu(dense(self.config.hidden, "gate_proj")(x)) * dense(self.config.hidden, "up_proj")(x)
         return dense(self.config.dim, "down_proj")(h)
 

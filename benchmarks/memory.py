@@ -1,0 +1,69 @@
+"""Where a LLaMA train step's memory goes: full fine-tuning, LoRA written by hand into the model
+and lorax's LoRA, on one base, from XLA's compiled programs (deterministic; prints a table,
+writes JSON).
+
+Run from the repository root, the examples' package on the path:
+PYTHONPATH=examples python3 benchmarks/memory.py ...
+
+    python benchmarks/memory.py                  # SmolLM2-135M, fp32 base, batch 4 × 128, LoRA q,v r=8
+    python benchmarks/memory.py --base bf16      # bf16 weights (also: q4, the GGUF's blocks; lorax only)
+    python benchmarks/memory.py --layers 2       # the first 2 decoder layers: a smoke run
+
+Every step is compiled with its train state donated; see `lorax_examples.memory` for why the
+undonated full fine-tuning step's temporaries mislead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from lorax_examples import memory, smollm
+from report_files import written
+
+HERE = Path(__file__).resolve().parent
+
+
+def rows(base: str, layers: int | None, batch: int, seq: int) -> list[dict]:
+    config, params, _ = smollm.load(base=base, layers=layers)
+    config = dataclasses.replace(config, remat=False)
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab, (batch, seq + 1)), jnp.int32)
+    variants = ("lorax",) if base == "q4" else memory.VARIANTS  # a quantized base has no dense gradient
+    out = []
+    for variant in variants:
+        f = memory.footprint(*memory.train_step(variant, config, params, ids))
+        out.append(dict(variant=variant, base=base, layers=config.layers, batch=batch, seq=seq,
+                        arguments_mib=f.arguments / memory.MiB, temporaries_mib=f.temporaries / memory.MiB,
+                        total_mib=f.total / memory.MiB, **{f"{k}_mib": v / memory.MiB for k, v in f.classes.items()}))
+    return out
+
+
+def markdown(table: list[dict]) -> str:
+    r = table[0]
+    lines = [f"**Train-step memory, SmolLM2-135M ({r['layers']} layers), batch {r['batch']} × {r['seq']}, "
+             "AdamW, LoRA q,v r=8, state donated** (XLA memory_analysis, MiB)", "",
+             "| step | base | arguments | temporaries | of which activation stacks | weight-shaped stacks | other "
+             "| total |", "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {r['base']} | {r['arguments_mib']:.0f} | {r['temporaries_mib']:.0f} | "
+              f"{r.get('activation stacks_mib', 0):.0f} | {r.get('weight-shaped stacks_mib', 0):.0f} | "
+              f"{r.get('other_mib', 0):.0f} | {r['total_mib']:.0f} |" for r in table]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base", choices=smollm.BASES, default="fp32")
+    p.add_argument("--layers", type=int, help="keep the first N decoder layers; all 30 by default")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    args = p.parse_args(argv)
+    table = rows(args.base, args.layers, args.batch, args.seq)
+    return written(args.out, f"memory_{args.base}", table, markdown(table))
+
+
+if __name__ == "__main__":
+    main()
