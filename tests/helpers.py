@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import os
 import subprocess
@@ -71,12 +72,19 @@ def with_random_b(params, key=KEY, scale=0.1):
 
 
 def linen_case(model, x):
-    params = model.init(KEY, x)
+    params = jax.jit(model.init)(KEY, x)  # one compile, not one per initializer op
     return (lambda p, x: model.apply(p, x)), params, x
 
 
 def make_case(name: str):
-    """``(fn, params, x)`` for one of the models lorax is tested on."""
+    """``(fn, params, x)`` for one of the models lorax is tested on. Each model is built once per
+    process; every call gets the params in containers of its own (the arrays are immutable)."""
+    fn, params, x = _built_case(name)
+    return fn, jax.tree.map(lambda leaf: leaf, params), x
+
+
+@functools.cache
+def _built_case(name: str):
     if name == "mlp":
         return linen_case(MLP(), jax.random.normal(KEY, (4, 10)))
     if name == "conv":
