@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax._src.initializers import valid_init
+from lorax._src.paths import regexes
 from lorax._src.records import index, real
 
 Targets = str | Sequence[str] | Callable[[str, Any], bool]
@@ -61,17 +62,9 @@ over and listed in `lorax.explain`'s ``skipped``.
 def _patterns(value: str | Sequence[str] | None, field: str) -> tuple[re.Pattern, ...]:
     if value is None:
         return ()
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
-        extra = ", 'all-linear' or a predicate (path, leaf) -> bool" if field == "targets" else ""
-        raise TypeError(f"LoraConfig.{field}: expected a regex string or a list of them{extra}, got {value!r}.")
-    compiled = []
-    for item in items:
-        try:
-            compiled.append(re.compile(item))
-        except re.error as err:
-            raise ValueError(f"LoraConfig.{field}: {item!r} is not a valid regex ({err}).") from None
-    return tuple(compiled)
+    extra = ", 'all-linear' or a predicate (path, leaf) -> bool" if field == "targets" else ""
+    return regexes(value, f"LoraConfig.{field}: expected a regex string or a list of them{extra}, got {value!r}.",
+                   f"LoraConfig.{field}:")
 
 
 def first_match(patterns: Sequence[tuple[re.Pattern, Any]], path: str, default: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -59,3 +60,26 @@ def unique_named_leaves(tree: Any, who: str) -> list[tuple[str, Any]]:
                              f"are both named {render(path)!r}; lorax names leaves by joining keys with '/', "
                              "so rename a key that holds '/'.")
     return [(render(path), leaf) for path, leaf in flat]
+
+
+def regexes(value: Any, wrong_type: str, bad: str) -> tuple[re.Pattern, ...]:
+    """``value``, a regex string or a list or tuple of them, compiled for matching paths. Any
+    other value raises a TypeError with the message ``wrong_type``; a string that is not a
+    regex, a ValueError that starts with ``bad`` and names it.
+
+    >>> [p.pattern for p in regexes(["a.*", "b"], "no", "bad")]
+    ['a.*', 'b']
+    >>> regexes("(", "no", "lorax.quantize: targets")
+    Traceback (most recent call last):
+    ValueError: lorax.quantize: targets '(' is not a valid regex (missing ), unterminated subpattern at position 0).
+    """
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+        raise TypeError(wrong_type)
+    compiled = []
+    for item in items:
+        try:
+            compiled.append(re.compile(item))
+        except re.error as err:
+            raise ValueError(f"{bad} {item!r} is not a valid regex ({err}).") from None
+    return tuple(compiled)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -22,7 +21,7 @@ import numpy as np
 
 from lorax._src import compat
 from lorax._src.adapter import Adapter
-from lorax._src.paths import unique_named_leaves
+from lorax._src.paths import regexes, unique_named_leaves
 from lorax._src.quantized import FORMATS, NF4, QuantizedArray
 from lorax._src.records import index
 from lorax._src.trainable import Trainable
@@ -245,16 +244,8 @@ def _selector(targets: Any) -> Callable[[str, Any], bool]:
         return lambda path, leaf: jnp.ndim(leaf) >= 2 and jnp.issubdtype(leaf.dtype, jnp.floating)
     if callable(targets):
         return lambda path, leaf: bool(targets(path, leaf))
-    items = [targets] if isinstance(targets, str) else targets
-    if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
-        raise TypeError("lorax.quantize: targets must be None, a regex string, a list of them or a predicate "
-                        f"(path, leaf) -> bool, got {targets!r}.")
-    patterns = []
-    for item in items:
-        try:
-            patterns.append(re.compile(item))
-        except re.error as err:
-            raise ValueError(f"lorax.quantize: targets {item!r} is not a valid regex ({err}).") from None
+    patterns = regexes(targets, "lorax.quantize: targets must be None, a regex string, a list of them or a "
+                                f"predicate (path, leaf) -> bool, got {targets!r}.", "lorax.quantize: targets")
     return lambda path, leaf: any(p.fullmatch(path) for p in patterns)
 
 
