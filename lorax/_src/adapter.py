@@ -31,37 +31,82 @@ from lorax._src.quantized import dense
 
 Axes = tuple[int, ...]
 RANK = "rank"
-"""A `Adapter.layout` entry: the adapter's rank axis."""
+"""A `Adapter.layout` entry: the adapter's rank axis.
+
+>>> import jax.numpy as jnp, lorax
+>>> lorax.LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3))).layout()
+{'a': (0, 'rank'), 'b': ('rank', 1)}
+"""
 ADAPTERS = "adapters"
-"""A `Adapter.layout` entry: the axis of several named adapters (`LoraBank`)."""
+"""A `Adapter.layout` entry: the axis of several named adapters (`LoraBank`).
+
+>>> import jax.numpy as jnp, lorax
+>>> tree = {"w": lorax.LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)))}
+>>> lorax.adapters.bank({"x": tree, "y": tree})["w"].layout()["a"]
+('adapters', 0, 'rank')
+"""
 
 
 def frozen_field(**kw) -> Any:
     """A frozen array of an adapter kind (its base ``w``, a bank's scales): kept by `lorax.split`'s
-    frozen half, never trained; ``kw`` go to `dataclasses.field`."""
+    frozen half, never trained; ``kw`` go to `dataclasses.field`.
+
+    >>> import lorax
+    >>> lorax.LoraWeight.fields_with("frozen"), lorax.LoraBank.fields_with("frozen")
+    (('w',), ('w', 'scales', 'ranks', 'index'))
+    """
     return dataclasses.field(metadata=dict(role="frozen"), **kw)
 
 
 def trained_field(group: str = "a", **kw) -> Any:
     """A trained array of an adapter kind; ``group`` ("a" or "b") is its LoRA+ learning-rate
-    group (`lorax.optimizer`'s ``b_lr_ratio`` applies to group "b"); ``kw`` go to `dataclasses.field`."""
+    group (`lorax.optimizer`'s ``b_lr_ratio`` applies to group "b"); ``kw`` go to `dataclasses.field`.
+
+    >>> import dataclasses, lorax
+    >>> fields = dataclasses.fields(lorax.DoraWeight)
+    >>> {f.name: f.metadata["group"] for f in fields if f.metadata.get("role") == "trained"}
+    {'a': 'a', 'b': 'b', 'm': 'b'}
+    """
     return dataclasses.field(metadata=dict(role="trained", group=group), **kw)
 
 
 def static_field(default: Any) -> Any:
-    """Static metadata of an adapter kind: part of the pytree's structure, not a leaf."""
+    """Static metadata of an adapter kind: part of the pytree's structure, not a leaf.
+
+    >>> import dataclasses, lorax
+    >>> [f.name for f in dataclasses.fields(lorax.LoraWeight) if f.metadata.get("static")]
+    ['scale', 'a_axes', 'b_axes', 'stack_axes', 'dropout', 'init']
+    """
     return dataclasses.field(default=default, metadata=dict(static=True))
 
 
 KINDS: dict[str, type[Adapter]] = {}
+"""The registered kinds by name (`register_kind`): what checkpoints record and find again.
+
+>>> from lorax.extend import KINDS
+>>> sorted(KINDS)
+['dora', 'lora', 'lora_bank']
+"""
 KindT = TypeVar("KindT", bound=type)
 
 
 def register_kind(cls: KindT) -> KindT:
     """Make ``cls`` a pytree and a kind that checkpoints and PEFT I/O can name (by ``cls.kind``).
 
-    Use it as a class decorator above ``@dataclasses.dataclass(frozen=True)``; see the worked
-    example on the "Extending lorax" page of the documentation.
+    Use it as a class decorator above ``@dataclasses.dataclass(frozen=True)``; a whole kind is
+    the example of `lorax.extend`.
+
+    >>> import dataclasses, jax.numpy as jnp, lorax
+    >>> from lorax import extend
+    >>> @extend.register_kind
+    ... @dataclasses.dataclass(frozen=True, repr=False)
+    ... class Halved(lorax.LoraWeight):             # LoRA whose update counts half
+    ...     kind = "halved-example"
+    ...     def merged(self):
+    ...         return self.w + 0.5 * self.scale * self.a @ self.b
+    >>> extend.KINDS["halved-example"] is Halved
+    True
+    >>> del extend.KINDS["halved-example"]
     """
     KINDS[cls.kind] = cls
     return jax.tree_util.register_dataclass(cls)

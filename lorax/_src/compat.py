@@ -29,7 +29,15 @@ def make_jaxpr(fn, *args) -> tuple[ClosedJaxpr, Any]:
 
 def bind(eqn: JaxprEqn, invals: list, **overrides) -> list:
     """Evaluate one equation as ``jax.core.eval_jaxpr`` does (params replaced by
-    ``overrides``); always returns a list."""
+    ``overrides``); always returns a list. In a rule, ``bind(eqn, [w])`` applies the equation
+    (a transpose, a cast) to the frozen weight itself.
+
+    >>> import jax, jax.numpy as jnp
+    >>> from lorax.extend import bind
+    >>> (eqn,) = jax.make_jaxpr(jnp.transpose)(jnp.ones((2, 3))).eqns
+    >>> bind(eqn, [jnp.ones((2, 3))])[0].shape, bind(eqn, [jnp.ones((5, 4))])[0].shape
+    ((3, 2), (4, 5))
+    """
     params = eqn.primitive.get_bind_params({**eqn.params, **overrides})
     if isinstance(params, tuple):  # jax < 0.5 returned (subfuns, params)
         subfuns, params = params

@@ -38,6 +38,13 @@ class Rule:
       apply: ``{adapter type: fn(eqn, invals, ctx)}``, for `lorax.lora`: the equation's outputs,
         or None when this use cannot be factored (the weight is then materialized for this use
         alone and `lorax.explain` says why). Found along the adapter type's MRO.
+
+    >>> import lorax
+    >>> from lorax.extend import RULES
+    >>> RULES["dot_general"].kind, RULES["transpose"].kind, RULES["scan"].kind
+    ('product', 'view', 'control')
+    >>> RULES["dot_general"].handler(lorax.DoraWeight) is not None
+    True
     """
 
     kind: Kind
@@ -53,6 +60,12 @@ class Rule:
 
 
 RULES: dict[str, Rule] = {}
+"""The rule table: one `Rule` per primitive name lorax reads and computes.
+
+>>> from lorax.extend import RULES
+>>> "dot_general" in RULES, "neg" in RULES
+(True, False)
+"""
 
 
 def rule(*names: str, kind: Kind) -> Callable:
@@ -61,6 +74,24 @@ def rule(*names: str, kind: Kind) -> Callable:
 
     A view's ``read`` usually returns ``[views[0]], []``: the output stands for the same
     parameter axes as the input, and the equation makes no use of its own.
+
+    >>> import jax, jax.numpy as jnp, lorax
+    >>> from lorax import extend
+    >>> fn = lambda p, x: jnp.tanh(x @ p["w"]) - jnp.tanh(x @ -p["w"])
+    >>> x = jnp.ones((2, 4))
+    >>> params = lorax.init(jax.random.key(0), lorax.LoraConfig(rank=2), fn, {"w": jnp.ones((4, 3))}, x)
+    >>> lorax.explain(fn, params, x).rows[0].how
+    'materialized: neg'
+    >>> @extend.rule("neg", kind="view")
+    ... def read_neg(eqn, views, walk):
+    ...     return [views[0]], []
+    >>> @extend.apply("neg", adapter=lorax.LoraWeight)        # -(W + s·A·B) = (-W) + s·(-A)·B
+    ... def negate(eqn, invals, ctx):
+    ...     (t,) = invals
+    ...     return [t.with_weight(t.weight.replace(w=-t.weight.w, a=-t.weight.a))]
+    >>> lorax.explain(fn, params, x).rows[0].how
+    'factored (dot_general)'
+    >>> del extend.RULES["neg"]
     """
 
     def add(read):
@@ -78,7 +109,13 @@ def apply(*names: str, adapter: type) -> Callable:
     ``invals`` are the equation's inputs, an adapted weight among them as a tracked value (its
     adapter in ``.weight``, with ``w`` already gradient-stopped); ``fn`` returns the list of
     outputs, or None to have this use materialized. Register view and control rules for
-    ``lorax.Adapter`` (every kind), product rules for each kind.
+    ``lorax.Adapter`` (every kind), product rules for each kind. The example of `rule`
+    registers both sides of a view; `lorax.extend`'s, a product for a new kind.
+
+    >>> import lorax
+    >>> from lorax.extend import RULES
+    >>> sorted(cls.__name__ for cls in RULES["dot_general"].apply)
+    ['DoraWeight', 'FrozenBase', 'LoraBank', 'LoraWeight']
     """
 
     def add(fn):

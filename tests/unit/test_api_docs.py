@@ -1,9 +1,10 @@
 """The API reference is complete: every public name has a docstring with an example and a place on docs/api.md.
 
-Public names are those in `lorax.__all__` and in the `__all__` of `lorax.adapters`, `lorax.peft` and
-`lorax.llamacpp`. Functions, classes and modules carry a ``>>>`` example in their own docstring (a
-class may carry it on its constructor or a classmethod instead); the example runs as a doctest of
-``lorax/``. Constants and type aliases (`lorax.peft.LLAMA`, `lorax.llamacpp.Names`, ...) have no
+Public names are those in `lorax.__all__` and in the `__all__` of `lorax.adapters`, `lorax.peft`,
+`lorax.llamacpp` and `lorax.extend` (the extension API, on docs/extending.md). Functions,
+classes and modules carry a ``>>>`` example in their own docstring (a class may carry it on
+its constructor or a classmethod instead); the example runs as a doctest of ``lorax/``.
+Constants and type aliases (`lorax.peft.LLAMA`, `lorax.llamacpp.Names`, ...) have no
 ``__doc__``: their documentation is the string after their assignment, which mkdocstrings renders
 and this file runs. No public docstring names a private module or object (``_src``, ``_foo``).
 """
@@ -20,6 +21,7 @@ import pytest
 
 import lorax
 import lorax.adapters
+import lorax.extend
 import lorax.llamacpp
 import lorax.peft
 
@@ -27,7 +29,9 @@ griffe = pytest.importorskip("griffe")
 
 ROOT = Path(__file__).resolve().parents[2]
 API_PAGE = ROOT / "docs" / "api.md"
-MODULES = {"lorax": lorax, "lorax.adapters": lorax.adapters, "lorax.peft": lorax.peft, "lorax.llamacpp": lorax.llamacpp}
+EXTENDING_PAGE = ROOT / "docs" / "extending.md"
+MODULES = {"lorax": lorax, "lorax.adapters": lorax.adapters, "lorax.peft": lorax.peft, "lorax.llamacpp": lorax.llamacpp,
+           "lorax.extend": lorax.extend}
 PUBLIC = [(module, name) for module, obj in MODULES.items() for name in obj.__all__]
 #: Names documented on docs/api.md beyond the public ones: the targets of `LoraConfig`.
 EXTRA_ON_PAGE = ["lorax._src.config.ALL_LINEAR", "lorax._src.config.Targets"]
@@ -109,9 +113,21 @@ def test_public_name_has_a_docstring_with_an_example(module, name, package):
 
 @pytest.mark.parametrize(("module", "name"), PUBLIC, ids=[f"{m}.{n}" for m, n in PUBLIC])
 def test_public_name_is_on_the_api_page(module, name):
-    page = API_PAGE.read_text()
-    directive = re.search(rf"^::: {re.escape(module)}\.{re.escape(name)}$", page, re.M)
-    assert directive, f"docs/api.md has no '::: {module}.{name}' entry"
+    """On docs/api.md; the extension API on docs/extending.md (a name `lorax` also exports may
+    stand there as `lorax.<name>`)."""
+    page = EXTENDING_PAGE if module == "lorax.extend" else API_PAGE
+    paths = [f"{module}.{name}"] + ([f"lorax.{name}"] if module == "lorax.extend" and name in lorax.__all__ else [])
+    found = [path for path in paths if re.search(rf"^::: {re.escape(path)}$", page.read_text(), re.M)]
+    assert found, f"{page.name} has no '::: {module}.{name}' entry"
+
+
+def test_the_docs_import_nothing_from_src():
+    """Guides and the extension pages reach lorax through its public modules only."""
+    blocks = {str(path.relative_to(ROOT)): re.findall(r"```python\n(.*?)```", path.read_text(), re.S)
+              for path in (ROOT / "docs").rglob("*.md")}
+    found = {path: [line for block in found for line in block.splitlines() if "_src" in line]
+             for path, found in blocks.items()}
+    assert not {path: lines for path, lines in found.items() if lines}
 
 
 @pytest.mark.parametrize("path", EXTRA_ON_PAGE)
@@ -189,7 +205,7 @@ def test_private_name_pattern():
 
 def constants(package) -> list[tuple[str, str]]:
     paths = [(m, n) for m, n in PUBLIC if not has_runtime_doc(documented_object(m, n))]
-    return paths + [tuple(path.rsplit(".", 1)) for path in EXTRA_ON_PAGE]
+    return paths + [(path.rsplit(".", 1)[0], path.rsplit(".", 1)[1]) for path in EXTRA_ON_PAGE]
 
 
 def test_constant_examples_run(package):

@@ -51,7 +51,13 @@ def _read_dot(eqn, vs, walk):
 class DotParts:
     """A dot_general with an adapted weight, taken apart: the frozen product ``base``, the
     low-rank term ``update`` (scaled, in the product's dtype), the letters of W's axes
-    (``w_sub``) and of the output (``out``)."""
+    (``w_sub``) and of the output (``out``); `dot_parts` makes it.
+
+    >>> import dataclasses
+    >>> from lorax.extend import DotParts
+    >>> [f.name for f in dataclasses.fields(DotParts)]
+    ['base', 'update', 'w_sub', 'out']
+    """
 
     base: jax.Array
     update: jax.Array
@@ -123,7 +129,26 @@ def dot_letters(eqn, invals) -> DotLetters | None:
 
 def dot_parts(eqn, invals, ctx) -> DotParts | None:
     """`DotParts` for the low-rank factors ``a``/``b`` of the adapted operand, or None when
-    both operands are adapted."""
+    both operands are adapted: what a kind built on LoRA's factors combines in its
+    ``dot_general`` rule.
+
+    >>> import dataclasses, jax.numpy as jnp, lorax
+    >>> from lorax import extend
+    >>> @extend.register_kind
+    ... @dataclasses.dataclass(frozen=True, repr=False)
+    ... class Doubled(lorax.LoraWeight):            # LoRA whose update counts twice
+    ...     kind = "doubled-example"
+    ...     def merged(self):
+    ...         return self.w + 2 * self.scale * self.a @ self.b
+    >>> @extend.apply("dot_general", adapter=Doubled)
+    ... def doubled_dot(eqn, invals, ctx):
+    ...     parts = extend.dot_parts(eqn, invals, ctx)
+    ...     return None if parts is None else [parts.base + 2 * parts.update]
+    >>> p = {"w": Doubled(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.ones((2, 3)), scale=0.5)}
+    >>> lorax.lora(lambda p, x: x @ p["w"])(p, jnp.ones((1, 4))).tolist()   # 4 + 2·0.5·8
+    [[12.0, 12.0, 12.0]]
+    >>> del extend.KINDS["doubled-example"], extend.RULES["dot_general"].apply[Doubled]
+    """
     d = dot_letters(eqn, invals)
     if d is None:
         return None
