@@ -11,8 +11,11 @@ from lorax import adapters as adapters  # noqa: E402  (after the kinds it builds
 from lorax._src.adapter import Adapter as Adapter
 from lorax._src.checkpoint import load as load
 from lorax._src.checkpoint import save as save
+from lorax._src.config import ALL_LINEAR as ALL_LINEAR
 from lorax._src.config import LoraConfig as LoraConfig
+from lorax._src.config import Targets as Targets
 from lorax._src.explain import Explanation as Explanation
+from lorax._src.explain import Row as Row
 from lorax._src.explain import explain as explain
 from lorax._src.init import init as init
 from lorax._src.kinds import DoraWeight as DoraWeight
@@ -34,6 +37,7 @@ from lorax._src.trees import unmerge as unmerge
 __version__ = "0.1.0"
 
 __all__ = [
+    "ALL_LINEAR",
     "Adapter",
     "DoraWeight",
     "Explanation",
@@ -41,6 +45,8 @@ __all__ = [
     "LoraConfig",
     "LoraWeight",
     "QuantizedArray",
+    "Row",
+    "Targets",
     "Trainable",
     "adapters",
     "combine",
