@@ -116,9 +116,12 @@ class LoraConfig:
       init: ``"kaiming_uniform"`` (PEFT's default), ``"gaussian"`` (std 1/r), ``"pissa"``
         (top-r singular vectors of W; the base becomes the residual), ``"pissa_niter_K"``
         (the same by randomized SVD) or ``"olora"`` (QR). Outputs are unchanged at init.
-      use_dora: DoRA (a trained magnitude per output unit) instead of plain LoRA.
+      use_dora: DoRA (a trained magnitude per output unit) instead of plain LoRA; the same as
+        ``kind="dora"``.
       dtype: adapter dtype; default the weight's, but float32 over bf16/fp16 weights (as PEFT).
       trainable: regexes of plain leaves trained fully (PEFT's ``modules_to_save``).
+      kind: the adapter kind by its registered name: ``"lora"`` (the default), ``"dora"``, or
+        a kind registered with `lorax.extend.register_kind` that implements ``create``.
 
     >>> import jax, jax.numpy as jnp, lorax
     >>> fn = lambda p, x: x @ p["q"] @ p["v"]
@@ -127,6 +130,8 @@ class LoraConfig:
     >>> lp = lorax.init(jax.random.key(0), config, fn, base, x)
     >>> [(row.path, row.rank, row.scale) for row in lorax.explain(fn, lp, x).rows]  # scale alpha / rank
     [('q', 2, 2.0), ('v', 1, 4.0)]
+    >>> lorax.LoraConfig(kind="dora").use_dora, lorax.LoraConfig(use_dora=True).kind
+    (True, 'dora')
     >>> lorax.LoraConfig(rank=0)
     Traceback (most recent call last):
     ValueError: LoraConfig: rank for 'rank' must be a positive int, got 0.
@@ -144,6 +149,7 @@ class LoraConfig:
     dtype: Any = None
     trainable: str | Sequence[str] | None = None
     use_dora: bool = False
+    kind: str | None = None
 
     def __post_init__(self):
         fix = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -165,6 +171,8 @@ class LoraConfig:
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise TypeError(f"LoraConfig: {name} must be True or False, got {getattr(self, name)!r}.")
             fix(name, bool(getattr(self, name)))
+        fix("kind", self._kind())
+        fix("use_dora", self.kind == "dora")
         if not valid_init(self.init):
             raise ValueError("LoraConfig: init must be 'kaiming_uniform', 'gaussian', 'pissa', "
                              f"'pissa_niter_K' or 'olora', got {self.init!r}.")
@@ -179,6 +187,20 @@ class LoraConfig:
         _patterns(self.trainable, "trainable")
         _patterns(list(self.rank_pattern), "rank_pattern")
         _patterns(list(self.alpha_pattern), "alpha_pattern")
+
+    def _kind(self) -> str:
+        """The adapter kind asked for, checked against the registered ones."""
+        from lorax._src.adapter import KINDS  # the kinds register on import
+
+        if self.kind is None:
+            return "dora" if self.use_dora else "lora"
+        creatable = sorted(name for name, cls in KINDS.items() if not cls.several)
+        if not isinstance(self.kind, str) or self.kind not in creatable:
+            raise ValueError(f"LoraConfig: kind must be one of {creatable} (a kind registered with "
+                             f"lorax.extend.register_kind), got {self.kind!r}.")
+        if self.use_dora and self.kind != "dora":
+            raise ValueError(f"LoraConfig: use_dora=True asks for DoRA but kind={self.kind!r}; give one of them.")
+        return self.kind
 
     def record(self) -> dict:
         """A JSON-able description (callables and dtypes by name), for checkpoint metadata."""
@@ -213,7 +235,7 @@ class LoraConfig:
         rank = first_match(patterns["rank"], path, self.rank)
         alpha = first_match(patterns["alpha"], path, self.alpha if self.alpha is not None else rank)
         scale = alpha / (math.sqrt(rank) if self.use_rslora else rank)
-        return AdapterSpec("dora" if self.use_dora else "lora", rank, scale, self.init, self.dropout, self.dtype)
+        return AdapterSpec(str(self.kind), rank, scale, self.init, self.dropout, self.dtype)
 
     def is_trainable(self, path: str) -> bool:
         """Whether ``trainable`` names ``path`` (a leaf trained fully)."""

@@ -4,6 +4,7 @@ numbers; rank and alpha patterns, rsLoRA, predicate targets, exclude and trainab
 import json
 import math
 
+import jax
 import numpy as np
 import pytest
 from helpers import KEY, make_case
@@ -35,6 +36,10 @@ import lorax
     (dict(dropout=1.0), ValueError, "dropout must be in"),
     (dict(init="zeros"), ValueError, "init must be"),
     (dict(use_dora="yes"), TypeError, "use_dora must be True or False"),
+    (dict(kind="vera"), ValueError, r"kind must be one of \['dora', 'lora'\] .*got 'vera'"),
+    (dict(kind="lora_bank"), ValueError, "kind must be one of"),  # banks are built by lorax.adapters.bank
+    (dict(kind=1), ValueError, "kind must be one of .* got 1"),
+    (dict(kind="lora", use_dora=True), ValueError, "use_dora=True asks for DoRA but kind='lora'"),
 ])
 def test_config_refuses_wrong_types_and_values(kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -67,3 +72,48 @@ def test_predicate_targets_exclude_and_trainable():
     assert not isinstance(lp["Dense_0"]["kernel"], lorax.LoraWeight)
     assert isinstance(lp["Dense_1"]["kernel"], lorax.LoraWeight)
     assert isinstance(lp["Dense_0"]["bias"], lorax.Trainable)
+
+
+def test_kind_selects_the_adapter_kind_and_use_dora_stays_its_alias():
+    fn, params, x = make_case("mlp")
+    for config in (lorax.LoraConfig(rank=2, kind="dora"), lorax.LoraConfig(rank=2, use_dora=True)):
+        assert (config.kind, config.use_dora, config.record()["kind"]) == ("dora", True, "dora")
+        nodes = jax.tree.leaves(lorax.init(KEY, config, fn, params, x), is_leaf=lambda n: isinstance(n, lorax.Adapter))
+        assert {type(n) for n in nodes if isinstance(n, lorax.Adapter)} == {lorax.DoraWeight}
+    assert lorax.LoraConfig().kind == "lora" and not lorax.LoraConfig().use_dora
+
+
+def test_a_kind_registered_through_lorax_extend_is_selected_by_name(tmp_path):
+    """A kind outside lorax, with its own ``create``, is one ``LoraConfig(kind=...)`` away, and
+    checkpoints save and load it with no code of its own."""
+    import dataclasses
+
+    from lorax import extend
+
+    @extend.register_kind
+    @dataclasses.dataclass(frozen=True, repr=False)
+    class Halved(lorax.LoraWeight):
+        kind = "halved-test"
+
+        def merged(self):
+            return self.w + 0.5 * self.scale * self.a @ self.b
+
+    @extend.apply("dot_general", adapter=Halved)
+    def halved_dot(eqn, invals, ctx):
+        parts = extend.dot_parts(eqn, invals, ctx)
+        return None if parts is None else [parts.base + 0.5 * parts.update]
+
+    try:
+        fn, params, x = make_case("mlp")
+        lp = lorax.init(KEY, lorax.LoraConfig(rank=2, kind="halved-test"), fn, params, x)
+        node = lp["params"]["Dense_0"]["kernel"]
+        assert type(node) is Halved
+        lp = jax.tree.map(lambda n: n.replace(b=n.b + 0.1) if isinstance(n, Halved) else n, lp,
+                          is_leaf=lambda n: isinstance(n, Halved))
+        np.testing.assert_allclose(lorax.lora(fn)(lp, x), fn(lorax.merge(lp), x), rtol=1e-5, atol=1e-5)
+        lorax.save(tmp_path, lp)
+        back = lorax.load(tmp_path, params)
+        assert type(back["params"]["Dense_0"]["kernel"]) is Halved
+        np.testing.assert_array_equal(back["params"]["Dense_0"]["kernel"].b, lp["params"]["Dense_0"]["kernel"].b)
+    finally:
+        del extend.KINDS["halved-test"], extend.RULES["dot_general"].apply[Halved]
