@@ -1,11 +1,20 @@
-"""The public API is pinned: `lorax.__all__`, sorted, names exactly these."""
+"""The public API is pinned: `lorax.__all__` and `lorax.extend.__all__`, sorted, name exactly these."""
 
 import lorax
+import lorax.extend
 
 
 def test_public_api_is_pinned():
     assert lorax.__all__ == sorted(lorax.__all__)
-    assert lorax.__all__ == ["Adapter", "DoraWeight", "Explanation", "LoraBank", "LoraConfig", "LoraWeight",
-                             "QuantizedArray", "Trainable", "adapters", "combine", "explain", "gguf_tensor", "init",
-                             "load", "lora", "merge", "merge_quantized", "optimizer", "partition_specs", "quantize",
-                             "save", "split", "unmerge"]
+    assert lorax.__all__ == ["ALL_LINEAR", "Adapter", "DoraWeight", "Explanation", "LoraBank", "LoraConfig",
+                             "LoraWeight", "QuantizedArray", "Row", "Targets", "Trainable", "adapters", "combine",
+                             "explain", "gguf_tensor", "init", "load", "lora", "merge", "merge_quantized", "optimizer",
+                             "partition_specs", "quantize", "save", "split", "unmerge"]
+
+
+def test_extension_api_is_pinned():
+    assert lorax.extend.__all__ == sorted(lorax.extend.__all__)
+    assert lorax.extend.__all__ == ["ADAPTERS", "KINDS", "RANK", "RULES", "Adapter", "DotParts", "Rule", "apply",
+                                    "bind", "dot_parts", "frozen_field", "register_kind", "rule", "static_field",
+                                    "trained_field"]
+    assert lorax.extend.Adapter is lorax.Adapter
