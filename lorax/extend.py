@@ -57,11 +57,11 @@ from lorax._src.table import rule as rule
 
 __all__ = [
     "ADAPTERS",
+    "Adapter",
+    "DotParts",
     "KINDS",
     "RANK",
     "RULES",
-    "Adapter",
-    "DotParts",
     "Rule",
     "apply",
     "bind",

@@ -14,7 +14,7 @@ def test_public_api_is_pinned():
 
 def test_extension_api_is_pinned():
     assert lorax.extend.__all__ == sorted(lorax.extend.__all__)
-    assert lorax.extend.__all__ == ["ADAPTERS", "KINDS", "RANK", "RULES", "Adapter", "DotParts", "Rule", "apply",
+    assert lorax.extend.__all__ == ["ADAPTERS", "Adapter", "DotParts", "KINDS", "RANK", "RULES", "Rule", "apply",
                                     "bind", "dot_parts", "frozen_field", "register_kind", "rule", "static_field",
                                     "trained_field"]
     assert lorax.extend.Adapter is lorax.Adapter
