@@ -14,9 +14,10 @@ one JAX compilation cache for the run.
   caller set is kept as it is.
 - Tests check numbers, not speed, on programs that mostly run in milliseconds and compile in
   tens of them: pytest's processes turn XLA:CPU's LLVM optimisations off (``XLA_FLAGS``), about
-  1.4x faster; the processes tests start (examples, benchmarks: `helpers.subprocess_env`) get
-  the caller's flags. The unit loop (``-m "not integration"``) also draws a third of each
-  property test's examples (``LORAX_UNIT_LOOP``); the full run draws them all.
+  1.4x faster; processes started with `helpers.subprocess_env` (the examples, the benchmarks)
+  get the caller's flags, other children inherit the fast ones. The unit loop
+  (``-m "not integration"``) also draws a third of each property test's examples
+  (``LORAX_UNIT_LOOP``); the full run draws them all.
 """
 
 from __future__ import annotations

@@ -99,7 +99,10 @@ def measure(args) -> dict:
 
 def markdown(rows: list[dict]) -> str:
     cache = next((r for r in rows if r["runtime"] == "lorax-cache"), None)
-    lines = [f"**Decode, SmolLM2-135M + LoRA q,v r=8** (batch {rows[0]['batch']}, prompt {rows[0]['prompt']} "
+    from lorax_examples import smollm
+
+    lines = [f"**Decode, {smollm.label(rows[0].get('layers'))} + LoRA q,v r=8** (batch {rows[0]['batch']}, "
+             f"prompt {rows[0]['prompt']} "
              f"tokens, {rows[0]['new']} new, greedy, fp32; each runtime in its own process)", "",
              "| runtime | prefill + 1st token ms | decode tokens / s | lorax cache / this |", "|---|---|---|---|"]
     lines += [f"| {r['label']} | {1e3 * r['first_token_s']:.0f} | {r['decode_tokens_per_s']:.1f} | "

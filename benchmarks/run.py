@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import roofline
 import walltime
-from lorax_examples import gpt  # the GPT and its workload, shared with the tests
+from lorax_examples import gpt, smollm  # the models and workloads, shared with the tests
 from processes import examples_env
 from report_files import written
 
@@ -195,7 +195,8 @@ def qlora_markdown(report: dict) -> str:
     lines += [f"| {r['variant']} | {r['s_per_step']:.3f} | {r['time_over_lora']:.3f} | {r['gflops']:.2f} | "
               f"{r['argument_mib']:.1f} | {r['kernel_mib']:.1f} | {r['kernel_bits_per_param']:.2f} |"
               for r in report["qlora"]]
-    lines += ["", "**SmolLM2-135M, LoRA q,v over the fp32 base and over the GGUF's Q4_1 blocks** (own processes)", "",
+    model = smollm.label(report["smollm_qlora"][0].get("layers"))
+    lines += ["", f"**{model}, LoRA q,v over the fp32 base and over the GGUF's Q4_1 blocks** (own processes)", "",
               "| base | batch × seq | s / step | tokens / s | training peak RSS MiB | process peak RSS MiB |",
               "|---|---|---|---|---|---|"]
     f = lambda v: "–" if v is None else f"{v:.0f}"  # noqa: E731
@@ -278,9 +279,7 @@ def smollm_runs(quick: bool, rounds: int, dora: bool = True, bf16: bool = False,
 def adapter_sizes(smollm: list[dict]) -> list[dict]:
     """Each adapter file against the GGUF checkpoint and the same weights in fp32."""
     from gguf import GGUFReader
-    from lorax_examples import smollm as model_file
-
-    path = model_file.gguf_path()
+    path = smollm.gguf_path()
     gguf, fp32 = path.stat().st_size, 4 * sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
     return [dict(framework=r["framework"], kind=r["kind"], targets=r["targets"], adapter_bytes=r["adapter_bytes"],
                  over_gguf_q4=r["adapter_bytes"] / gguf, over_fp32_base=r["adapter_bytes"] / fp32,
@@ -301,7 +300,8 @@ def roofline_markdown(report: dict) -> list[str]:
 
 def smollm_markdown(report: dict) -> list[str]:
     f = lambda v, spec: "–" if v is None else format(v, spec)  # noqa: E731
-    lines = ["**SmolLM2-135M train step, lorax vs PEFT** (each in its own process, same batch, targets, "
+    lines = [f"**{smollm.label(report['smollm'][0].get('layers'))} train step, lorax vs PEFT** (each in its own "
+             "process, same batch, targets, "
              "rank, AdamW; base fp32, or bf16 with fp32 adapters; the run with the median time of those listed; "
              "the matmul peak is the framework's own in the base's dtype)", "",
              "| framework | kind | targets | base | batch × seq | s / step | runs | tokens / s | trained params | "
@@ -456,7 +456,7 @@ def main(argv=None):
     report["serving"] = serving_table(widths, repeats, warmup)
     print("SmolLM2-135M, one process per framework ...", flush=True)
     report["smollm"] = smollm_runs(args.quick, args.rounds or (1 if args.quick else 2), layers=args.layers)
-    report["adapters"] = adapter_sizes(report["smollm"])
+    report["adapters"] = [] if args.layers else adapter_sizes(report["smollm"])  # against the whole file
     print("QLoRA ...", flush=True)
     report["qlora"] = qlora_table(widths, repeats, warmup)
     report["smollm_qlora"] = smollm_qlora_runs(args.quick, args.layers)

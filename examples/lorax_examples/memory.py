@@ -4,7 +4,8 @@ Three steps on the same model, batch and AdamW, each compiled with its train sta
 (as a training loop runs it): full fine-tuning, LoRA written into the model by hand
 (`LlamaConfig.lora_targets`: x·W + s·(x·a)·b, the reference any library should meet) and
 lorax's LoRA on the same weights. `footprint` reads XLA's ``memory_analysis()``; `breakdown`
-sorts the temporaries of XLA's memory-usage report into classes by shape.
+finds the stacks among the buffers of XLA's memory-usage report. Deterministic for a given jax
+version and XLA flags.
 
 Without donation, full fine-tuning's new weights and optimizer state are fresh output buffers,
 and XLA places the activations saved for the backward inside them until they are written: its
@@ -18,7 +19,9 @@ import dataclasses
 import glob
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +41,9 @@ def train_step(variant: str, config: LlamaConfig, params: dict, ids: jax.Array, 
     """``(jitted step, its arguments)``: one AdamW step of ``variant`` with the state donated."""
     tx = optax.adamw(1e-4, weight_decay=0.0)
     plain = lambda p, x: Llama(config).apply(p, x)  # noqa: E731
+    forward: Callable[..., Any]
+    if variant == "hand" and not set(targets) <= {"q_proj", "k_proj", "v_proj", "o_proj"}:
+        raise ValueError(f"the hand-written LoRA adapts attention projections only, got targets={targets!r}")
     if variant == "full":
         state, rest, forward = params, (), plain
     elif variant == "hand":
@@ -84,8 +90,8 @@ def _with_factors(params: dict, factors: dict) -> dict:
 
 @dataclasses.dataclass(frozen=True)
 class Footprint:
-    """A compiled step's memory in bytes (XLA's ``memory_analysis()``) and, by class, its
-    temporaries (`breakdown`)."""
+    """A compiled step's memory in bytes (XLA's ``memory_analysis()``) and its temporaries by
+    class: the two kinds of stacks `breakdown` finds, and ``"other"``, the rest."""
 
     arguments: int
     outputs: int
@@ -100,12 +106,21 @@ class Footprint:
 
 
 def footprint(step, args) -> Footprint:
-    """Compile ``step`` on ``args`` and read its memory, with XLA's report sorted by class."""
-    with tempfile.TemporaryDirectory() as dump:
-        compiled = step.lower(*args).compile(compiler_options={"xla_dump_to": dump})
-        reports = glob.glob(str(Path(dump) / "*memory-usage-report.txt"))
-        classes = breakdown(Path(reports[0]).read_text(), _weight_shapes(args)) if reports else {}
+    """Compile ``step`` on ``args`` (past JAX's compilation cache, so that XLA writes its
+    report) and read its memory, the temporaries by class."""
+    cached = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    try:
+        with tempfile.TemporaryDirectory() as dump:
+            compiled = step.lower(*args).compile(compiler_options={"xla_dump_to": dump})
+            reports = glob.glob(str(Path(dump) / "*memory-usage-report.txt"))
+            if not reports:
+                raise RuntimeError("XLA wrote no memory-usage report for the step")
+            classes = breakdown(Path(reports[0]).read_text(), _weight_shapes(args))
+    finally:
+        jax.config.update("jax_enable_compilation_cache", cached)
     m = compiled.memory_analysis()
+    classes["other"] = max(0, m.temp_size_in_bytes - sum(classes.values()))
     return Footprint(m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,
                      m.temp_size_in_bytes, classes)
 
@@ -122,15 +137,15 @@ _UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 
 
 def breakdown(report: str, weight_shapes: set[tuple[int, ...]]) -> dict[str, int]:
-    """Bytes of the temporaries in XLA's memory-usage report, by class of the largest value
+    """Bytes of the stacks among the buffers of XLA's memory-usage report, by the largest value
     sharing each buffer: ``"weight-shaped stacks"`` (shaped like a stacked weight of
-    ``weight_shapes``: gradients of a stack, or a converted copy of one), ``"activation
-    stacks"`` (another array with the layer count as its leading axis: what the layer loop
-    saves for the backward) and ``"other"`` (one layer's working set, logits, the loss).
-    Only the report's first section (the shared temporary space) is read."""
+    ``weight_shapes``: gradients of a stack, or a converted copy of one) and ``"activation
+    stacks"`` (another array of three or more axes led by the layer count: what the layer loop
+    saves for the backward; a batch as large as the layer count would be counted too). Only the
+    report's first section (the shared space) is read."""
     section = report.split("\n\n")[0]
     layers = {shape[0] for shape in weight_shapes}
-    classes = {"weight-shaped stacks": 0, "activation stacks": 0, "other": 0}
+    classes = {"weight-shaped stacks": 0, "activation stacks": 0}
     for line in section.splitlines():
         match = _BUFFER.match(line)
         if not match:
@@ -138,7 +153,8 @@ def breakdown(report: str, weight_shapes: set[tuple[int, ...]]) -> dict[str, int
         size = int(float(match.group(1)) * _UNITS[match.group(2)])
         shapes = [tuple(int(d) for d in dims.split(",") if d) for _, _, dims in _SHAPE.findall(match.group(3))]
         largest = max(shapes, key=lambda s: int(np.prod(s)) if s else 0, default=())
-        kind = ("weight-shaped stacks" if largest in weight_shapes else
-                "activation stacks" if len(largest) >= 3 and largest[0] in layers else "other")
-        classes[kind] += size
+        if largest in weight_shapes:
+            classes["weight-shaped stacks"] += size
+        elif len(largest) >= 3 and largest[0] in layers:
+            classes["activation stacks"] += size
     return classes

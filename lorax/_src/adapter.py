@@ -108,8 +108,20 @@ def register_kind(cls: KindT) -> KindT:
     True
     >>> del extend.KINDS["halved-example"]
     """
-    KINDS[cls.kind] = cls
+    name = getattr(cls, "kind", None)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"register_kind: {cls.__name__} needs a class attribute kind, its name (a str), got {name!r}.")
+    if KINDS.get(name, cls) is not cls:
+        raise ValueError(f"register_kind: the kind {name!r} is {KINDS[name].__name__}'s already; give "
+                         f"{cls.__name__} a name of its own.")
+    KINDS[name] = cls
     return jax.tree_util.register_dataclass(cls)
+
+
+def creatable(cls: type) -> bool:
+    """Whether `lorax.init` can make adapters of kind ``cls``: it implements `Adapter.create` and
+    holds one adapter per weight (a bank is built from several by `lorax.adapters.bank`)."""
+    return not cls.several and getattr(cls.create, "__func__", None) is not Adapter.create.__func__
 
 
 @dataclasses.dataclass(frozen=True)

@@ -120,8 +120,9 @@ class LoraConfig:
         ``kind="dora"``.
       dtype: adapter dtype; default the weight's, but float32 over bf16/fp16 weights (as PEFT).
       trainable: regexes of plain leaves trained fully (PEFT's ``modules_to_save``).
-      kind: the adapter kind by its registered name: ``"lora"`` (the default), ``"dora"``, or
-        a kind registered with `lorax.extend.register_kind` that implements ``create``.
+      kind: the adapter kind by its registered name: ``"lora"``, ``"dora"``, or a kind
+        registered with `lorax.extend.register_kind` that implements ``create``. Default
+        (None): ``"dora"`` with ``use_dora``, else ``"lora"`` (`adapter_kind` says which).
 
     >>> import jax, jax.numpy as jnp, lorax
     >>> fn = lambda p, x: x @ p["q"] @ p["v"]
@@ -130,8 +131,8 @@ class LoraConfig:
     >>> lp = lorax.init(jax.random.key(0), config, fn, base, x)
     >>> [(row.path, row.rank, row.scale) for row in lorax.explain(fn, lp, x).rows]  # scale alpha / rank
     [('q', 2, 2.0), ('v', 1, 4.0)]
-    >>> lorax.LoraConfig(kind="dora").use_dora, lorax.LoraConfig(use_dora=True).kind
-    (True, 'dora')
+    >>> lorax.LoraConfig(kind="dora").adapter_kind, lorax.LoraConfig(use_dora=True).adapter_kind
+    ('dora', 'dora')
     >>> lorax.LoraConfig(rank=0)
     Traceback (most recent call last):
     ValueError: LoraConfig: rank for 'rank' must be a positive int, got 0.
@@ -171,8 +172,7 @@ class LoraConfig:
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise TypeError(f"LoraConfig: {name} must be True or False, got {getattr(self, name)!r}.")
             fix(name, bool(getattr(self, name)))
-        fix("kind", self._kind())
-        fix("use_dora", self.kind == "dora")
+        self._check_kind()
         if not valid_init(self.init):
             raise ValueError("LoraConfig: init must be 'kaiming_uniform', 'gaussian', 'pissa', "
                              f"'pissa_niter_K' or 'olora', got {self.init!r}.")
@@ -188,24 +188,30 @@ class LoraConfig:
         _patterns(list(self.rank_pattern), "rank_pattern")
         _patterns(list(self.alpha_pattern), "alpha_pattern")
 
-    def _kind(self) -> str:
-        """The adapter kind asked for, checked against the registered ones."""
-        from lorax._src.adapter import KINDS  # the kinds register on import
+    @property
+    def adapter_kind(self) -> str:
+        """The kind `lorax.init` creates: ``kind``, else ``"dora"`` with ``use_dora``, else ``"lora"``."""
+        return self.kind if self.kind is not None else "dora" if self.use_dora else "lora"
+
+    def _check_kind(self) -> None:
+        """``kind`` names a registered kind that `lorax.init` can create, and agrees with ``use_dora``."""
+        from lorax._src.adapter import KINDS, creatable  # the kinds register on import
 
         if self.kind is None:
-            return "dora" if self.use_dora else "lora"
-        creatable = sorted(name for name, cls in KINDS.items() if not cls.several)
-        if not isinstance(self.kind, str) or self.kind not in creatable:
-            raise ValueError(f"LoraConfig: kind must be one of {creatable} (a kind registered with "
-                             f"lorax.extend.register_kind), got {self.kind!r}.")
+            return
+        names = sorted(name for name, cls in KINDS.items() if creatable(cls))
+        if not isinstance(self.kind, str):
+            raise TypeError(f"LoraConfig: kind must be None or a kind's name, one of {names}, got {self.kind!r}.")
+        if self.kind not in names:
+            raise ValueError(f"LoraConfig: kind must be one of {names} (a kind registered with "
+                             f"lorax.extend.register_kind that implements create), got {self.kind!r}.")
         if self.use_dora and self.kind != "dora":
             raise ValueError(f"LoraConfig: use_dora=True asks for DoRA but kind={self.kind!r}; give one of them.")
-        return self.kind
 
     def record(self) -> dict:
         """A JSON-able description (callables and dtypes by name), for checkpoint metadata."""
         plain = lambda v: v if isinstance(v, (int, float, str, bool, type(None), list, dict, tuple)) else repr(v)  # noqa: E731
-        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {**{f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}, "kind": self.adapter_kind}
 
     @functools.cached_property
     def _compiled(self) -> dict[str, Any]:
@@ -235,7 +241,7 @@ class LoraConfig:
         rank = first_match(patterns["rank"], path, self.rank)
         alpha = first_match(patterns["alpha"], path, self.alpha if self.alpha is not None else rank)
         scale = alpha / (math.sqrt(rank) if self.use_rslora else rank)
-        return AdapterSpec(str(self.kind), rank, scale, self.init, self.dropout, self.dtype)
+        return AdapterSpec(self.adapter_kind, rank, scale, self.init, self.dropout, self.dtype)
 
     def is_trainable(self, path: str) -> bool:
         """Whether ``trainable`` names ``path`` (a leaf trained fully)."""

@@ -38,7 +38,7 @@ import lorax
     (dict(use_dora="yes"), TypeError, "use_dora must be True or False"),
     (dict(kind="vera"), ValueError, r"kind must be one of \['dora', 'lora'\] .*got 'vera'"),
     (dict(kind="lora_bank"), ValueError, "kind must be one of"),  # banks are built by lorax.adapters.bank
-    (dict(kind=1), ValueError, "kind must be one of .* got 1"),
+    (dict(kind=1), TypeError, "kind must be None or a kind's name, one of .* got 1"),
     (dict(kind="lora", use_dora=True), ValueError, "use_dora=True asks for DoRA but kind='lora'"),
 ])
 def test_config_refuses_wrong_types_and_values(kwargs, error, match):
@@ -77,10 +77,44 @@ def test_predicate_targets_exclude_and_trainable():
 def test_kind_selects_the_adapter_kind_and_use_dora_stays_its_alias():
     fn, params, x = make_case("mlp")
     for config in (lorax.LoraConfig(rank=2, kind="dora"), lorax.LoraConfig(rank=2, use_dora=True)):
-        assert (config.kind, config.use_dora, config.record()["kind"]) == ("dora", True, "dora")
+        assert (config.adapter_kind, config.record()["kind"]) == ("dora", "dora")
         nodes = jax.tree.leaves(lorax.init(KEY, config, fn, params, x), is_leaf=lambda n: isinstance(n, lorax.Adapter))
         assert {type(n) for n in nodes if isinstance(n, lorax.Adapter)} == {lorax.DoraWeight}
-    assert lorax.LoraConfig().kind == "lora" and not lorax.LoraConfig().use_dora
+    assert lorax.LoraConfig().adapter_kind == "lora"
+
+
+def test_replace_changes_the_kind_either_way():
+    """The fields stay as given, so ``dataclasses.replace`` toggles DoRA as PEFT-style code does."""
+    import dataclasses
+
+    assert dataclasses.replace(lorax.LoraConfig(use_dora=True), use_dora=False).adapter_kind == "lora"
+    assert dataclasses.replace(lorax.LoraConfig(), use_dora=True).adapter_kind == "dora"
+    assert dataclasses.replace(lorax.LoraConfig(kind="dora"), kind="lora").adapter_kind == "lora"
+
+
+def test_register_kind_refuses_a_taken_name_and_a_kind_without_create_is_not_selectable():
+    import dataclasses
+
+    from lorax import extend
+
+    with pytest.raises(ValueError, match="the kind 'lora' is LoraWeight's already"):
+        @extend.register_kind
+        @dataclasses.dataclass(frozen=True, repr=False)
+        class Impostor(lorax.LoraWeight):
+            kind = "lora"
+
+    assert extend.KINDS["lora"] is lorax.LoraWeight
+
+    @extend.register_kind
+    @dataclasses.dataclass(frozen=True, repr=False)
+    class NoCreate(extend.Adapter):
+        kind = "no-create-test"
+
+    try:
+        with pytest.raises(ValueError, match="implements create.*got 'no-create-test'"):
+            lorax.LoraConfig(kind="no-create-test")
+    finally:
+        del extend.KINDS["no-create-test"]
 
 
 def test_a_kind_registered_through_lorax_extend_is_selected_by_name(tmp_path):

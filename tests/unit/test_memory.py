@@ -9,6 +9,7 @@ import pytest
 from lorax_examples import memory
 from lorax_examples.llama import Llama, LlamaConfig
 
+pytestmark = pytest.mark.xdist_group("test_memory")  # the three compiled steps, made once on one worker
 CONFIG = LlamaConfig(vocab=256, dim=64, layers=4, heads=4, kv_heads=2, hidden=128, remat=False)
 
 
@@ -51,4 +52,9 @@ def test_breakdown_sorts_buffers_by_the_shape_of_their_largest_value():
         "   16.00MiB( 80%);    2.00MiB;     14680064;                2; f32[2,8,64], f32[512,8]",
         "", "  second section", "    9.00MiB; 4; 1; f32[4,64,128]"])
     classes = memory.breakdown(report, {(4, 64, 128)})
-    assert classes == {"activation stacks": 10 * 2**20, "weight-shaped stacks": 4 * 2**20, "other": 2 * 2**20}
+    assert classes == {"activation stacks": 10 * 2**20, "weight-shaped stacks": 4 * 2**20}
+
+
+def test_footprint_classes_add_up_to_the_temporaries(footprints):
+    for f in footprints.values():
+        assert sum(f.classes.values()) == f.temporaries and min(f.classes.values()) >= 0
