@@ -303,16 +303,17 @@ def smollm_markdown(report: dict) -> list[str]:
     lines = [f"**{smollm.label(report['smollm'][0].get('layers'))} train step, lorax vs PEFT** (each in its own "
              "process, same batch, targets, "
              "rank, AdamW; base fp32, or bf16 with fp32 adapters; the run with the median time of those listed; "
-             "the matmul peak is the framework's own in the base's dtype)", "",
+             "the matmul peak is the framework's own in the base's dtype; first step: JAX's trace and compile "
+             "included, what a notebook pays after each change)", "",
              "| framework | kind | targets | base | batch × seq | s / step | runs | tokens / s | trained params | "
-             "peak RSS MiB | GFLOP | own matmul peak | efficiency |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "peak RSS MiB | GFLOP | own matmul peak | efficiency | first step s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['framework']} | {r['kind']} | {r['targets'] or 'all (full FT)'} | {r['base']} | "
               f"{r['batch']} × {r['seq']} | "
               f"{r['s_per_step']:.2f} | {' '.join(f'{t:.2f}' for t in r.get('s_per_step_runs', []))} | "
               f"{r['tokens_per_s']:.0f} | {r['trained_params']:,} | "
               f"{f(r['train_peak_rss_mib'], '.0f')} | {r['step_gflop']:.0f} | {r['matmul_peak_gflops']:.0f} | "
-              f"{r['efficiency']:.2f} |" for r in report["smollm"]]
+              f"{r['efficiency']:.2f} | {f(r.get('first_step_s'), '.1f')} |" for r in report["smollm"]]
     by = {(r["framework"], r["kind"], r["targets"], r["base"]): r for r in report["smollm"]}
     pairs = [((kind, targets, base), (kind, targets, base)) for kind, targets in
              (("lora", "qv"), ("lora", "all-linear"), ("dora", "qv")) for base in ("fp32", "bf16")]

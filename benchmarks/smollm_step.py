@@ -18,7 +18,9 @@ model gives its matmuls bf16 operands and keeps fp32 activations.
 The step's matmul flops (counted from the jaxpr for JAX, torch's flop counter) over its time, as
 a share of the same framework's plain matmul rate measured in the same process (`roofline.py`),
 is its efficiency. Peak RSS is the process's high-water mark reset after loading (the training
-phase, model included) and, separately, over the whole process.
+phase, model included) and, separately, over the whole process. The time to the first step is
+what a notebook pays after each change: for JAX, tracing and compiling the step plus running it
+once; for torch, the first step.
 """
 
 from __future__ import annotations
@@ -112,14 +114,16 @@ def lorax_step(args):
         updates, opt = tx.update(g, opt, state)
         return optax.apply_updates(state, updates), opt, loss
 
+    start = time.perf_counter()  # what a notebook pays on every change: trace, lower, compile
     compiled = step.lower(state, opt, *rest, ids).compile()
+    compile_s = time.perf_counter() - start
     box = [state, opt]
 
     def run():
         box[0], box[1], loss = compiled(box[0], box[1], *rest, ids)
         return float(loss)
 
-    return run, count, adapter_bytes, matmul_flops(step, state, opt, *rest, ids), compiled
+    return run, count, adapter_bytes, matmul_flops(step, state, opt, *rest, ids), compiled, compile_s
 
 
 def torch_step(args):
@@ -161,7 +165,7 @@ def torch_step(args):
     with FlopCounterMode(display=False) as counter:  # forward and backward, no update: the weights stay
         backward()
     opt.zero_grad(set_to_none=True)
-    return run, sum(p.numel() for p in trained), adapter_bytes, counter.get_total_flops(), None
+    return run, sum(p.numel() for p in trained), adapter_bytes, counter.get_total_flops(), None, None
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -191,10 +195,13 @@ def step_of(args):
 def main(argv=None):
     args = parser(__doc__.splitlines()[0]).parse_args(argv)
 
-    run, count, adapter_bytes, flops, compiled = step_of(args)
+    run, count, adapter_bytes, flops, compiled, compile_s = step_of(args)
     load_peak = _peak_rss_mib()
     reset = _reset_peak_rss()
-    losses = [run() for _ in range(args.warmup)]
+    start = time.perf_counter()
+    losses = [run()]
+    first_step_s = (compile_s or 0.0) + time.perf_counter() - start  # JAX: + trace and compile
+    losses += [run() for _ in range(args.warmup - 1)]
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
@@ -211,7 +218,8 @@ def main(argv=None):
         trained_params=count, train_peak_rss_mib=_peak_rss_mib() if reset else None,
         process_peak_rss_mib=max(load_peak, _peak_rss_mib()), adapter_bytes=adapter_bytes and adapter_bytes[0],
         adapter_tensor_bytes=adapter_bytes and adapter_bytes[1],
-        first_loss=losses[0], last_loss=losses[-1], machine=roofline.machine(), step_gflop=flops / 1e9,
+        first_loss=losses[0], last_loss=losses[-1], first_step_s=first_step_s, compile_s=compile_s,
+        machine=roofline.machine(), step_gflop=flops / 1e9,
         matmul_peak_gflops=peak, efficiency=flops / median / 1e9 / peak)))
 
 

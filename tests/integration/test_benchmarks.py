@@ -57,6 +57,9 @@ def test_quick_run_prints_the_roofline_and_efficiencies(quick):
         assert gflops > 0 and row["s_per_step"] > 0
     for row in report["smollm"]:  # a share of the machine's own matmul rate, in the same process
         assert 0 < row["efficiency"] < 1.5 and row["machine"]["cores"] >= 1
+        assert row["first_step_s"] > 0 and (row["compile_s"] is None) == (row["framework"] == "peft")
+        if row["framework"] == "lorax":  # JAX's first step includes tracing and compiling the step
+            assert row["first_step_s"] > row["compile_s"] > 0
     lorax_qv, peft_qv = ({r["framework"]: r for r in report["smollm"] if r["kind"] == "lora"}[f]
                          for f in ("lorax", "peft"))
     # the same model and step counted two ways (jaxpr matmuls; torch's flop counter) agree
