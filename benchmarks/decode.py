@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from lorax_examples import smollm
 from processes import examples_env
 from report_files import written
 
@@ -40,7 +41,7 @@ def _prompt(batch: int, length: int, vocab: int):
 def lorax_generator(args):
     """``run(new) -> tokens`` for lorax, with the cache or by window recompute."""
     import jax
-    from lorax_examples import generate, smollm
+    from lorax_examples import generate
     from lorax_examples.llama import Llama, cached_step, init_cache
 
     import lorax
@@ -63,7 +64,6 @@ def lorax_generator(args):
 
 def transformers_generator(args):
     import torch
-    from lorax_examples import smollm
     from peft import LoraConfig, get_peft_model
 
     model = smollm.transformers_model("float32", args.layers)
@@ -91,16 +91,13 @@ def measure(args) -> dict:
             samples.append(time.perf_counter() - start)
         timings[new] = statistics.median(samples)
     decode = max(timings[args.new] - timings[1], 1e-9)
-    return dict(runtime=args.runtime, label=RUNTIMES[args.runtime], layers=args.layers or 30, batch=args.batch,
-                prompt=args.prompt,
-                new=args.new, first_token_s=timings[1], total_s=timings[args.new],
+    return dict(runtime=args.runtime, label=RUNTIMES[args.runtime], layers=args.layers or smollm.LAYERS,
+                batch=args.batch, prompt=args.prompt, new=args.new, first_token_s=timings[1], total_s=timings[args.new],
                 decode_tokens_per_s=args.batch * (args.new - 1) / decode)
 
 
 def markdown(rows: list[dict]) -> str:
     cache = next((r for r in rows if r["runtime"] == "lorax-cache"), None)
-    from lorax_examples import smollm
-
     lines = [f"**Decode, {smollm.label(rows[0].get('layers'))} + LoRA q,v r=8** (batch {rows[0]['batch']}, "
              f"prompt {rows[0]['prompt']} "
              f"tokens, {rows[0]['new']} new, greedy, fp32; each runtime in its own process)", "",

@@ -193,6 +193,8 @@ def step_of(args):
 
 
 def main(argv=None):
+    from lorax_examples import smollm
+
     args = parser(__doc__.splitlines()[0]).parse_args(argv)
 
     run, count, adapter_bytes, flops, compiled, compile_s = step_of(args)
@@ -213,7 +215,7 @@ def main(argv=None):
     print(json.dumps(dict(
         framework=args.framework, targets=None if "full" in args.framework else args.targets, rank=args.rank,
         kind="full" if "full" in args.framework else "dora" if args.dora else "lora",
-        base=args.base, layers=args.layers or 30,
+        base=args.base, layers=args.layers or smollm.LAYERS,
         batch=args.batch, seq=args.seq, s_per_step=median, tokens_per_s=args.batch * args.seq / median,
         trained_params=count, train_peak_rss_mib=_peak_rss_mib() if reset else None,
         process_peak_rss_mib=max(load_peak, _peak_rss_mib()), adapter_bytes=adapter_bytes and adapter_bytes[0],

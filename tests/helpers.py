@@ -44,6 +44,8 @@ def assert_trees_close(actual, expected, rtol=1e-5, atol=1e-5):
         scale = max(1.0, float(np.abs(e).max())) if e.size else 1.0
         np.testing.assert_allclose(np.asarray(a, np.float64), e, rtol=rtol, atol=atol * scale,
                                    err_msg=jax.tree_util.keystr(path))
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

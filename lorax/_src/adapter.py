@@ -96,17 +96,19 @@ def register_kind(cls: KindT) -> KindT:
     Use it as a class decorator above ``@dataclasses.dataclass(frozen=True)``; a whole kind is
     the example of `lorax.extend`.
 
-    >>> import dataclasses, jax.numpy as jnp, lorax
+    A name another class holds is refused (a kind defined with a name of its own is the example
+    of `dot_parts`):
+
+    >>> import dataclasses, lorax
     >>> from lorax import extend
+    >>> extend.KINDS["lora"] is lorax.LoraWeight
+    True
     >>> @extend.register_kind
     ... @dataclasses.dataclass(frozen=True, repr=False)
-    ... class Halved(lorax.LoraWeight):             # LoRA whose update counts half
-    ...     kind = "halved-example"
-    ...     def merged(self):
-    ...         return self.w + 0.5 * self.scale * self.a @ self.b
-    >>> extend.KINDS["halved-example"] is Halved
-    True
-    >>> del extend.KINDS["halved-example"]
+    ... class MyLora(lorax.LoraWeight):
+    ...     kind = "lora"
+    Traceback (most recent call last):
+    ValueError: register_kind: the kind 'lora' is LoraWeight's already; give MyLora a name of its own.
     """
     name = getattr(cls, "kind", None)
     if not isinstance(name, str) or not name:
