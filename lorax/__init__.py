@@ -19,6 +19,9 @@ from lorax._src.explain import Row as Row
 from lorax._src.explain import explain as explain
 from lorax._src.init import init as init
 from lorax._src.kinds import DoraWeight as DoraWeight
+from lorax._src.kinds import Ia3Weight as Ia3Weight
+from lorax._src.kinds import LohaWeight as LohaWeight
+from lorax._src.kinds import LokrWeight as LokrWeight
 from lorax._src.kinds import LoraBank as LoraBank
 from lorax._src.kinds import LoraWeight as LoraWeight
 from lorax._src.optim import optimizer as optimizer
@@ -41,6 +44,9 @@ __all__ = [
     "Adapter",
     "DoraWeight",
     "Explanation",
+    "Ia3Weight",
+    "LohaWeight",
+    "LokrWeight",
     "LoraBank",
     "LoraConfig",
     "LoraWeight",

@@ -48,7 +48,11 @@ from lorax._src.adapter import register_kind as register_kind
 from lorax._src.adapter import static_field as static_field
 from lorax._src.adapter import trained_field as trained_field
 from lorax._src.compat import bind as bind
+from lorax._src.peft_format import PeftFormat as PeftFormat
+from lorax._src.quantized import dense as dense
+from lorax._src.rules.products import DotMatrices as DotMatrices
 from lorax._src.rules.products import DotParts as DotParts
+from lorax._src.rules.products import dot_matrices as dot_matrices
 from lorax._src.rules.products import dot_parts as dot_parts
 from lorax._src.table import RULES as RULES
 from lorax._src.table import Rule as Rule
@@ -58,13 +62,17 @@ from lorax._src.table import rule as rule
 __all__ = [
     "ADAPTERS",
     "Adapter",
+    "DotMatrices",
     "DotParts",
     "KINDS",
+    "PeftFormat",
     "RANK",
     "RULES",
     "Rule",
     "apply",
     "bind",
+    "dense",
+    "dot_matrices",
     "dot_parts",
     "frozen_field",
     "register_kind",

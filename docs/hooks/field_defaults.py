@@ -25,14 +25,18 @@ def real_default(default: Any) -> Any:
     '1.0'
     >>> real_default(griffe.ExprCall(griffe.ExprName("trained_field"), [griffe.ExprKeyword("group", "'a'")])) is None
     True
+    >>> real_default(griffe.ExprCall(griffe.ExprName("extend.static_field"), ["False"]))
+    'False'
+
     """
-    if not isinstance(default, griffe.ExprCall) or str(default.function) not in HELPERS:
+    name = str(default.function).rsplit(".", 1)[-1] if isinstance(default, griffe.ExprCall) else None
+    if name not in HELPERS:  # a helper is also called through its module (``extend.trained_field``)
         return default
     positional = [arg for arg in default.arguments if not isinstance(arg, griffe.ExprKeyword)]
     keywords = {arg.name: arg.value for arg in default.arguments if isinstance(arg, griffe.ExprKeyword)}
     if "default" in keywords:
         return keywords["default"]
-    return positional[0] if HELPERS[str(default.function)] and positional else None
+    return positional[0] if HELPERS[name] and positional else None
 
 
 def fix_classes(obj: griffe.Object) -> None:

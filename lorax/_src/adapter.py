@@ -85,7 +85,7 @@ KINDS: dict[str, type[Adapter]] = {}
 
 >>> from lorax.extend import KINDS
 >>> sorted(KINDS)
-['dora', 'lora', 'lora_bank']
+['dora', 'ia3', 'loha', 'lokr', 'lora', 'lora_bank']
 """
 KindT = TypeVar("KindT", bound=type)
 
@@ -147,6 +147,11 @@ class Adapter:
         ``W - s·a₀·b₀`` of the original weight.
       kind: the kind's name in checkpoints (class constant: ``"lora"``, ``"dora"``, ...).
       several: True for a kind holding several named adapters (`LoraBank`), saved one by one.
+      bounded_rank: whether `lorax.init` refuses a rank above ``min(fan_in, fan_out)`` (True:
+        a low-rank kind; IA³ has no rank, LoKr's rank bounds its blocks).
+      ranked: whether the kind has a rank (False for IA³, whose `rank` is 0).
+      peft: a `lorax.extend.PeftFormat`: how `lorax.peft` writes and reads the kind (None: not
+        at all, or LoRA's and DoRA's own format).
 
     A kind's trained arrays are ``trained_field``s, each laid out in terms of W's axes
     (`layout`). All the static fields are keyword-only.
@@ -163,6 +168,9 @@ class Adapter:
 
     kind: ClassVar[str]
     several: ClassVar[bool] = False  # holds several named adapters (`LoraBank`): saved one by one
+    bounded_rank: ClassVar[bool] = True  # `lorax.init` refuses a rank above min(fan_in, fan_out)
+    ranked: ClassVar[bool] = True  # its layout has a `RANK` axis (IA³'s has none: `rank` is 0)
+    peft: ClassVar[Any] = None  # a `PeftFormat`: how the kind travels as a PEFT folder (LoRA/DoRA: lorax.peft's own)
 
     w: Any = frozen_field()
     _: dataclasses.KW_ONLY
@@ -217,9 +225,12 @@ class Adapter:
 
     @property
     def rank(self) -> int:
-        """The adapter's rank, read from the first trained array's `RANK` axis."""
-        name, entries = next(iter(self.layout().items()))
-        return getattr(self, name).shape[entries.index(RANK)]
+        """The adapter's rank, read from the first trained array with a `RANK` axis; 0 for a kind
+        without one (IA³ scales W by a vector)."""
+        for name, entries in self.layout().items():
+            if RANK in entries:
+                return getattr(self, name).shape[entries.index(RANK)]
+        return 0
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -236,9 +247,54 @@ class Adapter:
         """The static fields: what two halves of one split must agree on."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("static")}
 
+    def to_matrices(self, x: jax.Array) -> jax.Array:
+        """``x`` laid out like ``w`` as ``[*stack, fan_in, fan_out]`` matrices (W's contracted
+        axes flattened row-major into ``fan_in``, its output axes into ``fan_out``).
+
+        >>> import jax.numpy as jnp, lorax
+        >>> lw = lorax.LoraWeight(jnp.ones((2, 4, 3)), jnp.ones((4, 1)), jnp.ones((1, 2, 3)),
+        ...                       a_axes=(1,), b_axes=(0, 2))
+        >>> m = lw.to_matrices(jnp.arange(24.0).reshape(2, 4, 3))
+        >>> m.shape, bool((lw.from_matrices(m) == jnp.arange(24.0).reshape(2, 4, 3)).all())
+        ((4, 6), True)
+        """
+        return as_matrices(x, self.a_axes, self.b_axes, self.stack_axes)
+
+    def from_matrices(self, m: jax.Array) -> jax.Array:
+        """``[*stack, fan_in, fan_out]`` matrices laid out like ``w`` (`to_matrices` undone)."""
+        order = (*self.stack_axes, *self.a_axes, *self.b_axes)
+        x = m.reshape(*(self.shape[i] for i in order))
+        return jnp.transpose(x, [order.index(i) for i in range(len(order))])
+
+    def own_meta(self) -> dict[str, Any]:
+        """The static fields a kind adds to `Adapter`'s (IA³'s ``on_input``, LoKr's block shapes):
+        what checkpoints record beside the shared ones, to rebuild the node.
+
+        >>> import jax.numpy as jnp, lorax
+        >>> lorax.LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3))).own_meta()
+        {}
+        """
+        shared = {f.name for f in dataclasses.fields(Adapter)}
+        return {name: value for name, value in self.meta.items() if name not in shared}
+
+    @classmethod
+    def check_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """The kind's own `LoraConfig` ``options`` checked (an error names the option) and completed
+        with their defaults: what ``spec.options`` gives `create`. The base takes none.
+
+        >>> import lorax
+        >>> lorax.LoraWeight.check_options({"foo": 1})
+        Traceback (most recent call last):
+        ValueError: LoraConfig: the kind 'lora' takes no options, got ['foo'].
+        """
+        if options:
+            raise ValueError(f"LoraConfig: the kind {cls.kind!r} takes no options, got {sorted(options)}.")
+        return {}
+
     def trained(self) -> dict[str, Any]:
-        """The trained arrays by field name."""
-        return {name: getattr(self, name) for name in self.trained_fields()}
+        """The trained arrays by field name; a kind's optional array that this node does not
+        hold (None, and absent from `layout`) is left out."""
+        return {name: getattr(self, name) for name in self.trained_fields() if getattr(self, name) is not None}
 
     def axis_sizes(self, rank: int) -> dict[str, int]:
         """The size of each layout entry that is not an axis of W (`RANK`, ...)."""
@@ -249,6 +305,16 @@ class Adapter:
         sizes = self.axis_sizes(self.rank if rank is None else rank)
         return {name: tuple(self.w.shape[e] if isinstance(e, int) else sizes[e] for e in entries)
                 for name, entries in self.layout().items()}
+
+    def layer_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of each trained array in one layer of the stack (the stack axes taken off).
+
+        >>> import jax.numpy as jnp, lorax
+        >>> lorax.LoraWeight(jnp.ones((5, 4, 3)), jnp.ones((5, 4, 2)), jnp.zeros((5, 2, 3)),
+        ...                  a_axes=(1,), b_axes=(2,), stack_axes=(0,)).layer_shapes()
+        {'a': (4, 2), 'b': (2, 3)}
+        """
+        return {name: shape[len(self.stack_axes):] for name, shape in self.expected_shapes().items()}
 
     def check(self, path: str = "") -> None:
         """Raise ``ValueError`` naming ``path`` if the trained arrays do not fit ``w``."""
@@ -261,7 +327,7 @@ class Adapter:
                 "exactly once each."
             )
         want = self.expected_shapes()
-        got = {name: tuple(getattr(self, name).shape) for name in want}
+        got = {name: None if getattr(self, name) is None else tuple(getattr(self, name).shape) for name in want}
         if got != want:
             show = lambda d: " and ".join(f"{k} {v}" for k, v in d.items())  # noqa: E731
             raise ValueError(f"{where}: factors do not fit w {self.shape}: got {show(got)}, "

@@ -49,7 +49,8 @@ def _entries(params: Any) -> tuple[list[dict], list[dict]]:
                              rank=leaf.rank, scale=real(leaf.scale, f"lorax.save: the scale of {path!r}"),
                              a_axes=list(leaf.a_axes), b_axes=list(leaf.b_axes), stack_axes=list(leaf.stack_axes),
                              dropout=float(leaf.dropout), init=leaf.init, factor_dtype=str(leaf.factor_dtype),
-                             lorax_version=lorax.__version__, base=fingerprint(leaf.w)))
+                             lorax_version=lorax.__version__, base=fingerprint(leaf.w),
+                             **({"own": _own_meta(path, leaf)} if leaf.own_meta() else {})))
             arrays.append(leaf.trained())
         elif isinstance(leaf, Trainable):
             _concrete(path, leaf.value)
@@ -57,6 +58,19 @@ def _entries(params: Any) -> tuple[list[dict], list[dict]]:
                              dtype=str(leaf.value.dtype)))
             arrays.append({"value": leaf.value})
     return meta, arrays
+
+
+def _own_meta(path: str, leaf: Adapter) -> dict[str, Any]:
+    """The static fields a kind adds (`Adapter.own_meta`), as JSON: numbers, strings, bools and
+    tuples of them (read back as tuples)."""
+    def plain(name, value):
+        if isinstance(value, tuple):
+            return [plain(name, v) for v in value]
+        if isinstance(value, (bool, int, float, str)) or value is None:
+            return value
+        raise TypeError(f"lorax.save: the {leaf.kind!r} adapter at {path!r} has {name}={value!r}, which a "
+                        "checkpoint cannot record (numbers, strings, bools and tuples of them).")
+    return {name: plain(name, value) for name, value in leaf.own_meta().items()}
 
 
 def _has_base(path: str, leaf: Adapter) -> None:
@@ -388,11 +402,18 @@ def _shell(entry: dict, w, arrays: dict | None = None) -> Adapter:
     kind = KINDS[entry["kind"]]
     shell = kind(w, *[None] * len(kind.trained_fields()), scale=entry["scale"], a_axes=tuple(entry["a_axes"]),
                  b_axes=tuple(entry["b_axes"]), stack_axes=tuple(entry["stack_axes"]), dropout=entry["dropout"],
-                 init=entry.get("init", "kaiming_uniform"))
+                 init=entry.get("init", "kaiming_uniform"), **_own_fields(kind, entry))
     if arrays is None:
         dtype = jnp.dtype(entry["factor_dtype"])
         arrays = {n: jax.ShapeDtypeStruct(s, dtype) for n, s in shell.expected_shapes(entry["rank"]).items()}
     return shell.replace(**arrays)
+
+
+def _own_fields(kind: type[Adapter], entry: dict) -> dict[str, Any]:
+    """The kind's own static fields from ``entry["own"]``, lists back to tuples; `load` has
+    already checked them against the kind (`records.check_record`)."""
+    tuples = lambda v: tuple(tuples(x) for x in v) if isinstance(v, list) else v  # noqa: E731
+    return {name: tuples(value) for name, value in entry.get("own", {}).items()}
 
 
 def _abstract(entry: dict, w) -> dict:

@@ -78,7 +78,8 @@ def first_match(patterns: Sequence[tuple[re.Pattern, Any]], path: str, default: 
 @dataclasses.dataclass(frozen=True)
 class AdapterSpec:
     """What `LoraConfig` asks for one weight, resolved once: the adapter ``kind`` (its
-    name in `lorax._src.adapter.KINDS`), rank, scale, initialisation, dropout and dtype."""
+    name in `lorax._src.adapter.KINDS`), rank, scale, initialisation, dropout and dtype, the
+    weight's ``path`` and the kind's own ``options`` (checked by its ``check_options``)."""
 
     kind: str
     rank: int
@@ -86,6 +87,8 @@ class AdapterSpec:
     init: str
     dropout: float
     dtype: Any
+    path: str = ""
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def dtype_for(self, weight_dtype) -> Any:
         """The adapter's dtype over a weight of ``weight_dtype``: the one asked for, else
@@ -123,6 +126,9 @@ class LoraConfig:
       kind: the adapter kind by its registered name: ``"lora"``, ``"dora"``, or a kind
         registered with `lorax.extend.register_kind` that implements ``create``. Default
         (None): ``"dora"`` with ``use_dora``, else ``"lora"`` (`adapter_kind` says which).
+      options: the kind's own settings, checked by it (``Adapter.check_options``): IA³'s
+        ``feedforward`` regexes, LoKr's ``decompose_both`` and ``decompose_factor``
+        (docs/kinds.md). LoRA and DoRA take none.
 
     >>> import jax, jax.numpy as jnp, lorax
     >>> fn = lambda p, x: x @ p["q"] @ p["v"]
@@ -151,6 +157,7 @@ class LoraConfig:
     trainable: str | Sequence[str] | None = None
     use_dora: bool = False
     kind: str | None = None
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         fix = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -173,6 +180,11 @@ class LoraConfig:
                 raise TypeError(f"LoraConfig: {name} must be True or False, got {getattr(self, name)!r}.")
             fix(name, bool(getattr(self, name)))
         self._check_kind()
+        if not isinstance(self.options, Mapping) or not all(isinstance(k, str) for k in self.options):
+            raise TypeError(f"LoraConfig: options must be a mapping {{name: value}}, got {self.options!r}.")
+        from lorax._src.adapter import KINDS  # the kinds register on import
+
+        fix("options", KINDS[self.adapter_kind].check_options(dict(self.options)))
         if not valid_init(self.init):
             raise ValueError("LoraConfig: init must be 'kaiming_uniform', 'gaussian', 'pissa', "
                              f"'pissa_niter_K' or 'olora', got {self.init!r}.")
@@ -241,7 +253,7 @@ class LoraConfig:
         rank = first_match(patterns["rank"], path, self.rank)
         alpha = first_match(patterns["alpha"], path, self.alpha if self.alpha is not None else rank)
         scale = alpha / (math.sqrt(rank) if self.use_rslora else rank)
-        return AdapterSpec(self.adapter_kind, rank, scale, self.init, self.dropout, self.dtype)
+        return AdapterSpec(self.adapter_kind, rank, scale, self.init, self.dropout, self.dtype, path, self.options)
 
     def is_trainable(self, path: str) -> bool:
         """Whether ``trainable`` names ``path`` (a leaf trained fully)."""

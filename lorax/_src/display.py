@@ -60,10 +60,11 @@ def _fields(node: Any, frozen: Sequence[str], skip: Sequence[str] = ()) -> dict[
     """The node's fields, array fields (first) replaced by their summaries, defaults of the
     static ones left out."""
     out: dict[str, Any] = {}
+    held = node.layout() if hasattr(node, "layout") else {}
     for field in sorted(dataclasses.fields(node), key=lambda f: bool(f.metadata.get("static"))):
-        if field.name in skip:
-            continue
         value = getattr(node, field.name)
+        if field.name in skip or (value is None and field.metadata.get("role") == "trained" and field.name not in held):
+            continue  # an optional array this node does not hold (LoKr's full or factored blocks)
         if field.metadata.get("static"):
             if value != field.default:
                 out[field.name] = value
@@ -75,7 +76,7 @@ def _fields(node: Any, frozen: Sequence[str], skip: Sequence[str] = ()) -> dict[
 
 def _headline(node: Any, kind: str) -> str:
     rank = getattr(node, "rank", None)  # None also when the factors are absent (a split's frozen half)
-    parts = [kind] + ([f"rank={rank}"] if rank is not None else [])
+    parts = [kind] + ([f"rank={rank}"] if rank else [])  # 0: a kind without a rank (IA³)
     scales = getattr(node, "scales", None)  # a bank: each adapter's own scale, not the unused `scale`
     if scales is not None:
         try:

@@ -115,7 +115,8 @@ def unfit(leaf: Any, use: Use) -> str | None:
 
 def _adapt(key: jax.Array, spec: AdapterSpec, name: str, w: jax.Array, use: Use) -> Adapter:
     fan_in, fan_out = fan_in_out(w.shape, use.a_axes, use.b_axes)
-    if spec.rank > min(fan_in, fan_out):
+    kind = KINDS[spec.kind]
+    if kind.bounded_rank and spec.rank > min(fan_in, fan_out):
         raise ValueError(
             f"lorax.init: rank {spec.rank} for {name!r} (shape {tuple(w.shape)}) exceeds min(in, out) = "
             f"min({fan_in}, {fan_out}); choose rank <= {min(fan_in, fan_out)}."
@@ -123,7 +124,6 @@ def _adapt(key: jax.Array, spec: AdapterSpec, name: str, w: jax.Array, use: Use)
     if isinstance(w, QuantizedArray) and makes_residual(spec.init):
         raise ValueError(f"lorax.init: {name!r} (shape {tuple(w.shape)}) is quantized ({w.fmt}); init={spec.init!r} "
                          "would replace it by a full-precision residual. Use kaiming_uniform or gaussian.")
-    kind = KINDS[spec.kind]
     if not supports(use.primitive, kind):
         raise ValueError(
             f"lorax.init: {kind.__name__} has no factored rule for {name!r} (shape {tuple(w.shape)}), "

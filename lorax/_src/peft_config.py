@@ -25,16 +25,22 @@ _KNOWN = {"alpha_pattern", "auto_mapping", "base_model_name_or_path", "bias", "c
           *_UNSUPPORTED}
 
 
-def read_config(directory: Path) -> dict:
-    """The config of the adapter folder ``directory``, checked; ``lora_alpha`` filled with PEFT's default 8."""
+def read_json(directory: Path) -> dict:
+    """The config of the adapter folder ``directory`` as a JSON object, not yet checked."""
     file = directory / CONFIG_FILE
     try:
         config = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ValueError(f"lorax.peft: cannot read {file}: {err}") from None
-    where = f"lorax.peft: {file}:"
     if not isinstance(config, dict):
-        raise ValueError(f"{where} expected a JSON object, got {type(config).__name__} {config!r:.80}.")
+        raise ValueError(f"lorax.peft: {file}: expected a JSON object, got {type(config).__name__} {config!r:.80}.")
+    return config
+
+
+def read_config(directory: Path) -> dict:
+    """The LoRA config of the adapter folder ``directory``, checked; ``lora_alpha`` filled with PEFT's default 8."""
+    config = read_json(directory)
+    where = f"lorax.peft: {directory / CONFIG_FILE}:"
     unknown = sorted(set(config) - _KNOWN)
     if unknown:
         raise ValueError(f"lorax.peft: unknown adapter_config.json keys {unknown}; "
@@ -48,10 +54,17 @@ def read_config(directory: Path) -> dict:
             raise ValueError(f"lorax.peft: {key}={config[key]!r} is not supported by lorax.")
     if config.get("bias", "none") != "none":
         raise ValueError(f"lorax.peft: bias={config['bias']!r} is not supported; only 'none'.")
-    config["r"] = index(config["r"], f"{where} r", minimum=1)
-    config["lora_alpha"] = real(config.get("lora_alpha", 8), f"{where} lora_alpha", positive=True)
+    check_rank(config, where, "lora_alpha")
     if not isinstance(config.get("use_rslora", False), bool):
         raise TypeError(f"{where} use_rslora must be true or false, got {config['use_rslora']!r}.")
+    check_modules(config, where)
+    return config
+
+
+def check_rank(config: dict, where: str, alpha_key: str) -> None:
+    """``r``, the alpha (PEFT's default 8) and their per-module patterns, checked in place."""
+    config["r"] = index(config["r"], f"{where} r", minimum=1)
+    config[alpha_key] = real(config.get(alpha_key, 8), f"{where} {alpha_key}", positive=True)
     for key, check in (("rank_pattern", lambda v, w: index(v, w, minimum=1)),
                        ("alpha_pattern", lambda v, w: real(v, w, positive=True))):
         patterns = config.get(key) or {}
@@ -59,6 +72,10 @@ def read_config(directory: Path) -> dict:
             raise ValueError(f"{where} {key} must be an object {{module regex: value}}, got {patterns!r}.")
         config[key] = {k: check(v, f"{where} {key}[{k!r}]") for k, v in patterns.items()}
         _compile(list(patterns), f"{where} {key}")
+
+
+def check_modules(config: dict, where: str) -> None:
+    """``target_modules``, ``exclude_modules`` and ``modules_to_save``: names or a regex."""
     for key in ("target_modules", "exclude_modules", "modules_to_save"):
         value = config.get(key)
         if value is None and key != "target_modules":
@@ -68,7 +85,6 @@ def read_config(directory: Path) -> dict:
             raise ValueError(f"{where} {key} must be a list of module names"
                              f"{' or a regex string' if key != 'modules_to_save' else ''}, got {value!r}.")
         _compile([value] if isinstance(value, str) else value, f"{where} {key}")
-    return config
 
 
 def _compile(patterns: list, where: str) -> None:

@@ -260,5 +260,13 @@ def is_quantized(x: Any) -> bool:
 
 
 def dense(x: Any) -> Any:
-    """``x`` dequantized if it is a `QuantizedArray`, else as is."""
+    """``x`` dequantized if it is a `QuantizedArray`, else as is: a frozen base's dense value.
+
+    >>> import jax.numpy as jnp, lorax
+    >>> from lorax.extend import dense
+    >>> w = jnp.linspace(-1, 1, 64).reshape(2, 32)
+    >>> q = lorax.quantize({"w": w}, "int8")["w"]
+    >>> dense(q).shape, float(jnp.abs(dense(q) - w).max()) < 0.01, dense(w) is w
+    ((2, 32), True, True)
+    """
     return x.dequantize() if isinstance(x, QuantizedArray) else x

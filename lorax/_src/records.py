@@ -3,6 +3,7 @@ the fingerprint a checkpoint keeps of the base it was trained on."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from typing import Any, NoReturn, TypeGuard
@@ -12,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lorax._src.adapter import KINDS
+from lorax._src.adapter import KINDS, Adapter
 from lorax._src.initializers import valid_init
 from lorax._src.quantized import QuantizedArray, dense
 
@@ -99,8 +100,15 @@ def check_record(record: Any, where: str) -> dict:
             continue
         if not valid_init(e.setdefault("init", "kaiming_uniform")):  # format 1 before inits: the default
             bad(field("init"), "an initialisation name", e.get("init"))
-        if not _is_int(e.get("rank")) or e["rank"] < 1:
-            bad(field("rank"), "an int >= 1", e.get("rank"))
+        kind = KINDS[e["kind"]]
+        least = 1 if kind.ranked else 0
+        if not _is_int(e.get("rank")) or e["rank"] < least:
+            bad(field("rank"), f"an int >= {least}", e.get("rank"))
+        own = e.get("own", {})
+        shared = {f.name for f in dataclasses.fields(Adapter)}
+        names = {f.name for f in dataclasses.fields(kind) if f.metadata.get("static") and f.name not in shared}
+        if not isinstance(own, dict) or not set(own) <= names:
+            bad(field("own"), f"the {e['kind']!r} kind's own settings, some of {sorted(names)}", own)
         for name, low in (("scale", -math.inf), ("dropout", 0.0)):
             value = e.get(name)
             if not (_is_real(value) and math.isfinite(value) and low <= value and (name != "dropout" or value < 1)):

@@ -6,4 +6,7 @@ subclass (`register_kind`), its ``create`` classmethod and its ``apply`` handler
 from lorax._src.kinds.bank import LoraBank as LoraBank
 from lorax._src.kinds.dora import DoraWeight as DoraWeight
 from lorax._src.kinds.frozen import FrozenBase as FrozenBase
+from lorax._src.kinds.ia3 import Ia3Weight as Ia3Weight
+from lorax._src.kinds.loha import LohaWeight as LohaWeight
+from lorax._src.kinds.lokr import LokrWeight as LokrWeight
 from lorax._src.kinds.lora import LoraWeight as LoraWeight

@@ -9,6 +9,7 @@ base (`base_product`), and the parts of the low-rank term. Each kind registers i
 from __future__ import annotations
 
 import dataclasses
+import math
 import string
 from typing import Any
 
@@ -160,6 +161,103 @@ def dot_parts(eqn, invals, ctx) -> DotParts | None:
     update = low_rank_update(d.x_sub, d.t.adapter_input(d.x, ctx.next_use()), f1_sub, f1,
                              f2_sub, f2, d.out, lw.scale, ctx.views, **kw)
     return DotParts(base, update.astype(base.dtype), d.w_sub, d.out)
+
+
+@dataclasses.dataclass(frozen=True)
+class DotMatrices:
+    """A dot_general with an adapted weight as matrices, for kinds whose update is not LoRA's
+    ``s·(x·a)·b``: the frozen product ``base``, the adapter node ``weight`` (one layer: W's
+    stack axes, if any, were sliced off by ``scan``), and its input ``x`` as a ``[rows, fan_in]``
+    matrix (dropout applied; W's contracted axes flattened row-major, as `Adapter`'s
+    ``as_matrices`` flattens W). `output` lays a ``[rows, fan_out]`` result out as the product;
+    `frozen` is the frozen product of another ``[rows, fan_in]`` input; `along_outputs` lays a
+    vector over W's outputs out to broadcast against the product. `dot_matrices` makes it.
+
+    >>> import dataclasses, jax.numpy as jnp, lorax
+    >>> from lorax import extend
+    >>> @extend.register_kind
+    ... @dataclasses.dataclass(frozen=True, repr=False)
+    ... class Shift(extend.Adapter):                  # W + 1·vᵀ: adds sum(x)·v to each output
+    ...     kind = "shift-example"
+    ...     v: jnp.ndarray = extend.trained_field()
+    ...     def layout(self):
+    ...         return {"v": (*self.stack_axes, *self.b_axes)}
+    ...     def merged(self):
+    ...         return self.w + self.v
+    >>> @extend.apply("dot_general", adapter=Shift)
+    ... def shift_dot(eqn, invals, ctx):
+    ...     m = extend.dot_matrices(eqn, invals, ctx)
+    ...     return None if m is None else [m.base + m.output(m.x.sum(-1, keepdims=True) * m.weight.v)]
+    >>> p = {"w": Shift(jnp.ones((4, 3)), jnp.array([0.0, 1.0, 2.0]))}
+    >>> fn = lambda p, x: x @ p["w"]
+    >>> lorax.lora(fn)(p, jnp.ones((1, 4))).tolist(), fn(lorax.merge(p), jnp.ones((1, 4))).tolist()
+    ([[4.0, 8.0, 12.0]], [[4.0, 8.0, 12.0]])
+    >>> del extend.KINDS["shift-example"], extend.RULES["dot_general"].apply[Shift]
+    """
+
+    base: jax.Array
+    weight: Any
+    x: jax.Array
+    letters: DotLetters
+    free_shape: tuple[int, ...]
+    eqn: Any
+    narrow: bool
+
+    def _letters(self) -> tuple[list[str], list[str], list[str]]:
+        """The letters of the rows (x's free axes), of W's contracted and of its output axes."""
+        d, lw = self.letters, self.weight
+        a_letters, b_letters = [d.w_sub[i] for i in lw.a_axes], [d.w_sub[i] for i in lw.b_axes]
+        return [c for c in d.x_sub if c not in a_letters], a_letters, b_letters
+
+    def output(self, y: jax.Array) -> jax.Array:
+        """``y`` [rows, fan_out] laid out as the product's output, in its dtype."""
+        free, _, b_letters = self._letters()
+        y = y.reshape(*self.free_shape, *(self.weight.shape[i] for i in self.weight.b_axes))
+        return jnp.transpose(y, [(free + b_letters).index(c) for c in self.letters.out]).astype(self.base.dtype)
+
+    def frozen(self, x: jax.Array) -> jax.Array:
+        """The frozen product of ``x`` [rows, fan_in] (an input the kind changed) with W."""
+        free, a_letters, _ = self._letters()
+        d = self.letters
+        x = x.reshape(*self.free_shape, *(self.weight.shape[i] for i in self.weight.a_axes))
+        x = jnp.transpose(x, [(free + a_letters).index(c) for c in d.x_sub]).astype(d.x.dtype)
+        return dataclasses.replace(d, x=x).base(self.eqn, self.weight.w, self.narrow)
+
+    def along_outputs(self, v: jax.Array) -> jax.Array:
+        """``v`` [fan_out] reshaped to broadcast against the product's output."""
+        _, _, b_letters = self._letters()
+        out = self.letters.out
+        v = v.reshape([self.weight.shape[i] for i in self.weight.b_axes])
+        order = sorted(b_letters, key=out.index)
+        v = jnp.transpose(v, [b_letters.index(c) for c in order])
+        return v.reshape([v.shape[order.index(c)] if c in b_letters else 1 for c in out])
+
+
+def dot_matrices(eqn, invals, ctx) -> DotMatrices | None:
+    """`DotMatrices` of a dot_general with one adapted operand, or None (the weight is then
+    materialized for this use) when both operands are adapted, when the product contracts W's
+    output axes (a tied head ``x·Eᵀ``) or when W's stack axes are batch axes of the product
+    (a stack used whole, as under ``vmap``). `DotMatrices`'s example is a kind built on it.
+
+    >>> import dataclasses
+    >>> from lorax.extend import DotMatrices
+    >>> [f.name for f in dataclasses.fields(DotMatrices)][:3]
+    ['base', 'weight', 'x']
+    """
+    d = dot_letters(eqn, invals)
+    if d is None:
+        return None
+    lw = d.t.weight
+    a_letters, b_letters = [d.w_sub[i] for i in lw.a_axes], [d.w_sub[i] for i in lw.b_axes]
+    if lw.stack_axes or any(c in d.out for c in a_letters) or any(c not in d.out for c in b_letters):
+        return None
+    x = d.t.adapter_input(d.x, ctx.next_use())
+    sizes = dict(zip(d.x_sub, jnp.shape(x)))
+    free = [c for c in d.x_sub if c not in a_letters]
+    size = lambda letters: math.prod(sizes[c] for c in letters)  # noqa: E731
+    matrix = ctx.views.matrix(x, d.x_sub, free, a_letters, size)
+    base = d.base(eqn, lw.w, ctx.narrow)
+    return DotMatrices(base, lw, matrix, d, tuple(sizes[c] for c in free), eqn, ctx.narrow)
 
 
 # ----------------------------------------------------------------------------- convolution
