@@ -68,7 +68,8 @@ class Ia3Weight(extend.Adapter):
 
     def unmerged(self, merged: jax.Array, path: str = "") -> jax.Array:
         """``merged / vector``: defined while no entry of ``vector`` is zero."""
-        return (merged / self.scaling().astype(merged.dtype)).astype(merged.dtype)
+        scaling = self.replace(w=merged).scaling()  # from the trainable half, whose w is None
+        return (merged / scaling.astype(merged.dtype)).astype(merged.dtype)
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> dict[str, Any]:

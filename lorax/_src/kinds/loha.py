@@ -84,7 +84,8 @@ class LohaWeight(extend.Adapter):
         return (w + self.delta().astype(w.dtype)).astype(w.dtype)
 
     def unmerged(self, merged: jax.Array, path: str = "") -> jax.Array:
-        return (merged - self.delta().astype(merged.dtype)).astype(merged.dtype)
+        delta = self.replace(w=merged).delta()  # from the trainable half, whose w is None
+        return (merged - delta.astype(merged.dtype)).astype(merged.dtype)
 
     @classmethod
     def create(cls, key: jax.Array, spec, w: jax.Array, use) -> LohaWeight:

@@ -122,7 +122,8 @@ class LokrWeight(extend.Adapter):
         return (w + self.delta().astype(w.dtype)).astype(w.dtype)
 
     def unmerged(self, merged: jax.Array, path: str = "") -> jax.Array:
-        return (merged - self.delta().astype(merged.dtype)).astype(merged.dtype)
+        delta = self.replace(w=merged).delta()  # from the trainable half, whose w is None
+        return (merged - delta.astype(merged.dtype)).astype(merged.dtype)
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> dict[str, Any]:
