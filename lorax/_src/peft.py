@@ -23,7 +23,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from lorax._src import peft_kinds
-from lorax._src.adapter import Adapter, as_matrices
+from lorax._src.adapter import KINDS, Adapter, as_matrices
 from lorax._src.config import LoraConfig
 from lorax._src.files import as_folder
 from lorax._src.init import init
@@ -250,9 +250,14 @@ def load_peft(directory: str | Path, fn: Callable, params: Any, *args, mapping: 
                         f"got {type(fn).__name__}.")
     if not isinstance(check_base, bool):
         raise TypeError(f"lorax.peft.load_peft: check_base must be True or False, got {check_base!r}.")
-    kind = peft_kinds.kind_of(read_json(directory).get("peft_type"))
+    raw = read_json(directory)
+    kind = peft_kinds.kind_of(raw.get("peft_type"))
     if kind is not None:
-        return peft_kinds.load(directory, read_json(directory), kind, fn, params, args, kwargs, mapping, check_base)
+        return peft_kinds.load(directory, raw, kind, fn, params, args, kwargs, mapping, check_base)
+    if raw.get("peft_type") != "LORA":
+        types = sorted(["LORA", *(k.peft.peft_type for k in KINDS.values() if k.peft is not None)])
+        raise ValueError(f"lorax.peft: {directory / CONFIG_FILE}: peft_type is {raw.get('peft_type')!r}; lorax "
+                         f"reads {types}.")
     config = read_config(directory)
     try:
         tensors = load_file(directory / WEIGHTS_FILE)

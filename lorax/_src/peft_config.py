@@ -45,8 +45,6 @@ def read_config(directory: Path) -> dict:
     if unknown:
         raise ValueError(f"lorax.peft: unknown adapter_config.json keys {unknown}; "
                          "lorax reads peft 0.21's LoRA configs.")
-    if config.get("peft_type") != "LORA":
-        raise ValueError(f"lorax.peft: peft_type is {config.get('peft_type')!r}; only 'LORA' adapters load.")
     if "r" not in config:
         raise ValueError("lorax.peft: adapter_config.json has no 'r' (the rank).")
     for key in _UNSUPPORTED:
