@@ -1,5 +1,5 @@
 """`lorax.adapters.weighted`: a new adapter from a weighted combination of others, as PEFT's
-``add_weighted_adapter`` makes it (its ``linear``, ``cat`` and ``svd`` types).
+``add_weighted_adapter`` makes it (every combination type of its LoRA adapters).
 
 With ``ΔW_i = s_i·A_i·B_i`` and weights ``w_i``, the new adapter has scale 1 and
 
@@ -11,14 +11,29 @@ With ``ΔW_i = s_i·A_i·B_i`` and weights ``w_i``, the new adapter has scale 1 
   PEFT, this is a product of sums, so it adds cross terms ``A_i B_j`` to ``Σ w_i ΔW_i``: exact
   for one adapter, an approximation otherwise (PEFT's own docs call it rough).
 
+Model-merging methods, as PEFT runs them (``peft.utils.merge_utils``), per layer of a stack:
+
+- ``magnitude_prune``: each tensor keeps its ``density`` fraction of largest magnitudes, then
+  the weighted sum;
+- ``ties`` (Yadav et al. 2023): magnitude pruning, a sign elected per entry (``"total"``: the
+  sign of the sum; ``"frequency"``: the more common sign), then the weighted entries that agree
+  with it averaged;
+- ``dare_linear`` / ``dare_ties`` (Yu et al. 2024): each entry kept with probability ``density``
+  (drawn from ``key``) and rescaled by ``1/density``, then summed, or elected and averaged as ties.
+
+Without a suffix they act on the factors, as ``linear`` does (equal ranks; ``A`` and ``B`` each
+merged with the square-root weights); with ``_svd`` they act on the updates ``w_i·ΔW_i``, and
+the result is truncated to rank ``rank`` as ``svd`` is.
+
 A source that does not adapt a weight (rank 0 there) is left out for that weight, as PEFT does.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,15 +44,20 @@ from lorax._src.kinds.bank import LoraBank
 from lorax._src.records import index, real
 from lorax._src.trees import _map
 
-HOW = ("linear", "cat", "svd")
+MERGES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # on the factors; "_svd": on ΔW
+HOW = ("cat", *MERGES, "svd", *(f"{m}_svd" for m in MERGES[1:]))
 
 
 def weighted(params: Any, name: str, sources: Sequence[str], weights: Sequence[float], *,
-             how: Literal["linear", "cat", "svd"] = "svd", rank: int | None = None) -> Any:
+             how: str = "svd", rank: int | None = None, density: float | None = None,
+             majority_sign_method: Literal["total", "frequency"] = "total", key: jax.Array | None = None) -> Any:
     """The bank tree with a new adapter ``name``: the ``weights``-weighted combination of the
     adapters ``sources``, combined ``how`` (see the module docstring; ``rank`` is the SVD's,
     by default the largest source rank). ``weights`` are finite numbers (NumPy scalars too),
-    one per source; a negative weight subtracts.
+    one per source; a negative weight subtracts. The model-merging types (``ties``,
+    ``dare_linear``, ``dare_ties``, ``magnitude_prune`` and their ``_svd`` forms) take
+    ``density``, the fraction kept (in (0, 1]); the ties types ``majority_sign_method``; the
+    DARE types a PRNG ``key`` for their random drop.
 
     >>> import jax, jax.numpy as jnp, lorax
     >>> fn = lambda p, x: x @ p["w"]
@@ -47,6 +67,10 @@ def weighted(params: Any, name: str, sources: Sequence[str], weights: Sequence[f
     >>> mix = lorax.adapters.weighted(params, "mix", ["x", "y"], [0.5, 0.25], how="cat")
     >>> lorax.merge(lorax.adapters.select(mix, "mix"))["w"][0].tolist()  # 0.5·1 + 0.25·2
     [1.0, 1.0, 1.0]
+    >>> ties = lorax.adapters.weighted(params, "ties", ["x", "y"], [1.0, 1.0], how="ties_svd", density=0.5)
+    >>> w = lorax.merge(lorax.adapters.select(ties, "ties"))["w"]  # the first 6 of 12 equal entries kept
+    >>> jnp.round(w, 4)[:, 0].tolist()                            # of each ΔW, signs agree: averaged
+    [1.5, 1.5, 0.0, 0.0]
     """
     who = "lorax.adapters.weighted"
     check_name(name, who)
@@ -59,9 +83,13 @@ def weighted(params: Any, name: str, sources: Sequence[str], weights: Sequence[f
                          f"{weights}.")
     if name in names(params):
         raise ValueError(f"{who}: the bank already holds an adapter {name!r}.")
-    if rank is not None and how != "svd":
-        raise ValueError(f"{who}: rank is the SVD's target rank (how='svd'); got rank={rank!r} with how={how!r}.")
+    if rank is not None and not how.endswith("svd"):
+        raise ValueError(f"{who}: rank is the SVD's target rank (how='svd' or '*_svd'); got rank={rank!r} with "
+                         f"how={how!r}.")
     rank = None if rank is None else index(rank, f"{who}: rank", minimum=1)
+    merge = _merge_settings(how, density, majority_sign_method, key, who)
+
+    count = itertools.count()  # each weight its own DARE keys
 
     def combine(path, x):
         if not isinstance(x, LoraBank):
@@ -70,10 +98,12 @@ def weighted(params: Any, name: str, sources: Sequence[str], weights: Sequence[f
         present = [(i, w) for i, w in zip(at, weights) if ranks[i]]
         if not present:
             return _append(x, name, *_zero(x), 0.0, 0)
-        if how == "linear" and len({ranks[i] for i, _ in present}) > 1:
-            raise ValueError(f"{who}: {path!r}: how='linear' needs sources of one rank; "
+        if how in MERGES and len({ranks[i] for i, _ in present}) > 1:
+            raise ValueError(f"{who}: {path!r}: how={how!r} needs sources of one rank; "
                              f"{dict((x.names[i], ranks[i]) for i, _ in present)} differ (use 'cat' or 'svd').")
-        a, b = _combined(x, present, how, rank or max(ranks[i] for i in at))
+        keys = None if merge.key is None else jax.random.split(jax.random.fold_in(merge.key, next(count)), len(at))
+        a, b = _combined(x, present, how, rank or max(ranks[i] for i in at),
+                         merge._replace(key=None if keys is None else [keys[at.index(i)] for i, _ in present]))
         return _append(x, name, jnp.expand_dims(a, x.adapter_axis), jnp.expand_dims(b, x.adapter_axis),
                        1.0, a.shape[-1])
 
@@ -90,29 +120,97 @@ def _listed(values: Any, what: str, who: str) -> list:
     return list(values)
 
 
-def _combined(x: LoraBank, present: list[tuple[int, float]], how: str, rank: int) -> tuple[jax.Array, jax.Array]:
+class Merge(NamedTuple):
+    """A model-merging type's settings, checked: what `merged` needs besides the tensors."""
+
+    method: str  # one of MERGES
+    density: float
+    sign: str
+    key: Any  # a PRNG key, or (in `_combined`) one key per present source, or None
+
+
+def _merge_settings(how: str, density: Any, sign: Any, key: Any, who: str) -> Merge:
+    method = how.removesuffix("_svd") if how != "svd" else "linear"
+    pruned, dare = method in ("ties", "magnitude_prune", "dare_linear", "dare_ties"), method.startswith("dare")
+    if not pruned:
+        if density is not None or key is not None:
+            raise ValueError(f"{who}: density and key are for the model-merging types (ties, dare_*, "
+                             f"magnitude_prune); got density={density!r}, key={key!r} with how={how!r}.")
+        return Merge(method, 1.0, "total", None)
+    if density is None:
+        raise ValueError(f"{who}: how={how!r} needs density, the fraction of each tensor kept, in (0, 1].")
+    density = real(density, f"{who}: density")
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"{who}: density must be in (0, 1], got {density!r}.")
+    if sign not in ("total", "frequency"):
+        raise ValueError(f"{who}: majority_sign_method must be 'total' or 'frequency', got {sign!r}.")
+    if dare != (key is not None):
+        raise ValueError(f"{who}: how={how!r} " + ("draws its drop from key: pass key=jax.random.key(...)." if dare
+                                                   else f"is deterministic; key is for the dare types, got {key!r}."))
+    if dare and not (isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ()):
+        raise TypeError(f"{who}: key must be one new-style PRNG key (jax.random.key), got {key!r:.80}.")
+    return Merge(method, density, sign, key)
+
+
+def merged(tensors: list[jax.Array], weights: list[float], merge: Merge, stack: int = 0) -> jax.Array:
+    """The ``weights``-weighted merge of ``tensors`` (one shape) by ``merge.method``, as PEFT's
+    ``merge_utils``: pruning, sign election and averaging per layer (the first ``stack`` axes).
+
+    >>> import jax.numpy as jnp
+    >>> t = [jnp.array([3.0, -1.0, 0.5]), jnp.array([-2.0, -1.0, 4.0])]
+    >>> merged(t, [1.0, 1.0], Merge("ties", 2 / 3, "total", None)).tolist()  # top 2 of 3 kept, signs elected
+    [3.0, -1.0, 4.0]
+    """
+    t = jnp.stack(tensors)
+    flat = t.reshape(len(tensors), math.prod(t.shape[1:stack + 1]), -1)
+    if merge.method in ("ties", "magnitude_prune") and merge.density < 1:
+        k = int(merge.density * flat.shape[-1])
+        threshold = jax.lax.top_k(jnp.abs(flat), k)[0][..., -1:] if k else jnp.inf
+        keep = jnp.abs(flat) >= threshold
+        if k:  # equal magnitudes at the threshold: keep the first k, as a top-k does
+            keep = keep & (jnp.cumsum(keep, axis=-1) <= k)
+        flat = jnp.where(keep, flat, 0)
+    if merge.method.startswith("dare") and merge.density < 1:
+        keep = jnp.stack([jax.random.bernoulli(k, merge.density, flat.shape[1:]) for k in merge.key])
+        flat = jnp.where(keep, flat / merge.density, 0)
+    w = jnp.asarray(weights, flat.dtype)[:, None, None]
+    if merge.method in ("ties", "dare_ties"):
+        sign = jnp.sign(flat)
+        total = flat.sum(0) if merge.sign == "total" else sign.sum(0)
+        agree = sign == jnp.where(total >= 0, 1, -1)
+        out = (flat * w * agree).sum(0) / jnp.maximum(agree.sum(0), 1)
+    else:
+        out = (flat * w).sum(0)
+    return out.reshape(t.shape[1:])
+
+
+def _combined(x: LoraBank, present: list[tuple[int, float]], how: str, rank: int,
+              merge: Merge) -> tuple[jax.Array, jax.Array]:
     """``(a, b)`` of the combination, laid out as one `LoraWeight`'s, in float32 then the
     factors' dtype."""
     axis, dtype = x.adapter_axis, x.a.dtype
-    parts = []
+    parts = []  # (a, b, weight, scale) per source
     for i, w in present:
         a, b, s = x.chosen(jnp.asarray(i))
         r = x.adapter_ranks[i]
         b = jnp.moveaxis(jnp.moveaxis(b, axis, 0)[:r], 0, axis)
-        parts.append((a[..., :r].astype(jnp.float32), b.astype(jnp.float32), w * float(s)))
+        parts.append((a[..., :r].astype(jnp.float32), b.astype(jnp.float32), w, float(s)))
     if how == "cat":
-        return (jnp.concatenate([a * ws for a, _, ws in parts], -1).astype(dtype),
-                jnp.concatenate([b for _, b, _ in parts], axis).astype(dtype))
-    if how == "linear":
-        root = [math.sqrt(abs(ws)) for _, _, ws in parts]
-        a = sum(math.copysign(r, ws) * a for (a, _, ws), r in zip(parts, root))
-        b = sum(r * b for (_, b, _), r in zip(parts, root))
-        return jnp.asarray(a).astype(dtype), jnp.asarray(b).astype(dtype)
+        return (jnp.concatenate([a * w * s for a, _, w, s in parts], -1).astype(dtype),
+                jnp.concatenate([b for _, b, _, _ in parts], axis).astype(dtype))
+    if how in MERGES:  # A and B each merged, with sign(w s)·√|w s| on A's side and √|w s| on B's
+        root = [math.sqrt(abs(w * s)) for _, _, w, s in parts]
+        keys = (None, None) if merge.key is None else tuple([jax.random.fold_in(k, side) for k in merge.key]
+                                                            for side in (0, 1))
+        a = merged([a for a, _, _, _ in parts], [math.copysign(r, w * s) for (_, _, w, s), r in zip(parts, root)],
+                   merge._replace(key=keys[0]), axis)
+        b = merged([b for _, b, _, _ in parts], root, merge._replace(key=keys[1]), axis)
+        return a.astype(dtype), b.astype(dtype)
     stack, a_shape = x.a.shape[:axis], x.a.shape[axis + 1:-1]
     b_shape = x.b.shape[axis + 2:]
     fan_in, fan_out = math.prod(a_shape), math.prod(b_shape)
-    delta = sum(ws * jnp.reshape(a, (*stack, fan_in, -1)) @ jnp.reshape(b, (*stack, -1, fan_out))
-                for a, b, ws in parts)
+    deltas = [s * jnp.reshape(a, (*stack, fan_in, -1)) @ jnp.reshape(b, (*stack, -1, fan_out)) for a, b, _, s in parts]
+    delta = merged(deltas, [w for _, _, w, _ in parts], merge, axis)
     u, sv, vh = jnp.linalg.svd(jnp.asarray(delta), full_matrices=False)
     keep = min(rank, sv.shape[-1])
     pad = rank - keep  # a rank above min(in, out): zero columns, as PEFT's zero-initialised factors

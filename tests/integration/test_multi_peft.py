@@ -2,6 +2,7 @@
 
 import os
 
+import jax
 import numpy as np
 import pytest
 from test_peft import CONFIG, jax_twin, rel_err, torch_llama
@@ -58,3 +59,40 @@ def test_two_peft_adapters_switch_and_mix_with_peft_logits(tmp_path):
     again.load_adapter(tmp_path / "export" / "terse", adapter_name="terse")
     for name in want:
         assert rel_err(peft_logits(again.eval(), name), want[name]) < 1e-5
+
+
+def two_equal_rank_adapters():
+    """"default" (alpha 8) and "b" (alpha 16), both r=4 on q and v: what PEFT's factor-level merges need."""
+    model = peft.get_peft_model(torch_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model.add_adapter("b", peft.LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+    return model.eval()
+
+
+MERGE_TYPES = [("ties", 0.5, "total"), ("ties", 0.3, "frequency"), ("magnitude_prune", 0.5, "total"),
+               ("ties_svd", 0.4, "total"), ("magnitude_prune_svd", 0.6, "total"),
+               ("dare_linear", 1.0, "total"), ("dare_ties", 1.0, "frequency"), ("dare_ties_svd", 1.0, "total")]
+
+
+def test_model_merging_types_give_peft_logits(tmp_path):
+    """ties, magnitude_prune and their _svd forms against PEFT's add_weighted_adapter; DARE with
+    density 1 (no random drop: its election and averaging), the random drop in the unit tests."""
+    model = two_equal_rank_adapters()
+    model.save_pretrained(tmp_path / "saved")
+    fn, params = jax_twin(torch_llama(), CONFIG)
+    bank = adapters.load_peft(tmp_path / "saved", fn, params, IDS, mapping=lorax.peft.LLAMA)
+    forward = lorax.lora(fn)
+    for n, (how, density, sign) in enumerate(MERGE_TYPES):
+        name = f"mix{n}"
+        model.add_weighted_adapter(["default", "b"], [0.7, -0.4], name, combination_type=how, density=density,
+                                   majority_sign_method=sign)
+        key = {"key": jax.random.key(n)} if how.startswith("dare") else {}
+        mixed = adapters.weighted(bank, name, ["default", "b"], [0.7, -0.4], how=how, density=density,
+                                  majority_sign_method=sign, **key)
+        theirs = peft_logits(model, name)
+        assert rel_err(forward(adapters.route(mixed, name), IDS), theirs) < 1e-4, how
+        assert rel_err(peft_logits(model, "default"), theirs) > 1e-3, how
