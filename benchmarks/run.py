@@ -12,7 +12,9 @@ PYTHONPATH=examples python3 benchmarks/run.py ...
 0. the roofline: this machine's plain matmul rate in JAX and torch (`roofline.py`);
 1. compiled costs of an Adam train step (matmul flops from the jaxpr, XLA's memory_analysis);
 2. wall time per step, variants interleaved in this process (median after warm-up), tokens/s;
-3. the same against rank and sequence length (the chart);
+3. the same against rank and sequence length (the chart); every adapter kind (LoRA, DoRA, IA³,
+   LoHa, LoKr) on all-linear: trainable parameters, compiled flops and temporaries, and wall
+   time against LoRA's, side by side in this process;
 4. inference: base vs merged vs unmerged LoRA forward, and where the unmerged time goes (rank,
    targets, one adapter of a bank);
 5. serving 8 adapters: one batch mixing them (an adapter per example) against the same batch
@@ -108,6 +110,26 @@ def wall_table(widths: dict, repeats: int, warmup: int) -> tuple[list[dict], dic
     return [dict(variant=k, s_per_step=t.seconds, tokens_per_s=tokens / t.seconds, gflop=t.flops / 1e9,
                  gflops_per_s=t.flops / t.seconds / 1e9, time_over_full=t.over(timings[FULL]))
             for k, t in timings.items()], timings
+
+
+KINDS = ("lora", "dora", "ia3", "loha", "lokr")
+
+
+def kinds_table(widths: dict, repeats: int, warmup: int) -> list[dict]:
+    """Each adapter kind's all-linear Adam step against LoRA's: trainable parameters, matmul
+    flops and XLA's temporaries of the compiled step, wall time interleaved in this process."""
+    programs = {kind: gpt.train_steps(variants=("lora",), kind=kind, concrete=True, **widths)["lora"]
+                for kind in KINDS}
+    sizes = {kind: sum(x.size for x in jax.tree.leaves(args[0])) for kind, (_, args) in programs.items()}
+    compiled = {kind: gpt.cost(step, *args) for kind, (step, args) in programs.items()}
+    timings = walltime.interleaved(programs, repeats=repeats, warmup=warmup)
+    lora, lora_time = compiled["lora"], timings["lora"]
+    return [dict(kind=kind, trainable=sizes[kind], trainable_over_lora=sizes[kind] / sizes["lora"],
+                 gflops=compiled[kind].flops / 1e9, flops_over_lora=compiled[kind].flops / lora.flops,
+                 temp_mib=compiled[kind].temp_bytes / 2**20,
+                 temp_over_lora=compiled[kind].temp_bytes / lora.temp_bytes,
+                 s_per_step=timings[kind].seconds, time_over_lora=timings[kind].over(lora_time))
+            for kind in KINDS]
 
 
 def rank_sweep(widths: dict, ranks, repeats: int, warmup: int) -> list[dict]:
@@ -352,6 +374,13 @@ def markdown(report: dict) -> str:
     wall = {r["variant"]: r for r in report["wall"]}
     lines.append(f"\nDoRA / LoRA, all-linear step time: "
                  f"{wall[DORA]['s_per_step'] / wall['LoRA all-linear']['s_per_step']:.3f}")
+    lines += ["", f"**Adapter kinds** (all-linear, r=8, alpha 16; LoKr and LoHa as PEFT's defaults; wall time "
+              f"median of {report['repeats']}, interleaved)", "",
+              "| kind | trainable | / LoRA | GFLOPs | flops / LoRA | temporaries MiB | / LoRA | s / step | "
+              "time / LoRA |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['kind']} | {r['trainable']:,} | {r['trainable_over_lora']:.3f} | {r['gflops']:.2f} | "
+              f"{r['flops_over_lora']:.3f} | {r['temp_mib']:.0f} | {r['temp_over_lora']:.3f} | "
+              f"{r['s_per_step']:.3f} | {r['time_over_lora']:.3f} |" for r in report["kinds"]]
     lines += ["", "**Inference** (forward, all-linear adapters)", "",
               "| variant | ms / call | time / base | flops / base |", "|---|---|---|---|"]
     lines += [f"| {r['variant']} | {1e3 * r['s_per_call']:.1f} | {r['time_over_base']:.3f} | "
@@ -445,6 +474,8 @@ def main(argv=None):
     report["compiled"] = compiled_table(widths)
     print("wall time ...", flush=True)
     report["wall"], measured = wall_table(widths, repeats, warmup)
+    print("adapter kinds ...", flush=True)
+    report["kinds"] = kinds_table(widths, repeats, warmup)
     print("rank sweep ...", flush=True)
     report["ranks"] = rank_sweep(widths, ranks, repeats, warmup)
     print("sequence sweep ...", flush=True)

@@ -113,7 +113,7 @@ def model(*, d, heads, layers, vocab, batch, seq, concrete: bool):
 
 
 def _adapt(fn, params, ids, rank, targets, concrete, kind="lora", seed=0):
-    config = lorax.LoraConfig(rank=rank, alpha=2.0 * rank, targets=targets, use_dora=kind == "dora")
+    config = lorax.LoraConfig(rank=rank, alpha=2.0 * rank, targets=targets, kind=kind)
     make = lambda p: lorax.init(jax.random.key(seed), config, fn, p, ids)  # noqa: E731
     return make(params) if concrete else jax.eval_shape(make, params)
 
@@ -121,7 +121,7 @@ def _adapt(fn, params, ids, rank, targets, concrete, kind="lora", seed=0):
 def train_steps(*, rank=8, targets=ALL_LINEAR, variants=("full", "lora", "materialized"), concrete=False,
                 kind="lora", **widths) -> dict[str, tuple[Callable, tuple]]:
     """``{variant: (step, args)}`` for one Adam step; ``widths`` default to `GPT2_SMALL`;
-    ``kind`` is the adapter kind ("lora" or "dora") of the adapted variants."""
+    ``kind`` is the adapter kind (a `LoraConfig` ``kind``: "lora", "dora", "ia3", ...) of the adapted variants."""
     fn, params, ids = model(**{**GPT2_SMALL, **widths}, concrete=concrete)
     tx = optax.adam(1e-3)
     init = tx.init if concrete else (lambda p: jax.eval_shape(tx.init, p))

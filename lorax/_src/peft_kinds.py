@@ -153,7 +153,7 @@ def load(directory: Path, config: dict, kind: type[Adapter], fn: Callable, param
     if not targets:
         raise ValueError(f"lorax.peft: no weight of the base maps to the adapter's modules "
                          f"{sorted(modules)[:5]}...; wrong base or mapping.")
-    ranked = {}
+    ranked: dict[str, Any] = {}
     if fmt.ranked:
         ranked = dict(rank=config["r"], alpha=config["alpha"],
                       rank_pattern={re.escape(n): pattern_value(config["rank_pattern"], m, config["r"])

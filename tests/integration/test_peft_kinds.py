@@ -22,7 +22,7 @@ else:
     peft = pytest.importorskip("peft")
     transformers = pytest.importorskip("transformers")
 
-from test_peft import CONFIG, IDS, jax_twin, rel_err, torch_llama, torch_logits, train_in_torch  # noqa: E402
+from test_peft import IDS, jax_twin, rel_err, torch_llama, torch_logits, train_in_torch  # noqa: E402
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 LORAX_TARGETS = r".*/(q_proj|v_proj|down_proj)/kernel"
@@ -73,7 +73,7 @@ def test_lorax_adapter_loads_in_peft_with_equal_logits(kind, tmp_path):
 def test_peft_trained_adapter_imports_with_equal_logits(kind, tmp_path):
     model = peft.get_peft_model(torch_llama(), KINDS[kind][1]())
     with torch.no_grad():  # LoHa's and LoKr's zero factors give no gradient to the others: start off zero
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.add_(0.05 * torch.randn_like(p))
     train_in_torch(model)

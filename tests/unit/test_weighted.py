@@ -36,7 +36,8 @@ def test_weighted_checks_weights(bank, weights, error, message):
 
 
 @pytest.mark.parametrize("kwargs, error, message", [
-    (dict(how="mean"), ValueError, r"how must be one of \('cat', 'linear', 'ties', .*'magnitude_prune_svd'\), got 'mean'"),
+    (dict(how="mean"), ValueError, r"how must be one of \('cat', 'linear', 'ties', .*'magnitude_prune_svd'\), "
+                                   r"got 'mean'"),
     (dict(how=["svd"]), ValueError, r"how must be one of .* got \['svd'\]"),
     (dict(how="svd", rank=0), ValueError, r"lorax.adapters.weighted: rank must be a positive int, got 0"),
     (dict(how="svd", rank=2.0), TypeError, r"rank must be a positive int, got 2.0 \(float\)"),

@@ -59,7 +59,8 @@ class LokrWeight(extend.Adapter):
     K₁ [m, l] is ``k1`` (full), or ``k1_in·k1_out`` with ``decompose_both`` when
     ``r < max(m, l) / 2``; K₂ [n, k] is ``k2_in·k2_out`` when ``r < max(n, k) / 2``, else ``k2``
     (full): PEFT's rules. PEFT's ``lokr_w1``, ``lokr_w1_a``, ``lokr_w1_b`` (and the same for K₂)
-    are ``k1``, ``k1_out``, ``k1_in`` transposed. At initialisation K₁ is zero (so the model starts unchanged), K₂ random.
+    are ``k1``, ``k1_out``, ``k1_in`` transposed. At initialisation K₁ is zero (so the model starts
+    unchanged), K₂ random.
 
     Attributes:
       w: the frozen base weight (an array or a `QuantizedArray`).
@@ -106,8 +107,9 @@ class LokrWeight(extend.Adapter):
 
     def blocks(self) -> tuple[jax.Array, jax.Array]:
         """``(K₁ [*stack, m, l], K₂ [*stack, n, k])``."""
-        one = self.k1_in @ self.k1_out if self.factored[0] else self.k1
-        two = self.k2_in @ self.k2_out if self.factored[1] else self.k2
+        held = {name: getattr(self, name) for name in self.layout()}
+        one = held["k1_in"] @ held["k1_out"] if self.factored[0] else held["k1"]
+        two = held["k2_in"] @ held["k2_out"] if self.factored[1] else held["k2"]
         return one, two
 
     def delta(self) -> jax.Array:
@@ -170,8 +172,8 @@ class LokrWeight(extend.Adapter):
             blocks.update(k2_in=uniform(one, (n, r), n), k2_out=uniform(two, (r, k), r))
         else:
             blocks.update(k2=uniform(k2_, (n, k), n))
-        return cls(w, **blocks, scale=spec.scale, a_axes=use.a_axes, b_axes=use.b_axes, stack_axes=use.stack_axes,
-                   dropout=spec.dropout, in_split=(m, n), out_split=(o, k), r=r, factored=factored)
+        return cls(w, scale=spec.scale, a_axes=use.a_axes, b_axes=use.b_axes, stack_axes=use.stack_axes,
+                   dropout=spec.dropout, in_split=(m, n), out_split=(o, k), r=r, factored=factored).replace(**blocks)
 
 
 @extend.apply("dot_general", adapter=LokrWeight)
