@@ -13,7 +13,7 @@ PYTHONPATH=examples python3 benchmarks/run.py ...
 1. compiled costs of an Adam train step (matmul flops from the jaxpr, XLA's memory_analysis);
 2. wall time per step, variants interleaved in this process (median after warm-up), tokens/s;
 3. the same against rank and sequence length (the chart); every adapter kind (LoRA, DoRA, IA³,
-   LoHa, LoKr) on all-linear: trainable parameters, compiled flops and temporaries, and wall
+   LoHa, LoKr, OFT with blocks of 32) on all-linear: trainable parameters, compiled flops and temporaries, and wall
    time against LoRA's, side by side in this process;
 4. inference: base vs merged vs unmerged LoRA forward, and where the unmerged time goes (rank,
    targets, one adapter of a bank);
@@ -112,7 +112,7 @@ def wall_table(widths: dict, repeats: int, warmup: int) -> tuple[list[dict], dic
             for k, t in timings.items()], timings
 
 
-KINDS = ("lora", "dora", "ia3", "loha", "lokr")
+KINDS = ("lora", "dora", "ia3", "loha", "lokr", "oft")
 
 
 def kinds_table(widths: dict, repeats: int, warmup: int) -> list[dict]:
@@ -374,7 +374,8 @@ def markdown(report: dict) -> str:
     wall = {r["variant"]: r for r in report["wall"]}
     lines.append(f"\nDoRA / LoRA, all-linear step time: "
                  f"{wall[DORA]['s_per_step'] / wall['LoRA all-linear']['s_per_step']:.3f}")
-    lines += ["", f"**Adapter kinds** (all-linear, r=8, alpha 16; LoKr and LoHa as PEFT's defaults; wall time "
+    lines += ["", f"**Adapter kinds** (all-linear, r=8, alpha 16; LoKr and LoHa as PEFT's defaults, OFT blocks "
+              f"of 32; wall time "
               f"median of {report['repeats']}, interleaved)", "",
               "| kind | trainable | / LoRA | GFLOPs | flops / LoRA | temporaries MiB | / LoRA | s / step | "
               "time / LoRA |", "|---|---|---|---|---|---|---|---|---|"]

@@ -112,8 +112,12 @@ def model(*, d, heads, layers, vocab, batch, seq, concrete: bool):
     return fn, jax.eval_shape(net.init, jax.random.key(0), ids), ids
 
 
+KIND_OPTIONS = {"oft": {"block_size": 32}}  # PEFT's default oft_block_size
+
+
 def _adapt(fn, params, ids, rank, targets, concrete, kind="lora", seed=0):
-    config = lorax.LoraConfig(rank=rank, alpha=2.0 * rank, targets=targets, kind=kind)
+    config = lorax.LoraConfig(rank=rank, alpha=2.0 * rank, targets=targets, kind=kind,
+                              options=KIND_OPTIONS.get(kind, {}))
     make = lambda p: lorax.init(jax.random.key(seed), config, fn, p, ids)  # noqa: E731
     return make(params) if concrete else jax.eval_shape(make, params)
 

@@ -85,7 +85,7 @@ KINDS: dict[str, type[Adapter]] = {}
 
 >>> from lorax.extend import KINDS
 >>> sorted(KINDS)
-['dora', 'ia3', 'loha', 'lokr', 'lora', 'lora_bank']
+['dora', 'ia3', 'loha', 'lokr', 'lora', 'lora_bank', 'oft']
 """
 KindT = TypeVar("KindT", bound=type)
 

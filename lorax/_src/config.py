@@ -127,8 +127,8 @@ class LoraConfig:
         registered with `lorax.extend.register_kind` that implements ``create``. Default
         (None): ``"dora"`` with ``use_dora``, else ``"lora"`` (`adapter_kind` says which).
       options: the kind's own settings, checked by it (``Adapter.check_options``): IA³'s
-        ``feedforward`` regexes, LoKr's ``decompose_both`` and ``decompose_factor``
-        (docs/kinds.md). LoRA and DoRA take none.
+        ``feedforward`` regexes, LoKr's ``decompose_both`` and ``decompose_factor``, OFT's
+        ``block_size``, ``block_share`` and ``neumann_terms``. LoRA and DoRA take none.
 
     >>> import jax, jax.numpy as jnp, lorax
     >>> fn = lambda p, x: x @ p["q"] @ p["v"]

@@ -115,7 +115,7 @@ def apply(*names: str, adapter: type) -> Callable:
     >>> import lorax
     >>> from lorax.extend import RULES
     >>> sorted(cls.__name__ for cls in RULES["dot_general"].apply)
-    ['DoraWeight', 'FrozenBase', 'Ia3Weight', 'LohaWeight', 'LokrWeight', 'LoraBank', 'LoraWeight']
+    ['DoraWeight', 'FrozenBase', 'Ia3Weight', 'LohaWeight', 'LokrWeight', 'LoraBank', 'LoraWeight', 'OftWeight']
     """
 
     def add(fn):

@@ -21,9 +21,10 @@ Model-merging methods, as PEFT runs them (``peft.utils.merge_utils``), per layer
 - ``dare_linear`` / ``dare_ties`` (Yu et al. 2024): each entry kept with probability ``density``
   (drawn from ``key``) and rescaled by ``1/density``, then summed, or elected and averaged as ties.
 
-Without a suffix they act on the factors, as ``linear`` does (equal ranks; ``A`` and ``B`` each
-merged with the square-root weights); with ``_svd`` they act on the updates ``w_i·ΔW_i``, and
-the result is truncated to rank ``rank`` as ``svd`` is.
+As named they act on the factors, as ``linear`` does (equal ranks; ``A`` and ``B`` each merged
+with the square-root weights); as ``ties_svd``, ``dare_linear_svd``, ``dare_ties_svd`` and
+``magnitude_prune_svd`` they act on the updates ``w_i·ΔW_i``, and the result is truncated to
+rank ``rank`` as ``svd`` is.
 
 A source that does not adapt a weight (rank 0 there) is left out for that weight, as PEFT does.
 """
@@ -55,7 +56,7 @@ def weighted(params: Any, name: str, sources: Sequence[str], weights: Sequence[f
     adapters ``sources``, combined ``how`` (see the module docstring; ``rank`` is the SVD's,
     by default the largest source rank). ``weights`` are finite numbers (NumPy scalars too),
     one per source; a negative weight subtracts. The model-merging types (``ties``,
-    ``dare_linear``, ``dare_ties``, ``magnitude_prune`` and their ``_svd`` forms) take
+    ``dare_linear``, ``dare_ties``, ``magnitude_prune`` and their SVD forms) take
     ``density``, the fraction kept (in (0, 1]); the ties types ``majority_sign_method``; the
     DARE types a PRNG ``key`` for their random drop.
 

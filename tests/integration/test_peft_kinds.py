@@ -1,4 +1,4 @@
-"""IA³, LoHa and LoKr travel to and from PEFT (peft_type IA3, LOHA, LOKR): lorax -> folder ->
+"""IA³, LoHa, LoKr and OFT travel to and from PEFT (peft_type IA3, LOHA, LOKR, OFT): lorax -> folder ->
 PeftModel logits, a PEFT-trained adapter -> lorax logits, and PEFT's merge against lorax.merge,
 on a small LLaMA whose layers are one nn.scan stack and on the real SmolLM2 GGUF."""
 
@@ -36,6 +36,10 @@ KINDS = {  # name: (lorax config, PEFT config)
     "lokr-both": (dict(kind="lokr", rank=2, alpha=4.0, options={"decompose_both": True, "decompose_factor": 4}),
                   lambda: peft.LoKrConfig(r=2, alpha=4, target_modules=TARGETS, decompose_both=True,
                                           decompose_factor=4)),
+    "oft": (dict(kind="oft", options={"block_size": 8}),
+            lambda: peft.OFTConfig(r=0, oft_block_size=8, target_modules=TARGETS)),
+    "oft-exact": (dict(kind="oft", options={"block_size": 16, "neumann_terms": 0}),
+                  lambda: peft.OFTConfig(r=0, oft_block_size=16, target_modules=TARGETS, use_cayley_neumann=False)),
 }
 
 
@@ -92,6 +96,8 @@ def test_peft_trained_adapter_imports_with_equal_logits(kind, tmp_path):
         assert stack["mlp"]["down_proj"]["kernel"].on_input and not stack["self_attn"]["q_proj"]["kernel"].on_input
     if kind == "loha":
         assert stack["self_attn"]["v_proj"]["kernel"].rank == 2 and stack["self_attn"]["q_proj"]["kernel"].rank == 4
+    if kind == "oft-exact":
+        assert stack["self_attn"]["q_proj"]["kernel"].neumann_terms == 0
     # back out again, bit for bit
     folder = lorax.peft.save_peft(tmp_path / "again", lp, lorax.peft.LLAMA)
     again = lorax.peft.load_peft(folder, fn, params, IDS, mapping=lorax.peft.LLAMA)
@@ -100,7 +106,8 @@ def test_peft_trained_adapter_imports_with_equal_logits(kind, tmp_path):
 
 
 @pytest.mark.parametrize(("change", "match"), [
-    (lambda c: c.update(peft_type="VERA"), r"peft_type is 'VERA'; lorax reads \['IA3', 'LOHA', 'LOKR', 'LORA'\]"),
+    (lambda c: c.update(peft_type="VERA"),
+     r"peft_type is 'VERA'; lorax reads \['IA3', 'LOHA', 'LOKR', 'LORA', 'OFT'\]"),
     (lambda c: c.update(lokr_magic=1), r"unknown keys \['lokr_magic'\] for peft_type 'LOKR'"),
     (lambda c: c.update(r=0), "r must be"),
     (lambda c: c.update(layers_to_transform=[0]), r"layers_to_transform=\[0\] is not supported"),

@@ -10,3 +10,4 @@ from lorax._src.kinds.ia3 import Ia3Weight as Ia3Weight
 from lorax._src.kinds.loha import LohaWeight as LohaWeight
 from lorax._src.kinds.lokr import LokrWeight as LokrWeight
 from lorax._src.kinds.lora import LoraWeight as LoraWeight
+from lorax._src.kinds.oft import OftWeight as OftWeight
