@@ -10,8 +10,9 @@ one JAX compilation cache for the run.
 - The first pytest process makes a temporary JAX compilation cache that every worker and every
   subprocess they start inherits through ``JAX_COMPILATION_CACHE_DIR``: a program compiled once
   (the same reference forward in many tests, an example script run twice, a resumed run) is not
-  compiled again, however quickly it compiled (about 1.2x faster on the unit loop). A cache the
-  caller set is kept as it is.
+  compiled again, however quickly it compiled (about 1.2x faster on the unit loop). The unit
+  loop keeps its cache in ``.cache/jax-unit-loop`` from one run to the next, so a run after an
+  edit compiles only the programs the edit changed. A cache the caller set is kept as it is.
 - Tests check numbers, not speed, on programs that mostly run in milliseconds and compile in
   tens of them: pytest's processes turn XLA:CPU's LLVM optimisations off (``XLA_FLAGS``), about
   1.4x faster; processes started with `helpers.subprocess_env` (the examples, the benchmarks)
@@ -37,6 +38,7 @@ HEAVIEST = ("test_benchmarks", "test_smollm", "test_docs", "test_resume_smollm",
             "test_multi_peft", "test_llamacpp")
 
 
+UNIT_LOOP_CACHE = ROOT / ".cache" / "jax-unit-loop"  # git-ignored; delete it to start cold
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
@@ -49,9 +51,13 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ["LORAX_UNIT_LOOP"] = "1"  # property tests draw fewer examples (`helpers.examples`)
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return  # a cache chosen by the caller
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # small programs recur across tests
+    if os.environ.get("LORAX_UNIT_LOOP") == "1":  # the edit-test loop keeps its cache from one run to the next
+        UNIT_LOOP_CACHE.mkdir(parents=True, exist_ok=True)
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = str(UNIT_LOOP_CACHE)
+        return
     cache = tempfile.mkdtemp(prefix="lorax-jax-cache-")
     os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # small programs recur across tests
     config.add_cleanup(lambda: shutil.rmtree(cache, ignore_errors=True))
 
 

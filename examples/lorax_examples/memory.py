@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental.compilation_cache import compilation_cache
 
 import lorax
 
@@ -110,6 +111,7 @@ def footprint(step, args) -> Footprint:
     report) and read its memory, the temporaries by class."""
     cached = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # JAX reads the setting once per process, at its first compile
     try:
         with tempfile.TemporaryDirectory() as dump:
             compiled = step.lower(*args).compile(compiler_options={"xla_dump_to": dump})
@@ -119,6 +121,7 @@ def footprint(step, args) -> Footprint:
             classes = breakdown(Path(reports[0]).read_text(), _weight_shapes(args))
     finally:
         jax.config.update("jax_enable_compilation_cache", cached)
+        compilation_cache.reset_cache()
     m = compiled.memory_analysis()
     classes["other"] = max(0, m.temp_size_in_bytes - sum(classes.values()))
     return Footprint(m.argument_size_in_bytes, m.output_size_in_bytes, m.alias_size_in_bytes,
