@@ -43,6 +43,7 @@ from lorax._src.adapter import ADAPTERS as ADAPTERS
 from lorax._src.adapter import KINDS as KINDS
 from lorax._src.adapter import RANK as RANK
 from lorax._src.adapter import Adapter as Adapter
+from lorax._src.adapter import Additive as Additive
 from lorax._src.adapter import frozen_field as frozen_field
 from lorax._src.adapter import register_kind as register_kind
 from lorax._src.adapter import static_field as static_field
@@ -62,6 +63,7 @@ from lorax._src.table import rule as rule
 __all__ = [
     "ADAPTERS",
     "Adapter",
+    "Additive",
     "DotMatrices",
     "DotParts",
     "KINDS",

@@ -452,6 +452,39 @@ class Adapter:
         return {n: x.astype(dtype) for n, x in self.trained().items()}
 
 
+class Additive(Adapter):
+    """A kind whose weight is ``W + delta()``, the update independent of ``W``: it writes `delta`,
+    and `merged` and `unmerged` follow (LoHa, LoKr).
+
+    >>> import dataclasses, jax.numpy as jnp, lorax
+    >>> from lorax import extend
+    >>> @extend.register_kind
+    ... @dataclasses.dataclass(frozen=True, repr=False)
+    ... class Bias(extend.Additive):                 # W + 1·vᵀ
+    ...     kind = "bias-example"
+    ...     v: jnp.ndarray = extend.trained_field()
+    ...     def layout(self):
+    ...         return {"v": (*self.stack_axes, *self.b_axes)}
+    ...     def delta(self):
+    ...         return jnp.broadcast_to(self.v, self.shape)
+    >>> node = Bias(jnp.zeros((2, 3)), jnp.array([1.0, 2.0, 3.0]))
+    >>> lorax.merge(node).tolist(), node.unmerged(lorax.merge(node)).tolist()
+    ([[1.0, 2.0, 3.0], [1.0, 2.0, 3.0]], [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    >>> del extend.KINDS["bias-example"]
+    """
+
+    def delta(self) -> jax.Array:
+        raise NotImplementedError
+
+    def merged(self) -> jax.Array:
+        w = dense(self.w)
+        return (w + self.delta().astype(w.dtype)).astype(w.dtype)
+
+    def unmerged(self, merged: jax.Array, path: str = "") -> jax.Array:
+        delta = self.replace(w=merged).delta()  # from the trainable half too, whose w is None
+        return (merged - delta.astype(merged.dtype)).astype(merged.dtype)
+
+
 def is_adapter(x: Any) -> bool:
     return isinstance(x, Adapter)
 

@@ -12,7 +12,6 @@ import collections
 import json
 import math
 import re
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from lorax._src.init import init
 from lorax._src.initializers import makes_residual
 from lorax._src.kinds import DoraWeight, LoraWeight
 from lorax._src.paths import named_leaves, unique_named_leaves
-from lorax._src.peft_config import CONFIG_FILE, pattern_value, read_config, read_json, targeted
+from lorax._src.peft_config import CONFIG_FILE, pattern_value, read_config, read_json, skip_untargeted
 from lorax._src.peft_folder import (
     BASE_KEY,
     PREFIX,
@@ -279,12 +278,7 @@ def load_peft(directory: str | Path, fn: Callable, params: Any, *args, mapping: 
             raise ValueError(f"lorax.peft: unexpected tensor {key!r}: keys are "
                              f"'{PREFIX}<module>.lora_A.weight' and the like, or modules_to_save.")
     _check_ranks(modules, config)
-    untargeted = sorted(m for m in modules if not targeted(config, m))
-    if untargeted:
-        warnings.warn(f"lorax.peft: {directory / CONFIG_FILE}: target_modules={config['target_modules']!r} does "
-                      f"not cover {untargeted}; their tensors are skipped, as PEFT skips them.", stacklevel=2)
-        for module in untargeted:
-            del modules[module]
+    skip_untargeted(config, modules, directory / CONFIG_FILE, stacklevel=3)
 
     names = [name for name, leaf in named_leaves(params) if hasattr(leaf, "shape")]
     targets, rank_of = {}, {}

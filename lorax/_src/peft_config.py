@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -126,6 +127,17 @@ def targeted(config: dict, module: str) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, module) is not None
     return _listed(targets, module)
+
+
+def skip_untargeted(config: dict, modules: dict[str, Any], file: Path, stacklevel: int) -> None:
+    """Drop from ``modules`` (tensors by module name) those ``target_modules`` does not cover,
+    with a warning (``stacklevel``: that of the user's call, counted from here), as PEFT skips them."""
+    untargeted = sorted(m for m in modules if not targeted(config, m))
+    if untargeted:
+        warnings.warn(f"lorax.peft: {file}: target_modules={config['target_modules']!r} does not cover "
+                      f"{untargeted}; their tensors are skipped, as PEFT skips them.", stacklevel=stacklevel)
+        for module in untargeted:
+            del modules[module]
 
 
 def _listed(names: list[str], module: str) -> bool:

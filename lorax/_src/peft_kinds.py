@@ -6,7 +6,6 @@ from __future__ import annotations
 import collections
 import json
 import re
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from lorax._src.adapter import KINDS, Adapter
 from lorax._src.config import LoraConfig
 from lorax._src.init import init
 from lorax._src.paths import named_leaves, unique_named_leaves
-from lorax._src.peft_config import CONFIG_FILE, check_modules, check_rank, pattern_value, targeted
+from lorax._src.peft_config import CONFIG_FILE, check_modules, check_rank, pattern_value, skip_untargeted
 from lorax._src.peft_folder import (
     BASE_KEY,
     PREFIX,
@@ -137,12 +136,7 @@ def load(directory: Path, config: dict, kind: type[Adapter], fn: Callable, param
             raise ValueError(f"lorax.peft: unexpected tensor {key!r} in a {fmt.peft_type} folder: keys are "
                              f"'{PREFIX}<module>.<name>' with a name in {list(fmt.tensor_names)}.")
         modules[match.group(1)][match.group(2)] = value
-    untargeted = sorted(m for m in modules if not targeted(config, m))
-    if untargeted:
-        warnings.warn(f"lorax.peft: {directory / CONFIG_FILE}: target_modules={config['target_modules']!r} does "
-                      f"not cover {untargeted}; their tensors are skipped, as PEFT skips them.", stacklevel=3)
-        for module in untargeted:
-            del modules[module]
+    skip_untargeted(config, modules, directory / CONFIG_FILE, stacklevel=4)
 
     targets: dict[str, str] = {}  # lorax path -> module of its (first) layer
     for name, leaf in named_leaves(params):

@@ -29,7 +29,7 @@ PEFT_NAMES = {"b1": "hada_w1_a", "a1": "hada_w1_b", "b2": "hada_w2_a", "a2": "ha
 
 @extend.register_kind
 @dataclasses.dataclass(frozen=True, repr=False)  # Adapter.__repr__ summarizes the arrays
-class LohaWeight(extend.Adapter):
+class LohaWeight(extend.Additive):
     """A frozen weight ``w`` with the update ``scale · (a1·b1) ⊙ (a2·b2)`` (LoHa). `lorax.init`
     builds these with ``LoraConfig(kind="loha", rank=r, alpha=...)``: ``a1``, ``b1`` and ``b2``
     uniform as PEFT's Kaiming initialisation, ``a2`` zero, so the model starts unchanged.
@@ -78,14 +78,6 @@ class LohaWeight(extend.Adapter):
         a1, a2 = (x.reshape(*stack, -1, r) for x in (self.a1, self.a2))
         b1, b2 = (x.reshape(*stack, r, -1) for x in (self.b1, self.b2))
         return self.from_matrices((a1 @ b1) * (a2 @ b2) * self.scale)
-
-    def merged(self) -> jax.Array:
-        w = extend.dense(self.w)
-        return (w + self.delta().astype(w.dtype)).astype(w.dtype)
-
-    def unmerged(self, merged: jax.Array, path: str = "") -> jax.Array:
-        delta = self.replace(w=merged).delta()  # from the trainable half, whose w is None
-        return (merged - delta.astype(merged.dtype)).astype(merged.dtype)
 
     @classmethod
     def create(cls, key: jax.Array, spec, w: jax.Array, use) -> LohaWeight:

@@ -51,7 +51,7 @@ def split_dimension(dimension: int, factor: int = -1) -> tuple[int, int]:
 
 @extend.register_kind
 @dataclasses.dataclass(frozen=True, repr=False)  # Adapter.__repr__ summarizes the arrays
-class LokrWeight(extend.Adapter):
+class LokrWeight(extend.Additive):
     """A frozen weight ``w`` with the update ``scale · K₁ ⊗ K₂`` (LoKr), W seen as an
     ``[in, out]`` matrix with ``in = m·n`` and ``out = l·k``. `lorax.init` builds these with
     ``LoraConfig(kind="lokr", rank=r, alpha=..., options={"decompose_both": ..., "decompose_factor": ...})``.
@@ -118,14 +118,6 @@ class LokrWeight(extend.Adapter):
         kron = jnp.einsum("...ml,...nk->...mnlk", one, two)
         return self.from_matrices(kron.reshape(*stack, math.prod(self.in_split), math.prod(self.out_split))
                                   * self.scale)
-
-    def merged(self) -> jax.Array:
-        w = extend.dense(self.w)
-        return (w + self.delta().astype(w.dtype)).astype(w.dtype)
-
-    def unmerged(self, merged: jax.Array, path: str = "") -> jax.Array:
-        delta = self.replace(w=merged).delta()  # from the trainable half, whose w is None
-        return (merged - delta.astype(merged.dtype)).astype(merged.dtype)
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> dict[str, Any]:
