@@ -117,19 +117,18 @@ KINDS = ("lora", "dora", "ia3", "loha", "lokr", "oft")
 
 def kinds_table(widths: dict, repeats: int, warmup: int) -> list[dict]:
     """Each adapter kind's all-linear Adam step against LoRA's: trainable parameters, matmul
-    flops and XLA's temporaries of the compiled step, wall time interleaved in this process."""
+    flops and XLA's temporaries of the step (donated, as timed), wall time interleaved in this
+    process; each step compiled once."""
     programs = {kind: gpt.train_steps(variants=("lora",), kind=kind, concrete=True, **widths)["lora"]
                 for kind in KINDS}
     sizes = {kind: sum(x.size for x in jax.tree.leaves(args[0])) for kind, (_, args) in programs.items()}
-    compiled = {kind: gpt.cost(step, *args) for kind, (step, args) in programs.items()}
     timings = walltime.interleaved(programs, repeats=repeats, warmup=warmup)
-    lora, lora_time = compiled["lora"], timings["lora"]
+    lora = timings["lora"]
     return [dict(kind=kind, trainable=sizes[kind], trainable_over_lora=sizes[kind] / sizes["lora"],
-                 gflops=compiled[kind].flops / 1e9, flops_over_lora=compiled[kind].flops / lora.flops,
-                 temp_mib=compiled[kind].temp_bytes / 2**20,
-                 temp_over_lora=compiled[kind].temp_bytes / lora.temp_bytes,
-                 s_per_step=timings[kind].seconds, time_over_lora=timings[kind].over(lora_time))
-            for kind in KINDS]
+                 gflops=t.flops / 1e9, flops_over_lora=t.flops / lora.flops, temp_mib=t.temp_bytes / 2**20,
+                 temp_over_lora=t.temp_bytes / lora.temp_bytes, s_per_step=t.seconds,
+                 time_over_lora=t.over(lora))
+            for kind, t in timings.items()]
 
 
 def rank_sweep(widths: dict, ranks, repeats: int, warmup: int) -> list[dict]:

@@ -21,6 +21,7 @@ from lorax_examples.flops import matmul_flops
 class Timing:
     times: tuple[float, ...]  # seconds of each timed call, one per round
     flops: float  # matmul flops of the program that was timed, every scan iteration counted
+    temp_bytes: int = 0  # XLA's temporaries of the program that was timed (train steps: donated)
 
     @property
     def seconds(self) -> float:
@@ -55,7 +56,8 @@ def interleaved(programs: dict[str, tuple[Callable, tuple]], *, repeats: int = 1
     flops = {name: float(matmul_flops(fn, *args)) for name, (fn, args) in programs.items()}  # before donation
     built = {name: _runner(fn, args, stateful) for name, (fn, args) in programs.items()}
     times = rounds({name: run for name, (run, _) in built.items()}, repeats=repeats, warmup=warmup)
-    return {name: Timing(t, flops[name]) for name, t in times.items()}
+    return {name: Timing(t, flops[name], built[name][1].memory_analysis().temp_size_in_bytes)
+            for name, t in times.items()}
 
 
 def rounds(runs: dict[str, Callable[[], object]], *, repeats: int, warmup: int) -> dict[str, tuple[float, ...]]:
