@@ -41,6 +41,7 @@ from lorax._src.peft_folder import (
     _require_base,
     _unlike_base,
     _write_folder,
+    claim,
     module_name,
 )
 from lorax._src.quantized import QuantizedArray, dense
@@ -124,17 +125,10 @@ def save_peft(directory: str | Path, params: Any, mapping: Mapping, *, base_mode
                          "base is a residual of the original weight; pass initial=lorax.split(params_at_init)[0] "
                          "to export it relative to the original base, as PEFT expects.")
 
-    def claim(key: str, path: str, index: tuple = ()):
-        where = f"{path!r}{f' layer {index}' if index else ''}"
-        if key in owner:
-            raise ValueError(f"lorax.peft: the mapping gives {owner[key]} and {where} one torch name "
-                             f"{key!r}; each weight (and layer) needs its own module.")
-        owner[key] = where
-
     for path, leaf in unique_named_leaves(params, "lorax.peft.save_peft"):
         if isinstance(leaf, Trainable):
             for module, name, value in _full_tensors(mapping, path, np.asarray(jax.device_get(leaf.value))):
-                claim(name, path)
+                claim(owner, name, path)
                 tensors[PREFIX + name] = np.ascontiguousarray(value)
                 saved.add(module)
             continue
@@ -159,7 +153,7 @@ def save_peft(directory: str | Path, params: Any, mapping: Mapping, *, base_mode
             if module is None:
                 raise ValueError(f"lorax.peft: the mapping gives no torch module for {path!r}"
                                  f"{f' layer {index}' if index else ''}.")
-            claim(module, path, index)
+            claim(owner, module, path, index)
             tensors[PREFIX + module + suffix_a] = np.ascontiguousarray(arrays["a"].T)
             tensors[PREFIX + module + suffix_b] = np.ascontiguousarray(arrays["b"].T)
             if "m" in arrays:

@@ -177,3 +177,13 @@ def _unlike_base(recorded: dict, module: str, where: str, matrix: jax.Array, fmt
                          f"{tuple(matrix.shape)} weight, got {recorded[module]!r:.200}; the file is damaged.")
     problem = base_mismatch(recorded[module], matrix, fmt)
     return [f"  {module} ({where}): {problem}"] if problem else []
+
+
+def claim(owner: dict[str, str], name: str, path: str, index: tuple = ()) -> None:
+    """Record that ``path`` (layer ``index`` of a stack) writes torch name ``name``; a name the
+    mapping already gave another weight or layer is refused, naming both."""
+    where = f"{path!r}{f' layer {index}' if index else ''}"
+    if name in owner:
+        raise ValueError(f"lorax.peft: the mapping gives {owner[name]} and {where} one torch name "
+                         f"{name!r}; each weight (and layer) needs its own module.")
+    owner[name] = where

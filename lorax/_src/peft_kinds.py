@@ -29,6 +29,7 @@ from lorax._src.peft_folder import (
     _require_base,
     _unlike_base,
     _write_folder,
+    claim,
     module_name,
 )
 from lorax._src.quantized import QuantizedArray, dense
@@ -66,14 +67,11 @@ def save(target: Path, params: Any, mapping: Mapping, kind: type[Adapter], *, ba
         quantized = leaf.w.fmt if isinstance(leaf.w, QuantizedArray) else None
         arrays = {n: np.asarray(jax.device_get(x)) for n, x in leaf.trained().items()}
         for index in np.ndindex(*_stack(leaf)):
-            where = f"{path!r}{f' layer {index}' if index else ''}"
             module = module_name(mapping, path, index)
             if module is None:
-                raise ValueError(f"lorax.peft: the mapping gives no torch module for {where}.")
-            if module in owner:
-                raise ValueError(f"lorax.peft: the mapping gives {owner[module]} and {where} one torch name "
-                                 f"{module!r}; each weight (and layer) needs its own module.")
-            owner[module] = where
+                raise ValueError(f"lorax.peft: the mapping gives no torch module for {path!r}"
+                                 f"{f' layer {index}' if index else ''}.")
+            claim(owner, module, path, index)
             layer = {n: x[index] for n, x in arrays.items()}
             for name, value in fmt.to_peft(leaf, layer).items():
                 tensors[f"{PREFIX}{module}.{name}"] = np.ascontiguousarray(value)

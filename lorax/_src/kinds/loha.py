@@ -61,22 +61,22 @@ class LohaWeight(extend.Additive):
         up = (*self.stack_axes, extend.RANK, *self.b_axes)
         return {"a1": down, "b1": up, "a2": down, "b2": up}
 
+    def _matrices(self) -> tuple[jax.Array, ...]:
+        """``a1, b1, a2, b2`` as ``[*stack, fan_in, r]`` and ``[*stack, r, fan_out]`` matrices."""
+        stack, r = self.a1.shape[: len(self.stack_axes)], self.rank
+        return tuple(x.reshape(*stack, -1, r) if name[0] == "a" else x.reshape(*stack, r, -1)
+                     for name, x in (("a1", self.a1), ("b1", self.b1), ("a2", self.a2), ("b2", self.b2)))
+
     def factors(self) -> tuple[jax.Array, jax.Array]:
         """``(A₁ • A₂, B₁ ∗ B₂)``: ``[*stack, fan_in, r²]`` and ``[*stack, r², fan_out]``, the
         rank-r² LoRA factors of the update (without its scale)."""
-        stack = self.a1.shape[: len(self.stack_axes)]
-        r = self.rank
-        a1, a2 = (x.reshape(*stack, -1, r) for x in (self.a1, self.a2))
-        b1, b2 = (x.reshape(*stack, r, -1) for x in (self.b1, self.b2))
-        down = (a1[..., :, None] * a2[..., None, :]).reshape(*stack, a1.shape[-2], r * r)
-        up = (b1[..., :, None, :] * b2[..., None, :, :]).reshape(*stack, r * r, b1.shape[-1])
+        a1, b1, a2, b2 = self._matrices()
+        down = (a1[..., :, None] * a2[..., None, :]).reshape(*a1.shape[:-1], -1)
+        up = (b1[..., :, None, :] * b2[..., None, :, :]).reshape(*b1.shape[:-2], -1, b1.shape[-1])
         return down, up
 
     def delta(self) -> jax.Array:
-        stack = self.a1.shape[: len(self.stack_axes)]
-        r = self.rank
-        a1, a2 = (x.reshape(*stack, -1, r) for x in (self.a1, self.a2))
-        b1, b2 = (x.reshape(*stack, r, -1) for x in (self.b1, self.b2))
+        a1, b1, a2, b2 = self._matrices()
         return self.from_matrices((a1 @ b1) * (a2 @ b2) * self.scale)
 
     @classmethod

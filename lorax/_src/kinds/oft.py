@@ -64,9 +64,8 @@ class OftWeight(extend.Adapter):
         return {"q": (*self.stack_axes, BLOCKS, ELEMENTS)}
 
     def axis_sizes(self, rank: int) -> dict[str, int]:
-        fan_in = int(np.prod([self.shape[i] for i in self.a_axes]))
         b = self.block_size
-        return {BLOCKS: 1 if self.block_share else fan_in // b, ELEMENTS: b * (b - 1) // 2}
+        return {BLOCKS: 1 if self.block_share else _fan_in(self.shape, self.a_axes) // b, ELEMENTS: b * (b - 1) // 2}
 
     def rotations(self) -> jax.Array:
         """The blocks of R, ``(*stack, blocks, b, b)`` in float32 (every block, repeated when shared)."""
@@ -89,27 +88,24 @@ class OftWeight(extend.Adapter):
                     r = r + 2 * power
                 r = r + power @ skew
         if self.block_share:
-            fan_in = int(np.prod([self.shape[i] for i in self.a_axes]))
-            r = jnp.repeat(r, fan_in // b, axis=-3)
+            r = jnp.repeat(r, _fan_in(self.shape, self.a_axes) // b, axis=-3)
         return r
 
-    def _rotated(self, w: jax.Array) -> jax.Array:
-        m = self.to_matrices(w)
-        blocks = self.rotations().astype(m.dtype)
+    def _blockwise(self, w: jax.Array, turn) -> jax.Array:
+        """``turn(blocks of R, rows of w cut in blocks)`` laid back out like ``w``, in float32."""
+        node = self.replace(w=w)  # w's shape, also from the trainable half, whose w is None
+        m = node.to_matrices(w).astype(jnp.float32)
+        blocks = node.rotations()
         cut = m.reshape(*m.shape[:-2], blocks.shape[-3], self.block_size, m.shape[-1])
-        return self.from_matrices(jnp.einsum("...nkc,...nco->...nko", blocks, cut).reshape(m.shape))
+        return node.from_matrices(turn(blocks, cut).reshape(m.shape))
 
     def merged(self) -> jax.Array:
         w = extend.dense(self.w)
-        return self._rotated(w).astype(w.dtype)
+        return self._blockwise(w, lambda r, cut: jnp.einsum("...nkc,...nco->...nko", r, cut)).astype(w.dtype)
 
     def unmerged(self, merged: jax.Array, path: str = "") -> jax.Array:
         """``R⁻¹·merged``, block by block."""
-        node = self.replace(w=merged)  # from the trainable half, whose w is None
-        m = node.to_matrices(merged)
-        blocks = node.rotations().astype(jnp.float32)
-        cut = m.reshape(*m.shape[:-2], blocks.shape[-3], self.block_size, m.shape[-1]).astype(jnp.float32)
-        return node.from_matrices(jnp.linalg.solve(blocks, cut).reshape(m.shape)).astype(merged.dtype)
+        return self._blockwise(merged, jnp.linalg.solve).astype(merged.dtype)
 
     @classmethod
     def check_options(cls, options: dict[str, Any]) -> dict[str, Any]:
@@ -140,7 +136,7 @@ class OftWeight(extend.Adapter):
             raise ValueError(f"lorax.init: the kind 'oft' ({spec.path!r}) starts at the identity and has no input "
                              f"dropout; got init={spec.init!r}, dropout={spec.dropout}.")
         b = spec.options["block_size"]
-        fan_in = int(np.prod([w.shape[i] for i in use.a_axes]))
+        fan_in = _fan_in(w.shape, use.a_axes)
         if fan_in % b:
             raise ValueError(f"lorax.init: the kind 'oft': block_size {b} does not divide the {fan_in} inputs of "
                              f"{spec.path!r} (shape {tuple(w.shape)}); choose a block size that divides it.")
@@ -148,6 +144,10 @@ class OftWeight(extend.Adapter):
                     block_size=b, block_share=spec.options["block_share"],
                     neumann_terms=spec.options["neumann_terms"])
         return shell.replace(q=jnp.zeros(shell.expected_shapes()["q"], spec.dtype_for(w.dtype)))
+
+
+def _fan_in(shape, a_axes) -> int:
+    return int(np.prod([shape[i] for i in a_axes]))
 
 
 @extend.apply("dot_general", adapter=OftWeight)
