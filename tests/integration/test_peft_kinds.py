@@ -8,7 +8,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from helpers import require_smollm
+from helpers import require_smollm, unchanged
 
 import lorax
 import lorax.peft
@@ -145,6 +145,22 @@ def test_mixed_kinds_are_refused_in_one_folder(tmp_path):
     with pytest.raises(ValueError, match=r"cannot export adapters of kinds \['Ia3Weight', 'LohaWeight'\]"):
         lorax.peft.save_peft(tmp_path / "mixed", mixed, lorax.peft.LLAMA)
     assert not (tmp_path / "mixed").exists()
+
+
+def test_a_truncated_kind_folder_and_a_refused_overwrite_leave_the_files_as_they_were(tmp_path):
+    fn, params = jax_twin(torch_llama())
+    lp = moved(lorax.init(jax.random.key(1), lorax.LoraConfig(targets=LORAX_TARGETS, **KINDS["oft"][0]),
+                          fn, params, IDS))
+    folder = lorax.peft.save_peft(tmp_path / "adapter", lp, lorax.peft.LLAMA)
+    ia3 = lorax.init(jax.random.key(1), lorax.LoraConfig(targets=LORAX_TARGETS, kind="ia3"), fn, params, IDS)
+    mixed = {"params": lp["params"] | {"layers": lp["params"]["layers"] | {
+        "mlp": ia3["params"]["layers"]["mlp"]}}}
+    unchanged(tmp_path, lambda: lorax.peft.save_peft(folder, mixed, lorax.peft.LLAMA), ValueError,
+              r"cannot export adapters of kinds \['Ia3Weight', 'OftWeight'\]")
+    weights = folder / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    unchanged(tmp_path, lambda: lorax.peft.load_peft(folder, fn, params, IDS, mapping=lorax.peft.LLAMA),
+              ValueError, r"adapter_model.safetensors is missing or corrupt")
 
 
 @pytest.fixture(scope="module")
