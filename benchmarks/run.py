@@ -112,7 +112,7 @@ def wall_table(widths: dict, repeats: int, warmup: int) -> tuple[list[dict], dic
             for k, t in timings.items()], timings
 
 
-KINDS = ("lora", "dora", "ia3", "loha", "lokr", "oft")
+KINDS = ("lora", "dora", "ia3", "loha", "lokr", "oft", "vera")
 
 
 def kinds_table(widths: dict, repeats: int, warmup: int) -> list[dict]:

@@ -25,6 +25,7 @@ from lorax._src.kinds import LokrWeight as LokrWeight
 from lorax._src.kinds import LoraBank as LoraBank
 from lorax._src.kinds import LoraWeight as LoraWeight
 from lorax._src.kinds import OftWeight as OftWeight
+from lorax._src.kinds import VeraWeight as VeraWeight
 from lorax._src.optim import optimizer as optimizer
 from lorax._src.quantize import gguf_tensor as gguf_tensor
 from lorax._src.quantize import merge_quantized as merge_quantized
@@ -56,6 +57,7 @@ __all__ = [
     "Row",
     "Targets",
     "Trainable",
+    "VeraWeight",
     "adapters",
     "combine",
     "explain",

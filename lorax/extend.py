@@ -46,6 +46,7 @@ from lorax._src.adapter import Adapter as Adapter
 from lorax._src.adapter import Additive as Additive
 from lorax._src.adapter import frozen_field as frozen_field
 from lorax._src.adapter import register_kind as register_kind
+from lorax._src.adapter import shared_field as shared_field
 from lorax._src.adapter import static_field as static_field
 from lorax._src.adapter import trained_field as trained_field
 from lorax._src.compat import bind as bind
@@ -78,6 +79,7 @@ __all__ = [
     "dot_parts",
     "frozen_field",
     "register_kind",
+    "shared_field",
     "rule",
     "static_field",
     "trained_field",

@@ -58,6 +58,19 @@ def frozen_field(**kw) -> Any:
     return dataclasses.field(metadata=dict(role="frozen"), **kw)
 
 
+def shared_field() -> Any:
+    """A frozen array that many nodes hold alike and that is not derived from the base (VeRA's
+    random projections): kept by `lorax.split`'s frozen half, never trained, passed whole to every
+    layer of a stack, and written once by checkpoints however many nodes hold it. ``None`` until
+    the kind's `Adapter.link` fills it.
+
+    >>> import lorax
+    >>> lorax.VeraWeight.shared_fields()
+    ('vera_a', 'vera_b')
+    """
+    return dataclasses.field(default=None, metadata=dict(role="frozen", shared=True))
+
+
 def trained_field(group: str = "a", **kw) -> Any:
     """A trained array of an adapter kind; ``group`` ("a" or "b") is its LoRA+ learning-rate
     group (`lorax.optimizer`'s ``b_lr_ratio`` applies to group "b"); ``kw`` go to `dataclasses.field`.
@@ -85,7 +98,7 @@ KINDS: dict[str, type[Adapter]] = {}
 
 >>> from lorax.extend import KINDS
 >>> sorted(KINDS)
-['dora', 'ia3', 'loha', 'lokr', 'lora', 'lora_bank', 'oft']
+['dora', 'ia3', 'loha', 'lokr', 'lora', 'lora_bank', 'oft', 'vera']
 """
 KindT = TypeVar("KindT", bound=type)
 
@@ -197,6 +210,11 @@ class Adapter:
     def frozen_fields(cls) -> tuple[str, ...]:
         """The frozen arrays' field names (``("w",)`` for `LoraWeight`)."""
         return cls.fields_with("frozen")
+
+    @classmethod
+    def shared_fields(cls) -> tuple[str, ...]:
+        """The frozen fields declared with `shared_field` (none for most kinds)."""
+        return tuple(f.name for f in dataclasses.fields(cls) if f.metadata.get("shared"))
 
     @classmethod
     def array_fields(cls) -> tuple[str, ...]:
@@ -377,6 +395,20 @@ class Adapter:
             ``use.a_axes`` (contracted), ``use.b_axes`` (outputs), ``use.stack_axes``.
         """
         raise NotImplementedError
+
+    @classmethod
+    def link(cls, nodes: dict[str, Adapter]) -> dict[str, Adapter]:
+        """The kind's nodes of one `lorax.init` call (by path), once all are created: where a
+        kind builds the arrays they share (`shared_field`). The default returns them as they are.
+
+        >>> import jax, jax.numpy as jnp, lorax
+        >>> fn = lambda p, x: x @ p["w1"] @ p["w2"]
+        >>> params = {"w1": jnp.ones((4, 8)), "w2": jnp.ones((8, 2))}
+        >>> lp = lorax.init(jax.random.key(0), lorax.LoraConfig(kind="vera", rank=2), fn, params, jnp.ones((1, 4)))
+        >>> lp["w1"].vera_a is lp["w2"].vera_a, lp["w1"].vera_a.shape  # one projection, as wide as the widest
+        (True, (2, 8))
+        """
+        return nodes
 
     @property
     def factor_dtype(self):

@@ -32,11 +32,12 @@ from lorax._src.trees import _map
 STAGING = ".lorax-staging"  # a step is written here, then renamed into place
 
 
-def _entries(params: Any) -> tuple[list[dict], list[dict]]:
-    """Metadata and arrays of every adapter and Trainable leaf, in tree order."""
+def _entries(params: Any) -> tuple[list[dict], list[dict], list[Any]]:
+    """Metadata and arrays of every adapter and Trainable leaf, in tree order, and the arrays
+    adapters share (`shared_field`), each once however many adapters hold it."""
     import lorax
 
-    meta, arrays = [], []
+    meta, arrays, shared = [], [], []
     for path, leaf in unique_named_leaves(params, "lorax.save"):
         if isinstance(leaf, Adapter):
             if leaf.several:
@@ -50,14 +51,25 @@ def _entries(params: Any) -> tuple[list[dict], list[dict]]:
                              a_axes=list(leaf.a_axes), b_axes=list(leaf.b_axes), stack_axes=list(leaf.stack_axes),
                              dropout=float(leaf.dropout), init=leaf.init, factor_dtype=str(leaf.factor_dtype),
                              lorax_version=lorax.__version__, base=fingerprint(leaf.w),
-                             **({"own": _own_meta(path, leaf)} if leaf.own_meta() else {})))
+                             **({"own": _own_meta(path, leaf)} if leaf.own_meta() else {}),
+                             **({"shared": {n: _once(shared, getattr(leaf, n)) for n in leaf.shared_fields()}}
+                                if leaf.shared_fields() else {})))
             arrays.append(leaf.trained())
         elif isinstance(leaf, Trainable):
             _concrete(path, leaf.value)
             meta.append(dict(path=path, kind="trainable", shape=list(leaf.value.shape),
                              dtype=str(leaf.value.dtype)))
             arrays.append({"value": leaf.value})
-    return meta, arrays
+    return meta, arrays, shared
+
+
+def _once(shared: list[Any], x: jax.Array) -> int:
+    """The index of ``x`` in ``shared``, appended unless an equal array is there already."""
+    for i, y in enumerate(shared):
+        if y is x or (y.shape == x.shape and y.dtype == x.dtype and bool(jnp.array_equal(y, x))):
+            return i
+    shared.append(x)
+    return len(shared) - 1
 
 
 def _own_meta(path: str, leaf: Adapter) -> dict[str, Any]:
@@ -135,11 +147,12 @@ def save(directory: str | Path, params: Any, *, step: int | None = None, keep: i
         raise TypeError(f"lorax.save: overwrite must be True or False, got {overwrite!r}.")
     if config is not None and not isinstance(config, LoraConfig):
         raise TypeError(f"lorax.save: config must be a lorax.LoraConfig or None, got {type(config).__name__}.")
-    meta, arrays = _entries(params)
+    meta, arrays, shared = _entries(params)
     if not meta:
         raise ValueError("lorax.save: params hold no LoraWeight or Trainable leaf to save.")
     record = {"format": FORMAT, "weights": meta, "config": config.record() if config else None,
-              "state": state is not None}
+              "state": state is not None,
+              **({"shared": [{"shape": list(x.shape), "dtype": str(x.dtype)} for x in shared]} if shared else {})}
     try:
         json.dumps(record, allow_nan=False)
     except (TypeError, ValueError) as err:
@@ -147,6 +160,8 @@ def save(directory: str | Path, params: Any, *, step: int | None = None, keep: i
     items = dict(adapters=ocp.args.StandardSave(jax.tree.map(_global, arrays)), meta=ocp.args.JsonSave(record))
     if state is not None:
         items["state"] = ocp.args.StandardSave(jax.tree.map(_global, _state(state, "lorax.save")))
+    if shared:
+        items["shared"] = ocp.args.StandardSave({str(i): _global(x) for i, x in enumerate(shared)})
     if root.is_dir():  # refuse a step that is certainly wrong before touching the folder (rechecked below)
         _choose_step(root, step, _steps(root), overwrite)
     primary = jax.process_index() == 0  # on a multi-process run, process 0 alone moves folders
@@ -285,6 +300,11 @@ def load(directory: str | Path, base: Any, *, step: int | None = None, state: An
         targets = [_abstract(e, leaves[e["path"]]) for e in record["weights"]]
         arrays = _restore(manager, step, "adapters", targets,
                           f"the arrays of step {step} in {str(root)!r} are missing or damaged")
+        single = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shared = _restore(manager, step, "shared", {
+            str(i): jax.ShapeDtypeStruct(tuple(a["shape"]), jnp.dtype(a["dtype"]), sharding=single)
+            for i, a in enumerate(record["shared"])}, f"the shared arrays of step {step} in {str(root)!r} are "
+            "missing or damaged") if record.get("shared") else {}
         saved = None
         if state is not None:
             _check_state_template(root / str(step) / "state", state)
@@ -293,7 +313,8 @@ def load(directory: str | Path, base: Any, *, step: int | None = None, state: An
                              "or is damaged")
             saved = jax.tree.map(lambda like, x: type(like)(x) if isinstance(like, (np.generic, int, float)) else x,
                                  state, saved)
-    restored = {e["path"]: _node(e, leaves[e["path"]], x) for e, x in zip(record["weights"], arrays)}
+    restored = {e["path"]: _node(e, leaves[e["path"]], {**x, **{n: shared[str(i)] for n, i in e.get("shared", {}).items()}})
+                for e, x in zip(record["weights"], arrays)}
     if check_base:
         _check_bases(record["weights"], restored, f"step {step} in {str(root)!r}")
     params = _map(lambda path, leaf: restored.get(path, leaf), base)
@@ -432,6 +453,7 @@ def _node(entry: dict, w, arrays: dict):
     if entry["kind"] == "trainable":
         return Trainable(arrays["value"])
     node = _shell(entry, w, arrays)
+    node.check(entry["path"])
     if makes_residual(node.init):  # PiSSA/OLoRA: the frozen base is the original W's residual
         node = node.replace(w=residual(node.init, w, node.a_axes, node.b_axes, node.stack_axes, entry["rank"],
                                        node.scale))

@@ -77,6 +77,11 @@ def init(key: jax.Array, config: LoraConfig, fn: Callable, params: Any, *args, *
     out = list(flat.leaves)
     for n, (i, (spec, use)) in enumerate(sorted(chosen.items())):
         out[i] = _adapt(jax.random.fold_in(key, n), spec, flat.names[i], params_flat[i], use)
+    for kind in {type(out[i]) for i in chosen}:  # each kind builds what its nodes share
+        mine = [i for i in sorted(chosen) if type(out[i]) is kind]
+        linked = kind.link({flat.names[i]: out[i] for i in mine})
+        for i in mine:
+            out[i] = linked[flat.names[i]]
     for i, name in enumerate(flat.names[: flat.num_params]):
         if i not in chosen and config.is_trainable(name):
             if isinstance(params_flat[i], QuantizedArray):

@@ -36,8 +36,11 @@ class PeftFormat:
       config: ``(nodes) -> entries``: the kind's own config entries from ``[(module, node)]``.
       options: ``(config, modules) -> options``: the `LoraConfig` ``options`` a folder's config
         asks for; ``modules`` maps each adapted lorax path to its module name.
-      ranked: whether ``r``, ``alpha``, ``rank_pattern`` and ``alpha_pattern`` apply (scale
-        ``alpha / r``).
+      ranked: whether ``r`` applies.
+      scaled: whether ``alpha``, ``rank_pattern`` and ``alpha_pattern`` apply too (scale
+        ``alpha / r``; VeRA has one rank and no scale).
+      shared: the kind's `shared_field` arrays by field, each written once under its file key
+        (VeRA's ``{"vera_a": "base_model.vera_A", ...}``), as the nodes hold it.
 
     >>> import lorax
     >>> lorax.LohaWeight.peft.peft_type, lorax.LohaWeight.peft.tensor_names[:2]
@@ -52,3 +55,5 @@ class PeftFormat:
     config: Callable[[list[tuple[str, Any]]], dict[str, Any]]
     options: Callable[[dict[str, Any], dict[str, str]], dict[str, Any]] = no_options
     ranked: bool = True
+    scaled: bool = True
+    shared: dict[str, str] = dataclasses.field(default_factory=dict)

@@ -79,15 +79,27 @@ def save(target: Path, params: Any, mapping: Mapping, kind: type[Adapter], *, ba
             bases[module] = fingerprint(matrices[index], quantized)
             if fmt.ranked:
                 ranks[module] = leaf.rank
+            if fmt.scaled and fmt.ranked:
                 alphas[module] = real(leaf.scale * leaf.rank, f"lorax.peft: alpha (scale x rank) of {path!r}",
                                       positive=True)
+        for name, key in fmt.shared.items():
+            shared = np.asarray(jax.device_get(getattr(leaf, name)))
+            if key in tensors and not np.array_equal(tensors[key], shared):
+                raise ValueError(f"lorax.peft: {path!r} holds another {name} than the weights before it; a "
+                                 f"{fmt.peft_type} folder holds one {key!r} for all its modules.")
+            tensors[key] = shared
     if not nodes:
         raise ValueError(f"lorax.peft: params hold no {kind.__name__} to export.")
+    generic = {"exclude_modules": None, "modules_to_save": None}  # where PEFT's config for the kind has them
     config: dict[str, Any] = {
         "peft_type": fmt.peft_type, "target_modules": sorted({m.rsplit(".", 1)[-1] for m, _ in nodes}),
-        "exclude_modules": None, "modules_to_save": None, "task_type": task_type,
+        **{k: v for k, v in generic.items() if k in fmt.config_keys}, "task_type": task_type,
         "base_model_name_or_path": base_model_name_or_path, "inference_mode": True, **fmt.config(nodes)}
-    if fmt.ranked:
+    if fmt.ranked and not fmt.scaled:
+        if len(set(ranks.values())) > 1:
+            raise ValueError(f"lorax.peft: a {fmt.peft_type} folder holds one rank r; got {ranks}.")
+        config["r"] = next(iter(ranks.values()))
+    elif fmt.ranked:
         r = collections.Counter(ranks.values()).most_common(1)[0][0]
         alpha = collections.Counter(a for m, a in alphas.items() if ranks[m] == r).most_common(1)[0][0]
         config |= {"r": r, "alpha": alpha, "rank_pattern": {m: k for m, k in sorted(ranks.items()) if k != r},
@@ -113,6 +125,9 @@ def check_config(config: dict, kind: type[Adapter], where: str) -> None:
     if fmt.ranked:
         config.setdefault("r", 8)
         check_rank(config, where, "alpha")
+    if fmt.ranked and not fmt.scaled and (config["rank_pattern"] or config["alpha_pattern"]):
+        raise ValueError(f"{where} rank_pattern and alpha_pattern do not apply to {fmt.peft_type} (one rank, "
+                         "no alpha).")
     check_modules(config, where)
 
 
@@ -128,6 +143,12 @@ def load(directory: Path, config: dict, kind: type[Adapter], fn: Callable, param
     recorded = _recorded_bases(directory / WEIGHTS_FILE) if check_base else {}
     names = "|".join(re.escape(n) for n in fmt.tensor_names)
     modules: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
+    missing = sorted(key for key in fmt.shared.values() if key not in tensors)
+    if missing:
+        raise ValueError(f"lorax.peft: {directory / WEIGHTS_FILE} lacks {missing}, the projections all its "
+                         f"modules share (a {fmt.peft_type} adapter saved with save_projection=false, whose "
+                         "torch-seeded values lorax cannot draw again); save it with save_projection=true.")
+    shared = {name: tensors.pop(key) for name, key in fmt.shared.items()}
     for key, value in tensors.items():
         match = re.fullmatch(rf"{re.escape(PREFIX)}(.+)\.({names})", key)
         if not match:
@@ -145,8 +166,8 @@ def load(directory: Path, config: dict, kind: type[Adapter], fn: Callable, param
     if not targets:
         raise ValueError(f"lorax.peft: no weight of the base maps to the adapter's modules "
                          f"{sorted(modules)[:5]}...; wrong base or mapping.")
-    ranked: dict[str, Any] = {}
-    if fmt.ranked:
+    ranked: dict[str, Any] = dict(rank=config["r"]) if fmt.ranked else {}
+    if fmt.ranked and fmt.scaled:
         ranked = dict(rank=config["r"], alpha=config["alpha"],
                       rank_pattern={re.escape(n): pattern_value(config["rank_pattern"], m, config["r"])
                                     for n, m in targets.items()},
@@ -179,7 +200,7 @@ def load(directory: Path, config: dict, kind: type[Adapter], fn: Callable, param
             if got != want:
                 raise ValueError(f"lorax.peft: {module!r} holds {_shapes(got)}; {where} {tuple(leaf.shape)} "
                                  f"takes {_shapes(want)} ({fmt.peft_type}).")
-            if fmt.ranked:
+            if fmt.ranked and fmt.scaled:
                 rank = pattern_value(config["rank_pattern"], module, config["r"])
                 alpha = pattern_value(config["alpha_pattern"], module, config["alpha"])
                 if (rank, alpha / rank) != (leaf.rank, leaf.scale):
@@ -188,7 +209,20 @@ def load(directory: Path, config: dict, kind: type[Adapter], fn: Callable, param
                                      "holds one rank and scale.")
             for n, value in fmt.from_peft(leaf, modules[module]).items():
                 arrays[n][index] = value
-        return place_factors(leaf.replace(**{n: jnp.asarray(x, getattr(leaf, n).dtype) for n, x in arrays.items()}))
+        return place_factors(leaf.replace(**{n: jnp.asarray(x, getattr(leaf, n).dtype) for n, x in arrays.items()},
+                                          **shared_for(name, leaf)))
+
+    placed: dict[str, jax.Array] = {}
+
+    def shared_for(name: str, leaf: Adapter) -> dict[str, jax.Array]:
+        """The folder's shared arrays, one array each for all the nodes."""
+        for n, value in shared.items():
+            want = getattr(leaf, n).shape
+            if value.shape != want:
+                raise ValueError(f"lorax.peft: {fmt.shared[n]!r} is {value.shape}; the adapted weights of this base "
+                                 f"at rank {leaf.rank} take {want} (as wide as the widest of them).")
+            placed.setdefault(n, jnp.asarray(value, getattr(leaf, n).dtype))
+        return dict(placed)
 
     out = _map(fill, lp)
     if unlike:

@@ -80,6 +80,11 @@ def check_record(record: Any, where: str) -> dict:
     weights = record.get("weights")
     if not isinstance(weights, list) or not weights:
         bad("'weights'", "a non-empty list", weights)
+    arrays = record.get("shared", [])
+    if not isinstance(arrays, list) or not all(
+            isinstance(a, dict) and set(a) == {"shape", "dtype"} and _is_dtype(a["dtype"])
+            and isinstance(a["shape"], list) and all(_is_int(d) and d >= 0 for d in a["shape"]) for a in arrays):
+        bad("'shared'", "a list of {'shape', 'dtype'} objects", arrays)
     seen = set()
     for i, e in enumerate(weights):
         field = lambda name, i=i: f"weights[{i}].{name}"  # noqa: E731
@@ -109,6 +114,10 @@ def check_record(record: Any, where: str) -> dict:
         names = {f.name for f in dataclasses.fields(kind) if f.metadata.get("static") and f.name not in shared}
         if not isinstance(own, dict) or not set(own) <= names:
             bad(field("own"), f"the {e['kind']!r} kind's own settings, some of {sorted(names)}", own)
+        held = e.get("shared", {})
+        if not isinstance(held, dict) or set(held) != set(kind.shared_fields()) or \
+                not all(_is_int(i) and 0 <= i < len(arrays) for i in held.values()):
+            bad(field("shared"), f"the index in 'shared' of each of {list(kind.shared_fields())}", held)
         for name, low in (("scale", -math.inf), ("dropout", 0.0)):
             value = e.get(name)
             if not (_is_real(value) and math.isfinite(value) and low <= value and (name != "dropout" or value < 1)):

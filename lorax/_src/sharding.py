@@ -45,7 +45,8 @@ def partition_specs(params: Any, base_specs: Any = None) -> Any:
 
     Each adapter becomes one of specs: ``w`` keeps its own, and each trained array takes the
     spec of the W axis behind each of its axes (``a`` that of W's contracted axes, ``b`` that
-    of its output axes, stack axes keep theirs, the rank axis is unsharded). Base specs come
+    of its output axes, stack axes keep theirs, the rank axis is unsharded); arrays adapters
+    share (VeRA's projections) are replicated. Base specs come
     from ``base_specs`` (a spec tree of the plain model, e.g.
     ``flax.linen.get_partition_spec(variables)``; matched by path) or else from each array's
     own ``NamedSharding``. `lorax.split` the result like the params.
@@ -64,7 +65,8 @@ def partition_specs(params: Any, base_specs: Any = None) -> Any:
         name = next(names)
         if isinstance(leaf, Adapter):
             w_spec = given.get(name, _spec_of(leaf.w))
-            return leaf.replace(w=_base_spec(leaf.w, w_spec), **factor_specs(leaf, w_spec))
+            shared = {n: PartitionSpec() for n in leaf.shared_fields() if getattr(leaf, n) is not None}
+            return leaf.replace(w=_base_spec(leaf.w, w_spec), **factor_specs(leaf, w_spec), **shared)
         if isinstance(leaf, QuantizedArray):
             return _base_spec(leaf, given.get(name, _spec_of(leaf)))
         if isinstance(leaf, Trainable):

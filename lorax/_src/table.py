@@ -114,8 +114,9 @@ def apply(*names: str, adapter: type) -> Callable:
 
     >>> import lorax
     >>> from lorax.extend import RULES
-    >>> sorted(cls.__name__ for cls in RULES["dot_general"].apply)
-    ['DoraWeight', 'FrozenBase', 'Ia3Weight', 'LohaWeight', 'LokrWeight', 'LoraBank', 'LoraWeight', 'OftWeight']
+    >>> sorted(cls.__name__ for cls in RULES["dot_general"].apply)  # doctest: +NORMALIZE_WHITESPACE
+    ['DoraWeight', 'FrozenBase', 'Ia3Weight', 'LohaWeight', 'LokrWeight', 'LoraBank', 'LoraWeight', 'OftWeight',
+     'VeraWeight']
     """
 
     def add(fn):

@@ -124,7 +124,8 @@ def merge(params: Any) -> Any:
 
 
 def unmerge(merged: Any, adapters: Any) -> Any:
-    """Recover the LoRA tree from a merged tree and the adapters (``lorax.split(params)[0]``).
+    """Recover the LoRA tree from a merged tree and the adapters (``lorax.split(params)[0]``, or
+    the whole LoRA tree: a VeRA update needs the shared projections that only the frozen half holds).
 
     Exact for kinds whose merge adds a delta that does not depend on ``w`` (LoRA); a DoRA
     merge rescales ``w`` itself, so `unmerge` refuses it (`Adapter.unmerged`).
@@ -143,9 +144,9 @@ def unmerge(merged: Any, adapters: Any) -> Any:
             return restored
         if isinstance(t, Trainable):
             return Trainable(m)
-        if t is not None:
-            raise ValueError(f"lorax.unmerge: {name!r} in adapters is {_kind(t)}; expected None, "
-                             "an adapter or a Trainable (pass lorax.split(params)[0]).")
+        if t is not None and not hasattr(t, "shape"):  # a frozen leaf of the whole tree: merged holds it too
+            raise ValueError(f"lorax.unmerge: {name!r} in adapters is {_kind(t)}; expected None, an array, "
+                             "an adapter or a Trainable (pass lorax.split(params)[0], or the LoRA tree).")
         return m
 
     return _map(unfold, adapters, merged)

@@ -47,7 +47,7 @@ def test_quick_run_reports_every_section(quick):
     assert {"base", "all-linear r=8", "bank of 2, one adapter r=8"} <= {r["variant"] for r in report["overhead"]}
     assert [r["runtime"] for r in report["decode"]] == ["lorax-cache", "lorax-recompute", "transformers"]
     kinds = {r["kind"]: r for r in report["kinds"]}
-    assert list(kinds) == ["lora", "dora", "ia3", "loha", "lokr", "oft"] and kinds["lora"]["time_over_lora"] > 0
+    assert list(kinds) == ["lora", "dora", "ia3", "loha", "lokr", "oft", "vera"] and kinds["lora"]["time_over_lora"] > 0
     assert kinds["ia3"]["trainable"] < kinds["lora"]["trainable"] < kinds["loha"]["trainable"]
     assert all(r["temp_over_lora"] < 2 for r in report["kinds"])  # no kind holds a weight-sized array per layer
     assert all(r["decode_tokens_per_s"] > 0 and r["new"] == 8 for r in report["decode"])

@@ -1,5 +1,5 @@
-"""IA³, LoHa, LoKr and OFT travel to and from PEFT (peft_type IA3, LOHA, LOKR, OFT): lorax -> folder ->
-PeftModel logits, a PEFT-trained adapter -> lorax logits, and PEFT's merge against lorax.merge,
+"""IA³, LoHa, LoKr, OFT and VeRA travel to and from PEFT (peft_type IA3, LOHA, LOKR, OFT, VERA): lorax ->
+folder -> PeftModel logits, a PEFT-made adapter -> lorax logits, and PEFT's merge against lorax.merge,
 on a small LLaMA whose layers are one nn.scan stack and on the real SmolLM2 GGUF."""
 
 import json
@@ -8,6 +8,7 @@ import os
 import jax
 import numpy as np
 import pytest
+import safetensors.numpy
 from helpers import require_smollm, unchanged
 
 import lorax
@@ -40,6 +41,7 @@ KINDS = {  # name: (lorax config, PEFT config)
             lambda: peft.OFTConfig(r=0, oft_block_size=8, target_modules=TARGETS)),
     "oft-exact": (dict(kind="oft", options={"block_size": 16, "neumann_terms": 0}),
                   lambda: peft.OFTConfig(r=0, oft_block_size=16, target_modules=TARGETS, use_cayley_neumann=False)),
+    "vera": (dict(kind="vera", rank=8), lambda: peft.VeraConfig(r=8, target_modules=TARGETS)),
 }
 
 
@@ -98,6 +100,10 @@ def test_peft_trained_adapter_imports_with_equal_logits(kind, tmp_path):
         assert stack["self_attn"]["v_proj"]["kernel"].rank == 2 and stack["self_attn"]["q_proj"]["kernel"].rank == 4
     if kind == "oft-exact":
         assert stack["self_attn"]["q_proj"]["kernel"].neumann_terms == 0
+    if kind == "vera":  # PEFT's torch-drawn projections, one array for every node
+        q, down = stack["self_attn"]["q_proj"]["kernel"], stack["mlp"]["down_proj"]["kernel"]
+        assert q.vera_a is down.vera_a
+        np.testing.assert_array_equal(q.vera_a, model.base_model.vera_A["default"].numpy())
     # back out again, bit for bit
     folder = lorax.peft.save_peft(tmp_path / "again", lp, lorax.peft.LLAMA)
     again = lorax.peft.load_peft(folder, fn, params, IDS, mapping=lorax.peft.LLAMA)
@@ -106,8 +112,8 @@ def test_peft_trained_adapter_imports_with_equal_logits(kind, tmp_path):
 
 
 @pytest.mark.parametrize(("change", "match"), [
-    (lambda c: c.update(peft_type="VERA"),
-     r"peft_type is 'VERA'; lorax reads \['IA3', 'LOHA', 'LOKR', 'LORA', 'OFT'\]"),
+    (lambda c: c.update(peft_type="BOFT"),
+     r"peft_type is 'BOFT'; lorax reads \['IA3', 'LOHA', 'LOKR', 'LORA', 'OFT', 'VERA'\]"),
     (lambda c: c.update(lokr_magic=1), r"unknown keys \['lokr_magic'\] for peft_type 'LOKR'"),
     (lambda c: c.update(r=0), "r must be"),
     (lambda c: c.update(layers_to_transform=[0]), r"layers_to_transform=\[0\] is not supported"),
@@ -163,6 +169,24 @@ def test_a_truncated_kind_folder_and_a_refused_overwrite_leave_the_files_as_they
               ValueError, r"adapter_model.safetensors is missing or corrupt")
 
 
+def test_vera_folders_without_projections_or_of_another_width_are_refused(tmp_path):
+    model = peft.get_peft_model(torch_llama(), peft.VeraConfig(r=8, target_modules=TARGETS, save_projection=False))
+    model.save_pretrained(str(tmp_path / "unsaved"))
+    fn, params = jax_twin(torch_llama())
+    unchanged(tmp_path, lambda: lorax.peft.load_peft(tmp_path / "unsaved", fn, params, IDS,
+                                                     mapping=lorax.peft.LLAMA),
+              ValueError, r"lacks \['base_model.vera_A', 'base_model.vera_B'\].*save_projection=true")
+    lp = moved(lorax.init(jax.random.key(1), lorax.LoraConfig(targets=LORAX_TARGETS, **KINDS["vera"][0]),
+                          fn, params, IDS))
+    folder = lorax.peft.save_peft(tmp_path / "adapter", lp, lorax.peft.LLAMA)
+    weights = folder / "adapter_model.safetensors"
+    tensors = safetensors.numpy.load_file(weights)
+    tensors["base_model.vera_A"] = tensors["base_model.vera_A"][:, :-1]
+    safetensors.numpy.save_file(tensors, weights)
+    with pytest.raises(ValueError, match=r"'base_model.vera_A' is \(8, (\d+)\); .* take \(8, (?!\1)\d+\)"):
+        lorax.peft.load_peft(folder, fn, params, IDS, mapping=lorax.peft.LLAMA, check_base=False)
+
+
 @pytest.fixture(scope="module")
 def smol_pair():
     """The first 2 layers of SmolLM2 from the GGUF file, in lorax and in transformers."""
@@ -179,13 +203,35 @@ def test_real_model_adapters_travel_both_ways(kind, smol_pair, tmp_path):
     fn, params, model = smol_pair
     ids = np.array([[1, 504, 3458, 314, 4649, 28, 2]])
     lp = moved(lorax.init(jax.random.key(2), lorax.LoraConfig(targets=LORAX_TARGETS, **KINDS[kind][0]),
-                          fn, params, ids), scale=0.05)
+                          fn, params, ids), scale=0.3 if kind == "vera" else 0.05)  # VeRA's vectors move less
     folder = lorax.peft.save_peft(tmp_path / "adapter", lp, lorax.peft.LLAMA)
     peft_model = peft.PeftModel.from_pretrained(model, str(folder)).eval()
-    with torch.no_grad():
-        theirs = peft_model(torch.tensor(ids)).logits.numpy()
+    try:
+        with torch.no_grad():
+            theirs = peft_model(torch.tensor(ids)).logits.numpy()
+    finally:
+        peft_model.unload()  # the shared transformers model goes back to plain for the next test
     assert rel_err(lorax.lora(fn)(lp, ids), theirs) < 1e-4
     assert rel_err(fn(params, ids), theirs) > 1e-3
     back = lorax.peft.load_peft(folder, fn, params, ids, mapping=lorax.peft.LLAMA)
     assert rel_err(lorax.lora(fn)(back, ids), theirs) < 1e-4
-    peft_model.unload()  # the shared transformers model goes back to plain for the next kind
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_real_model_peft_made_adapters_import_with_equal_logits(kind, smol_pair, tmp_path):
+    fn, params, model = smol_pair
+    ids = np.array([[1, 504, 3458, 314, 4649, 28, 2]])
+    peft_model = peft.get_peft_model(model, KINDS[kind][1]())
+    try:
+        torch.manual_seed(0)
+        with torch.no_grad():  # trained values: every adapter array moved off its start
+            for p in peft_model.parameters():
+                if p.requires_grad:
+                    p.add_((0.3 if kind == "vera" else 0.02) * torch.randn_like(p))
+            theirs = peft_model(torch.tensor(ids)).logits.numpy()
+        peft_model.save_pretrained(str(tmp_path / "adapter"))
+    finally:
+        peft_model.unload()
+    lp = lorax.peft.load_peft(tmp_path / "adapter", fn, params, ids, mapping=lorax.peft.LLAMA)
+    assert rel_err(lorax.lora(fn)(lp, ids), theirs) < 1e-4
+    assert rel_err(fn(params, ids), theirs) > 1e-3

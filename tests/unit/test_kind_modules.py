@@ -1,8 +1,9 @@
-"""IA³, LoHa, LoKr and OFT (lorax/_src/kinds/ia3.py, loha.py, lokr.py, oft.py) against the materialized
+"""IA³, LoHa, LoKr, OFT and VeRA (lorax/_src/kinds/ia3.py, loha.py, lokr.py, oft.py, vera.py) against the materialized
 reference fn(merge(params)): outputs and gradients on dense, multi-axis einsum, scanned and bf16
 models and a quantized base; factored on the compiled step; checkpoints, unmerge, bad options."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +23,7 @@ KINDS = {
     "lokr-both": dict(kind="lokr", rank=1, alpha=3.0, options={"decompose_both": True, "decompose_factor": 4}),
     "oft": dict(kind="oft", options={"block_size": 2}),
     "oft-exact-shared": dict(kind="oft", options={"block_size": 2, "block_share": True, "neumann_terms": 0}),
+    "vera": dict(kind="vera", rank=4, options={"projection_key": 7}),
 }
 TOL = {"gpt-bf16": dict(rtol=5e-2, atol=5e-2)}
 
@@ -112,7 +114,7 @@ def test_lokr_blocks_follow_peft_rules_and_start_at_zero():
     assert full.num_adapter_params() == 8 * 8 + 8 * 12
 
 
-@pytest.mark.parametrize("kind", ["ia3", "loha", "lokr", "oft"])
+@pytest.mark.parametrize("kind", ["ia3", "loha", "lokr", "oft", "vera"])
 def test_quantized_base_matches_the_dequantized_model(kind):
     fn, params, x = make_case("mlp")
     quantized = lorax.quantize(params, "nf4", targets=r".*Dense_[01]/kernel", block=8)
@@ -134,15 +136,19 @@ def test_checkpoint_round_trip_is_exact(kind, tmp_path):
         assert all(bool((a.trained()[n] == b.trained()[n]).all()) for n in a.trained())
 
 
-@pytest.mark.parametrize("kind", ["ia3-ff", "loha", "lokr-both", "oft", "oft-exact-shared"])
+@pytest.mark.parametrize("kind", ["ia3-ff", "loha", "lokr-both", "oft", "oft-exact-shared", "vera"])
 def test_unmerge_recovers_the_base(kind):
     fn, params, x = make_case("mlp")
     lp = perturbed(lorax.init(KEY, lorax.LoraConfig(**KINDS[kind]), fn, params, x))
     trainable, _ = lorax.split(lp)
-    back = lorax.unmerge(lorax.merge(lp), trainable)
+    held = lp if kind == "vera" else trainable  # VeRA's update needs the frozen half's shared projections
+    back = lorax.unmerge(lorax.merge(lp), held)
     for path in ("Dense_0", "Dense_2"):
         np.testing.assert_allclose(back["params"][path]["kernel"].w, params["params"][path]["kernel"],
                                    rtol=1e-4, atol=1e-5)
+    if kind == "vera":
+        with pytest.raises(ValueError, match="Dense_0/kernel.* needs the shared projections"):
+            lorax.unmerge(lorax.merge(lp), trainable)
 
 
 def test_each_kind_is_factored_on_the_compiled_step():
@@ -180,6 +186,9 @@ def test_each_kind_is_factored_on_the_compiled_step():
     (dict(kind="loha", options={"x": 1}), ValueError, r"the kind 'loha' takes no options, got \['x'\]"),
     (dict(options={"feedforward": "w"}), ValueError, r"the kind 'lora' takes no options"),
     (dict(kind="ia3", options=["feedforward"]), TypeError, "options must be a mapping"),
+    (dict(kind="vera", options={"seed": 1}), ValueError, r"'vera' takes the options .* got \['seed'\]"),
+    (dict(kind="vera", options={"projection_key": -1}), TypeError, r"'projection_key'\] must be an int >= 0"),
+    (dict(kind="vera", options={"d_initial": "0.1"}), TypeError, r"'d_initial'\] must be a finite number"),
 ])
 def test_bad_options_are_refused(config, error, match):
     with pytest.raises(error, match=match):
@@ -191,6 +200,7 @@ def test_bad_options_are_refused(config, error, match):
     (dict(kind="ia3", dropout=0.1), r"'ia3' \('w'\) .*no adapter dropout"),
     (dict(kind="loha", init="olora"), r"'loha' \('w'\) starts as PEFT's LoHa; got init='olora'"),
     (dict(kind="lokr", init="gaussian"), r"'lokr' \('w'\) starts as PEFT's LoKr; got init='gaussian'"),
+    (dict(kind="vera", dropout=0.1), r"'vera' \('w'\) .*no adapter dropout"),
 ])
 def test_settings_a_kind_does_not_have_are_refused_at_init(config, match):
     fn = lambda p, x: x @ p["w"]  # noqa: E731
@@ -269,3 +279,45 @@ def test_oft_refuses_a_block_size_that_does_not_divide_the_inputs():
                    jnp.ones((1, 6)))
     with pytest.raises(ValueError, match=r"needs options\['block_size'\], an int >= 2, got None"):
         lorax.LoraConfig(kind="oft")
+
+
+def test_vera_nodes_share_one_projection_saved_once(tmp_path):
+    """One A and one B for every weight, as wide as the widest (the scanned GPT's layers pass it whole),
+    a checkpoint holds each once, and `load` gives every node the same array again."""
+    fn, params, x = make_case("gpt")
+    config = lorax.LoraConfig(**KINDS["vera"])
+    lp = perturbed(lorax.init(KEY, config, fn, params, x))
+    nodes = adapters(lp)
+    widest = max(n.fans()[0] for n in nodes), max(n.fans()[1] for n in nodes)
+    assert len(nodes) > 2 and any(n.stack_axes for n in nodes)
+    assert all(n.vera_a is nodes[0].vera_a and n.vera_b is nodes[0].vera_b for n in nodes)
+    assert nodes[0].vera_a.shape == (4, widest[0]) and nodes[0].vera_b.shape == (widest[1], 4)
+    # PEFT's Kaiming-uniform bounds, and a seed that gives the same draw again
+    assert float(jnp.abs(nodes[0].vera_a).max()) <= (6 / widest[0]) ** 0.5
+    again = adapters(lorax.init(jax.random.key(9), config, fn, params, x))[0]
+    assert bool((again.vera_a == nodes[0].vera_a).all()) and bool((again.vera_b == nodes[0].vera_b).all())
+    lorax.save(tmp_path, lp, config=config)
+    shared = sorted(p.name for p in (tmp_path / "0" / "shared").iterdir() if not p.name.startswith("_"))
+    record = json.loads((tmp_path / "0" / "meta" / "metadata").read_text())
+    assert [a["shape"] for a in record["shared"]] == [[4, widest[0]], [widest[1], 4]]
+    assert {tuple(e["shared"].values()) for e in record["weights"]} == {(0, 1)}, shared
+    back = adapters(lorax.load(tmp_path, params))
+    assert all(n.vera_a is back[0].vera_a for n in back) and bool((back[0].vera_a == nodes[0].vera_a).all())
+    assert_trees_close(lorax.merge(lorax.load(tmp_path, params)), lorax.merge(lp), rtol=0, atol=0)
+
+
+def test_vera_refuses_weights_of_several_ranks_and_damaged_projections(tmp_path):
+    fn, params, x = make_case("mlp")
+    with pytest.raises(ValueError, match="share one projection, so one rank"):
+        lorax.init(KEY, lorax.LoraConfig(kind="vera", rank=4, rank_pattern={".*Dense_0.*": 2}), fn, params, x)
+    lp = lorax.init(KEY, lorax.LoraConfig(kind="vera", rank=4), fn, params, x)
+    node = lp["params"]["Dense_0"]["kernel"]
+    with pytest.raises(ValueError, match=r"'here': the shared projections \(4, 3\) .* expected \(4, >= \d+\)"):
+        node.replace(vera_a=node.vera_a[:, :3]).check("here")
+    lorax.save(tmp_path, lp)
+    meta = tmp_path / "0" / "meta" / "metadata"
+    record = json.loads(meta.read_text())
+    record["weights"][0]["shared"] = {"vera_a": 0}
+    meta.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=r"weights\[0\].shared must be the index in 'shared' of each of"):
+        lorax.load(tmp_path, params)

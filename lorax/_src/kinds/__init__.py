@@ -11,3 +11,4 @@ from lorax._src.kinds.loha import LohaWeight as LohaWeight
 from lorax._src.kinds.lokr import LokrWeight as LokrWeight
 from lorax._src.kinds.lora import LoraWeight as LoraWeight
 from lorax._src.kinds.oft import OftWeight as OftWeight
+from lorax._src.kinds.vera import VeraWeight as VeraWeight
