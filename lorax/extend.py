@@ -79,8 +79,8 @@ __all__ = [
     "dot_parts",
     "frozen_field",
     "register_kind",
-    "shared_field",
     "rule",
+    "shared_field",
     "static_field",
     "trained_field",
 ]

@@ -313,8 +313,8 @@ def load(directory: str | Path, base: Any, *, step: int | None = None, state: An
                              "or is damaged")
             saved = jax.tree.map(lambda like, x: type(like)(x) if isinstance(like, (np.generic, int, float)) else x,
                                  state, saved)
-    restored = {e["path"]: _node(e, leaves[e["path"]], {**x, **{n: shared[str(i)] for n, i in e.get("shared", {}).items()}})
-                for e, x in zip(record["weights"], arrays)}
+    held = [{n: shared[str(i)] for n, i in e.get("shared", {}).items()} for e in record["weights"]]
+    restored = {e["path"]: _node(e, leaves[e["path"]], {**x, **h}) for e, x, h in zip(record["weights"], arrays, held)}
     if check_base:
         _check_bases(record["weights"], restored, f"step {step} in {str(root)!r}")
     params = _map(lambda path, leaf: restored.get(path, leaf), base)

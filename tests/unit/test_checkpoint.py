@@ -210,8 +210,11 @@ def _damage(folder: Path, change) -> Path:
     (lambda r: r.update(weights=[]), r"'weights' must be a non-empty list"),
     (lambda r: r.pop("weights"), r"'weights' must be a non-empty list"),
     (lambda r: r["weights"][1].update(rank=0), r"weights\[1\].rank must be an int >= 1"),
-    (lambda r: r["weights"][0].update(kind="vera"),
-     r"weights\[0\].kind must be one of \['dora', 'ia3', 'loha', 'lokr', 'lora', 'lora_bank', 'oft', 'trainable'\]"),
+    (lambda r: r["weights"][0].update(kind="boft"),
+     r"weights\[0\].kind must be one of \['dora', 'ia3', 'loha', 'lokr', 'lora', 'lora_bank', 'oft', 'trainable', "
+     r"'vera'\]"),
+    (lambda r: r["weights"][0].update(kind="vera"), r"weights\[0\].shared must be the index in 'shared' of each of"),
+    (lambda r: r.update(shared=[{"shape": [2]}]), r"'shared' must be a list of \{'shape', 'dtype'\} objects"),
     (lambda r: r["weights"][0].update(shape=[6, -5]), r"weights\[0\].shape must be a list of ints >= 0"),
     (lambda r: r["weights"][0].update(dtype="float99"), r"weights\[0\].dtype must be a dtype name"),
     (lambda r: r["weights"][0].update(a_axes=[1]), r"weights\[0\].a_axes/b_axes/stack_axes must be lists"),

@@ -36,8 +36,8 @@ import lorax
     (dict(dropout=1.0), ValueError, "dropout must be in"),
     (dict(init="zeros"), ValueError, "init must be"),
     (dict(use_dora="yes"), TypeError, "use_dora must be True or False"),
-    (dict(kind="vera"), ValueError,
-     r"kind must be one of \['dora', 'ia3', 'loha', 'lokr', 'lora', 'oft'\] .*got 'vera'"),
+    (dict(kind="boft"), ValueError,
+     r"kind must be one of \['dora', 'ia3', 'loha', 'lokr', 'lora', 'oft', 'vera'\] .*got 'boft'"),
     (dict(kind="lora_bank"), ValueError, "kind must be one of"),  # banks are built by lorax.adapters.bank
     (dict(kind=1), TypeError, "kind must be None or a kind's name, one of .* got 1"),
     (dict(kind="lora", use_dora=True), ValueError, "use_dora=True asks for DoRA but kind='lora'"),

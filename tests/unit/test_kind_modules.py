@@ -43,7 +43,7 @@ def adapters(tree):
 
 
 CASES = [(kind, model) for kind in KINDS for model in ("mlp", "gpt")] + [
-    (kind, model) for kind in ("ia3", "loha", "lokr", "oft") for model in ("gpt-bf16", "nnx")]
+    (kind, model) for kind in ("ia3", "loha", "lokr", "oft") for model in ("gpt-bf16", "nnx")] + [("vera", "gpt-bf16")]
 
 
 @pytest.mark.parametrize(("kind", "model"), CASES)

@@ -8,8 +8,8 @@ def test_public_api_is_pinned():
     assert lorax.__all__ == sorted(lorax.__all__)
     assert lorax.__all__ == ["ALL_LINEAR", "Adapter", "DoraWeight", "Explanation", "Ia3Weight", "LohaWeight",
                              "LokrWeight", "LoraBank", "LoraConfig", "LoraWeight", "OftWeight", "QuantizedArray", "Row",
-                             "Targets", "Trainable", "adapters", "combine", "explain", "gguf_tensor", "init", "load",
-                             "lora", "merge", "merge_quantized", "optimizer",
+                             "Targets", "Trainable", "VeraWeight", "adapters", "combine", "explain", "gguf_tensor",
+                             "init", "load", "lora", "merge", "merge_quantized", "optimizer",
                              "partition_specs", "quantize", "save", "split", "unmerge"]
 
 
@@ -17,6 +17,6 @@ def test_extension_api_is_pinned():
     assert lorax.extend.__all__ == sorted(lorax.extend.__all__)
     assert lorax.extend.__all__ == ["ADAPTERS", "Adapter", "Additive", "DotMatrices", "DotParts", "KINDS",
                                     "PeftFormat", "RANK", "RULES", "Rule", "apply", "bind", "dense", "dot_matrices",
-                                    "dot_parts", "frozen_field", "register_kind", "rule", "static_field",
-                                    "trained_field"]
+                                    "dot_parts", "frozen_field", "register_kind", "rule", "shared_field",
+                                    "static_field", "trained_field"]
     assert lorax.extend.Adapter is lorax.Adapter

@@ -130,9 +130,9 @@ class VeraWeight(extend.Additive):
         dtype = spec.dtype_for(w.dtype)
         stack = [w.shape[i] for i in use.stack_axes]
         outs = [w.shape[i] for i in use.b_axes]
-        return cls(w, jnp.full((*stack, spec.rank), spec.options["d_initial"], dtype), jnp.zeros((*stack, *outs), dtype),
-                   a_axes=use.a_axes, b_axes=use.b_axes, stack_axes=use.stack_axes,
-                   projection_key=spec.options["projection_key"])
+        d = jnp.full((*stack, spec.rank), spec.options["d_initial"], dtype)
+        return cls(w, d, jnp.zeros((*stack, *outs), dtype), a_axes=use.a_axes, b_axes=use.b_axes,
+                   stack_axes=use.stack_axes, projection_key=spec.options["projection_key"])
 
     @classmethod
     def link(cls, nodes: dict[str, VeraWeight]) -> dict[str, VeraWeight]:
