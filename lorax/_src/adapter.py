@@ -397,7 +397,7 @@ class Adapter:
         raise NotImplementedError
 
     @classmethod
-    def link(cls, nodes: dict[str, Self]) -> dict[str, Self]:
+    def link(cls, nodes: dict[str, Any]) -> dict[str, Any]:
         """The kind's nodes of one `lorax.init` call (by path), once all are created: where a
         kind builds the arrays they share (`shared_field`). The default returns them as they are.
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Self
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -135,7 +135,7 @@ class VeraWeight(extend.Additive):
                    stack_axes=use.stack_axes, projection_key=spec.options["projection_key"])
 
     @classmethod
-    def link(cls, nodes: dict[str, Self]) -> dict[str, Self]:
+    def link(cls, nodes: dict[str, Any]) -> dict[str, Any]:
         """One pair A, B for all ``nodes``, as wide as their widest fan-in and fan-out, drawn as
         PEFT draws them (uniform within ``±√(6 / fan_in)`` of each torch matrix)."""
         ranks = {path: node.rank for path, node in nodes.items()}
