@@ -69,7 +69,7 @@ def _fields(node: Any, frozen: Sequence[str], skip: Sequence[str] = ()) -> dict[
             if value != field.default:
                 out[field.name] = value
         else:
-            role = "frozen" if field.name in frozen else "trainable"
+            role = "shared" if field.metadata.get("shared") else "frozen" if field.name in frozen else "trainable"
             out[field.name] = _Summary(array_summary(value, role)) if value is not None else None
     return out
 
@@ -91,7 +91,8 @@ def _headline(node: Any, kind: str) -> str:
 def node_repr(node: Any, kind: str, frozen: Sequence[str] = ()) -> str:
     """One line: the class, its kind, rank and scale, then each field (arrays summarized).
 
-    ``frozen`` names the array fields that are not trained; the others are ``trainable``.
+    ``frozen`` names the array fields that are not trained; the others are ``trainable``. A
+    frozen array many nodes hold (a `shared_field`) shows as ``shared``.
 
     >>> import jax.numpy as jnp, lorax
     >>> lorax.LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)), scale=0.5)

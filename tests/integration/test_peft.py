@@ -153,8 +153,8 @@ def test_refuses_truncated_safetensors(tmp_path):
     (lambda c: c.update(use_dora=True), "use_dora is set but lora_magnitude_vector is missing"),
     (lambda c: c.update(lora_bias=True), "lora_bias=True is not supported"),
     (lambda c: c.update(surprise=1), r"unknown adapter_config.json keys \['surprise'\]"),
-    (lambda c: c.update(peft_type="VERA"),
-     r"peft_type is 'VERA'; lorax reads \['IA3', 'LOHA', 'LOKR', 'LORA', 'OFT'\]"),
+    (lambda c: c.update(peft_type="BOFT"),
+     r"peft_type is 'BOFT'; lorax reads \['IA3', 'LOHA', 'LOKR', 'LORA', 'OFT', 'VERA'\]"),
     (lambda c: c.update(peft_type="IA3"), r"unknown keys \[.*'lora_alpha'.*\] for peft_type 'IA3'"),
 ])
 def test_refuses_bad_config(tmp_path, change, match):
