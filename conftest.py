@@ -13,6 +13,9 @@ one JAX compilation cache for the run.
   compiled again, however quickly it compiled (about 1.2x faster on the unit loop). The unit
   loop keeps its cache in ``.cache/jax-unit-loop`` from one run to the next, so a run after an
   edit compiles only the programs the edit changed. A cache the caller set is kept as it is.
+- SmolLM2's GGUF file is read once for the run: ``LORAX_EXAMPLES_CACHE``, a temporary folder
+  every worker and subprocess inherits, keeps its parsed metadata and transformers' conversion
+  (`lorax_examples.smollm`), which otherwise cost every process that loads the model 4-10 s.
 - Tests check numbers, not speed, on programs that mostly run in milliseconds and compile in
   tens of them: pytest's processes turn XLA:CPU's LLVM optimisations off (``XLA_FLAGS``), about
   1.4x faster; processes started with `helpers.subprocess_env` (the examples, the benchmarks)
@@ -49,6 +52,10 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
     if config.getoption("markexpr", "").replace(" ", "") == "notintegration":
         os.environ["LORAX_UNIT_LOOP"] = "1"  # property tests draw fewer examples (`helpers.examples`)
+    if not os.environ.get("LORAX_EXAMPLES_CACHE"):  # SmolLM2's file read once for the run (`lorax_examples.smollm`)
+        examples_cache = tempfile.mkdtemp(prefix="lorax-examples-cache-")
+        os.environ["LORAX_EXAMPLES_CACHE"] = examples_cache
+        config.add_cleanup(lambda: shutil.rmtree(examples_cache, ignore_errors=True))
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return  # a cache chosen by the caller
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # small programs recur across tests

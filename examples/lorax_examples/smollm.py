@@ -3,6 +3,12 @@
 Weights are dequantised with ``gguf``; llama.cpp's rotary permutation of the Q/K weights is
 undone as transformers does; the tokenizer (byte-level BPE) and chat format are rebuilt
 from the GGUF metadata with ``tokenizers``.
+
+Reading the file's metadata (its 49,152-token vocabulary) takes ``gguf`` about 4 s, and
+transformers' GGUF load about 10 s. With ``LORAX_EXAMPLES_CACHE`` set to a folder, `load`
+keeps what the reader found there (the metadata, the tokenizer, each tensor's place in the
+file) and `transformers_model` the converted model, so later processes skip both; an entry
+is used only for the same file (size and modification time).
 """
 
 from __future__ import annotations
@@ -10,6 +16,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -71,8 +81,7 @@ def load(path: Path | None = None, base: str = "fp32", layers: int | None = None
         from gguf import GGUFReader
     except ImportError:
         raise SystemExit("reading GGUF needs the gguf package: pip install gguf") from None
-    reader = GGUFReader(str(path or gguf_path()))
-    meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")}
+    meta, reader_tensors, tokenizer = _index(path or gguf_path())
     arch = meta["general.architecture"]
     config = LlamaConfig(
         vocab=int(meta[f"{arch}.vocab_size"]), dim=int(meta[f"{arch}.embedding_length"]),
@@ -80,13 +89,13 @@ def load(path: Path | None = None, base: str = "fp32", layers: int | None = None
         kv_heads=int(meta[f"{arch}.attention.head_count_kv"]), hidden=int(meta[f"{arch}.feed_forward_length"]),
         rope_theta=float(meta[f"{arch}.rope.freq_base"]), eps=float(meta[f"{arch}.attention.layer_norm_rms_epsilon"]),
         max_len=int(meta[f"{arch}.context_length"]), matmul_dtype=jnp.bfloat16 if base == "bf16" else None,
-        tie_embeddings=not any(t.name == "output.weight" for t in reader.tensors))
+        tie_embeddings=not any(t.name == "output.weight" for t in reader_tensors))
     if layers is not None:
         if not 1 <= layers <= config.layers:
             raise ValueError(f"layers must be between 1 and {config.layers}, got {layers!r}")
         config = dataclasses.replace(config, layers=layers)
     tensors = {}
-    for t in reader.tensors:
+    for t in reader_tensors:
         name = t.name.removesuffix(".weight")
         if name.startswith("blk.") and int(name.split(".")[1]) >= config.layers:
             continue
@@ -102,7 +111,54 @@ def load(path: Path | None = None, base: str = "fp32", layers: int | None = None
             tensors[{"token_embd": "model.embed_tokens.weight", "output_norm": "model.norm.weight",
                      "output": "lm_head.weight"}[name]] = w
     params = params_from_torch_names(config, tensors.__getitem__)
-    return config, params, tokenizer_from_gguf(reader)
+    return config, params, tokenizer
+
+
+def _cache_entry(path: Path, kind: str) -> Path | None:
+    """Where ``LORAX_EXAMPLES_CACHE`` keeps ``kind`` for this file (None when it is not set)."""
+    folder = os.environ.get("LORAX_EXAMPLES_CACHE")
+    if not folder:
+        return None
+    stat = path.stat()
+    return Path(folder) / f"{path.stem}-{stat.st_size}-{stat.st_mtime_ns}-{kind}"
+
+
+def _index(path: Path):
+    """``(metadata, tensors, tokenizer)`` of the GGUF file: ``gguf``'s reader, or the cache's
+    record of what it found (each tensor's data mapped from the file where the reader found it)."""
+    from gguf import GGMLQuantizationType, GGUFReader, ReaderTensor
+    from tokenizers import Tokenizer
+
+    entry = _cache_entry(path, "index.json")
+    try:
+        record = json.loads(entry.read_text()) if entry else None
+    except (OSError, ValueError):
+        record = None  # absent, or written by another version: read the file again
+    if record is None:
+        reader = GGUFReader(str(path))
+        tokenizer = tokenizer_from_gguf(reader)
+        record = {"meta": {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.")},
+                  "tokenizer": tokenizer.to_str(), "eos_id": tokenizer.eos_id,
+                  "tensors": [dict(name=t.name, type=int(t.tensor_type), dims=t.shape.tolist(),
+                                   n_elements=int(t.n_elements), n_bytes=int(t.n_bytes), offset=int(t.data_offset),
+                                   dtype=t.data.dtype.str, shape=list(t.data.shape)) for t in reader.tensors]}
+        if entry:
+            _write_atomically(entry, json.dumps(record))
+    tokenizer = Tokenizer.from_str(record["tokenizer"])
+    tokenizer.eos_id = record["eos_id"]
+    tensors = [ReaderTensor(t["name"], GGMLQuantizationType(t["type"]), np.array(t["dims"], np.uint32),
+                            t["n_elements"], t["n_bytes"], t["offset"],
+                            np.memmap(path, np.dtype(t["dtype"]), "r", t["offset"], tuple(t["shape"])), None)
+               for t in record["tensors"]]
+    return record["meta"], tensors, tokenizer
+
+
+def _write_atomically(target: Path, text: str) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(temp, target)
 
 
 def label(layers: int | None = None) -> str:
@@ -118,8 +174,26 @@ def transformers_model(dtype: str = "float32", layers: int | None = None):
 
     path = gguf_path()
     extra = {} if layers is None else {"num_hidden_layers": layers}
-    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                dtype=getattr(torch, dtype), **extra)
+    entry = _cache_entry(path, f"transformers-{dtype}-{layers or LAYERS}")
+    if entry and entry.is_dir():
+        return AutoModelForCausalLM.from_pretrained(str(entry), dtype=getattr(torch, dtype))
+    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                 dtype=getattr(torch, dtype), **extra)
+    if entry:  # written aside, then renamed into place whole: a reader sees all of it or nothing
+        from safetensors.torch import save_model
+
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
+        try:  # transformers will not save a model read from GGUF: its config and weights as they are
+            config = {k: v for k, v in model.config.to_dict().items() if k != "quantization_config"}
+            (staging / "config.json").write_text(json.dumps(config))
+            save_model(model, str(staging / "model.safetensors"))
+            os.rename(staging, entry)
+        except OSError:  # another process put the same entry in place first
+            pass
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return model
 
 
 def tokenizer_from_gguf(reader):

