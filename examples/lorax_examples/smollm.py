@@ -78,7 +78,7 @@ def load(path: Path | None = None, base: str = "fp32", layers: int | None = None
     if base not in BASES:
         raise ValueError(f"base must be one of {BASES}, got {base!r}")
     try:
-        from gguf import GGUFReader
+        import gguf  # noqa: F401  (read in _index)
     except ImportError:
         raise SystemExit("reading GGUF needs the gguf package: pip install gguf") from None
     meta, reader_tensors, tokenizer = _index(path or gguf_path())
