@@ -38,8 +38,7 @@ from lorax._src.trees import combine as combine
 from lorax._src.trees import merge as merge
 from lorax._src.trees import split as split
 from lorax._src.trees import unmerge as unmerge
-
-__version__ = "0.1.0"
+from lorax._src.version import __version__ as __version__
 
 __all__ = [
     "ALL_LINEAR",

@@ -28,6 +28,7 @@ from lorax._src.records import FORMAT, base_mismatch, check_record, fingerprint,
 from lorax._src.sharding import factor_shardings
 from lorax._src.trainable import Trainable
 from lorax._src.trees import _map
+from lorax._src.version import __version__
 
 STAGING = ".lorax-staging"  # a step is written here, then renamed into place
 
@@ -35,8 +36,6 @@ STAGING = ".lorax-staging"  # a step is written here, then renamed into place
 def _entries(params: Any) -> tuple[list[dict], list[dict], list[Any]]:
     """Metadata and arrays of every adapter and Trainable leaf, in tree order, and the arrays
     adapters share (`shared_field`), each once however many adapters hold it."""
-    import lorax
-
     meta, arrays, shared = [], [], []
     for path, leaf in unique_named_leaves(params, "lorax.save"):
         if isinstance(leaf, Adapter):
@@ -50,7 +49,7 @@ def _entries(params: Any) -> tuple[list[dict], list[dict], list[Any]]:
                              rank=leaf.rank, scale=real(leaf.scale, f"lorax.save: the scale of {path!r}"),
                              a_axes=list(leaf.a_axes), b_axes=list(leaf.b_axes), stack_axes=list(leaf.stack_axes),
                              dropout=float(leaf.dropout), init=leaf.init, factor_dtype=str(leaf.factor_dtype),
-                             lorax_version=lorax.__version__, base=fingerprint(leaf.w),
+                             lorax_version=__version__, base=fingerprint(leaf.w),
                              **({"own": _own_meta(path, leaf)} if leaf.own_meta() else {}),
                              **({"shared": {n: _once(shared, getattr(leaf, n)) for n in leaf.shared_fields()}}
                                 if leaf.shared_fields() else {})))

@@ -20,3 +20,15 @@ def test_extension_api_is_pinned():
                                     "dot_parts", "frozen_field", "register_kind", "rule", "shared_field",
                                     "static_field", "trained_field"]
     assert lorax.extend.Adapter is lorax.Adapter
+
+
+def test_one_version_everywhere():
+    """The package, the checkpoints' record, the site's title and its home page name one version."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    version = tomllib.loads((root / "pyproject.toml").read_text())["project"]["version"]
+    assert lorax.__version__ == version
+    assert f"site_name: lorax {version}\n" in (root / "mkdocs.yml").read_text()
+    assert f"Version {version} (" in (root / "docs" / "index.md").read_text()
