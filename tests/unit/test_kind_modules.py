@@ -200,7 +200,7 @@ def test_bad_options_are_refused(config, error, match):
     (dict(kind="ia3", dropout=0.1), r"'ia3' \('w'\) .*no adapter dropout"),
     (dict(kind="loha", init="olora"), r"'loha' \('w'\) starts as PEFT's LoHa; got init='olora'"),
     (dict(kind="lokr", init="gaussian"), r"'lokr' \('w'\) starts as PEFT's LoKr; got init='gaussian'"),
-    (dict(kind="vera", dropout=0.1), r"'vera' \('w'\) .*no adapter dropout"),
+    (dict(kind="vera", init="pissa"), r"'vera' \('w'\) has its own initialisation; got init='pissa'"),
 ])
 def test_settings_a_kind_does_not_have_are_refused_at_init(config, match):
     fn = lambda p, x: x @ p["w"]  # noqa: E731
@@ -321,3 +321,18 @@ def test_vera_refuses_weights_of_several_ranks_and_damaged_projections(tmp_path)
     meta.write_text(json.dumps(record))
     with pytest.raises(ValueError, match=r"weights\[0\].shared must be the index in 'shared' of each of"):
         lorax.load(tmp_path, params)
+
+
+def test_vera_dropout_drops_the_update_input_only():
+    """``dropout`` (PEFT's ``vera_dropout``) drops the input of the update, not of the frozen product:
+    with every input dropped the model is the base; without a key, no dropout."""
+    fn = lambda p, x: x @ p["w"]  # noqa: E731
+    w, x = {"w": jax.random.normal(KEY, (8, 6))}, jnp.ones((4, 8))
+    lp = perturbed(lorax.init(KEY, lorax.LoraConfig(kind="vera", rank=2, dropout=0.5), fn, w, x))
+    assert lp["w"].dropout == 0.5
+    merged = fn(lorax.merge(lp), x)
+    assert_trees_close(lorax.lora(fn)(lp, x), merged, rtol=1e-5, atol=1e-6)
+    dropped = lorax.lora(fn, rng=jax.random.key(1))({"w": lp["w"].replace(dropout=0.999999)}, x)
+    assert_trees_close(dropped, fn(w, x), rtol=1e-5, atol=1e-5)
+    some = lorax.lora(fn, rng=jax.random.key(1))(lp, x)
+    assert not np.allclose(some, merged) and not np.allclose(some, fn(w, x))

@@ -123,16 +123,16 @@ class VeraWeight(extend.Additive):
     @classmethod
     def create(cls, key: jax.Array, spec, w: jax.Array, use) -> VeraWeight:
         """The trained vectors (``lambda_d`` at ``d_initial``, ``lambda_b`` zero); the shared
-        projections come with `link`."""
-        if spec.init != "kaiming_uniform" or spec.dropout:
-            raise ValueError(f"lorax.init: the kind 'vera' ({spec.path!r}) has its own initialisation and no "
-                             f"adapter dropout; got init={spec.init!r}, dropout={spec.dropout}.")
+        projections come with `link`. ``dropout`` drops the update's input, as PEFT's ``vera_dropout``."""
+        if spec.init != "kaiming_uniform":
+            raise ValueError(f"lorax.init: the kind 'vera' ({spec.path!r}) has its own initialisation; got "
+                             f"init={spec.init!r}.")
         dtype = spec.dtype_for(w.dtype)
         stack = [w.shape[i] for i in use.stack_axes]
         outs = [w.shape[i] for i in use.b_axes]
         d = jnp.full((*stack, spec.rank), spec.options["d_initial"], dtype)
         return cls(w, d, jnp.zeros((*stack, *outs), dtype), a_axes=use.a_axes, b_axes=use.b_axes,
-                   stack_axes=use.stack_axes, projection_key=spec.options["projection_key"])
+                   stack_axes=use.stack_axes, dropout=spec.dropout, projection_key=spec.options["projection_key"])
 
     @classmethod
     def link(cls, nodes: dict[str, Any]) -> dict[str, Any]:
@@ -173,7 +173,8 @@ def _from_peft(node: VeraWeight, tensors: dict[str, np.ndarray]) -> dict[str, np
 
 def _config(nodes: list[tuple[str, Any]]) -> dict[str, Any]:
     keys = sorted({node.projection_key for _, node in nodes})
-    return {"projection_prng_key": keys[0], "save_projection": True, "d_initial": 0.1, "vera_dropout": 0.0,
+    dropout = max(node.dropout for _, node in nodes)
+    return {"projection_prng_key": keys[0], "save_projection": True, "d_initial": 0.1, "vera_dropout": dropout,
             "fan_in_fan_out": False, "bias": "none", "init_weights": True, "layers_to_transform": None,
             "layers_pattern": None}
 
