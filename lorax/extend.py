@@ -56,6 +56,7 @@ from lorax._src.rules.products import DotMatrices as DotMatrices
 from lorax._src.rules.products import DotParts as DotParts
 from lorax._src.rules.products import dot_matrices as dot_matrices
 from lorax._src.rules.products import dot_parts as dot_parts
+from lorax._src.rules.products import factors_dot as factors_dot
 from lorax._src.table import RULES as RULES
 from lorax._src.table import Rule as Rule
 from lorax._src.table import apply as apply
@@ -77,6 +78,7 @@ __all__ = [
     "dense",
     "dot_matrices",
     "dot_parts",
+    "factors_dot",
     "frozen_field",
     "register_kind",
     "rule",

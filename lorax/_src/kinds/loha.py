@@ -99,14 +99,7 @@ class LohaWeight(extend.Additive):
                    dropout=spec.dropout)
 
 
-@extend.apply("dot_general", adapter=LohaWeight)
-def _dot(eqn, invals, ctx):
-    """``x·W + s·(x·(A₁ • A₂))·(B₁ ∗ B₂)``."""
-    m = extend.dot_matrices(eqn, invals, ctx)
-    if m is None:
-        return None
-    down, up = (f.astype(m.x.dtype) for f in m.weight.factors())
-    return [m.base + m.output((m.x @ down) * m.weight.scale @ up)]
+extend.apply("dot_general", adapter=LohaWeight)(extend.factors_dot)  # x·W + s·(x·(A₁ • A₂))·(B₁ ∗ B₂)
 
 
 def _to_peft(node: LohaWeight, layer: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -151,14 +151,7 @@ class VeraWeight(extend.Additive):
         return {path: node.replace(vera_a=vera_a, vera_b=vera_b) for path, node in nodes.items()}
 
 
-@extend.apply("dot_general", adapter=VeraWeight)
-def _dot(eqn, invals, ctx):
-    """``x·W + ((x·Aᵀ)·Λ_d)·(Bᵀ·Λ_b)``."""
-    m = extend.dot_matrices(eqn, invals, ctx)
-    if m is None:
-        return None
-    down, up = (f.astype(m.x.dtype) for f in m.weight.factors())
-    return [m.base + m.output((m.x @ down) @ up)]
+extend.apply("dot_general", adapter=VeraWeight)(extend.factors_dot)  # x·W + ((x·Aᵀ)·Λ_d)·(Bᵀ·Λ_b), scale 1
 
 
 def _to_peft(node: VeraWeight, layer: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -260,6 +260,39 @@ def dot_matrices(eqn, invals, ctx) -> DotMatrices | None:
     return DotMatrices(base, lw, matrix, d, tuple(sizes[c] for c in free), eqn, ctx.narrow)
 
 
+def factors_dot(eqn, invals, ctx) -> list[jax.Array] | None:
+    """The product rule of a kind whose update is a LoRA of factors it derives: the node's
+    ``factors()`` gives ``(down [fan_in, r], up [r, fan_out])`` (one layer), and the product is
+    ``x·W + s·(x·down)·up`` with ``s`` its ``scale``; None (materialized) where `dot_matrices`
+    is. LoHa's face-splitting factors and VeRA's rescaled projections use it.
+
+    >>> import dataclasses, jax.numpy as jnp, lorax
+    >>> from lorax import extend
+    >>> @extend.register_kind
+    ... @dataclasses.dataclass(frozen=True, repr=False)
+    ... class Tied(extend.Additive):                  # W + s·a·aᵀ, for a square W
+    ...     kind = "tied-example"
+    ...     a: jnp.ndarray = extend.trained_field()
+    ...     def layout(self):
+    ...         return {"a": (*self.stack_axes, *self.a_axes, extend.RANK)}
+    ...     def factors(self):
+    ...         return self.a, self.a.T
+    ...     def delta(self):
+    ...         return self.scale * self.a @ self.a.T
+    >>> _ = extend.apply("dot_general", adapter=Tied)(extend.factors_dot)
+    >>> p = {"w": Tied(jnp.eye(3), jnp.ones((3, 1)), scale=2.0)}
+    >>> fn = lambda p, x: x @ p["w"]
+    >>> lorax.lora(fn)(p, jnp.ones((1, 3))).tolist(), fn(lorax.merge(p), jnp.ones((1, 3))).tolist()
+    ([[7.0, 7.0, 7.0]], [[7.0, 7.0, 7.0]])
+    >>> del extend.KINDS["tied-example"], extend.RULES["dot_general"].apply[Tied]
+    """
+    m = dot_matrices(eqn, invals, ctx)
+    if m is None:
+        return None
+    down, up = (f.astype(m.x.dtype) for f in m.weight.factors())
+    return [m.base + m.output((m.x @ down) * m.weight.scale @ up)]
+
+
 # ----------------------------------------------------------------------------- convolution
 
 
