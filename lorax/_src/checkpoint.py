@@ -40,8 +40,8 @@ def _entries(params: Any) -> tuple[list[dict], list[dict], list[Any]]:
     for path, leaf in unique_named_leaves(params, "lorax.save"):
         if isinstance(leaf, Adapter):
             if leaf.several:
-                raise ValueError(f"lorax.save: {path!r} is a {type(leaf).__name__} holding several named adapters; "
-                                 "save them with lorax.adapters.save (one folder per adapter).")
+                raise ValueError(f"lorax.save: {path!r} is a {type(leaf).__name__} holding several named adapters "
+                                 "among single adapters; bank every adapted weight (lorax.adapters.bank).")
             _concrete(path, *leaf.trained().values())
             _has_base(path, leaf)
             leaf.check(path)
@@ -131,6 +131,10 @@ def save(directory: str | Path, params: Any, *, step: int | None = None, keep: i
     step, so a run can resume exactly: optimizer state, step, ``jax.random.key_data(key)``,
     data position (`load` with ``state=`` reads it back).
 
+    A bank tree (`lorax.adapters.bank`) is saved as `lorax.adapters.save` saves it: one such
+    folder per adapter under ``directory / name``, all or nothing (no ``state``); ``directory``
+    is returned, and `load` reads it back as a bank.
+
     >>> import jax, jax.numpy as jnp, lorax, tempfile
     >>> fn = lambda p, x: x @ p["w"]
     >>> base = {"w": jnp.ones((4, 3))}
@@ -140,6 +144,14 @@ def save(directory: str | Path, params: Any, *, step: int | None = None, keep: i
     ('4', 2)
     """
     root = as_folder(directory, "lorax.save", must_exist=False)
+    if _is_bank(params):
+        from lorax._src import bank_files
+
+        if state is not None:
+            raise ValueError("lorax.save: state= is saved with single adapters, not with a bank tree (one folder "
+                             "per adapter); save the training state of each adapter's run with it.")
+        bank_files.save(root, params, step=step, keep=keep, config=config, overwrite=overwrite)
+        return root
     step = None if step is None else index(step, "lorax.save: step")
     keep = None if keep is None else index(keep, "lorax.save: keep", minimum=1)
     if not isinstance(overwrite, bool):
@@ -200,6 +212,13 @@ def save(directory: str | Path, params: Any, *, step: int | None = None, keep: i
     return root / str(step)
 
 
+def _is_bank(params: Any) -> bool:
+    """Whether every adapter of ``params`` is a bank of named adapters (mixed trees are refused
+    by `_entries`)."""
+    nodes = [leaf for _, leaf in unique_named_leaves(params, "lorax.save") if isinstance(leaf, Adapter)]
+    return bool(nodes) and all(leaf.several for leaf in nodes)
+
+
 def _expired(steps: list[int], written: int, keep: int) -> list[int]:
     """The steps `save` deletes after writing ``written`` with ``keep``: those outside the newest
     ``keep`` (``written`` counted) and older than ``written``; a newer step is never deleted."""
@@ -255,9 +274,11 @@ def load(directory: str | Path, base: Any, *, step: int | None = None, state: An
     or seed: norm and sampled values must agree to within ``max(1e-4, 2·eps)`` of the weight's
     dtype; across a quantized and a full-precision base only the norm is compared, within 5%);
     checkpoints written before fingerprints load unchecked. Factors are placed after the base weight's sharding.
-    Nothing is written. With ``state`` (a template of the pytree given to `save`, e.g. a fresh
-    ``tx.init(trainable)``, each leaf of the saved shape and of a dtype that holds the saved one
-    exactly), returns ``(params, state)``.
+    Nothing is written. A folder of `save`'s bank layout (no step of its own, a checkpoint
+    folder per adapter) is read as `lorax.adapters.load` reads it, into a bank tree. With
+    ``state`` (a template of the pytree given to `save`, e.g. a fresh ``tx.init(trainable)``,
+    each leaf of the saved shape and of a dtype that holds the saved one exactly), returns
+    ``(params, state)``.
 
     >>> import jax, jax.numpy as jnp, lorax, optax, tempfile
     >>> fn = lambda p, x: x @ p["w"]
@@ -274,6 +295,10 @@ def load(directory: str | Path, base: Any, *, step: int | None = None, state: An
     if not isinstance(check_base, bool):
         raise TypeError(f"lorax.load: check_base must be True or False, got {check_base!r}.")
     steps = _steps(root)
+    if not steps and step is None and state is None and _bank_folder(root):
+        from lorax._src import bank_files
+
+        return bank_files.load(root, base, check_base=check_base)
     if step is None:
         if not steps:
             raise ValueError(f"lorax.load: no finished checkpoint in {str(root)!r}.")
@@ -318,6 +343,11 @@ def load(directory: str | Path, base: Any, *, step: int | None = None, state: An
         _check_bases(record["weights"], restored, f"step {step} in {str(root)!r}")
     params = _map(lambda path, leaf: restored.get(path, leaf), base)
     return params if state is None else (params, place_state(saved, state, params))
+
+
+def _bank_folder(root: Path) -> bool:
+    """Whether ``root`` holds checkpoint folders of named adapters (`save` of a bank tree)."""
+    return any(p.is_dir() and not p.name.startswith(".") and _steps(p) for p in root.iterdir())
 
 
 def _misfit(entry: dict, leaf: Any) -> str | None:

@@ -84,7 +84,10 @@ def save_peft(directory: str | Path, params: Any, mapping: Mapping, *, base_mode
     """Write the adapters of ``params`` as a PEFT adapter folder; returns its path.
 
     LoRA and DoRA adapters (not both in one folder: PEFT's ``use_dora`` is one flag), or those
-    of one kind with a PEFT format (IA³, LoHa, LoKr: ``peft_type`` ``IA3``, ``LOHA``, ``LOKR``).
+    of one kind with a PEFT format (IA³, LoHa, LoKr, OFT, VeRA: ``peft_type`` ``IA3``, ``LOHA``,
+    ``LOKR``, ``OFT``, ``VERA``). A bank tree (`lorax.adapters.bank`) is written in PEFT's
+    multi-adapter layout, as `lorax.adapters.save_peft` writes it, and `load_peft` reads such a
+    folder back as a bank.
     ``initial``: for adapters made with ``init="pissa"`` or ``"olora"``, whose frozen base
     is a residual, the trainable tree at initialisation (``lorax.split(params)[0]`` right
     after `lorax.init`); the folder then holds plain LoRA adapters of twice the rank that
@@ -109,9 +112,18 @@ def save_peft(directory: str | Path, params: Any, mapping: Mapping, *, base_mode
     tensors, ranks, alphas, saved, owner, dropouts, bases = {}, {}, {}, set(), {}, set(), {}
     starts = dict(named_leaves(initial)) if initial is not None else None
     kinds = {type(leaf) for _, leaf in named_leaves(params) if isinstance(leaf, Adapter)}
+    if kinds and all(kind.several for kind in kinds):  # a bank: PEFT's multi-adapter layout
+        from lorax._src import bank_files
+
+        if initial is not None:
+            raise ValueError("lorax.peft: initial= converts one PiSSA/OLoRA adapter; export the adapters of a "
+                             "bank one by one (lorax.adapters.select) to convert them.")
+        bank_files.save_peft(target, params, mapping, base_model_name_or_path=base_model_name_or_path,
+                             task_type=task_type)
+        return target
     if any(kind.several for kind in kinds):
-        raise ValueError("lorax.peft: params hold several named adapters (LoraBank); export them with "
-                         "lorax.adapters.save_peft (PEFT's multi-adapter layout).")
+        raise ValueError("lorax.peft: params hold a bank of named adapters (LoraBank) among single adapters; "
+                         "bank every adapted weight (lorax.adapters.bank).")
     if len(kinds) == 1 and next(iter(kinds)).peft is not None and starts is None:
         return peft_kinds.save(target, params, mapping, next(iter(kinds)), task_type=task_type,
                                base_model_name_or_path=base_model_name_or_path)
@@ -224,7 +236,8 @@ def load_peft(directory: str | Path, fn: Callable, params: Any, *args, mapping: 
     the base does not have are refused. With ``check_base``, a folder written by `save_peft`
     also refuses a base unlike the one it was saved from (its ``lorax_base`` fingerprints; a
     base already merged with the adapter, another checkpoint or seed); folders without them
-    (PEFT's own) load unchecked.
+    (PEFT's own) load unchecked. A folder holding adapters in sub-folders only (PEFT's
+    multi-adapter layout) is read as `lorax.adapters.load_peft` reads it, into a bank tree.
 
     >>> import jax, jax.numpy as jnp, lorax, lorax.peft, tempfile
     >>> fn = lambda p, x: x @ p["q_proj"]["kernel"]
@@ -243,6 +256,10 @@ def load_peft(directory: str | Path, fn: Callable, params: Any, *args, mapping: 
                         f"got {type(fn).__name__}.")
     if not isinstance(check_base, bool):
         raise TypeError(f"lorax.peft.load_peft: check_base must be True or False, got {check_base!r}.")
+    if not (directory / CONFIG_FILE).is_file() and any((p / CONFIG_FILE).is_file() for p in directory.iterdir()):
+        from lorax._src import bank_files  # PEFT's multi-adapter layout: one adapter per sub-folder
+
+        return bank_files.load_peft(directory, fn, params, *args, mapping=mapping, check_base=check_base, **kwargs)
     raw = read_json(directory)
     kind = peft_kinds.kind_of(raw.get("peft_type"))
     if kind is not None:

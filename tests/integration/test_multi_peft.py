@@ -59,6 +59,14 @@ def test_two_peft_adapters_switch_and_mix_with_peft_logits(tmp_path):
     again.load_adapter(tmp_path / "export" / "terse", adapter_name="terse")
     for name in want:
         assert rel_err(peft_logits(again.eval(), name), want[name]) < 1e-5
+    # one verb: lorax.peft takes the bank tree too, and reads a folder of sub-folders back as a bank
+    lorax.peft.save_peft(tmp_path / "verb", bank, lorax.peft.LLAMA)
+    listing = lambda folder: sorted(p.name for p in folder.iterdir())  # noqa: E731
+    assert listing(tmp_path / "verb") == listing(tmp_path / "export")
+    lorax.peft.save_peft(tmp_path / "named", adapters.rename(bank, "default", "full"), lorax.peft.LLAMA)
+    back = lorax.peft.load_peft(tmp_path / "named", fn, params, IDS, mapping=lorax.peft.LLAMA)
+    assert adapters.names(back) == ("full", "terse")
+    assert rel_err(forward(adapters.route(back, "full"), IDS), want["default"]) < 1e-5
 
 
 def two_equal_rank_adapters():

@@ -169,10 +169,13 @@ def test_bad_input_is_refused_with_the_path_and_nothing_changes(bank, three, tmp
         lorax.lora(FN)(bank, IDS)
     with pytest.raises(ValueError, match="lorax.merge: 'params/.*'.* routed per example"):
         lorax.merge(adapters.route(bank, [0, 1, 2, 0]))
-    with pytest.raises(ValueError, match="holding several named adapters; save them with lorax.adapters.save"):
-        lorax.save(tmp_path, bank)
-    with pytest.raises(ValueError, match="export them with lorax.adapters.save_peft"):
-        lorax.peft.save_peft(tmp_path, bank, [("x", "y")])
+    h = bank["params"]["h"]
+    mixed = {**bank, "params": {**bank["params"], "h": {**h, "fc": three["chat"]["params"]["h"]["fc"]}}}
+    with pytest.raises(ValueError, match="a bank of named adapters .* among single adapters"):
+        lorax.peft.save_peft(tmp_path / "mixed", mixed, [("x", "y")])
+    with pytest.raises(ValueError, match="holding several named adapters among single adapters"):
+        lorax.save(tmp_path / "mixed", mixed)
+    assert not (tmp_path / "mixed").exists()
     with pytest.raises(ValueError, match=r"leading axis must be the 3 examples"):
         lorax.lora(FN)(adapters.route(bank, [0, 1, 2]), IDS)
     with pytest.raises(ValueError, match="must be a non-empty string"):
@@ -191,6 +194,16 @@ def test_checkpoint_per_name_round_trip_and_optimizer(bank, three, tmp_path):
     back = adapters.load(tmp_path, BASE_PARAMS, only=["math", "code", "chat"])
     for name in three:
         close(merged_logits(adapters.select(back, name)), merged_logits(three[name]), 1e-6)
+    # one verb: lorax.save and lorax.load take a bank tree as lorax.adapters.save and load do
+    assert lorax.save(tmp_path / "verb", bank) == tmp_path / "verb"
+    assert sorted(p.name for p in (tmp_path / "verb").iterdir()) == ["chat", "code", "math"]
+    again = lorax.load(tmp_path / "verb", BASE_PARAMS)
+    assert adapters.names(again) == ("chat", "code", "math")
+    for name in three:
+        close(merged_logits(adapters.select(again, name)), merged_logits(three[name]), 1e-6)
+    with pytest.raises(ValueError, match="state= is saved with single adapters"):
+        lorax.save(tmp_path / "state", bank, state={"step": 1})
+    assert not (tmp_path / "state").exists()
     import optax
     trainable, _ = lorax.split(bank)
     tx = lorax.optimizer(optax.adam(1e-2))
