@@ -27,7 +27,7 @@ from lorax._src.quantized import QuantizedArray
 from lorax._src.records import FORMAT, base_mismatch, check_record, fingerprint, index, real
 from lorax._src.sharding import factor_shardings
 from lorax._src.trainable import Trainable
-from lorax._src.trees import _map
+from lorax._src.trees import _map, holds_banks
 from lorax._src.version import __version__
 
 STAGING = ".lorax-staging"  # a step is written here, then renamed into place
@@ -39,9 +39,6 @@ def _entries(params: Any) -> tuple[list[dict], list[dict], list[Any]]:
     meta, arrays, shared = [], [], []
     for path, leaf in unique_named_leaves(params, "lorax.save"):
         if isinstance(leaf, Adapter):
-            if leaf.several:
-                raise ValueError(f"lorax.save: {path!r} is a {type(leaf).__name__} holding several named adapters "
-                                 "among single adapters; bank every adapted weight (lorax.adapters.bank).")
             _concrete(path, *leaf.trained().values())
             _has_base(path, leaf)
             leaf.check(path)
@@ -144,7 +141,7 @@ def save(directory: str | Path, params: Any, *, step: int | None = None, keep: i
     ('4', 2)
     """
     root = as_folder(directory, "lorax.save", must_exist=False)
-    if _is_bank(params):
+    if holds_banks(params, "lorax.save"):
         from lorax._src import bank_files
 
         if state is not None:
@@ -210,13 +207,6 @@ def save(directory: str | Path, params: Any, *, step: int | None = None, keep: i
             remove(staging)
     _sync("lorax.save:done")
     return root / str(step)
-
-
-def _is_bank(params: Any) -> bool:
-    """Whether every adapter of ``params`` is a bank of named adapters (mixed trees are refused
-    by `_entries`)."""
-    nodes = [leaf for _, leaf in unique_named_leaves(params, "lorax.save") if isinstance(leaf, Adapter)]
-    return bool(nodes) and all(leaf.several for leaf in nodes)
 
 
 def _expired(steps: list[int], written: int, keep: int) -> list[int]:

@@ -48,7 +48,7 @@ from lorax._src.quantized import QuantizedArray, dense
 from lorax._src.records import fingerprint, real
 from lorax._src.sharding import place_factors
 from lorax._src.trainable import Trainable
-from lorax._src.trees import _map
+from lorax._src.trees import _map, holds_banks
 
 MAGNITUDE = ".lora_magnitude_vector"  # DoRA's m, [out_features]
 PART_NAMES = {"A": "lora_A", "B": "lora_B", "M": "lora_magnitude_vector"}
@@ -111,8 +111,7 @@ def save_peft(directory: str | Path, params: Any, mapping: Mapping, *, base_mode
             raise TypeError(f"lorax.peft.save_peft: {name} must be a string, got {value!r} ({type(value).__name__}).")
     tensors, ranks, alphas, saved, owner, dropouts, bases = {}, {}, {}, set(), {}, set(), {}
     starts = dict(named_leaves(initial)) if initial is not None else None
-    kinds = {type(leaf) for _, leaf in named_leaves(params) if isinstance(leaf, Adapter)}
-    if kinds and all(kind.several for kind in kinds):  # a bank: PEFT's multi-adapter layout
+    if holds_banks(params, "lorax.peft.save_peft"):  # PEFT's multi-adapter layout
         from lorax._src import bank_files
 
         if initial is not None:
@@ -121,9 +120,7 @@ def save_peft(directory: str | Path, params: Any, mapping: Mapping, *, base_mode
         bank_files.save_peft(target, params, mapping, base_model_name_or_path=base_model_name_or_path,
                              task_type=task_type)
         return target
-    if any(kind.several for kind in kinds):
-        raise ValueError("lorax.peft: params hold a bank of named adapters (LoraBank) among single adapters; "
-                         "bank every adapted weight (lorax.adapters.bank).")
+    kinds = {type(leaf) for _, leaf in named_leaves(params) if isinstance(leaf, Adapter)}
     if len(kinds) == 1 and next(iter(kinds)).peft is not None and starts is None:
         return peft_kinds.save(target, params, mapping, next(iter(kinds)), task_type=task_type,
                                base_model_name_or_path=base_model_name_or_path)

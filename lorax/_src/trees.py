@@ -8,7 +8,7 @@ from typing import Any
 import jax
 
 from lorax._src.adapter import Adapter
-from lorax._src.paths import render
+from lorax._src.paths import named_leaves, render
 from lorax._src.quantized import QuantizedArray
 from lorax._src.trainable import Trainable, is_lorax_node, is_node
 
@@ -28,6 +28,18 @@ def _map(fn, *trees):
                              f"against {first[1]!r}.")
     counter = iter(names[0])
     return jax.tree.map(lambda *xs: fn(next(counter), *xs), *trees, is_leaf=_is_leaf)
+
+
+def holds_banks(params: Any, who: str) -> bool:
+    """Whether the adapters of ``params`` are banks of named adapters (`Adapter.several`): True
+    when all of them are, False when none is; a tree mixing the two is refused, naming a bank."""
+    adapters = [(path, leaf) for path, leaf in named_leaves(params) if isinstance(leaf, Adapter)]
+    banks = [(path, leaf) for path, leaf in adapters if leaf.several]
+    if banks and len(banks) < len(adapters):
+        path, leaf = banks[0]
+        raise ValueError(f"{who}: {path!r} is a {type(leaf).__name__}, a bank of several named adapters, among "
+                         "single adapters; bank every adapted weight (lorax.adapters.bank).")
+    return bool(banks)
 
 
 def split(params: Any) -> tuple[Any, Any]:

@@ -171,9 +171,10 @@ def test_bad_input_is_refused_with_the_path_and_nothing_changes(bank, three, tmp
         lorax.merge(adapters.route(bank, [0, 1, 2, 0]))
     h = bank["params"]["h"]
     mixed = {**bank, "params": {**bank["params"], "h": {**h, "fc": three["chat"]["params"]["h"]["fc"]}}}
-    with pytest.raises(ValueError, match="a bank of named adapters .* among single adapters"):
+    mixing = r": 'params/h/key/kernel' is a LoraBank, a bank of several named adapters, among single adapters"
+    with pytest.raises(ValueError, match="lorax.peft.save_peft" + mixing):
         lorax.peft.save_peft(tmp_path / "mixed", mixed, [("x", "y")])
-    with pytest.raises(ValueError, match="holding several named adapters among single adapters"):
+    with pytest.raises(ValueError, match="lorax.save" + mixing):
         lorax.save(tmp_path / "mixed", mixed)
     assert not (tmp_path / "mixed").exists()
     with pytest.raises(ValueError, match=r"leading axis must be the 3 examples"):
