@@ -192,20 +192,27 @@ def qlora_table(widths: dict, repeats: int, warmup: int) -> list[dict]:
     return rows
 
 
-def smollm_qlora_runs(quick: bool, layers: int | None = None) -> list[dict]:
-    """SmolLM2 LoRA on q,v over the fp32 base and over the GGUF's blocks, each in its own process."""
+def smollm_qlora_runs(quick: bool, layers: int | None = None, earlier: list[dict] = ()) -> list[dict]:
+    """SmolLM2 LoRA on q,v over the fp32 base and over the GGUF's blocks, each in its own process;
+    a run of ``earlier`` (`smollm_runs`' rows) with the same arguments is reused, not repeated."""
     shape = ["--batch", "1", "--seq", "32", "--steps", "2", "--warmup", "1"] if quick else ["--steps", "5"]
     shape += _layers(layers)
+    done = {tuple(row["argv"]): row for row in earlier}
     rows = []
     for base in ("fp32", "q4"):
-        print(f"  SmolLM2: lorax qv, {base} base ...", flush=True)
-        done = subprocess.run([sys.executable, str(HERE / "smollm_step.py"), "lorax", "--targets", "qv",
-                               "--base", base, *shape], capture_output=True, text=True,
-                              env=examples_env())
-        if done.returncode:
-            raise SystemExit(f"smollm_step.py --base {base} failed:\n{done.stderr[-3000:]}")
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        argv = ["lorax", "--targets", "qv", *([] if base == "fp32" else ["--base", base]), *shape]
+        rows.append(done.get(tuple(argv)) or smollm_step(argv))
     return rows
+
+
+def smollm_step(argv: list[str]) -> dict:
+    """One `smollm_step.py` run in a fresh process: its JSON row, with ``argv``."""
+    print(f"  SmolLM2: {' '.join(argv)} ...", flush=True)
+    done = subprocess.run([sys.executable, str(HERE / "smollm_step.py"), *argv], capture_output=True, text=True,
+                          env=examples_env())
+    if done.returncode:
+        raise SystemExit(f"smollm_step.py {' '.join(argv)} failed:\n{done.stderr[-3000:]}")
+    return dict(json.loads(done.stdout.strip().splitlines()[-1]), argv=argv)
 
 
 def qlora_markdown(report: dict) -> str:
@@ -284,12 +291,7 @@ def smollm_runs(quick: bool, rounds: int, dora: bool = True, bf16: bool = False,
     runs: dict[str, list[dict]] = {}
     for _ in range(rounds):
         for job in jobs:
-            print(f"  SmolLM2: {' '.join(job)} ...", flush=True)
-            done = subprocess.run([sys.executable, str(HERE / "smollm_step.py"), *job, *shape],
-                                  capture_output=True, text=True, env=examples_env())
-            if done.returncode:
-                raise SystemExit(f"smollm_step.py {' '.join(job)} failed:\n{done.stderr[-3000:]}")
-            runs.setdefault(" ".join(job), []).append(json.loads(done.stdout.strip().splitlines()[-1]))
+            runs.setdefault(" ".join(job), []).append(smollm_step([*job, *shape]))
     rows = []
     for results in runs.values():
         ordered = sorted(results, key=lambda r: r["s_per_step"])
@@ -491,7 +493,7 @@ def main(argv=None):
     report["adapters"] = [] if args.layers else adapter_sizes(report["smollm"])  # against the whole file
     print("QLoRA ...", flush=True)
     report["qlora"] = qlora_table(widths, repeats, warmup)
-    report["smollm_qlora"] = smollm_qlora_runs(args.quick, args.layers)
+    report["smollm_qlora"] = smollm_qlora_runs(args.quick, args.layers, report["smollm"])
     print("SmolLM2-135M decode, one process per runtime ...", flush=True)
     report["decode"] = decode.runs(args.quick, layers=args.layers)
 

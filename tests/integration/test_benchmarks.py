@@ -79,6 +79,9 @@ def test_deterministic_measures_hold_in_the_quick_run(quick):
     assert inference["merged"] == 1.0 and 1.0 < inference["unmerged"] < 1.1
     # lorax and PEFT train the same adapters and write the same tensors; lorax's header adds the base's fingerprint
     assert {r["layers"] for r in report["smollm"] + report["smollm_qlora"] + report["decode"]} == {LAYERS}
+    # the QLoRA rows compare the fp32 base, the LoRA q,v run of the same shape (reused), with the Q4_1 blocks
+    lorax_qv = next(r for r in report["smollm"] if r["framework"] == "lorax" and r["kind"] == "lora")
+    assert report["smollm_qlora"][0] == lorax_qv and report["smollm_qlora"][1]["base"] == "q4"
     per_layer = {"lora": 15_360, "dora": 15_360 + 576 + 192}  # q: 8·(576+576), v: 8·(576+192); DoRA: + m
     for kind, count in ((kind, LAYERS * n) for kind, n in per_layer.items()):
         lorax_run, peft_run = sorted((r for r in report["smollm"] if r["kind"] == kind), key=lambda r: r["framework"])
