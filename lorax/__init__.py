@@ -8,9 +8,10 @@
 """
 
 from lorax import adapters as adapters  # noqa: E402  (after the kinds it builds on)
-from lorax._src.adapter import Adapter as Adapter
-from lorax._src.checkpoint import load as load
-from lorax._src.checkpoint import save as save
+from lorax._src.bases.quantize import gguf_tensor as gguf_tensor
+from lorax._src.bases.quantize import merge_quantized as merge_quantized
+from lorax._src.bases.quantize import quantize as quantize
+from lorax._src.bases.quantized import QuantizedArray as QuantizedArray
 from lorax._src.config import ALL_LINEAR as ALL_LINEAR
 from lorax._src.config import LoraConfig as LoraConfig
 from lorax._src.config import Targets as Targets
@@ -18,6 +19,8 @@ from lorax._src.explain import Explanation as Explanation
 from lorax._src.explain import Row as Row
 from lorax._src.explain import explain as explain
 from lorax._src.init import init as init
+from lorax._src.io.verbs import load as load
+from lorax._src.io.verbs import save as save
 from lorax._src.kinds import DoraWeight as DoraWeight
 from lorax._src.kinds import Ia3Weight as Ia3Weight
 from lorax._src.kinds import LohaWeight as LohaWeight
@@ -26,14 +29,11 @@ from lorax._src.kinds import LoraBank as LoraBank
 from lorax._src.kinds import LoraWeight as LoraWeight
 from lorax._src.kinds import OftWeight as OftWeight
 from lorax._src.kinds import VeraWeight as VeraWeight
+from lorax._src.kinds.adapter import Adapter as Adapter
 from lorax._src.optim import optimizer as optimizer
-from lorax._src.quantize import gguf_tensor as gguf_tensor
-from lorax._src.quantize import merge_quantized as merge_quantized
-from lorax._src.quantize import quantize as quantize
-from lorax._src.quantized import QuantizedArray as QuantizedArray
 from lorax._src.sharding import partition_specs as partition_specs
+from lorax._src.tracing.transform import lora as lora
 from lorax._src.trainable import Trainable as Trainable
-from lorax._src.transform import lora as lora
 from lorax._src.trees import combine as combine
 from lorax._src.trees import merge as merge
 from lorax._src.trees import split as split

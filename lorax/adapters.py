@@ -14,21 +14,21 @@ ordinary tree, `route` picks an adapter per example inside `lorax.lora`, and `sa
 (('math', 'code'), (2, 3))
 """
 
-from lorax._src.adapters import add as add
-from lorax._src.adapters import bank as bank
-from lorax._src.adapters import base as base
-from lorax._src.adapters import delete as delete
-from lorax._src.adapters import index_of as index_of
-from lorax._src.adapters import names as names
-from lorax._src.adapters import rename as rename
-from lorax._src.adapters import route as route
-from lorax._src.adapters import select as select
-from lorax._src.bank_files import load as load
-from lorax._src.bank_files import load_peft as load_peft
-from lorax._src.bank_files import save as save
-from lorax._src.bank_files import save_peft as save_peft
+from lorax._src.banks.verbs import add as add
+from lorax._src.banks.verbs import bank as bank
+from lorax._src.banks.verbs import base as base
+from lorax._src.banks.verbs import delete as delete
+from lorax._src.banks.verbs import index_of as index_of
+from lorax._src.banks.verbs import names as names
+from lorax._src.banks.verbs import rename as rename
+from lorax._src.banks.verbs import route as route
+from lorax._src.banks.verbs import select as select
+from lorax._src.banks.weighted import weighted as weighted
+from lorax._src.io.bank_files import load as load
+from lorax._src.io.bank_files import load_peft as load_peft
+from lorax._src.io.bank_files import save as save
+from lorax._src.io.bank_files import save_peft as save_peft
 from lorax._src.kinds.bank import BASE as BASE
-from lorax._src.weighted import weighted as weighted
 
 __all__ = ["BASE", "add", "bank", "base", "delete", "index_of", "load", "load_peft", "names", "rename", "route",
            "save", "save_peft", "select", "weighted"]

@@ -39,28 +39,28 @@ True
 >>> del extend.KINDS["gated-example"], extend.RULES["dot_general"].apply[GatedLora]
 """
 
-from lorax._src.adapter import ADAPTERS as ADAPTERS
-from lorax._src.adapter import KINDS as KINDS
-from lorax._src.adapter import RANK as RANK
-from lorax._src.adapter import Adapter as Adapter
-from lorax._src.adapter import Additive as Additive
-from lorax._src.adapter import frozen_field as frozen_field
-from lorax._src.adapter import register_kind as register_kind
-from lorax._src.adapter import shared_field as shared_field
-from lorax._src.adapter import static_field as static_field
-from lorax._src.adapter import trained_field as trained_field
+from lorax._src.bases.quantized import dense as dense
 from lorax._src.compat import bind as bind
-from lorax._src.peft_format import PeftFormat as PeftFormat
-from lorax._src.quantized import dense as dense
-from lorax._src.rules.products import DotMatrices as DotMatrices
-from lorax._src.rules.products import DotParts as DotParts
-from lorax._src.rules.products import dot_matrices as dot_matrices
-from lorax._src.rules.products import dot_parts as dot_parts
-from lorax._src.rules.products import factors_dot as factors_dot
-from lorax._src.table import RULES as RULES
-from lorax._src.table import Rule as Rule
-from lorax._src.table import apply as apply
-from lorax._src.table import rule as rule
+from lorax._src.io.peft_format import PeftFormat as PeftFormat
+from lorax._src.kinds.adapter import ADAPTERS as ADAPTERS
+from lorax._src.kinds.adapter import KINDS as KINDS
+from lorax._src.kinds.adapter import RANK as RANK
+from lorax._src.kinds.adapter import Adapter as Adapter
+from lorax._src.kinds.adapter import Additive as Additive
+from lorax._src.kinds.adapter import frozen_field as frozen_field
+from lorax._src.kinds.adapter import register_kind as register_kind
+from lorax._src.kinds.adapter import shared_field as shared_field
+from lorax._src.kinds.adapter import static_field as static_field
+from lorax._src.kinds.adapter import trained_field as trained_field
+from lorax._src.tracing.rules.products import DotMatrices as DotMatrices
+from lorax._src.tracing.rules.products import DotParts as DotParts
+from lorax._src.tracing.rules.products import dot_matrices as dot_matrices
+from lorax._src.tracing.rules.products import dot_parts as dot_parts
+from lorax._src.tracing.rules.products import factors_dot as factors_dot
+from lorax._src.tracing.table import RULES as RULES
+from lorax._src.tracing.table import Rule as Rule
+from lorax._src.tracing.table import apply as apply
+from lorax._src.tracing.table import rule as rule
 
 __all__ = [
     "ADAPTERS",

@@ -14,8 +14,8 @@ package.
 (['blk.0.attn_v.weight.lora_a', 'blk.0.attn_v.weight.lora_b'], 'adapter')
 """
 
-from lorax._src.llamacpp import Names as Names
-from lorax._src.llamacpp import rope_permute as rope_permute
-from lorax._src.llamacpp import save_adapter as save_adapter
+from lorax._src.io.llamacpp import Names as Names
+from lorax._src.io.llamacpp import rope_permute as rope_permute
+from lorax._src.io.llamacpp import save_adapter as save_adapter
 
 __all__ = ["Names", "rope_permute", "save_adapter"]

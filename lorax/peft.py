@@ -14,11 +14,11 @@ A PEFT adapter folder (``adapter_config.json`` and ``adapter_model.safetensors``
 (2, ['q_proj'])
 """
 
-from lorax._src.peft import load_peft as load_peft
-from lorax._src.peft import save_peft as save_peft
-from lorax._src.peft_folder import GPT2 as GPT2
-from lorax._src.peft_folder import LLAMA as LLAMA
-from lorax._src.peft_folder import Mapping as Mapping
-from lorax._src.peft_folder import module_name as module_name
+from lorax._src.io.peft_folder import GPT2 as GPT2
+from lorax._src.io.peft_folder import LLAMA as LLAMA
+from lorax._src.io.peft_folder import Mapping as Mapping
+from lorax._src.io.peft_folder import module_name as module_name
+from lorax._src.io.verbs import load_peft as load_peft
+from lorax._src.io.verbs import save_peft as save_peft
 
 __all__ = ["GPT2", "LLAMA", "Mapping", "load_peft", "module_name", "save_peft"]

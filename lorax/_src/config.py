@@ -12,9 +12,9 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from lorax._src.initializers import valid_init
+from lorax._src.kinds.initializers import valid_init
 from lorax._src.paths import regexes
-from lorax._src.records import index, real
+from lorax._src.validate import index, real
 
 Targets = str | Sequence[str] | Callable[[str, Any], bool]
 """Which weights `LoraConfig` adapts (its ``targets``), one of:
@@ -78,7 +78,7 @@ def first_match(patterns: Sequence[tuple[re.Pattern, Any]], path: str, default: 
 @dataclasses.dataclass(frozen=True)
 class AdapterSpec:
     """What `LoraConfig` asks for one weight, resolved once: the adapter ``kind`` (its
-    name in `lorax._src.adapter.KINDS`), rank, scale, initialisation, dropout and dtype, the
+    name in `lorax._src.kinds.adapter.KINDS`), rank, scale, initialisation, dropout and dtype, the
     weight's ``path`` and the kind's own ``options`` (checked by its ``check_options``)."""
 
     kind: str
@@ -182,7 +182,7 @@ class LoraConfig:
         self._check_kind()
         if not isinstance(self.options, Mapping) or not all(isinstance(k, str) for k in self.options):
             raise TypeError(f"LoraConfig: options must be a mapping {{name: value}}, got {self.options!r}.")
-        from lorax._src.adapter import KINDS  # the kinds register on import
+        from lorax._src.kinds.adapter import KINDS  # the kinds register on import
 
         fix("options", KINDS[self.adapter_kind].check_options(dict(self.options)))
         if not valid_init(self.init):
@@ -207,7 +207,7 @@ class LoraConfig:
 
     def _check_kind(self) -> None:
         """``kind`` names a registered kind that `lorax.init` can create, and agrees with ``use_dora``."""
-        from lorax._src.adapter import KINDS, creatable  # the kinds register on import
+        from lorax._src.kinds.adapter import KINDS, creatable  # the kinds register on import
 
         if self.kind is None:
             return

@@ -10,12 +10,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorax._src import display, transform
-from lorax._src.adapter import Adapter
+from lorax._src import display
+from lorax._src.bases.quantized import QuantizedArray
 from lorax._src.init import first_use, unfit, uses_of
+from lorax._src.kinds.adapter import Adapter
 from lorax._src.paths import named_leaves
-from lorax._src.quantized import QuantizedArray
-from lorax._src.tracing import flatten_call
+from lorax._src.tracing import transform
+from lorax._src.tracing.trace import flatten_call
 from lorax._src.trainable import Trainable, is_node
 
 

@@ -8,17 +8,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorax._src.adapter import KINDS, Adapter, fan_in_out
+from lorax._src.bases.quantized import QuantizedArray
 from lorax._src.config import ALL_LINEAR, AdapterSpec, LoraConfig
-from lorax._src.initializers import makes_residual
+from lorax._src.kinds.adapter import KINDS, Adapter, fan_in_out
+from lorax._src.kinds.initializers import makes_residual
 from lorax._src.paths import unique_named_leaves
-from lorax._src.quantized import QuantizedArray
 from lorax._src.sharding import place_factors
-from lorax._src.table import supports
-from lorax._src.tracing import flatten_call, plain, trace
+from lorax._src.tracing.table import supports
+from lorax._src.tracing.trace import flatten_call, plain, trace
+from lorax._src.tracing.transform import lora  # noqa: F401  (registers the rules and kinds)
+from lorax._src.tracing.uses import Use, View, find_uses
 from lorax._src.trainable import Trainable, is_lorax_node, is_node
-from lorax._src.transform import lora  # noqa: F401  (registers the rules and kinds)
-from lorax._src.usage import Use, View, find_uses
 
 
 def init(key: jax.Array, config: LoraConfig, fn: Callable, params: Any, *args, **kwargs) -> Any:

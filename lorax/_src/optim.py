@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lorax._src.adapter import Adapter
-from lorax._src.records import real
+from lorax._src.kinds.adapter import Adapter
 from lorax._src.trainable import Trainable, is_node
+from lorax._src.validate import real
 
 TRAIN, TRAIN_B, FROZEN = "lora_trainable", "lora_trainable_b", "lora_frozen"
 

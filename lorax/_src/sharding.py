@@ -8,9 +8,9 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lorax._src import compat
-from lorax._src.adapter import Adapter
+from lorax._src.bases.quantized import QuantizedArray
+from lorax._src.kinds.adapter import Adapter
 from lorax._src.paths import named_leaves
-from lorax._src.quantized import QuantizedArray
 from lorax._src.trainable import Trainable, is_node
 
 

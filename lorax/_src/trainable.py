@@ -8,8 +8,8 @@ from typing import Any
 import jax
 
 from lorax._src import display
-from lorax._src.adapter import Adapter
-from lorax._src.quantized import QuantizedArray
+from lorax._src.bases.quantized import QuantizedArray
+from lorax._src.kinds.adapter import Adapter
 
 
 @jax.tree_util.register_dataclass

@@ -7,9 +7,9 @@ from typing import Any
 
 import jax
 
-from lorax._src.adapter import Adapter
+from lorax._src.bases.quantized import QuantizedArray
+from lorax._src.kinds.adapter import Adapter
 from lorax._src.paths import named_leaves, render
-from lorax._src.quantized import QuantizedArray
 from lorax._src.trainable import Trainable, is_lorax_node, is_node
 
 

@@ -105,7 +105,7 @@ def test_sharded_base_has_the_host_fingerprint(tmp_path):
     script = textwrap.dedent(f"""
         import jax, jax.numpy as jnp, numpy as np, lorax
         from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-        from lorax._src.records import fingerprint
+        from lorax._src.io.records import fingerprint
         mesh = Mesh(np.array(jax.devices()).reshape(2, 2), ("data", "model"))
         w = jax.random.normal(jax.random.key(0), (16, 8))
         sharded = jax.device_put(w, NamedSharding(mesh, P("data", "model")))

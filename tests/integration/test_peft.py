@@ -17,7 +17,7 @@ from safetensors.numpy import load_file
 
 import lorax
 import lorax.peft
-from lorax._src import peft_config
+from lorax._src.io import peft_config
 
 if os.environ.get("CI") == "true":  # CI installs the torch stack: a missing one is a failure
     import peft

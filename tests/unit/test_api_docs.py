@@ -190,7 +190,7 @@ def test_docstring_references_are_rendered(package):
 
 
 def test_private_name_pattern():
-    text = "See `lorax._src.usage.Use`, _helper and `_foo`; not a_axes, __init__ or `_ = f()`."
+    text = "See `lorax._src.tracing.uses.Use`, _helper and `_foo`; not a_axes, __init__ or `_ = f()`."
     assert PRIVATE_NAME.findall(text) == ["_src", "_helper", "_foo"]
 
 

@@ -13,8 +13,8 @@ from helpers import bank_fn as FN
 from helpers import bank_member as one
 
 import lorax
-import lorax._src.checkpoint
-import lorax._src.files
+import lorax._src.io.checkpoint
+import lorax._src.io.files
 import lorax.peft
 from lorax import adapters
 
@@ -76,14 +76,14 @@ def test_save_completes_every_adapter_and_keeps_other_folders(bank, tmp_path):
 def test_a_failed_write_of_the_last_adapter_leaves_the_folder(bank, tmp_path, monkeypatch):
     adapters.save(tmp_path / "bank", bank)
     before = tree_hash(tmp_path / "bank")
-    real_save = lorax._src.checkpoint.save
+    real_save = lorax._src.io.checkpoint.save
 
     def fails_on_math(directory, params, **kwargs):
         if directory.name == "math":
             raise OSError("No space left on device")
         return real_save(directory, params, **kwargs)
 
-    monkeypatch.setattr(lorax._src.checkpoint, "save", fails_on_math)
+    monkeypatch.setattr(lorax._src.io.checkpoint, "save", fails_on_math)
     with pytest.raises(OSError, match="No space left"):
         adapters.save(tmp_path / "bank", adapters.bank({"code": one(7), "math": one(8)}))
     assert tree_hash(tmp_path / "bank") == before and sorted(os.listdir(tmp_path)) == ["bank"]
@@ -98,7 +98,7 @@ def test_refused_save_into_a_new_folder_creates_nothing(bank, tmp_path):
 def test_a_second_writer_is_refused(bank, tmp_path):
     adapters.save(tmp_path / "bank", bank)
     before = tree_hash(tmp_path / "bank")
-    with lorax._src.files.staged_folder(tmp_path / "bank", "another writer"):  # holds the folder, writes nothing
+    with lorax._src.io.files.staged_folder(tmp_path / "bank", "another writer"):  # holds the folder, writes nothing
         with pytest.raises(RuntimeError, match="another process is saving to '.*/bank'"):
             adapters.save(tmp_path / "bank", adapters.bank({"code": one(7), "math": one(8)}))
         with pytest.raises(RuntimeError, match="another process is saving"):

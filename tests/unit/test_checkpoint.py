@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lorax
-from lorax._src import checkpoint
+from lorax._src.io import checkpoint
 
 
 def test_round_trip_is_exact_and_writes_only_adapters(tmp_path):

@@ -11,7 +11,7 @@ import lorax
 
 
 def test_swap_without_renameat2_falls_back_to_two_renames(tmp_path, monkeypatch):
-    from lorax._src import files
+    from lorax._src.io import files
 
     monkeypatch.setattr(files.ctypes, "CDLL", lambda *a, **k: types.SimpleNamespace())  # no renameat2
     lorax.save(tmp_path, adapted(0))

@@ -12,7 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 import lorax
 import lorax.peft
-from lorax._src.records import SAMPLES, base_mismatch, fingerprint
+from lorax._src.io.records import SAMPLES, base_mismatch, fingerprint
 
 MAPPING = [(r"(?P<m>q|v)_proj/kernel", "layer.{m}_proj")]
 X = jnp.ones((2, 16))

@@ -245,7 +245,7 @@ def test_dora_step_builds_no_weight_sized_array():
 def test_rule_table_gives_every_primitive_both_sides():
     """One registration per primitive holds how init reads a use and how lora computes it."""
     from lorax._src import compat
-    from lorax._src.table import RULES
+    from lorax._src.tracing.table import RULES
 
     for name, entry in RULES.items():
         assert entry.kind in ("view", "product", "control") and callable(entry.read), name

@@ -6,7 +6,7 @@ import pytest
 from helpers import assert_trees_close
 
 import lorax
-from lorax._src.lowrank import low_rank_update
+from lorax._src.kinds.lowrank import low_rank_update
 
 CASES = [
     ("bsd", "dr", "rhk", "bshk", dict(b=2, s=3, d=4, h=2, k=3)),  # multi-axis output kernel

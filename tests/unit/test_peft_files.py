@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 import lorax
 import lorax.peft
-from lorax._src import peft_folder as peft_impl
+from lorax._src.io import peft_folder as peft_impl
 
 
 @pytest.fixture

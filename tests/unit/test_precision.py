@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import lorax
-from lorax._src.precision import narrow_dot
-from lorax._src.rules.products import dot_subscripts
+from lorax._src.bases.precision import narrow_dot
+from lorax._src.tracing.rules.products import dot_subscripts
 
 BF16, F32 = jnp.bfloat16, jnp.float32
 

@@ -198,7 +198,7 @@ def test_non_floating_target_is_refused():
 def test_errors_come_before_any_weight_is_encoded(monkeypatch):
     """A bad last weight is found before the first is quantized."""
     calls = []
-    monkeypatch.setattr(lorax._src.quantize, "_encode", lambda *a: calls.append(a))
+    monkeypatch.setattr(lorax._src.bases.quantize, "_encode", lambda *a: calls.append(a))
     refused({"a": W, "b": jnp.ones((4, 48))}, ValueError, r"'b' \(shape \(4, 48\)\)", "q4_0", axis=-1)
     assert calls == []
 

@@ -107,7 +107,7 @@ def test_dare_drops_each_entry_with_the_keys_draw_and_is_unbiased(equal_ranks):
 
 
 def test_ties_elects_a_sign_and_averages_the_entries_that_agree():
-    from lorax._src.weighted import Merge, merged
+    from lorax._src.banks.weighted import Merge, merged
 
     t = [jnp.array([3.0, -1.0, 2.0, 0.1]), jnp.array([-2.0, -3.0, 1.0, 0.2])]
     ties = merged(t, [1.0, 0.5], Merge("ties", 0.5, "total", None))

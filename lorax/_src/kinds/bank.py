@@ -22,10 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax._src import compat
-from lorax._src.adapter import ADAPTERS, RANK, Adapter, frozen_field, register_kind, static_field, trained_field
+from lorax._src.kinds.adapter import ADAPTERS, RANK, Adapter, frozen_field, register_kind, static_field, trained_field
 from lorax._src.kinds.lora import LoraWeight
-from lorax._src.rules import products
-from lorax._src.table import apply
+from lorax._src.tracing.rules import products
+from lorax._src.tracing.table import apply
 
 BASE = -1
 """The adapter index that selects the base weight alone (-1): in `lorax.adapters.route`'s

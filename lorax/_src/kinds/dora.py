@@ -18,12 +18,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lorax._src.adapter import Adapter, register_kind, trained_field
-from lorax._src.initializers import low_rank_init
+from lorax._src.bases.quantized import dense
+from lorax._src.kinds.adapter import Adapter, register_kind, trained_field
+from lorax._src.kinds.initializers import low_rank_init
 from lorax._src.kinds.lora import LoraWeight
-from lorax._src.quantized import dense
-from lorax._src.rules import products
-from lorax._src.table import apply
+from lorax._src.tracing.rules import products
+from lorax._src.tracing.table import apply
 
 
 @register_kind

@@ -5,7 +5,7 @@
 cast) stay what they are, like an adapter's base, and each product is computed as the base's
 (`products.base_product`): a quantized weight dequantized at the use
 (`QuantizedArray.lorax_product`), a low-precision one with its backward in its own precision
-(`lorax._src.precision`). It is never in a tree.
+(`lorax._src.bases.precision`). It is never in a tree.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import dataclasses
 
 import jax
 
-from lorax._src.adapter import Adapter
-from lorax._src.quantized import QuantizedArray, dense
-from lorax._src.rules import products
-from lorax._src.table import apply
+from lorax._src.bases.quantized import QuantizedArray, dense
+from lorax._src.kinds.adapter import Adapter
+from lorax._src.tracing.rules import products
+from lorax._src.tracing.table import apply
 
 
 @jax.tree_util.register_dataclass

@@ -7,11 +7,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from lorax._src.adapter import RANK, Adapter, register_kind, trained_field
-from lorax._src.initializers import low_rank_init
-from lorax._src.quantized import dense
-from lorax._src.rules import products
-from lorax._src.table import apply
+from lorax._src.bases.quantized import dense
+from lorax._src.kinds.adapter import RANK, Adapter, register_kind, trained_field
+from lorax._src.kinds.initializers import low_rank_init
+from lorax._src.tracing.rules import products
+from lorax._src.tracing.table import apply
 
 
 @register_kind

@@ -21,16 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file
 
-from lorax._src import peft_kinds
-from lorax._src.adapter import KINDS, Adapter, as_matrices
+from lorax._src.bases.quantized import QuantizedArray, dense
 from lorax._src.config import LoraConfig
-from lorax._src.files import as_folder
 from lorax._src.init import init
-from lorax._src.initializers import makes_residual
-from lorax._src.kinds import DoraWeight, LoraWeight
-from lorax._src.paths import named_leaves, unique_named_leaves
-from lorax._src.peft_config import CONFIG_FILE, pattern_value, read_config, read_json, skip_untargeted
-from lorax._src.peft_folder import (
+from lorax._src.io import peft_kinds
+from lorax._src.io.files import as_folder
+from lorax._src.io.peft_config import CONFIG_FILE, pattern_value, read_config, read_json, skip_untargeted
+from lorax._src.io.peft_folder import (
     BASE_KEY,
     PREFIX,
     WEIGHTS_FILE,
@@ -44,11 +41,15 @@ from lorax._src.peft_folder import (
     claim,
     module_name,
 )
-from lorax._src.quantized import QuantizedArray, dense
-from lorax._src.records import fingerprint, real
+from lorax._src.io.records import fingerprint
+from lorax._src.kinds import DoraWeight, LoraWeight
+from lorax._src.kinds.adapter import KINDS, Adapter, as_matrices
+from lorax._src.kinds.initializers import makes_residual
+from lorax._src.paths import named_leaves, unique_named_leaves
 from lorax._src.sharding import place_factors
 from lorax._src.trainable import Trainable
-from lorax._src.trees import _map, holds_banks
+from lorax._src.trees import _map
+from lorax._src.validate import real
 
 MAGNITUDE = ".lora_magnitude_vector"  # DoRA's m, [out_features]
 PART_NAMES = {"A": "lora_A", "B": "lora_B", "M": "lora_magnitude_vector"}
@@ -81,29 +82,8 @@ def relative_to_original(lw: LoraWeight, initial: LoraWeight) -> LoraWeight:
 
 def save_peft(directory: str | Path, params: Any, mapping: Mapping, *, base_model_name_or_path: str = "",
               task_type: str = "CAUSAL_LM", initial: Any = None) -> Path:
-    """Write the adapters of ``params`` as a PEFT adapter folder; returns its path.
-
-    LoRA and DoRA adapters (not both in one folder: PEFT's ``use_dora`` is one flag), or those
-    of one kind with a PEFT format (IA³, LoHa, LoKr, OFT, VeRA: ``peft_type`` ``IA3``, ``LOHA``,
-    ``LOKR``, ``OFT``, ``VERA``). A bank tree (`lorax.adapters.bank`) is written in PEFT's
-    multi-adapter layout, as `lorax.adapters.save_peft` writes it, and `load_peft` reads such a
-    folder back as a bank.
-    ``initial``: for adapters made with ``init="pissa"`` or ``"olora"``, whose frozen base
-    is a residual, the trainable tree at initialisation (``lorax.split(params)[0]`` right
-    after `lorax.init`); the folder then holds plain LoRA adapters of twice the rank that
-    apply to the *original* base, as PEFT's own conversion writes them. The weights file's
-    metadata (``lorax_base``, which PEFT ignores) holds a fingerprint of each module's base
-    weight as the ``[in, out]`` matrix the adapter acts on (the original weight for PiSSA/OLoRA),
-    which `load_peft` checks.
-
-    >>> import jax, jax.numpy as jnp, lorax, lorax.peft, tempfile
-    >>> fn = lambda p, x: x @ p["q_proj"]["kernel"]
-    >>> base = {"q_proj": {"kernel": jnp.ones((4, 3))}}
-    >>> lp = lorax.init(jax.random.key(0), lorax.LoraConfig(rank=2), fn, base, jnp.ones((1, 4)))
-    >>> folder = lorax.peft.save_peft(tempfile.mkdtemp(), lp, [("q_proj/kernel", "q_proj")])
-    >>> sorted(p.name for p in folder.iterdir())
-    ['adapter_config.json', 'adapter_model.safetensors']
-    """
+    """`lorax.peft.save_peft` of a tree of single adapters (`lorax._src.io.verbs.save_peft`, whose docstring
+    tells)."""
     target = as_folder(directory, "lorax.peft.save_peft", must_exist=False)
     _check_mapping(mapping)
     for name, value in (("base_model_name_or_path", base_model_name_or_path), ("task_type", task_type)):
@@ -111,15 +91,6 @@ def save_peft(directory: str | Path, params: Any, mapping: Mapping, *, base_mode
             raise TypeError(f"lorax.peft.save_peft: {name} must be a string, got {value!r} ({type(value).__name__}).")
     tensors, ranks, alphas, saved, owner, dropouts, bases = {}, {}, {}, set(), {}, set(), {}
     starts = dict(named_leaves(initial)) if initial is not None else None
-    if holds_banks(params, "lorax.peft.save_peft"):  # PEFT's multi-adapter layout
-        from lorax._src import bank_files
-
-        if initial is not None:
-            raise ValueError("lorax.peft: initial= converts one PiSSA/OLoRA adapter; export the adapters of a "
-                             "bank one by one (lorax.adapters.select) to convert them.")
-        bank_files.save_peft(target, params, mapping, base_model_name_or_path=base_model_name_or_path,
-                             task_type=task_type)
-        return target
     kinds = {type(leaf) for _, leaf in named_leaves(params) if isinstance(leaf, Adapter)}
     if len(kinds) == 1 and next(iter(kinds)).peft is not None and starts is None:
         return peft_kinds.save(target, params, mapping, next(iter(kinds)), task_type=task_type,
@@ -221,31 +192,16 @@ def _check_ranks(modules: dict, config: dict) -> None:
                              f"{CONFIG_FILE}); PEFT refuses such an adapter.")
 
 
+def is_bank_folder(directory: Path) -> bool:
+    """Whether ``directory`` holds no adapter of its own but adapters in sub-folders (PEFT's
+    multi-adapter layout)."""
+    return not (directory / CONFIG_FILE).is_file() and any((p / CONFIG_FILE).is_file() for p in directory.iterdir())
+
+
 def load_peft(directory: str | Path, fn: Callable, params: Any, *args, mapping: Mapping, check_base: bool = True,
               **kwargs) -> Any:
-    """Read a PEFT adapter folder onto plain ``params``; returns the LoRA tree.
-
-    ``fn`` and its example arguments (``args``, ``kwargs``) are traced as in `lorax.init`, to
-    learn each weight's layout; ``mapping`` names each weight's torch module (a `Mapping`, such
-    as `LLAMA`). The config is checked against PEFT's rules (``r`` against the tensors, each
-    alpha positive); modules that ``target_modules`` does not list are skipped with a warning,
-    as PEFT skips them. Every tensor's shape is checked against the base; tensors for modules
-    the base does not have are refused. With ``check_base``, a folder written by `save_peft`
-    also refuses a base unlike the one it was saved from (its ``lorax_base`` fingerprints; a
-    base already merged with the adapter, another checkpoint or seed); folders without them
-    (PEFT's own) load unchecked. A folder holding adapters in sub-folders only (PEFT's
-    multi-adapter layout) is read as `lorax.adapters.load_peft` reads it, into a bank tree.
-
-    >>> import jax, jax.numpy as jnp, lorax, lorax.peft, tempfile
-    >>> fn = lambda p, x: x @ p["q_proj"]["kernel"]
-    >>> base, x = {"q_proj": {"kernel": jnp.ones((4, 3))}}, jnp.ones((1, 4))
-    >>> lp = lorax.init(jax.random.key(0), lorax.LoraConfig(rank=2, alpha=4.0), fn, base, x)
-    >>> mapping = [("q_proj/kernel", "q_proj")]
-    >>> folder = lorax.peft.save_peft(tempfile.mkdtemp(), lp, mapping)
-    >>> back = lorax.peft.load_peft(folder, fn, base, x, mapping=mapping)["q_proj"]["kernel"]
-    >>> back.rank, back.scale, bool((back.a == lp["q_proj"]["kernel"].a).all())
-    (2, 2.0, True)
-    """
+    """`lorax.peft.load_peft` of a folder of one adapter (`lorax._src.io.verbs.load_peft`, whose docstring
+    tells)."""
     directory = as_folder(directory, "lorax.peft.load_peft", must_exist=True)
     _check_mapping(mapping)
     if not callable(fn):
@@ -253,10 +209,6 @@ def load_peft(directory: str | Path, fn: Callable, params: Any, *args, mapping: 
                         f"got {type(fn).__name__}.")
     if not isinstance(check_base, bool):
         raise TypeError(f"lorax.peft.load_peft: check_base must be True or False, got {check_base!r}.")
-    if not (directory / CONFIG_FILE).is_file() and any((p / CONFIG_FILE).is_file() for p in directory.iterdir()):
-        from lorax._src import bank_files  # PEFT's multi-adapter layout: one adapter per sub-folder
-
-        return bank_files.load_peft(directory, fn, params, *args, mapping=mapping, check_base=check_base, **kwargs)
     raw = read_json(directory)
     kind = peft_kinds.kind_of(raw.get("peft_type"))
     if kind is not None:

@@ -8,7 +8,6 @@ import ctypes
 import errno
 import fcntl
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -81,22 +80,6 @@ def remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
-
-
-PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-
-
-def check_plain_name(name: object, what: str) -> str:
-    """``name`` if it is one plain folder name (letters, digits, ``_``, ``.``, ``-``, not
-    starting with ``.``): never a path, never ``..``; else a ValueError naming ``what``.
-
-    >>> check_plain_name("math-v2", "demo: adapter name")
-    'math-v2'
-    """
-    if not isinstance(name, str) or not PLAIN_NAME.fullmatch(name):
-        raise ValueError(f"{what} {name!r} must be a non-empty string of letters, digits, '_', '.' and '-' not "
-                         "starting with '.' (it names a folder on save).")
-    return name
 
 
 def _link(source: str, target: str) -> None:

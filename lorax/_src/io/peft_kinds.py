@@ -15,12 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file
 
-from lorax._src.adapter import KINDS, Adapter
+from lorax._src.bases.quantized import QuantizedArray, dense
 from lorax._src.config import LoraConfig
 from lorax._src.init import init
-from lorax._src.paths import named_leaves, unique_named_leaves
-from lorax._src.peft_config import CONFIG_FILE, check_modules, check_rank, pattern_value, skip_untargeted
-from lorax._src.peft_folder import (
+from lorax._src.io.peft_config import CONFIG_FILE, check_modules, check_rank, pattern_value, skip_untargeted
+from lorax._src.io.peft_folder import (
     BASE_KEY,
     PREFIX,
     WEIGHTS_FILE,
@@ -32,11 +31,13 @@ from lorax._src.peft_folder import (
     claim,
     module_name,
 )
-from lorax._src.quantized import QuantizedArray, dense
-from lorax._src.records import fingerprint, real
+from lorax._src.io.records import fingerprint
+from lorax._src.kinds.adapter import KINDS, Adapter
+from lorax._src.paths import named_leaves, unique_named_leaves
 from lorax._src.sharding import place_factors
 from lorax._src.trainable import Trainable
 from lorax._src.trees import _map
+from lorax._src.validate import real
 
 
 def kind_of(peft_type: Any) -> type[Adapter] | None:

@@ -20,12 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax._src import compat
-from lorax._src.adapter import Adapter
+from lorax._src.bases.quantized import FORMATS, NF4, QuantizedArray
+from lorax._src.kinds.adapter import Adapter
 from lorax._src.paths import regexes, unique_named_leaves
-from lorax._src.quantized import FORMATS, NF4, QuantizedArray
-from lorax._src.records import index
 from lorax._src.trainable import Trainable
 from lorax._src.trees import _map
+from lorax._src.validate import index
 
 Targets = str | Sequence[str] | Callable[[str, Any], bool] | None
 QUANTIZE_FORMATS = ("nf4", "int8", "q4_0", "q4_1", "q8_0")  # "u8" holds double-quantized scales only

@@ -7,7 +7,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from lorax._src.adapter import Adapter
+from lorax._src.kinds.adapter import Adapter
 
 
 @jax.tree_util.register_dataclass

@@ -16,17 +16,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorax._src import compat, precision
-from lorax._src.lowrank import low_rank_update
-from lorax._src.table import rule
-from lorax._src.usage import use_of
+from lorax._src import compat
+from lorax._src.bases import precision
+from lorax._src.kinds.lowrank import low_rank_update
+from lorax._src.tracing.table import rule
+from lorax._src.tracing.uses import use_of
 
 
 def base_product(eqn, operands: list, position: int, narrow: bool = False) -> jax.Array:
     """The frozen product, with the base weight at ``operands[position]``. A base that is
     not a plain array (a quantized one) computes it itself through ``lorax_product``; with
     ``narrow``, a low-precision product accumulated wide has its backward in the operands'
-    precision (`lorax._src.precision`)."""
+    precision (`lorax._src.bases.precision`)."""
     own = getattr(operands[position], "lorax_product", None)
     if own:
         return own(eqn, operands, position)

@@ -40,10 +40,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorax._src.adapters import _append, _position, _zero, check_name, names
+from lorax._src.banks.verbs import _append, _position, _zero, check_name, names
 from lorax._src.kinds.bank import LoraBank
-from lorax._src.records import index, real
 from lorax._src.trees import _map
+from lorax._src.validate import index, real
 
 MERGES = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")  # on the factors; "_svd": on ΔW
 HOW = ("cat", *MERGES, "svd", *(f"{m}_svd" for m in MERGES[1:]))

@@ -5,7 +5,7 @@ every other one in a sub-folder named after it (what ``PeftModel.save_pretrained
 ``PeftModel.from_pretrained(..., adapter_name=)`` / ``load_adapter(folder / name, name)`` read).
 
 A save writes every adapter into a staged copy of the folder and swaps it in at once
-(`lorax._src.files.staged_folder`): any refusal or failure, for any adapter, leaves the
+(`lorax._src.io.files.staged_folder`): any refusal or failure, for any adapter, leaves the
 folder as it was, and a finished save holds every adapter's new files.
 """
 
@@ -19,10 +19,10 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lorax._src import checkpoint, peft
-from lorax._src.adapters import bank, check_name, names, select
-from lorax._src.files import as_folder, staged_folder
-from lorax._src.peft_config import CONFIG_FILE
+from lorax._src.banks.verbs import bank, check_name, names, select
+from lorax._src.io import checkpoint, peft
+from lorax._src.io.files import as_folder, staged_folder
+from lorax._src.io.peft_config import CONFIG_FILE
 
 DEFAULT = "default"  # PEFT's name for the adapter saved in the folder itself
 

@@ -20,13 +20,13 @@ from typing import Any
 import jax
 import numpy as np
 
-from lorax._src.adapter import Adapter
-from lorax._src.files import atomic_file
-from lorax._src.initializers import makes_residual
+from lorax._src.io.files import atomic_file
 from lorax._src.kinds import LoraWeight
+from lorax._src.kinds.adapter import Adapter
+from lorax._src.kinds.initializers import makes_residual
 from lorax._src.paths import unique_named_leaves
-from lorax._src.records import real
 from lorax._src.trainable import Trainable
+from lorax._src.validate import real
 
 Names = Mapping[str, str] | Callable[[str, tuple[int, ...]], "str | None"]
 """How `save_adapter` names the base model's tensors: a dict from each adapted lorax path to its

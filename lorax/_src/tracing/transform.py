@@ -2,7 +2,7 @@
 
 The function is traced to a jaxpr over the plain weights, then evaluated again with each
 adapted weight bound to a `Tracked` value. An equation that consumes one is computed by its
-rule in the table (`lorax._src.table`): views stay lazy, products run factored, control flow
+rule in the table (`lorax._src.tracing.table`): views stay lazy, products run factored, control flow
 is re-expressed with the body interpreted the same way. A use with no rule materializes the
 adapted weight for that use alone, and the reason is recorded for `explain`.
 """
@@ -21,15 +21,16 @@ import numpy as np
 from jax import lax
 
 import lorax._src.kinds  # noqa: F401  (registers the adapter kinds and their rules)
-import lorax._src.rules  # noqa: F401  (registers the view, product and control rules)
-from lorax._src import compat, precision
-from lorax._src.adapter import Adapter
+import lorax._src.tracing.rules  # noqa: F401  (registers the view, product and control rules)
+from lorax._src import compat
+from lorax._src.bases import precision
+from lorax._src.bases.quantized import QuantizedArray
+from lorax._src.kinds.adapter import Adapter
 from lorax._src.kinds.frozen import FrozenBase
-from lorax._src.lowrank import Views
-from lorax._src.quantized import QuantizedArray
-from lorax._src.table import RULES
-from lorax._src.tracing import flatten_call, trace
-from lorax._src.tracked import Tracked, unwrap
+from lorax._src.kinds.lowrank import Views
+from lorax._src.tracing.table import RULES
+from lorax._src.tracing.trace import flatten_call, trace
+from lorax._src.tracing.tracked import Tracked, unwrap
 from lorax._src.trainable import Trainable
 
 
@@ -48,7 +49,7 @@ class Context:
     """What rules see of the interpreter during one `lorax.lora` call: it evaluates bodies,
     counts adapter uses (for distinct dropout masks), notes how each use was computed and
     keeps the activation views adapters share. ``narrow``: frozen low-precision products take
-    their backward in their own precision (`lorax._src.precision`)."""
+    their backward in their own precision (`lorax._src.bases.precision`)."""
 
     uses: dict[str, list[How]] = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
     count: int = 0

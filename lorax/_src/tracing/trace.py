@@ -10,9 +10,9 @@ import jax
 import numpy as np
 
 from lorax._src import compat
-from lorax._src.adapter import Adapter
+from lorax._src.bases.quantized import QuantizedArray
+from lorax._src.kinds.adapter import Adapter
 from lorax._src.paths import render
-from lorax._src.quantized import QuantizedArray
 from lorax._src.trainable import Trainable, is_node
 
 

@@ -19,7 +19,7 @@ import re
 import jax
 import jax.numpy as jnp
 
-from lorax._src.adapter import Axes, as_matrices, fan_in_out
+from lorax._src.kinds.adapter import Axes, as_matrices, fan_in_out
 
 INITS = ("kaiming_uniform", "gaussian", "pissa", "olora")
 _NITER = re.compile(r"pissa_niter_(\d+)")

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from lorax._src import compat
-from lorax._src.adapter import Adapter
-from lorax._src.table import apply, rule
-from lorax._src.usage import View
+from lorax._src.kinds.adapter import Adapter
+from lorax._src.tracing.table import apply, rule
+from lorax._src.tracing.uses import View
 
 _SAME_LAYOUT = ("copy", "copy_p", "sharding_constraint", "reduce_precision")
 

@@ -12,9 +12,9 @@ import jax
 from jax import lax
 
 from lorax._src import compat
-from lorax._src.adapter import Adapter
-from lorax._src.table import apply, rule
-from lorax._src.usage import View
+from lorax._src.kinds.adapter import Adapter
+from lorax._src.tracing.table import apply, rule
+from lorax._src.tracing.uses import View
 
 
 @rule(*compat.JIT, *compat.REMAT, *compat.CUSTOM_CALLS, kind="control")

@@ -6,7 +6,7 @@ Each primitive that can touch an adapted weight has one `Rule`:
   ``"product"`` (dot, convolution, lookup: computed factored) or ``"control"`` (jit,
   remat, scan, cond, while: the body is interpreted the same way);
 - ``read(eqn, views, walk)``: for `lorax.init`, which parameter axes each output variable
-  stands for and which uses were found (see `lorax._src.usage`);
+  stands for and which uses were found (see `lorax._src.tracing.uses`);
 - ``apply``: for `lorax.lora`, ``{adapter kind: fn(eqn, invals, ctx)}`` returning the outputs,
   or ``None`` when this use cannot be factored (the weight is then materialized for this
   use alone, with the reason recorded). A view or control rule registers one function for

@@ -1,11 +1,10 @@
-"""Checking values at lorax's boundary: steps, counts, checkpoint metadata against its schema, and
-the fingerprint a checkpoint keeps of the base it was trained on."""
+"""A checkpoint's metadata checked against its schema, and the fingerprint a checkpoint keeps of
+the base it was trained on."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 from typing import Any, NoReturn, TypeGuard
 
 import jax
@@ -13,52 +12,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lorax._src.adapter import KINDS, Adapter
-from lorax._src.initializers import valid_init
-from lorax._src.quantized import QuantizedArray, dense
+from lorax._src.bases.quantized import QuantizedArray, dense
+from lorax._src.kinds.adapter import KINDS, Adapter
+from lorax._src.kinds.initializers import valid_init
 
 FORMAT = 1
 SAMPLES = 16  # values of each base weight a fingerprint records
 ACROSS_FORMATS = 0.05  # the norm's relative tolerance between a quantized and a full-precision base
 NON_FINITE = ("nan", "inf", "-inf")  # how a fingerprint writes numbers JSON has no literal for
-
-
-def index(value: Any, what: str, *, minimum: int = 0) -> int:
-    """``value`` as a plain int >= ``minimum`` (0 or 1); NumPy ints pass, bools and floats do not.
-
-    >>> import numpy as np
-    >>> index(np.int64(3), "step")
-    3
-    >>> index(1.5, "step")
-    Traceback (most recent call last):
-    TypeError: step must be a non-negative int, got 1.5 (float).
-    """
-    want = "a positive int" if minimum == 1 else "a non-negative int"
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{what} must be {want}, got {value!r} ({type(value).__name__}).")
-    if value < minimum:
-        raise ValueError(f"{what} must be {want}, got {int(value)}.")
-    return int(value)
-
-
-def real(value: Any, what: str, *, positive: bool = False) -> float:
-    """``value`` as a finite float (``> 0`` if ``positive``); NumPy floats pass, bools and strings do not.
-
-    >>> import numpy as np
-    >>> real(np.float32(16), "alpha", positive=True)
-    16.0
-    >>> real(float("inf"), "alpha")
-    Traceback (most recent call last):
-    ValueError: alpha must be a finite number, got inf.
-    """
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{what} must be a number, got {value!r} ({type(value).__name__}).")
-    number = float(value)
-    if not math.isfinite(number):
-        raise ValueError(f"{what} must be a finite number, got {number!r}.")
-    if positive and not number > 0:
-        raise ValueError(f"{what} must be > 0, got {number!r}.")
-    return number
 
 
 def check_record(record: Any, where: str) -> dict:

@@ -38,6 +38,7 @@ import numpy as np
 from jax import lax
 
 from lorax._src import compat
+from lorax._src.validate import index
 
 # The 16 NF4 levels: quantiles of N(0, 1) scaled to [-1, 1], with an exact zero (QLoRA,
 # appendix E; the values bitsandbytes uses).
@@ -114,8 +115,6 @@ class QuantizedArray:
     dtype: Any = _static(np.dtype(np.float32))
 
     def __post_init__(self):
-        from lorax._src.records import index  # records imports this module
-
         if not isinstance(self.fmt, str) or self.fmt not in FORMATS:
             raise ValueError(f"QuantizedArray: fmt must be one of {', '.join(FORMATS)}, got {self.fmt!r}.")
         block = index(self.block, "QuantizedArray: block", minimum=1)

@@ -15,11 +15,11 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from lorax._src.adapter import Adapter
-from lorax._src.files import staged_folder
-from lorax._src.peft_config import CONFIG_FILE
-from lorax._src.quantized import QuantizedArray
-from lorax._src.records import base_mismatch, is_fingerprint
+from lorax._src.bases.quantized import QuantizedArray
+from lorax._src.io.files import staged_folder
+from lorax._src.io.peft_config import CONFIG_FILE
+from lorax._src.io.records import base_mismatch, is_fingerprint
+from lorax._src.kinds.adapter import Adapter
 
 PREFIX = "base_model.model."
 WEIGHTS_FILE = "adapter_model.safetensors"

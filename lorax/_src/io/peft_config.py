@@ -8,7 +8,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from lorax._src.records import index, real
+from lorax._src.validate import index, real
 
 CONFIG_FILE = "adapter_config.json"
 

@@ -8,7 +8,7 @@ An adapter kind is a frozen dataclass subclassing `Adapter`. Its fields say what
 - static metadata shared by all kinds: ``scale``, ``a_axes`` (W's contracted axes),
   ``b_axes`` (its output axes), ``stack_axes`` (stacked layers), ``dropout``, ``init`` (how
   the factors started: after ``"pissa"`` or ``"olora"`` the frozen ``w`` is the residual
-  ``W - s·a₀·b₀`` of the original weight, see `lorax._src.initializers`).
+  ``W - s·a₀·b₀`` of the original weight, see `lorax._src.kinds.initializers`).
 
 Everything generic — split/combine, optimizer labels, sharding specs, checkpoints, slicing a
 stack inside ``scan``, transposes and casts inside `lorax.lora` — reads these declarations;
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from lorax._src import display
-from lorax._src.quantized import dense
+from lorax._src.bases.quantized import dense
 
 Axes = tuple[int, ...]
 RANK = "rank"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from lorax._src import compat
-from lorax._src.table import RULES
+from lorax._src.tracing.table import RULES
 
 
 @dataclasses.dataclass(frozen=True)

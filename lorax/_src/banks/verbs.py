@@ -25,13 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax._src import compat
-from lorax._src.files import check_plain_name
-from lorax._src.initializers import makes_residual
 from lorax._src.kinds.bank import BASE, LoraBank
+from lorax._src.kinds.initializers import makes_residual
 from lorax._src.kinds.lora import LoraWeight
 from lorax._src.paths import named_leaves
 from lorax._src.trainable import is_node
 from lorax._src.trees import _map
+from lorax._src.validate import check_plain_name
 
 Index = str | int | None | Sequence[str | int | None] | jax.Array
 

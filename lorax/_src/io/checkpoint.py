@@ -17,17 +17,18 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lorax._src import compat
-from lorax._src.adapter import KINDS, Adapter
+from lorax._src.bases.quantized import QuantizedArray
 from lorax._src.config import LoraConfig
-from lorax._src.files import as_folder, remove, swap_in, writer_lock
-from lorax._src.initializers import makes_residual, residual
+from lorax._src.io.files import as_folder, remove, swap_in, writer_lock
+from lorax._src.io.records import FORMAT, base_mismatch, check_record, fingerprint
+from lorax._src.kinds.adapter import KINDS, Adapter
+from lorax._src.kinds.initializers import makes_residual, residual
 from lorax._src.paths import unique_named_leaves
 from lorax._src.placement import place_state
-from lorax._src.quantized import QuantizedArray
-from lorax._src.records import FORMAT, base_mismatch, check_record, fingerprint, index, real
 from lorax._src.sharding import factor_shardings
 from lorax._src.trainable import Trainable
-from lorax._src.trees import _map, holds_banks
+from lorax._src.trees import _map
+from lorax._src.validate import index, real
 from lorax._src.version import __version__
 
 STAGING = ".lorax-staging"  # a step is written here, then renamed into place
@@ -110,45 +111,8 @@ def _steps(root: Path) -> list[int]:
 
 def save(directory: str | Path, params: Any, *, step: int | None = None, keep: int | None = None,
          config: LoraConfig | None = None, overwrite: bool = False, state: Any = None) -> Path:
-    """Write the adapters of ``params`` as step ``step`` under ``directory``; returns the step's folder.
-
-    ``step=None`` takes the latest step + 1 (0 in an empty folder). A step that exists, or
-    one lower than the latest (a new run writing into an old run's folder), is refused
-    unless ``overwrite=True``; steps above it are then kept, and `load` still picks the
-    highest. A save writes the whole step to a staging folder first and renames it into
-    place (swapping atomically with an old step it replaces), so it either completes or
-    leaves the folder as it was; a second process saving to the same folder meanwhile gets
-    an error. ``keep`` (an int >= 1) then deletes the steps older than ``step`` that are not
-    among the newest ``keep`` (``step`` counted): never the step just written, nor a newer one.
-    On a multi-process run every process calls `save`; host-local and NumPy leaves are
-    written as replicas (every process must hold the same value), and process 0 alone
-    moves folders.
-    Each weight's rank, scale and axes are recorded; ``config`` (targets, rsLoRA, ...) too.
-    ``state`` is any pytree of arrays, NumPy scalars and Python numbers saved in the same
-    step, so a run can resume exactly: optimizer state, step, ``jax.random.key_data(key)``,
-    data position (`load` with ``state=`` reads it back).
-
-    A bank tree (`lorax.adapters.bank`) is saved as `lorax.adapters.save` saves it: one such
-    folder per adapter under ``directory / name``, all or nothing (no ``state``); ``directory``
-    is returned, and `load` reads it back as a bank.
-
-    >>> import jax, jax.numpy as jnp, lorax, tempfile
-    >>> fn = lambda p, x: x @ p["w"]
-    >>> base = {"w": jnp.ones((4, 3))}
-    >>> lp = lorax.init(jax.random.key(0), lorax.LoraConfig(rank=2), fn, base, jnp.ones((1, 4)))
-    >>> folder = lorax.save(tempfile.mkdtemp(), lp, step=3)
-    >>> lorax.save(folder.parent, lp).name, lorax.load(folder.parent, base)["w"].rank
-    ('4', 2)
-    """
+    """`lorax.save` of a tree of single adapters (`lorax._src.io.verbs.save`, whose docstring tells)."""
     root = as_folder(directory, "lorax.save", must_exist=False)
-    if holds_banks(params, "lorax.save"):
-        from lorax._src import bank_files
-
-        if state is not None:
-            raise ValueError("lorax.save: state= is saved with single adapters, not with a bank tree (one folder "
-                             "per adapter); save the training state of each adapter's run with it.")
-        bank_files.save(root, params, step=step, keep=keep, config=config, overwrite=overwrite)
-        return root
     step = None if step is None else index(step, "lorax.save: step")
     keep = None if keep is None else index(keep, "lorax.save: keep", minimum=1)
     if not isinstance(overwrite, bool):
@@ -255,40 +219,12 @@ def _choose_step(root: Path, step: int | None, steps: list[int], overwrite: bool
 
 def load(directory: str | Path, base: Any, *, step: int | None = None, state: Any = None,
          check_base: bool = True) -> Any:
-    """Read adapters saved by `save` onto the plain ``base`` tree (latest step by default).
-
-    Refuses a base that does not fit, listing every mismatch (missing path, other shape
-    or dtype), and damaged metadata, naming the file and the field. With ``check_base``,
-    also a base whose adapted weights differ from the fingerprint `save` recorded of the
-    base the adapters were trained on (a base already merged with them, another checkpoint
-    or seed: norm and sampled values must agree to within ``max(1e-4, 2·eps)`` of the weight's
-    dtype; across a quantized and a full-precision base only the norm is compared, within 5%);
-    checkpoints written before fingerprints load unchecked. Factors are placed after the base weight's sharding.
-    Nothing is written. A folder of `save`'s bank layout (no step of its own, a checkpoint
-    folder per adapter) is read as `lorax.adapters.load` reads it, into a bank tree. With
-    ``state`` (a template of the pytree given to `save`, e.g. a fresh ``tx.init(trainable)``,
-    each leaf of the saved shape and of a dtype that holds the saved one exactly), returns
-    ``(params, state)``.
-
-    >>> import jax, jax.numpy as jnp, lorax, optax, tempfile
-    >>> fn = lambda p, x: x @ p["w"]
-    >>> base = {"w": jnp.ones((4, 3))}
-    >>> lp = lorax.init(jax.random.key(0), lorax.LoraConfig(rank=2), fn, base, jnp.ones((1, 4)))
-    >>> tx = optax.adam(1e-3)
-    >>> run = {"opt": tx.init(lorax.split(lp)[0]), "step": 7, "key": jax.random.key_data(jax.random.key(1))}
-    >>> folder = lorax.save(tempfile.mkdtemp(), lp, state=run)
-    >>> params, back = lorax.load(folder.parent, base, state={**run, "step": 0})
-    >>> back["step"], bool((back["key"] == run["key"]).all())
-    (7, True)
-    """
+    """`lorax.load` of a checkpoint folder of single adapters (`lorax._src.io.verbs.load`, whose docstring
+    tells)."""
     root = as_folder(directory, "lorax.load", must_exist=True)
     if not isinstance(check_base, bool):
         raise TypeError(f"lorax.load: check_base must be True or False, got {check_base!r}.")
     steps = _steps(root)
-    if not steps and step is None and state is None and _bank_folder(root):
-        from lorax._src import bank_files
-
-        return bank_files.load(root, base, check_base=check_base)
     if step is None:
         if not steps:
             raise ValueError(f"lorax.load: no finished checkpoint in {str(root)!r}.")
@@ -335,9 +271,10 @@ def load(directory: str | Path, base: Any, *, step: int | None = None, state: An
     return params if state is None else (params, place_state(saved, state, params))
 
 
-def _bank_folder(root: Path) -> bool:
-    """Whether ``root`` holds checkpoint folders of named adapters (`save` of a bank tree)."""
-    return any(p.is_dir() and not p.name.startswith(".") and _steps(p) for p in root.iterdir())
+def is_bank_folder(root: Path) -> bool:
+    """Whether ``root`` holds no step of its own but checkpoint folders of named adapters (`save` of a
+    bank tree)."""
+    return not _steps(root) and any(p.is_dir() and not p.name.startswith(".") and _steps(p) for p in root.iterdir())
 
 
 def _misfit(entry: dict, leaf: Any) -> str | None:
