@@ -27,7 +27,7 @@ A kind in a dozen lines, LoRA with a trained gate ``g`` on its update:
 >>> @extend.apply("dot_general", adapter=GatedLora)
 ... def gated_dot(eqn, invals, ctx):
 ...     parts = extend.dot_parts(eqn, invals, ctx)
-...     gate = next(v for v in invals if hasattr(v, "weight")).weight.g
+...     gate = next(v for v in invals if extend.is_tracked(v)).weight.g
 ...     return None if parts is None else [parts.base + gate * parts.update]
 >>> fn = lambda p, x: x @ p["w"]
 >>> w, a, b = jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.full((2, 3), 0.1)
@@ -61,6 +61,8 @@ from lorax._src.tracing.table import RULES as RULES
 from lorax._src.tracing.table import Rule as Rule
 from lorax._src.tracing.table import apply as apply
 from lorax._src.tracing.table import rule as rule
+from lorax._src.tracing.tracked import Tracked as Tracked
+from lorax._src.tracing.tracked import is_tracked as is_tracked
 
 __all__ = [
     "ADAPTERS",
@@ -73,6 +75,7 @@ __all__ = [
     "RANK",
     "RULES",
     "Rule",
+    "Tracked",
     "apply",
     "bind",
     "dense",
@@ -80,6 +83,7 @@ __all__ = [
     "dot_parts",
     "factors_dot",
     "frozen_field",
+    "is_tracked",
     "register_kind",
     "rule",
     "shared_field",

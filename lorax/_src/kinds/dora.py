@@ -24,6 +24,7 @@ from lorax._src.kinds.initializers import low_rank_init
 from lorax._src.kinds.lora import LoraWeight
 from lorax._src.tracing.rules import products
 from lorax._src.tracing.table import apply
+from lorax._src.tracing.tracked import is_tracked
 
 
 @register_kind
@@ -123,7 +124,7 @@ def _dot(eqn, invals, ctx):
     parts = products.dot_parts(eqn, invals, ctx)
     if parts is None:
         return None
-    dw = (invals[0] if hasattr(invals[0], "weight") else invals[1]).weight
+    dw = (invals[0] if is_tracked(invals[0]) else invals[1]).weight
     m_sub = "".join(parts.w_sub[i] for i in (*dw.stack_axes, *dw.b_axes))
     if any(c not in parts.out for c in m_sub):  # output units contracted away (a tied head)
         return None

@@ -18,6 +18,7 @@ from lorax._src.bases.quantized import QuantizedArray, dense
 from lorax._src.kinds.adapter import Adapter
 from lorax._src.tracing.rules import products
 from lorax._src.tracing.table import apply
+from lorax._src.tracing.tracked import is_tracked
 
 
 @jax.tree_util.register_dataclass
@@ -42,7 +43,7 @@ class FrozenBase(Adapter):
 @apply("dot_general", "conv_general_dilated", "gather", adapter=FrozenBase)
 def _product(eqn, invals, ctx):
     """The product with the base dequantized at this use."""
-    positions = [i for i, v in enumerate(invals) if hasattr(v, "weight")]
+    positions = [i for i, v in enumerate(invals) if is_tracked(v)]
     if len(positions) != 1:
         return None
     (position,) = positions

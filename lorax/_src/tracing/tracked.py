@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +19,15 @@ class Tracked:
 
     ``weight.w`` is already gradient-stopped: `lorax.lora` stops it once, where the
     weight enters. Stopping it again inside a scan body would make JAX save each slice
-    as a residual, a stacked copy of W per step."""
+    as a residual, a stacked copy of W per step. Rule handlers (`lorax.extend.apply`) receive
+    one in place of each adapted input; `is_tracked` tells them apart from plain values.
+
+    >>> import jax.numpy as jnp, lorax
+    >>> lw = lorax.LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)), scale=0.5)
+    >>> value = Tracked(lw, None, "w")
+    >>> is_tracked(value), value.materialize().shape
+    (True, (4, 3))
+    """
 
     weight: Adapter
     key: jax.Array | None
@@ -46,6 +55,16 @@ class Tracked:
         return dataclasses.replace(self, **changes)
 
 
+def is_tracked(value: Any) -> bool:
+    """Whether a rule's input is an adapted weight (a `Tracked`) rather than a plain value.
+
+    >>> import jax.numpy as jnp
+    >>> is_tracked(jnp.ones(2))
+    False
+    """
+    return isinstance(value, Tracked)
+
+
 def unwrap(value):
     """A plain array for any value: Tracked weights are materialized."""
-    return value.materialize() if isinstance(value, Tracked) else value
+    return value.materialize() if is_tracked(value) else value

@@ -14,6 +14,7 @@ from jax import lax
 from lorax._src import compat
 from lorax._src.kinds.adapter import Adapter
 from lorax._src.tracing.table import apply, rule
+from lorax._src.tracing.tracked import is_tracked
 from lorax._src.tracing.uses import View
 
 
@@ -106,7 +107,7 @@ def _scan(eqn, invals, ctx):
 
 def _scan_slice(value, length: int, ctx):
     """What ``lax.scan`` receives for one ``xs`` input, and how to rebuild each slice."""
-    if not hasattr(value, "weight"):
+    if not is_tracked(value):
         return value, lambda v: v
     lw = value.weight
     if not lw.stack_axes or lw.stack_axes[0] != 0:

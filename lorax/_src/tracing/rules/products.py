@@ -20,6 +20,7 @@ from lorax._src import compat
 from lorax._src.bases import precision
 from lorax._src.kinds.lowrank import low_rank_update
 from lorax._src.tracing.table import rule
+from lorax._src.tracing.tracked import is_tracked
 from lorax._src.tracing.uses import use_of
 
 
@@ -107,8 +108,8 @@ def dot_subscripts(dimension_numbers, lhs_nd: int, rhs_nd: int) -> tuple[list[st
 def dot_letters(eqn, invals) -> DotLetters | None:
     """`DotLetters` of a dot_general with one adapted operand; None when both are adapted."""
     lhs, rhs = invals
-    weight_is_lhs = hasattr(lhs, "weight")
-    if weight_is_lhs and hasattr(rhs, "weight"):
+    weight_is_lhs = is_tracked(lhs)
+    if weight_is_lhs and is_tracked(rhs):
         return None
     t, x = (lhs, rhs) if weight_is_lhs else (rhs, lhs)
     lw = t.weight
@@ -312,7 +313,7 @@ def conv_parts(eqn, invals, ctx) -> tuple[jax.Array, jax.Array, int] | None:
     """``(base, x * conv(a), out_axis)``: the frozen convolution and the window convolution
     of the input to ``rank`` channels (``b`` still to apply along ``out_axis``)."""
     x, t = invals
-    if hasattr(x, "weight") or not hasattr(t, "weight") or not _plain_conv(eqn):
+    if is_tracked(x) or not is_tracked(t) or not _plain_conv(eqn):
         return None
     lw = t.weight
     _, rhs_spec, out_spec = eqn.params["dimension_numbers"]
@@ -348,7 +349,7 @@ def gather_parts(eqn, invals, ctx) -> tuple[jax.Array, jax.Array, int] | None:
     """``(base, rows of a, axis)``: the frozen lookup and the looked-up rows of ``a`` (rank
     wide, ``b`` still to apply along ``axis``)."""
     t, indices = invals
-    if not hasattr(t, "weight") or hasattr(indices, "weight"):
+    if not is_tracked(t) or is_tracked(indices):
         return None
     lw = t.weight
     dn = eqn.params["dimension_numbers"]

@@ -13,6 +13,7 @@ from jax import lax
 from lorax._src import compat
 from lorax._src.kinds.adapter import Adapter
 from lorax._src.tracing.table import apply, rule
+from lorax._src.tracing.tracked import is_tracked
 from lorax._src.tracing.uses import View
 
 _SAME_LAYOUT = ("copy", "copy_p", "sharding_constraint", "reduce_precision")
@@ -115,7 +116,7 @@ def _slice(eqn, invals, ctx):
 def _dynamic_slice(eqn, invals, ctx):
     """``w[i]`` with a traced ``i`` on a stacked weight: dynamic_slice then squeeze."""
     t, *starts = invals
-    if any(hasattr(s, "weight") for s in starts):
+    if any(is_tracked(s) for s in starts):
         return None
     lw = t.weight
     sizes = eqn.params["slice_sizes"]
