@@ -61,6 +61,7 @@ from lorax._src.tracing.table import RULES as RULES
 from lorax._src.tracing.table import Rule as Rule
 from lorax._src.tracing.table import apply as apply
 from lorax._src.tracing.table import rule as rule
+from lorax._src.tracing.table import view_base as view_base
 from lorax._src.tracing.tracked import Tracked as Tracked
 from lorax._src.tracing.tracked import is_tracked as is_tracked
 
@@ -89,4 +90,5 @@ __all__ = [
     "shared_field",
     "static_field",
     "trained_field",
+    "view_base",
 ]

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from helpers import with_random_b
 
 import lorax
 
@@ -197,3 +198,16 @@ def test_partition_specs_follow_the_weight_layout():
     assert isinstance(down, lorax.QuantizedArray) and down.codes == P(None, "model", None)
     assert jax.tree.structure(specs) == jax.tree.structure(jax.tree.map(lambda x: P(), lp))
     assert dataclasses.replace(up.w, codes=None).fmt == "nf4"
+
+
+def test_a_view_that_rounds_values_sees_the_dequantized_weight():
+    """A quantized base has no view of its own for reduce_precision (it rounds values, not
+    codes): the view applies to the dequantized weight, as it would to that plain base."""
+    base = lorax.quantize({"w": jax.random.normal(jax.random.key(3), (64, 32))}, "nf4")
+    rounded = lambda p, x: x @ jax.lax.reduce_precision(p["w"], exponent_bits=5, mantissa_bits=2)  # noqa: E731
+    x = jax.random.normal(jax.random.key(4), (2, 64))
+    lp = with_random_b(lorax.init(jax.random.key(0), lorax.LoraConfig(rank=2), rounded, base, x))
+    plain = {"w": lp["w"].replace(w=base["w"].dequantize())}
+    assert jax.make_jaxpr(lorax.lora(rounded))(lp, x).eqns  # traced through the table, not refused
+    np.testing.assert_allclose(lorax.lora(rounded)(lp, x), lorax.lora(rounded)(plain, x), rtol=1e-6)
+    assert not np.allclose(lorax.lora(rounded)(lp, x), x @ base["w"].dequantize())  # the update is in it

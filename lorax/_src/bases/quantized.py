@@ -217,35 +217,6 @@ class QuantizedArray:
         others = [x for i, x in enumerate(operands) if i != position]
         return jax.checkpoint(product)(self, *others)
 
-    def lorax_view(self, eqn, rest: list) -> QuantizedArray | jax.Array:
-        """``eqn`` (a view: transpose, cast, copy, squeeze or slice) applied to this weight: the
-        codes when the blocks are untouched, else the dequantized weight."""
-        name, p = eqn.primitive.name, eqn.params
-        axis = self.axis % self.ndim
-        if name == "transpose":
-            return self.transpose(p["permutation"])
-        if name == "convert_element_type" and jnp.issubdtype(p["new_dtype"], jnp.inexact):
-            return self.astype(p["new_dtype"])
-        if name in ("copy", "copy_p", "sharding_constraint") and not rest:
-            return self
-        if name == "squeeze" and axis not in p["dimensions"]:
-            moved = axis - sum(d < axis for d in p["dimensions"]) - (self.ndim - len(p["dimensions"]))
-            return self.map_arrays(lambda x: compat.bind(eqn, [x])[0], moved)
-        if name == "slice" and (p["start_indices"][axis], p["limit_indices"][axis]) == (0, self.shape[axis]) \
-                and (p["strides"] is None or p["strides"][axis] == 1):
-            return self.map_arrays(lambda x: compat.bind(eqn, [x], limit_indices=_at(p["limit_indices"], axis,
-                                                                                     x.shape[axis]))[0])
-        if name == "dynamic_slice" and p["slice_sizes"][axis] == self.shape[axis]:
-            return self.map_arrays(lambda x: compat.bind(eqn, [x, *rest], slice_sizes=_at(p["slice_sizes"], axis,
-                                                                                          x.shape[axis]))[0])
-        return compat.bind(eqn, [self.dequantize(), *rest])[0]
-
-
-def _at(values, index: int, value) -> tuple:
-    values = list(values)
-    values[index] = value
-    return tuple(values)
-
 
 def _is_float_dtype(dtype: Any) -> bool:
     try:

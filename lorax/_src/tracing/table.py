@@ -10,7 +10,10 @@ Each primitive that can touch an adapted weight has one `Rule`:
 - ``apply``: for `lorax.lora`, ``{adapter kind: fn(eqn, invals, ctx)}`` returning the outputs,
   or ``None`` when this use cannot be factored (the weight is then materialized for this
   use alone, with the reason recorded). A view or control rule registers one function for
-  every kind (`Adapter`); a product rule registers one per kind, found along the kind's MRO.
+  every kind (`Adapter`); a product rule registers one per kind, found along the kind's MRO;
+- ``base``: for a view, ``{frozen base type: fn(eqn, w, rest)}``, the view of a base that is
+  not a plain array (a `QuantizedArray` transposes or slices its codes), or ``None`` to have
+  it applied to the dense weight.
 
 Nothing outside this table lists primitives.
 """
@@ -38,6 +41,8 @@ class Rule:
       apply: ``{adapter type: fn(eqn, invals, ctx)}``, for `lorax.lora`: the equation's outputs,
         or None when this use cannot be factored (the weight is then materialized for this use
         alone and `lorax.explain` says why). Found along the adapter type's MRO.
+      base: ``{frozen base type: fn(eqn, w, rest)}``, for a view: the viewed base, or None to
+        apply the view to the dense weight (`view_base`). Plain arrays need none.
 
     >>> import lorax
     >>> from lorax.extend import RULES
@@ -50,13 +55,19 @@ class Rule:
     kind: Kind
     read: Callable[..., Any]
     apply: dict[type, Callable[..., Any]] = dataclasses.field(default_factory=dict)
+    base: dict[type, Callable[..., Any]] = dataclasses.field(default_factory=dict)
 
     def handler(self, adapter_type: type) -> Callable[..., Any] | None:
         """The ``apply`` function for ``adapter_type`` or its nearest base class, or None."""
-        for cls in adapter_type.__mro__:
-            if cls in self.apply:
-                return self.apply[cls]
-        return None
+        return _nearest(self.apply, adapter_type)
+
+    def base_handler(self, base_type: type) -> Callable[..., Any] | None:
+        """The ``base`` function for a frozen base of ``base_type``, or None."""
+        return _nearest(self.base, base_type)
+
+
+def _nearest(table: dict[type, Callable[..., Any]], cls: type) -> Callable[..., Any] | None:
+    return next((table[c] for c in cls.__mro__ if c in table), None)
 
 
 RULES: dict[str, Rule] = {}
@@ -122,6 +133,28 @@ def apply(*names: str, adapter: type) -> Callable:
     def add(fn):
         for name in names:
             RULES[name].apply[adapter] = fn
+        return fn
+
+    return add
+
+
+def view_base(*names: str, base: type) -> Callable:
+    """Register how the view primitives ``names`` (each must already have a `rule`) apply to a
+    frozen base of type ``base``, as a decorator over ``fn(eqn, w, rest)`` returning the viewed
+    base, or None to have the view applied to the dense weight. ``rest`` are the equation's
+    other inputs (a dynamic slice's starts).
+
+    >>> import lorax
+    >>> from lorax.extend import RULES
+    >>> RULES["transpose"].base_handler(lorax.QuantizedArray) is not None   # the codes are transposed
+    True
+    >>> RULES["reduce_precision"].base_handler(lorax.QuantizedArray) is None  # rounds the dense values
+    True
+    """
+
+    def add(fn):
+        for name in names:
+            RULES[name].base[base] = fn
         return fn
 
     return add

@@ -2,7 +2,9 @@
 
 ``read`` maps the parameter axes through the view; ``apply`` applies the view to the base
 ``w`` and re-describes the trained arrays through the adapter contract (`Adapter.relayout`,
-`Adapter.take_stack`). Any adapter kind gets them for free.
+`Adapter.take_stack`). Any adapter kind gets them for free. A base that is not a plain array
+views itself where it can (``view_base``: a `QuantizedArray` transposes, casts and slices its
+codes while its blocks stay whole); otherwise the view applies to the dense weight.
 """
 
 from __future__ import annotations
@@ -11,8 +13,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from lorax._src import compat
+from lorax._src.bases.quantized import QuantizedArray, dense
 from lorax._src.kinds.adapter import Adapter
-from lorax._src.tracing.table import apply, rule
+from lorax._src.tracing.table import RULES, apply, rule, view_base
 from lorax._src.tracing.tracked import is_tracked
 from lorax._src.tracing.uses import View
 
@@ -20,11 +23,11 @@ _SAME_LAYOUT = ("copy", "copy_p", "sharding_constraint", "reduce_precision")
 
 
 def _base(eqn, t, *rest):
-    """The view of the base; a quantized base applies it to its codes where it can."""
+    """The view of the base: its type's own (`view_base`) where it has one, else the dense weight's."""
     w = t.weight.w
-    if hasattr(w, "lorax_view"):
-        return w.lorax_view(eqn, list(rest))
-    return compat.bind(eqn, [w, *rest])[0]
+    own = RULES[eqn.primitive.name].base_handler(type(w))
+    viewed = None if own is None else own(eqn, w, list(rest))
+    return compat.bind(eqn, [dense(w), *rest])[0] if viewed is None else viewed
 
 
 @rule("transpose", kind="view")
@@ -129,3 +132,52 @@ def _dynamic_slice(eqn, invals, ctx):
         return lax.dynamic_slice(x, x_starts, x_sizes)
 
     return [t.with_weight(lw.map_trained(take, w=_base(eqn, t, *starts)))]
+
+
+@view_base("transpose", base=QuantizedArray)
+def _transpose_codes(eqn, w, rest):
+    return w.transpose(eqn.params["permutation"])
+
+
+@view_base("convert_element_type", base=QuantizedArray)
+def _cast_codes(eqn, w, rest):
+    return w.astype(eqn.params["new_dtype"]) if _inexact(eqn) else None
+
+
+@view_base("copy", "copy_p", "sharding_constraint", base=QuantizedArray)  # not reduce_precision: it rounds values
+def _same_codes(eqn, w, rest):
+    return None if rest else w
+
+
+@view_base("squeeze", base=QuantizedArray)
+def _squeeze_codes(eqn, w, rest):
+    axis, dims = w.axis % w.ndim, eqn.params["dimensions"]
+    if axis in dims:
+        return None
+    moved = axis - sum(d < axis for d in dims) - (w.ndim - len(dims))
+    return w.map_arrays(lambda x: compat.bind(eqn, [x])[0], moved)
+
+
+@view_base("slice", base=QuantizedArray)
+def _slice_codes(eqn, w, rest):
+    """Slices that keep the blocked axis whole slice the codes and scales alike."""
+    axis, p = w.axis % w.ndim, eqn.params
+    if (p["start_indices"][axis], p["limit_indices"][axis]) != (0, w.shape[axis]) or \
+            (p["strides"] is not None and p["strides"][axis] != 1):
+        return None
+    return w.map_arrays(lambda x: compat.bind(eqn, [x], limit_indices=_at(p["limit_indices"], axis, x.shape[axis]))[0])
+
+
+@view_base("dynamic_slice", base=QuantizedArray)
+def _dynamic_slice_codes(eqn, w, rest):
+    axis, sizes = w.axis % w.ndim, eqn.params["slice_sizes"]
+    if sizes[axis] != w.shape[axis]:
+        return None
+    return w.map_arrays(lambda x: compat.bind(eqn, [x, *rest], slice_sizes=_at(sizes, axis, x.shape[axis]))[0])
+
+
+def _at(values, index: int, value) -> tuple:
+    """``values`` with entry ``index`` set to ``value`` (a slice's size along the blocked axis, in codes)."""
+    values = list(values)
+    values[index] = value
+    return tuple(values)
