@@ -80,7 +80,7 @@ def test_the_circle_finder_finds_a_deferred_import_back():
 def test_each_concern_lives_in_its_folder():
     edges = graph()
     folders = {"tracing": {"trace", "uses", "table", "tracked", "transform"}, "kinds": {"adapter", "lora", "dora"},
-               "bases": {"quantized", "quantize", "precision"}, "banks": {"verbs", "weighted"},
+               "bases": {"formats", "quantized", "quantize", "precision"}, "banks": {"verbs", "weighted"},
                "io": {"files", "checkpoint", "records", "peft", "llamacpp", "bank_files", "verbs"}}
     for folder, names in folders.items():
         assert {f"lorax._src.{folder}.{name}" for name in names} <= set(edges), folder

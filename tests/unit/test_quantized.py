@@ -82,7 +82,7 @@ def test_formats_round_trip_within_their_precision():
     nf4 = lorax.quantize({"w": w}, "nf4")["w"]
     assert nf4.codes.dtype == jnp.uint8 and nf4.codes.shape == (256, 64) and nf4.scale.shape == (256, 2)
     levels = np.asarray(nf4.dequantize()[0, :64] / nf4.scale[0, 0])
-    assert np.abs(levels[:, None] - lorax._src.bases.quantized.NF4[None]).min(axis=1).max() < 1e-6
+    assert np.abs(levels[:, None] - lorax._src.bases.formats.NF4[None]).min(axis=1).max() < 1e-6
 
 
 def test_views_and_scan_slices_keep_the_codes():

@@ -20,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax._src import compat
-from lorax._src.bases.quantized import FORMATS, NF4, QuantizedArray
+from lorax._src.bases.formats import FORMATS, GGUF_BLOCK, GGUF_TYPES
+from lorax._src.bases.quantized import QuantizedArray
 from lorax._src.kinds.adapter import Adapter
 from lorax._src.paths import regexes, unique_named_leaves
 from lorax._src.trainable import Trainable
@@ -28,12 +29,8 @@ from lorax._src.trees import _map
 from lorax._src.validate import index
 
 Targets = str | Sequence[str] | Callable[[str, Any], bool] | None
-QUANTIZE_FORMATS = ("nf4", "int8", "q4_0", "q4_1", "q8_0")  # "u8" holds double-quantized scales only
+QUANTIZE_FORMATS = tuple(name for name, f in FORMATS.items() if f.made_by_quantize)
 DOUBLE_QUANT_BLOCK = 256  # absmax values per 8-bit block when NF4's scales are quantized again
-FP16_MAX = float(np.finfo(np.float16).max)
-# The largest magnitude a GGUF block format holds before its fp16 scale overflows: q4_0's scale is the
-# block's absmax / 8, q8_0's absmax / 127; q4_1 stores the block's minimum itself.
-FP16_LIMITS = {"q4_0": 8 * FP16_MAX, "q8_0": 127 * FP16_MAX, "q4_1": FP16_MAX}
 LISTED = 20  # candidate weights listed when targets match nothing
 
 
@@ -85,7 +82,7 @@ def _check_finite(x: jax.Array, where: str) -> None:
 
 def _check_scales(q: QuantizedArray, x: jax.Array, where: str) -> None:
     """Refuse fp16 block scales (or offsets) that overflowed to inf."""
-    limit = FP16_LIMITS.get(q.fmt)
+    limit = FORMATS[q.fmt].largest
     per_block = [a for a in (q.scale, q.offset) if a is not None]
     if limit is None or all(bool(jnp.all(jnp.isfinite(a))) for a in per_block):
         return
@@ -102,7 +99,7 @@ def _encode(x: jax.Array, fmt: str, block: int, axis: int, double_quant: bool) -
     blocks = jnp.moveaxis(x.astype(jnp.float32), axis, -1)
     lead = blocks.shape[:-1]
     blocks = blocks.reshape(*lead, n // block, block)
-    q, scale, offset = _ENCODERS[fmt](blocks)
+    q, scale, offset = f.encode(blocks)
     if f.bits == 4:
         q = q.reshape(*lead, n // block, 2, block // 2)
         q = q[..., 0, :] | (q[..., 1, :] << 4)
@@ -111,50 +108,6 @@ def _encode(x: jax.Array, fmt: str, block: int, axis: int, double_quant: bool) -
     if double_quant:
         scale = _encode(scale, "u8", min(DOUBLE_QUANT_BLOCK, scale.shape[axis]), axis, False)
     return QuantizedArray(codes, scale, offset, fmt=fmt, block=block, axis=axis, dtype=x.dtype)
-
-
-def _absmax(blocks):
-    return jnp.max(jnp.abs(blocks), axis=-1)
-
-
-def _safe(d):
-    return jnp.where(d == 0, 1.0, d)
-
-
-def _nf4(blocks):
-    d = _absmax(blocks)
-    q = jnp.argmin(jnp.abs(blocks[..., None] / _safe(d)[..., None, None] - NF4), axis=-1)
-    return q.astype(jnp.uint8), d, None
-
-
-def _symmetric8(scale_dtype):
-    def enc(blocks):
-        d = (_absmax(blocks) / 127).astype(scale_dtype)
-        q = jnp.clip(jnp.round(blocks / _safe(d.astype(jnp.float32))[..., None]), -127, 127)
-        return q.astype(jnp.int8), d, None
-    return enc
-
-
-def _q4_0(blocks):  # llama.cpp's quantize_row_q4_0_ref: the signed value of largest magnitude maps to -8
-    big = jnp.take_along_axis(blocks, jnp.argmax(jnp.abs(blocks), axis=-1)[..., None], axis=-1)[..., 0]
-    d = big / -8
-    inv = jnp.where(d == 0, 0.0, 1 / _safe(d))
-    q = jnp.minimum(15, jnp.floor(blocks * inv[..., None] + 8.5))
-    return q.astype(jnp.uint8), d.astype(jnp.float16), None
-
-
-def _affine(levels: int, scale_dtype):
-    def enc(blocks):
-        low, high = jnp.min(blocks, axis=-1), jnp.max(blocks, axis=-1)
-        d = (high - low) / levels
-        inv = jnp.where(d == 0, 0.0, 1 / _safe(d))
-        q = jnp.clip(jnp.floor((blocks - low[..., None]) * inv[..., None] + 0.5), 0, levels)
-        return q.astype(jnp.uint8), d.astype(scale_dtype), low.astype(scale_dtype)
-    return enc
-
-
-_ENCODERS = {"nf4": _nf4, "int8": _symmetric8(jnp.float32), "q8_0": _symmetric8(jnp.float16), "q4_0": _q4_0,
-             "q4_1": _affine(15, jnp.float16), "u8": _affine(255, jnp.float32)}
 
 
 def quantize(params: Any, fmt: str, targets: Targets = None, *, block: int | None = None, axis: int | None = None,
@@ -291,9 +244,7 @@ def _matched_nothing(targets: Any, candidates: list[tuple[str, Any]]) -> str:
 
 # ----------------------------------------------------------------------------- GGUF
 
-GGUF_BLOCKS = {"Q4_0": ("q4_0", 2), "Q4_1": ("q4_1", 4), "Q8_0": ("q8_0", 2)}  # format, bytes before the codes
 GGUF_FLOATS = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16)}
-GGUF_BLOCK = 32
 
 
 def gguf_tensor(tensor: Any) -> QuantizedArray | np.ndarray:
@@ -324,11 +275,12 @@ def gguf_tensor(tensor: Any) -> QuantizedArray | np.ndarray:
             raise ValueError(f"{where} holds {data.size} {data.dtype} values; expected {math.prod(shape)} "
                              f"{GGUF_FLOATS[kind]} values.")
         return data.reshape(shape)
-    if kind not in GGUF_BLOCKS:
+    if kind not in GGUF_TYPES:
         raise ValueError(f"lorax.gguf_tensor: {name!r} (shape {list(shape)}) is stored as {kind}; lorax reads "
-                         f"{', '.join(GGUF_BLOCKS)} blocks and F32/F16 as stored. Dequantize it with "
+                         f"{', '.join(GGUF_TYPES)} blocks and F32/F16 as stored. Dequantize it with "
                          "gguf.quants.dequantize, or quantize the model to a supported type.")
-    fmt, head = GGUF_BLOCKS[kind]
+    fmt = GGUF_TYPES[kind]
+    head = FORMATS[fmt].gguf_head
     if shape[-1] % GGUF_BLOCK:
         raise ValueError(f"{where}: rows of {shape[-1]} are not whole blocks of {GGUF_BLOCK}.")
     blocks = math.prod(shape) // GGUF_BLOCK

@@ -6,14 +6,7 @@ and offsets have the weight's rank and are sliced, stacked, transposed and shard
 4-bit codes are packed two per byte along the block axis, llama.cpp's way: in each block
 the low nibbles hold its first half, the high nibbles its second.
 
-Formats (``fmt``; the value of code ``q`` in a block with scale ``d`` and offset ``m``):
-
-- ``"nf4"``: QLoRA's NormalFloat-4 (Dettmers et al. 2023), ``NF4[q]·d``, ``d`` the fp32 absmax
-  of 64 values (or itself quantized: ``double_quant``);
-- ``"int8"``: ``q·d``, one fp32 ``d`` per output channel (the block is the whole input axis);
-- ``"q4_0"``, ``"q4_1"``, ``"q8_0"``: GGUF blocks of 32 as stored in the file: ``(q-8)·d``,
-  ``q·d + m`` and ``q·d`` with fp16 ``d`` and ``m``;
-- ``"u8"``: ``q·d + m``, 8-bit affine; what a double-quantized NF4 stores its absmax in.
+Formats (``fmt``): `lorax._src.bases.formats`.
 
 Inside `lorax.lora` a quantized weight is dequantized at each use (`lorax_product` for a
 matmul, convolution or lookup; views of it stay quantized), so a training step takes only
@@ -35,38 +28,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from lorax._src import compat
+from lorax._src.bases.formats import FORMATS, Format
 from lorax._src.validate import index
-
-# The 16 NF4 levels: quantiles of N(0, 1) scaled to [-1, 1], with an exact zero (QLoRA,
-# appendix E; the values bitsandbytes uses).
-NF4 = np.array([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-    0.7229568362236023, 1.0], np.float32)
-
-
-@dataclasses.dataclass(frozen=True)
-class Format:
-    """How one format reads its codes: ``bits`` per code and the level each code stands for."""
-
-    bits: int
-    level: Callable[[jax.Array], jax.Array]
-    affine: bool = False  # an offset per block (value = level·d + m)
-    block: int | None = None  # the fixed block size (GGUF), or None
-
-
-FORMATS: dict[str, Format] = {
-    "nf4": Format(4, lambda q: lax.select_n(q.astype(jnp.int32), *(jnp.full(q.shape, v) for v in NF4))),
-    "int8": Format(8, lambda q: q.astype(jnp.int8).astype(jnp.float32)),
-    "q4_0": Format(4, lambda q: q.astype(jnp.float32) - 8.0, block=32),
-    "q4_1": Format(4, lambda q: q.astype(jnp.float32), affine=True, block=32),
-    "q8_0": Format(8, lambda q: q.astype(jnp.int8).astype(jnp.float32), block=32),
-    "u8": Format(8, lambda q: q.astype(jnp.float32), affine=True),
-}
 
 
 def _static(default: Any = dataclasses.MISSING) -> Any:
@@ -133,7 +98,7 @@ class QuantizedArray:
 
     @property
     def format(self) -> Format:
-        """How ``fmt`` reads its codes: bits per code and the level each code stands for."""
+        """The format's entry in the one table (`lorax._src.bases.formats`): bits, levels, encoder."""
         return FORMATS[self.fmt]
 
     @property
