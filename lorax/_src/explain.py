@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from lorax._src import display
-from lorax._src.bases.quantized import QuantizedArray
+from lorax._src.bases.quantized import QuantizedArray, format_of
 from lorax._src.init import first_use, unfit, uses_of
 from lorax._src.kinds.adapter import Adapter
 from lorax._src.paths import named_leaves
@@ -143,7 +143,7 @@ def explain(fn: Callable, params: Any, *args, **kwargs) -> Explanation:
         if isinstance(leaf, Adapter):
             total += math.prod(leaf.shape) + leaf.num_adapter_params()
             trainable += leaf.num_adapter_params()
-            over = f" over {leaf.w.fmt}" if isinstance(leaf.w, QuantizedArray) else ""
+            over = f" over {format_of(leaf.w)}" if format_of(leaf.w) else ""
             rows.append(Row(name, leaf.shape, leaf.rank, leaf.scale, leaf.num_adapter_params(),
                             _how(ctx.uses.get(name, [])) + over, leaf.kind))
         elif isinstance(leaf, QuantizedArray):  # a frozen quantized weight: how its uses dequantize it

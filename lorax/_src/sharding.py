@@ -8,7 +8,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lorax._src import compat
-from lorax._src.bases.quantized import QuantizedArray
+from lorax._src.bases.quantized import QuantizedArray, stored
 from lorax._src.kinds.adapter import Adapter
 from lorax._src.paths import named_leaves
 from lorax._src.trainable import Trainable, is_node
@@ -86,15 +86,13 @@ def _base_spec(w: Any, spec: PartitionSpec) -> Any:
 
 
 def _spec_of(leaf) -> PartitionSpec:
-    if isinstance(leaf, QuantizedArray):
-        leaf = leaf.codes
-    sharding = getattr(leaf, "sharding", None)
+    sharding = getattr(stored(leaf), "sharding", None)
     return sharding.spec if isinstance(sharding, NamedSharding) else PartitionSpec()
 
 
 def place_factors(lw: Adapter) -> Adapter:
     """Put the trained arrays where `factor_specs` says, when ``w`` is a sharded concrete array."""
-    sharding = getattr(lw.w.codes if isinstance(lw.w, QuantizedArray) else lw.w, "sharding", None)
+    sharding = getattr(stored(lw.w), "sharding", None)
     if not isinstance(sharding, NamedSharding) or compat.is_tracer(lw.w):
         return lw
     shardings = factor_shardings(lw, sharding)

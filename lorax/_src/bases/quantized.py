@@ -194,6 +194,27 @@ def is_quantized(x: Any) -> bool:
     return isinstance(x, QuantizedArray)
 
 
+def format_of(w: Any) -> str | None:
+    """A frozen base's quantized format (``"nf4"``, ``"q4_1"``, ...), or None for a plain array.
+
+    >>> import jax.numpy as jnp, lorax
+    >>> format_of(lorax.quantize({"w": jnp.ones((2, 64))}, "nf4")["w"]), format_of(jnp.ones(3))
+    ('nf4', None)
+    """
+    return w.fmt if isinstance(w, QuantizedArray) else None
+
+
+def stored(w: Any) -> Any:
+    """The array a frozen base keeps its values in, whose devices and sharding are the base's: a
+    quantized base's codes, a plain array itself.
+
+    >>> import jax.numpy as jnp, lorax
+    >>> stored(lorax.quantize({"w": jnp.ones((2, 64))}, "nf4")["w"]).dtype, stored(jnp.ones(3)).shape
+    (dtype('uint8'), (3,))
+    """
+    return w.codes if isinstance(w, QuantizedArray) else w
+
+
 def dense(x: Any) -> Any:
     """``x`` dequantized if it is a `QuantizedArray`, else as is: a frozen base's dense value.
 

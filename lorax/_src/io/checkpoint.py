@@ -17,7 +17,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lorax._src import compat
-from lorax._src.bases.quantized import QuantizedArray
+from lorax._src.bases.quantized import QuantizedArray, stored
 from lorax._src.config import LoraConfig
 from lorax._src.io.files import as_folder, remove, swap_in, writer_lock
 from lorax._src.io.records import FORMAT, base_mismatch, check_record, fingerprint
@@ -84,7 +84,7 @@ def _own_meta(path: str, leaf: Adapter) -> dict[str, Any]:
 
 def _has_base(path: str, leaf: Adapter) -> None:
     """Refuse an adapter without its concrete frozen base: `load` checks the base against its fingerprint."""
-    w = leaf.w.codes if isinstance(leaf.w, QuantizedArray) else leaf.w
+    w = stored(leaf.w)
     if not isinstance(w, (jax.Array, np.ndarray)) or compat.is_tracer(w):
         raise TypeError(f"lorax.save: the {type(leaf).__name__} at {path!r} holds {type(leaf.w).__name__} as its "
                         "frozen base w, not a concrete array (the trainable half of lorax.split, an abstract tree "
@@ -396,7 +396,7 @@ def _own_fields(kind: type[Adapter], entry: dict) -> dict[str, Any]:
 def _abstract(entry: dict, w) -> dict:
     """What orbax restores into: shapes, dtypes and shardings that follow the base weight."""
     # a NumPy base: this process's first device (jax.devices()[0] belongs to process 0 only)
-    placed = w.codes if isinstance(w, QuantizedArray) else w  # a quantized base: where its codes are
+    placed = stored(w)  # a quantized base: where its codes are
     sharding = getattr(placed, "sharding", None) or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     if entry["kind"] == "trainable":
         return {"value": jax.ShapeDtypeStruct(w.shape, w.dtype, sharding=sharding)}

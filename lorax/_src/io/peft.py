@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file
 
-from lorax._src.bases.quantized import QuantizedArray, dense
+from lorax._src.bases.quantized import dense, format_of
 from lorax._src.config import LoraConfig
 from lorax._src.init import init
 from lorax._src.io import peft_kinds
@@ -123,7 +123,7 @@ def save_peft(directory: str | Path, params: Any, mapping: Mapping, *, base_mode
                 raise ValueError(f"lorax.peft: `initial` has no adapter at {path!r}; pass the trainable "
                                  "tree saved right after lorax.init.")
         matrices = _base_matrices(leaf, start)
-        fmt = leaf.w.fmt if isinstance(leaf.w, QuantizedArray) else None
+        fmt = format_of(leaf.w)
         if start is not None and isinstance(leaf, LoraWeight):
             leaf = relative_to_original(leaf, start)
         alpha = real(leaf.scale * leaf.rank, f"lorax.peft: lora_alpha (scale x rank) of {path!r}", positive=True)
@@ -268,7 +268,7 @@ def load_peft(directory: str | Path, fn: Callable, params: Any, *args, mapping: 
         want_a, want_b = (r, math.prod(a.shape[len(stack):-1])), (math.prod(b.shape[len(stack) + 1:]), r)
         scales = set()
         matrices = as_matrices(dense(leaf.w), leaf.a_axes, leaf.b_axes, leaf.stack_axes) if recorded else None
-        fmt = leaf.w.fmt if isinstance(leaf.w, QuantizedArray) else None
+        fmt = format_of(leaf.w)
         for index in np.ndindex(*stack):
             module = module_name(mapping, name, index)
             if module not in modules:

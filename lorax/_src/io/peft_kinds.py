@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors.numpy import load_file
 
-from lorax._src.bases.quantized import QuantizedArray, dense
+from lorax._src.bases.quantized import dense, format_of
 from lorax._src.config import LoraConfig
 from lorax._src.init import init
 from lorax._src.io.peft_config import CONFIG_FILE, check_modules, check_rank, pattern_value, skip_untargeted
@@ -65,7 +65,7 @@ def save(target: Path, params: Any, mapping: Mapping, kind: type[Adapter], *, ba
         _require_base(path, leaf)
         leaf.check(path)
         matrices = leaf.to_matrices(dense(leaf.w))
-        quantized = leaf.w.fmt if isinstance(leaf.w, QuantizedArray) else None
+        quantized = format_of(leaf.w)
         arrays = {n: np.asarray(jax.device_get(x)) for n, x in leaf.trained().items()}
         for index in np.ndindex(*_stack(leaf)):
             module = module_name(mapping, path, index)
@@ -185,7 +185,7 @@ def load(directory: Path, config: dict, kind: type[Adapter], fn: Callable, param
             return leaf
         arrays = {n: np.asarray(x).copy() for n, x in leaf.trained().items()}
         matrices = leaf.to_matrices(dense(leaf.w)) if recorded else None
-        quantized = leaf.w.fmt if isinstance(leaf.w, QuantizedArray) else None
+        quantized = format_of(leaf.w)
         want = {n: x.shape for n, x in fmt.to_peft(leaf, {n: x[(0,) * len(leaf.stack_axes)]
                                                           for n, x in arrays.items()}).items()}
         for index in np.ndindex(*_stack(leaf)):

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from lorax._src.bases.quantized import QuantizedArray, dense
+from lorax._src.bases.quantized import dense, format_of
 from lorax._src.kinds.adapter import KINDS, Adapter
 from lorax._src.kinds.initializers import valid_init
 
@@ -128,7 +128,7 @@ def fingerprint(w: Any, fmt: str | None = None) -> dict:
     """
     summary = _host(_summary(w))
     record: dict[str, Any] = {"norm": _number(summary[0]), "sample": [_number(v) for v in summary[1:]]}
-    fmt = w.fmt if isinstance(w, QuantizedArray) else fmt
+    fmt = format_of(w) or fmt
     if fmt is not None:
         record["format"] = fmt
     return record
