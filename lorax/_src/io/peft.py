@@ -23,7 +23,6 @@ from safetensors.numpy import load_file
 
 from lorax._src.bases.quantized import dense, format_of
 from lorax._src.config import LoraConfig
-from lorax._src.init import init
 from lorax._src.io import peft_kinds
 from lorax._src.io.files import as_folder
 from lorax._src.io.peft_config import CONFIG_FILE, pattern_value, read_config, read_json, skip_untargeted
@@ -38,6 +37,7 @@ from lorax._src.io.peft_folder import (
     _require_base,
     _unlike_base,
     _write_folder,
+    blank_nodes,
     claim,
     module_name,
 )
@@ -252,18 +252,18 @@ def load_peft(directory: str | Path, fn: Callable, params: Any, *args, mapping: 
         raise ValueError(f"lorax.peft: no weight of the base maps to the adapter's modules "
                          f"{sorted(modules)[:5]}...; wrong base or mapping.")
     dora = bool(config.get("use_dora"))
-    lp = init(jax.random.key(0), LoraConfig(rank=config["r"], targets=[re.escape(n) for n in targets],
-                                            rank_pattern={re.escape(n): k for n, k in rank_of.items()},
-                                            dropout=float(config.get("lora_dropout") or 0.0), use_dora=dora),
-              fn, params, *args, **kwargs)
+    lp = blank_nodes(LoraConfig(rank=config["r"], targets=[re.escape(n) for n in targets],
+                                rank_pattern={re.escape(n): k for n, k in rank_of.items()},
+                                dropout=float(config.get("lora_dropout") or 0.0), use_dora=dora),
+                     fn, params, args, kwargs)
     claimed: set[str] = set()
     unlike: list[str] = []  # base weights unlike the recorded fingerprints
 
     def fill(name, leaf):
         if not isinstance(leaf, (LoraWeight, DoraWeight)):
             return leaf
-        a, b = np.asarray(leaf.a).copy(), np.asarray(leaf.b).copy()
-        m = np.asarray(leaf.m).copy() if isinstance(leaf, DoraWeight) else None
+        a, b = leaf.a, leaf.b  # blank: every layer is filled below
+        m = leaf.m if isinstance(leaf, DoraWeight) else None
         stack, r = a.shape[: len(leaf.stack_axes)], leaf.rank
         want_a, want_b = (r, math.prod(a.shape[len(stack):-1])), (math.prod(b.shape[len(stack) + 1:]), r)
         scales = set()

@@ -1,6 +1,7 @@
 """What every PEFT adapter folder shares, whatever its kind: how lorax paths name torch modules
 (`Mapping`, `LLAMA`, `GPT2`), the folder's files and their atomic write, full-weight tensors
-(``modules_to_save``), and the base fingerprints lorax keeps in the weights file's metadata."""
+(``modules_to_save``), the base fingerprints lorax keeps in the weights file's metadata, and the
+blank nodes a folder's tensors fill (`blank_nodes`)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,14 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from lorax._src.bases.quantized import QuantizedArray
+from lorax._src.config import LoraConfig
+from lorax._src.init import init
 from lorax._src.io.files import staged_folder
 from lorax._src.io.peft_config import CONFIG_FILE
 from lorax._src.io.records import base_mismatch, is_fingerprint
 from lorax._src.kinds.adapter import Adapter
+from lorax._src.paths import named_leaves
+from lorax._src.trees import _map
 
 PREFIX = "base_model.model."
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -187,3 +192,20 @@ def claim(owner: dict[str, str], name: str, path: str, index: tuple = ()) -> Non
         raise ValueError(f"lorax.peft: the mapping gives {owner[name]} and {where} one torch name "
                          f"{name!r}; each weight (and layer) needs its own module.")
     owner[name] = where
+
+
+def blank_nodes(config: LoraConfig, fn: Callable, params: Any, args: tuple, kwargs: dict) -> Any:
+    """``params`` with the adapters ``config`` makes of them laid out by one abstract trace (`lorax.init`
+    under `jax.eval_shape`: no factor is drawn, no norm of the base computed), each over its real
+    frozen base ``w`` with zero trained arrays (NumPy), for a folder's tensors to fill; every other
+    leaf is ``params``' own. A kind's shared arrays (`shared_field`) stay abstract: the folder holds them.
+    """
+    template = jax.eval_shape(lambda p: init(jax.random.key(0), config, fn, p, *args, **kwargs), params)
+    real = dict(named_leaves(params))
+
+    def restore(name, leaf):
+        if not isinstance(leaf, Adapter):
+            return real[name]
+        return leaf.replace(w=real[name], **{n: np.zeros(x.shape, x.dtype) for n, x in leaf.trained().items()})
+
+    return _map(restore, template)

@@ -17,7 +17,6 @@ from safetensors.numpy import load_file
 
 from lorax._src.bases.quantized import dense, format_of
 from lorax._src.config import LoraConfig
-from lorax._src.init import init
 from lorax._src.io.peft_config import CONFIG_FILE, check_modules, check_rank, pattern_value, skip_untargeted
 from lorax._src.io.peft_folder import (
     BASE_KEY,
@@ -28,6 +27,7 @@ from lorax._src.io.peft_folder import (
     _require_base,
     _unlike_base,
     _write_folder,
+    blank_nodes,
     claim,
     module_name,
 )
@@ -174,16 +174,15 @@ def load(directory: Path, config: dict, kind: type[Adapter], fn: Callable, param
                                     for n, m in targets.items()},
                       alpha_pattern={re.escape(n): pattern_value(config["alpha_pattern"], m, config["alpha"])
                                      for n, m in targets.items()})
-    lp = init(jax.random.key(0), LoraConfig(kind=kind.kind, targets=[re.escape(n) for n in targets],
-                                            options=fmt.options(config, targets), **ranked),
-              fn, params, *args, **kwargs)
+    lp = blank_nodes(LoraConfig(kind=kind.kind, targets=[re.escape(n) for n in targets],
+                                options=fmt.options(config, targets), **ranked), fn, params, args, kwargs)
     claimed: set[str] = set()
     unlike: list[str] = []
 
     def fill(name, leaf):
         if not isinstance(leaf, kind):
             return leaf
-        arrays = {n: np.asarray(x).copy() for n, x in leaf.trained().items()}
+        arrays = leaf.trained()  # blank: every layer is filled below
         matrices = leaf.to_matrices(dense(leaf.w)) if recorded else None
         quantized = format_of(leaf.w)
         want = {n: x.shape for n, x in fmt.to_peft(leaf, {n: x[(0,) * len(leaf.stack_axes)]
