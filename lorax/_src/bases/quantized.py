@@ -98,7 +98,7 @@ class QuantizedArray:
 
     @property
     def format(self) -> Format:
-        """The format's entry in the one table (`lorax._src.bases.formats`): bits, levels, encoder."""
+        """The format's entry in the table of quantized formats: bits, levels, encoder."""
         return FORMATS[self.fmt]
 
     @property
