@@ -26,6 +26,8 @@ PYTHONPATH=examples python3 benchmarks/run.py ...
    flops, the base's bytes among the step's arguments), and SmolLM2 over the GGUF's Q4_1
    blocks against the fp32 base (each in its own process).
 8. SmolLM2-135M decode tokens/s: KV cache, window recompute, transformers generate (`decode.py`).
+9. SmolLM2-135M train-step memory (`memory.py`): full fine-tuning, LoRA written by hand and lorax
+   on the fp32, bf16 and Q4_1 bases, from XLA's compiled programs (deterministic).
 Writes results/benchmark.json, results/benchmark.md and results/performance.png.
 """
 
@@ -41,6 +43,7 @@ from pathlib import Path
 import decode
 import jax
 import jax.numpy as jnp
+import memory as step_memory
 import roofline
 import walltime
 from lorax_examples import gpt, smollm  # the models and workloads, shared with the tests
@@ -273,6 +276,12 @@ def _layers(layers: int | None) -> list[str]:
     return [] if layers is None else ["--layers", str(layers)]
 
 
+def memory_rows(quick: bool, layers: int | None) -> list[dict]:
+    """Each SmolLM2 step's memory on each base (`memory.py`): batch 4 x 128, or 1 x 32 when quick."""
+    batch, seq = (1, 32) if quick else (4, 128)
+    return [row for base in ("fp32", "bf16", "q4") for row in step_memory.rows(base, layers, batch, seq)]
+
+
 def smollm_runs(quick: bool, rounds: int, dora: bool = True, bf16: bool = False,
                 layers: int | None = None) -> list[dict]:
     """Each framework in a fresh process: lorax and PEFT, LoRA on q,v and all-linear and DoRA on
@@ -402,7 +411,7 @@ def markdown(report: dict) -> str:
     lines += [f"| {r['framework']} | {r['kind']} | {r['targets']} | {r['adapter_bytes'] / 2**20:.2f} | "
               f"{r['over_gguf_q4']:.4f} | "
               f"{r['over_fp32_base']:.4f} |" for r in report["adapters"]]
-    lines += ["", decode.markdown(report["decode"])]
+    lines += ["", decode.markdown(report["decode"]), "", step_memory.markdown(report["memory"])]
     return "\n".join(lines)
 
 
@@ -496,6 +505,8 @@ def main(argv=None):
     report["smollm_qlora"] = smollm_qlora_runs(args.quick, args.layers, report["smollm"])
     print("SmolLM2-135M decode, one process per runtime ...", flush=True)
     report["decode"] = decode.runs(args.quick, layers=args.layers)
+    print("SmolLM2-135M train-step memory ...", flush=True)
+    report["memory"] = memory_rows(args.quick, args.layers)
 
     written(args.out, "benchmark", report, markdown(report) + "\n\n" + qlora_markdown(report))
     chart(report, args.out / "performance.png")

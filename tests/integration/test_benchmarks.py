@@ -91,3 +91,18 @@ def test_deterministic_measures_hold_in_the_quick_run(quick):
         assert lorax_run["adapter_tensor_bytes"] == peft_run["adapter_tensor_bytes"] == 4 * count
         assert peft_run["adapter_bytes"] < lorax_run["adapter_bytes"] < 1.02 * peft_run["adapter_bytes"]
         assert abs(lorax_run["first_loss"] - peft_run["first_loss"]) < 1e-3 * abs(peft_run["first_loss"])
+
+
+def test_memory_table_holds_each_base_and_the_lora_bounds(quick):
+    _, report, stdout = quick
+    assert "**Train-step memory, SmolLM2-135M" in stdout
+    rows = {(r["variant"], r["base"]): r for r in report["memory"]}
+    assert set(rows) == {(v, b) for v in ("full", "hand", "lorax") for b in ("fp32", "bf16")} | {("lorax", "q4")}
+    assert {r["layers"] for r in report["memory"]} == {LAYERS}
+    for base in ("fp32", "bf16"):  # lorax's step holds what LoRA written by hand holds, less than full fine-tuning
+        full, hand, lorax_step = (rows[v, base] for v in ("full", "hand", "lorax"))
+        assert lorax_step["arguments_mib"] == hand["arguments_mib"] < full["arguments_mib"]
+        assert lorax_step["temporaries_mib"] <= min(1.05 * hand["temporaries_mib"], full["temporaries_mib"])
+    # the base's bytes among the arguments: the 4-bit blocks below bf16, bf16 below fp32
+    arguments = [rows["lorax", base]["arguments_mib"] for base in ("q4", "bf16", "fp32")]
+    assert arguments == sorted(arguments) and len(set(arguments)) == 3
