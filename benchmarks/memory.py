@@ -8,6 +8,7 @@ PYTHONPATH=examples python3 benchmarks/memory.py ...
     python benchmarks/memory.py                  # SmolLM2-135M, fp32 base, batch 4 × 128, LoRA q,v r=8
     python benchmarks/memory.py --base bf16      # bf16 weights (also: q4, the GGUF's blocks; lorax only)
     python benchmarks/memory.py --layers 2       # the first 2 decoder layers: a smoke run
+    python benchmarks/memory.py --remat dots_with_no_batch_dims_saveable  # what the backward saves
 
 Every step is compiled with its train state donated; see `lorax_examples.memory` for why the
 undonated full fine-tuning step's temporaries mislead.
@@ -19,6 +20,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from lorax_examples import memory, smollm
@@ -27,15 +29,20 @@ from report_files import written
 HERE = Path(__file__).resolve().parent
 
 
-def rows(base: str, layers: int | None, batch: int, seq: int) -> list[dict]:
+REMAT = {"none": False, "full": True}  # else a jax.checkpoint_policies name
+
+
+def rows(base: str, layers: int | None, batch: int, seq: int, remat: str = "none") -> list[dict]:
+    """Each step's memory on ``base``; ``remat``: none, full (each layer recomputed in the
+    backward) or a ``jax.checkpoint_policies`` name (what each layer saves)."""
     config, params, _ = smollm.load(base=base, layers=layers)
-    config = dataclasses.replace(config, remat=False)
+    config = dataclasses.replace(config, remat=REMAT.get(remat, remat))
     ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab, (batch, seq + 1)), jnp.int32)
     variants = ("lorax",) if base == "q4" else memory.VARIANTS  # a quantized base has no dense gradient
     out = []
     for variant in variants:
         f = memory.footprint(*memory.train_step(variant, config, params, ids))
-        out.append(dict(variant=variant, base=base, layers=config.layers, batch=batch, seq=seq,
+        out.append(dict(variant=variant, base=base, layers=config.layers, batch=batch, seq=seq, remat=remat,
                         arguments_mib=f.arguments / memory.MiB, temporaries_mib=f.temporaries / memory.MiB,
                         total_mib=f.total / memory.MiB, **{f"{k}_mib": v / memory.MiB for k, v in f.classes.items()}))
     return out
@@ -44,7 +51,7 @@ def rows(base: str, layers: int | None, batch: int, seq: int) -> list[dict]:
 def markdown(table: list[dict]) -> str:
     r = table[0]
     lines = [f"**Train-step memory, SmolLM2-135M ({r['layers']} layers), batch {r['batch']} × {r['seq']}, "
-             "AdamW, LoRA q,v r=8, state donated** (XLA memory_analysis, MiB)", "",
+             f"AdamW, LoRA q,v r=8, state donated, remat {r.get('remat', 'none')}** (XLA memory_analysis, MiB)", "",
              "| step | base | arguments | temporaries | of which activation stacks | weight-shaped stacks | other "
              "| total |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['base']} | {r['arguments_mib']:.0f} | {r['temporaries_mib']:.0f} | "
@@ -59,10 +66,14 @@ def main(argv=None):
     p.add_argument("--layers", type=int, help="keep the first N decoder layers; all 30 by default")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--remat", default="none", help="none, full, or a jax.checkpoint_policies name")
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
-    table = rows(args.base, args.layers, args.batch, args.seq)
-    return written(args.out, f"memory_{args.base}", table, markdown(table))
+    if args.remat not in REMAT and not hasattr(jax.checkpoint_policies, args.remat):
+        p.error(f"--remat must be none, full or a jax.checkpoint_policies name, got {args.remat!r}")
+    table = rows(args.base, args.layers, args.batch, args.seq, args.remat)
+    suffix = "" if args.remat == "none" else f"_remat_{args.remat}"
+    return written(args.out, f"memory_{args.base}{suffix}", table, markdown(table))
 
 
 if __name__ == "__main__":
