@@ -1,7 +1,8 @@
 """The public surface for writing adapter kinds and primitive rules.
 
-An adapter kind is a frozen dataclass subclassing `Adapter`, registered with `register_kind`,
-whose trained arrays are `trained_field`s laid out in terms of W's axes (`RANK` for the rank);
+An adapter kind is a frozen dataclass subclassing `Adapter` (or `LowRank`, the base of the LoRA
+family, which brings the factors ``a`` and ``b``), registered with `register_kind`, whose
+trained arrays are `trained_field`s laid out in terms of W's axes (`RANK` for the rank);
 `lorax.init`, `lorax.split`, the optimizer, sharding and checkpoints read only these
 declarations. A primitive is one `Rule` in `RULES`: `rule` registers how `lorax.init` reads
 it, `apply` how `lorax.lora` computes it for a kind. `dot_parts` takes a matmul with an
@@ -14,16 +15,13 @@ A kind in a dozen lines, LoRA with a trained gate ``g`` on its update:
 >>> from lorax import extend
 >>> @extend.register_kind
 ... @dataclasses.dataclass(frozen=True, repr=False)
-... class GatedLora(extend.Adapter):
+... class GatedLora(extend.LowRank):               # the factors a and b come with LowRank
 ...     kind = "gated-example"
-...     a: jax.Array = extend.trained_field(group="a")
-...     b: jax.Array = extend.trained_field(group="b")
 ...     g: jax.Array = extend.trained_field(group="b")
 ...     def layout(self):
-...         return {"a": (*self.stack_axes, *self.a_axes, extend.RANK),
-...                 "b": (*self.stack_axes, extend.RANK, *self.b_axes), "g": ()}
+...         return {**super().layout(), "g": ()}
 ...     def merged(self):
-...         return self.w + self.g * self.scale * self.a @ self.b
+...         return self.w + self.g * self.low_rank()
 >>> @extend.apply("dot_general", adapter=GatedLora)
 ... def gated_dot(eqn, invals, ctx):
 ...     parts = extend.dot_parts(eqn, invals, ctx)
@@ -52,6 +50,7 @@ from lorax._src.kinds.adapter import register_kind as register_kind
 from lorax._src.kinds.adapter import shared_field as shared_field
 from lorax._src.kinds.adapter import static_field as static_field
 from lorax._src.kinds.adapter import trained_field as trained_field
+from lorax._src.kinds.lora import LowRank as LowRank
 from lorax._src.tracing.rules.products import DotMatrices as DotMatrices
 from lorax._src.tracing.rules.products import DotParts as DotParts
 from lorax._src.tracing.rules.products import dot_matrices as dot_matrices
@@ -72,6 +71,7 @@ __all__ = [
     "DotMatrices",
     "DotParts",
     "KINDS",
+    "LowRank",
     "PeftFormat",
     "RANK",
     "RULES",

@@ -16,8 +16,8 @@ def test_public_api_is_pinned():
 def test_extension_api_is_pinned():
     assert lorax.extend.__all__ == sorted(lorax.extend.__all__)
     assert lorax.extend.__all__ == ["ADAPTERS", "Adapter", "Additive", "DotMatrices", "DotParts", "KINDS",
-                                    "PeftFormat", "RANK", "RULES", "Rule", "Tracked", "apply", "bind", "dense",
-                                    "dot_matrices", "dot_parts", "factors_dot", "frozen_field", "is_tracked",
+                                    "LowRank", "PeftFormat", "RANK", "RULES", "Rule", "Tracked", "apply", "bind",
+                                    "dense", "dot_matrices", "dot_parts", "factors_dot", "frozen_field", "is_tracked",
                                     "register_kind", "rule", "shared_field", "static_field", "trained_field",
                                     "view_base"]
     assert lorax.extend.Adapter is lorax.Adapter

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax._src import compat
-from lorax._src.kinds.adapter import ADAPTERS, RANK, Adapter, frozen_field, register_kind, static_field, trained_field
-from lorax._src.kinds.lora import LoraWeight
+from lorax._src.kinds.adapter import ADAPTERS, RANK, frozen_field, register_kind, static_field
+from lorax._src.kinds.lora import LoraWeight, LowRank
 from lorax._src.tracing.rules import products
 from lorax._src.tracing.table import apply
 
@@ -45,7 +45,7 @@ BASE = -1
 
 @register_kind
 @dataclasses.dataclass(frozen=True, repr=False)  # Adapter.__repr__ summarizes the arrays
-class LoraBank(Adapter):
+class LoraBank(LowRank):
     """A frozen weight ``w`` with ``n`` named low-rank updates ``scales[i] * a[i] @ b[i]``.
 
     ``a.shape == (*stack, n, *a_axes, r)`` and ``b.shape == (*stack, n, r, *b_axes)`` with
@@ -78,18 +78,13 @@ class LoraBank(Adapter):
 
     kind = "lora_bank"
     several = True
+    factor_axes = (ADAPTERS,)
 
-    a: jax.Array = trained_field(group="a")
-    b: jax.Array = trained_field(group="b")
     scales: jax.Array = frozen_field()
     ranks: jax.Array = frozen_field()
     index: jax.Array | None = frozen_field(default=None)
     _: dataclasses.KW_ONLY
     names: tuple[str, ...] = static_field(())
-
-    def layout(self) -> dict[str, tuple[int | str, ...]]:
-        return {"a": (*self.stack_axes, ADAPTERS, *self.a_axes, RANK),
-                "b": (*self.stack_axes, ADAPTERS, RANK, *self.b_axes)}
 
     def axis_sizes(self, rank: int) -> dict[str, int]:
         return {RANK: rank, ADAPTERS: len(self.names)}
@@ -144,12 +139,20 @@ class LoraBank(Adapter):
         return LoraWeight(self.w, a, (b * scale).astype(b.dtype), a_axes=self.a_axes, b_axes=self.b_axes,
                           stack_axes=self.stack_axes, dropout=self.dropout)
 
-    def merged(self) -> jax.Array:
+    def routed(self) -> LoraWeight:
+        """The one adapter the bank is routed to (a scalar ``index``), as `as_lora` gives it."""
         if self.index is None or jnp.ndim(self.index) != 0:
             state = "is not routed" if self.index is None else f"is routed per example {jnp.shape(self.index)}"
             raise ValueError(f"a LoraBank of adapters {self.names} {state}, so it stands for no single weight; "
                              "merge lorax.adapters.select(params, name), or route it to one adapter.")
-        return self.as_lora(self.index).merged()
+        return self.as_lora(self.index)
+
+    def low_rank(self) -> jax.Array:
+        """The routed adapter's ``scale * a @ b``, laid out like ``w``."""
+        return self.routed().low_rank()
+
+    def merged(self) -> jax.Array:
+        return self.routed().merged()
 
 
 @apply("dot_general", adapter=LoraBank)

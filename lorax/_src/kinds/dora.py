@@ -19,9 +19,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from lorax._src.bases.quantized import dense
-from lorax._src.kinds.adapter import Adapter, register_kind, trained_field
+from lorax._src.kinds.adapter import register_kind, trained_field
 from lorax._src.kinds.initializers import low_rank_init
-from lorax._src.kinds.lora import LoraWeight
+from lorax._src.kinds.lora import LowRank
 from lorax._src.tracing.rules import products
 from lorax._src.tracing.table import apply
 from lorax._src.tracing.tracked import is_tracked
@@ -29,7 +29,7 @@ from lorax._src.tracing.tracked import is_tracked
 
 @register_kind
 @dataclasses.dataclass(frozen=True, repr=False)  # Adapter.__repr__ summarizes the arrays
-class DoraWeight(Adapter):
+class DoraWeight(LowRank):
     """A frozen weight ``w`` with a low-rank direction update ``scale * a @ b`` and a trained
     magnitude ``m`` per output unit (DoRA, Liu et al. 2024): the weight it stands for is
     ``m · (W + scale·a·b) / ‖W + scale·a·b‖``, the norm taken over W's contracted axes.
@@ -57,12 +57,10 @@ class DoraWeight(Adapter):
 
     kind = "dora"
 
-    a: jax.Array = trained_field(group="a")
-    b: jax.Array = trained_field(group="b")
     m: jax.Array = trained_field(group="b")  # PEFT's LoRA+ trains 1-D parameters at B's rate
 
     def layout(self) -> dict[str, tuple[int | str, ...]]:
-        return {**LoraWeight.layout(self), "m": (*self.stack_axes, *self.b_axes)}  # type: ignore[arg-type]
+        return {**super().layout(), "m": (*self.stack_axes, *self.b_axes)}
 
     def column_norm(self) -> jax.Array:
         """``‖W + s·A·B‖`` over W's contracted axes, shaped like ``m``, in float32, with no
@@ -93,9 +91,8 @@ class DoraWeight(Adapter):
     def merged(self) -> jax.Array:
         subs = self.subscripts()
         g = _broadcast(self.magnitude_scale(), subs["m"], subs["w"])
-        low_rank = LoraWeight.low_rank(self)  # type: ignore[arg-type]  (s·a·b: the same fields)
         w = dense(self.w)
-        direction = w + low_rank.astype(w.dtype)
+        direction = w + self.low_rank().astype(w.dtype)
         return (g * direction).astype(w.dtype)
 
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +15,44 @@ from lorax._src.tracing.rules import products
 from lorax._src.tracing.table import apply
 
 
+@dataclasses.dataclass(frozen=True, repr=False)
+class LowRank(Adapter):
+    """The LoRA family's base: a frozen ``w`` and trained factors ``a`` (W's contracted axes,
+    then the rank) and ``b`` (the rank, then W's output axes), one pair per stacked layer and,
+    after the stack axes, per entry of the kind's `factor_axes` (`lorax.LoraBank`: one pair per
+    adapter). LoRA, DoRA and banks build on it; `lorax.extend.dot_parts` computes the factored
+    product of any subclass from its `layout`, the way ``w``'s letters meet the rank's.
+
+    >>> import jax.numpy as jnp, lorax
+    >>> from lorax import extend
+    >>> lw = lorax.LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)))
+    >>> isinstance(lw, extend.LowRank), lw.layout()
+    (True, {'a': (0, 'rank'), 'b': ('rank', 1)})
+    """
+
+    a: jax.Array = trained_field(group="a")
+    b: jax.Array = trained_field(group="b")
+    factor_axes: ClassVar[tuple[str, ...]] = ()  # named axes between the stack axes and W's
+
+    def layout(self) -> dict[str, tuple[int | str, ...]]:
+        lead = (*self.stack_axes, *self.factor_axes)
+        return {"a": (*lead, *self.a_axes, RANK), "b": (*lead, RANK, *self.b_axes)}
+
+    def low_rank(self) -> jax.Array:
+        """``scale * a @ b`` laid out like ``w`` (in the factors' dtype).
+
+        >>> import jax.numpy as jnp, lorax
+        >>> lw = lorax.LoraWeight(jnp.zeros((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), scale=0.5)
+        >>> lw.low_rank().tolist()
+        [[0.5, 0.5], [0.5, 0.5]]
+        """
+        subs = self.subscripts()
+        return jnp.einsum(f"{subs['a']},{subs['b']}->{subs['w']}", self.a, self.b) * self.scale
+
+
 @register_kind
 @dataclasses.dataclass(frozen=True, repr=False)  # Adapter.__repr__ summarizes the arrays
-class LoraWeight(Adapter):
+class LoraWeight(LowRank):
     """A frozen weight ``w`` with a trainable low-rank update ``scale * a @ b``.
 
     ``a`` holds W's *contracted* axes (``a_axes``) and ``b`` its *output* axes
@@ -45,23 +81,6 @@ class LoraWeight(Adapter):
     """
 
     kind = "lora"
-
-    a: jax.Array = trained_field(group="a")
-    b: jax.Array = trained_field(group="b")
-
-    def layout(self) -> dict[str, tuple[int | str, ...]]:
-        return {"a": (*self.stack_axes, *self.a_axes, RANK), "b": (*self.stack_axes, RANK, *self.b_axes)}
-
-    def low_rank(self) -> jax.Array:
-        """``scale * a @ b`` laid out like ``w`` (in the factors' dtype).
-
-        >>> import jax.numpy as jnp, lorax
-        >>> lw = lorax.LoraWeight(jnp.zeros((2, 2)), jnp.ones((2, 1)), jnp.ones((1, 2)), scale=0.5)
-        >>> lw.low_rank().tolist()
-        [[0.5, 0.5], [0.5, 0.5]]
-        """
-        subs = self.subscripts()
-        return jnp.einsum(f"{subs['a']},{subs['b']}->{subs['w']}", self.a, self.b) * self.scale
 
     def delta(self) -> jax.Array:
         return self.low_rank()

@@ -72,8 +72,7 @@ class DotParts:
 class DotLetters:
     """A dot_general with an adapted weight, lettered as an einsum: the adapted operand
     ``t`` and the other one ``x``, the letters of W's axes (``w_sub``), of ``x``, of the
-    output, and of the two factors in the order they meet ``x``: ``(first_sub, first_field),
-    (second_sub, second_field)`` (``a`` first, or ``b`` first for a tied head ``x·Eᵀ``)."""
+    output, and ``unused``, two letters neither operand uses."""
 
     t: Any
     x: jax.Array
@@ -81,7 +80,22 @@ class DotLetters:
     w_sub: list[str]
     x_sub: str
     out: str
-    factors: tuple[tuple[str, str], tuple[str, str]]
+    unused: str
+
+    @property
+    def factors(self) -> tuple[tuple[str, str], tuple[str, str]]:
+        """The letters and fields of a `LowRank` node's two factors in the order they meet
+        ``x``: ``(first_sub, first_field), (second_sub, second_field)`` (``a`` first, or ``b``
+        first for a tied head ``x·Eᵀ``), read from the kind's layout for one entry of its
+        factor axes (a bank's adapter)."""
+        lw = self.t.weight
+        rank, entry = self.unused
+        subs = lw.subscripts("".join(self.w_sub) + rank + entry)
+        a_sub, b_sub = (subs[name].replace(entry, "") for name in ("a", "b"))
+        contracted = lambda axes: all(self.w_sub[i] not in self.out for i in axes)  # noqa: E731
+        if not contracted(lw.a_axes) and contracted(lw.b_axes):
+            return (b_sub, "b"), (a_sub, "a")  # a tied head x·Eᵀ contracts b's axes: go through b first
+        return (a_sub, "a"), (b_sub, "b")
 
     def base(self, eqn, w, narrow: bool) -> jax.Array:
         """The frozen product with ``w`` in the weight's place (``narrow``: see `base_product`)."""
@@ -118,16 +132,8 @@ def dot_letters(eqn, invals) -> DotLetters | None:
                                                *((w_nd, x_nd) if weight_is_lhs else (x_nd, w_nd)))
     w_sub, x_sub = (lhs_sub, rhs_sub) if weight_is_lhs else (rhs_sub, lhs_sub)
 
-    rank = string.ascii_letters[w_nd + x_nd]  # a letter neither operand uses
-    stack = [w_sub[i] for i in lw.stack_axes]
-    a_sub = "".join(stack + [w_sub[i] for i in lw.a_axes] + [rank])
-    b_sub = "".join(stack + [rank] + [w_sub[i] for i in lw.b_axes])
-    out = "".join(out_sub)
-    contracted = lambda axes: all(w_sub[i] not in out for i in axes)  # noqa: E731
-    factors = ((a_sub, "a"), (b_sub, "b"))
-    if not contracted(lw.a_axes) and contracted(lw.b_axes):
-        factors = ((b_sub, "b"), (a_sub, "a"))  # a tied head x·Eᵀ contracts b's axes: go through b first
-    return DotLetters(t, x, weight_is_lhs, w_sub, "".join(x_sub), out, factors)
+    unused = string.ascii_letters[w_nd + x_nd:w_nd + x_nd + 2]
+    return DotLetters(t, x, weight_is_lhs, w_sub, "".join(x_sub), "".join(out_sub), unused)
 
 
 def dot_parts(eqn, invals, ctx) -> DotParts | None:
