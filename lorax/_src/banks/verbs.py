@@ -110,9 +110,9 @@ def _same(path: str, have: Any, got: Any, who: str, values: bool) -> None:
 
 def _one(lw: LoraWeight, rank: int | None = None) -> tuple[jax.Array, jax.Array]:
     """``lw``'s factors with an adapters axis of one (its first ``rank`` ranks: 0 for none)."""
-    axis, rank = len(lw.stack_axes), lw.rank if rank is None else rank
-    return jnp.expand_dims(lw.a[..., :rank], axis), jnp.expand_dims(jnp.moveaxis(
-        jnp.moveaxis(lw.b, axis, 0)[:rank], 0, axis), axis)
+    a, b = lw.first_ranks(lw.rank if rank is None else rank)
+    axis = len(lw.stack_axes)  # where a bank's adapters axis sits
+    return jnp.expand_dims(a, axis), jnp.expand_dims(b, axis)
 
 
 def _append(bank: LoraBank, name: str, a: jax.Array, b: jax.Array, scale: Any, rank: int) -> LoraBank:

@@ -43,7 +43,7 @@ from lorax._src.io.peft_folder import (
 )
 from lorax._src.io.records import fingerprint
 from lorax._src.kinds import DoraWeight, LoraWeight
-from lorax._src.kinds.adapter import KINDS, Adapter, as_matrices
+from lorax._src.kinds.adapter import KINDS, RANK, Adapter, as_matrices
 from lorax._src.kinds.initializers import makes_residual
 from lorax._src.paths import named_leaves, unique_named_leaves
 from lorax._src.sharding import place_factors
@@ -75,9 +75,8 @@ def relative_to_original(lw: LoraWeight, initial: LoraWeight) -> LoraWeight:
 
     Its frozen base is ``W - s·a₀·b₀`` (``a₀``, ``b₀`` its factors at initialisation), so on
     ``W`` the same weight is ``W + s·[a, a₀]·[b; -b₀]`` (PEFT's conversion)."""
-    rank_axis = len(lw.stack_axes)
-    return lw.replace(a=jnp.concatenate([lw.a, initial.a.astype(lw.a.dtype)], axis=-1),
-                      b=jnp.concatenate([lw.b, -initial.b.astype(lw.b.dtype)], axis=rank_axis))
+    return lw.replace(a=jnp.concatenate([lw.a, initial.a.astype(lw.a.dtype)], axis=lw.axis("a", RANK)),
+                      b=jnp.concatenate([lw.b, -initial.b.astype(lw.b.dtype)], axis=lw.axis("b", RANK)))
 
 
 def save_peft(directory: str | Path, params: Any, mapping: Mapping, *, base_model_name_or_path: str = "",

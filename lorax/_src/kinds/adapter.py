@@ -250,6 +250,18 @@ class Adapter:
                 return getattr(self, name).shape[entries.index(RANK)]
         return 0
 
+    def axis(self, field: str, name: str) -> int:
+        """Where the named axis (`RANK`, `ADAPTERS`) sits in the array ``field``, read from the
+        layout.
+
+        >>> import jax.numpy as jnp, lorax
+        >>> lw = lorax.LoraWeight(jnp.ones((5, 4, 3)), jnp.ones((5, 4, 2)), jnp.zeros((5, 2, 3)),
+        ...                       a_axes=(1,), b_axes=(2,), stack_axes=(0,))
+        >>> lw.axis("a", lorax.extend.RANK), lw.axis("b", lorax.extend.RANK)
+        (2, 1)
+        """
+        return self.layout()[field].index(name)
+
     @property
     def shape(self) -> tuple[int, ...]:
         """The shape of the weight this node stands for (``w``'s)."""

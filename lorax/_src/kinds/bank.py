@@ -119,7 +119,7 @@ class LoraBank(LowRank):
     @property
     def adapter_axis(self) -> int:
         """The adapters axis of ``a`` and ``b`` (after the stack axes)."""
-        return len(self.stack_axes)
+        return self.axis("a", ADAPTERS)
 
     def chosen(self, index: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """``(a, b, scale)`` of adapter ``index`` (an int array of any shape, whose axes lead

@@ -7,6 +7,7 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from lorax._src.bases.quantized import dense
 from lorax._src.kinds.adapter import RANK, Adapter, register_kind, trained_field
@@ -37,6 +38,17 @@ class LowRank(Adapter):
     def layout(self) -> dict[str, tuple[int | str, ...]]:
         lead = (*self.stack_axes, *self.factor_axes)
         return {"a": (*lead, *self.a_axes, RANK), "b": (*lead, RANK, *self.b_axes)}
+
+    def first_ranks(self, rank: int) -> tuple[jax.Array, jax.Array]:
+        """``a`` and ``b`` cut to their first ``rank`` ranks, each along its own rank axis.
+
+        >>> import jax.numpy as jnp, lorax
+        >>> lw = lorax.LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)))
+        >>> [x.shape for x in lw.first_ranks(1)]
+        [(4, 1), (1, 3)]
+        """
+        a, b = (lax.slice_in_dim(getattr(self, n), 0, rank, axis=self.axis(n, RANK)) for n in ("a", "b"))
+        return a, b
 
     def low_rank(self) -> jax.Array:
         """``scale * a @ b`` laid out like ``w`` (in the factors' dtype).
