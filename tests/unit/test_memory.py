@@ -60,11 +60,10 @@ def test_footprint_classes_add_up_to_the_temporaries(footprints):
         assert sum(f.classes.values()) == f.temporaries and min(f.classes.values()) >= 0
 
 
-def test_recomputing_each_layer_drops_the_saved_activations_and_lorax_still_holds_the_hand_written_step():
+def test_recomputing_each_layer_drops_the_saved_activations_and_lorax_still_holds_the_hand_written_step(footprints):
     ids = jax.random.randint(jax.random.key(1), (2, 33), 0, CONFIG.vocab)
     params = Llama(CONFIG).init(jax.random.key(0), ids[:, :-1])
     remat = dataclasses.replace(CONFIG, remat=True)
     saved = {v: memory.footprint(*memory.train_step(v, remat, params, ids)) for v in ("hand", "lorax")}
-    plain = memory.footprint(*memory.train_step("lorax", CONFIG, params, ids))
     assert saved["lorax"].temporaries <= 1.05 * saved["hand"].temporaries
-    assert saved["lorax"].classes["activation stacks"] < 0.25 * plain.classes["activation stacks"]
+    assert saved["lorax"].classes["activation stacks"] < 0.25 * footprints["lorax"].classes["activation stacks"]
