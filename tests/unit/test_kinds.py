@@ -262,3 +262,13 @@ def test_integer_cast_of_a_weight_is_neither_read_nor_factored():
     lp = with_random_b(lp)
     assert lorax.explain(fn, lp, jnp.ones((1, 4))).rows[0].how == "materialized: convert_element_type"
     np.testing.assert_allclose(lorax.lora(fn)(lp, jnp.ones((1, 4))), fn(lorax.merge(lp), jnp.ones((1, 4))), rtol=1e-5)
+
+
+def test_a_base_class_used_as_a_kind_says_which_method_is_unwritten():
+    lw = lorax.LoraWeight(jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.zeros((2, 3)))
+    bare = lorax.extend.LowRank(lw.w, lw.a, lw.b)
+    with pytest.raises(NotImplementedError, match=r"LowRank does not write merged\(\)"):
+        lorax.merge({"w": bare})
+    with pytest.raises(NotImplementedError, match=r"LowRank does not write create\(\)"):
+        lorax.extend.LowRank.create(None, None, lw.w, None)
+    assert float(jnp.abs(bare.low_rank() - lw.low_rank()).max()) == 0.0  # the family's maths is there

@@ -237,7 +237,7 @@ class Adapter:
         The one method every kind must write; shapes, stacking, sharding and checkpoints are
         derived from it. See the class example.
         """
-        raise NotImplementedError
+        raise NotImplementedError(_unwritten(self, "layout"))
 
     # ------------------------------------------------------------------ derived
 
@@ -391,7 +391,7 @@ class Adapter:
 
     def merged(self) -> jax.Array:
         """The plain weight this adapter stands for, in ``w``'s dtype."""
-        raise NotImplementedError
+        raise NotImplementedError(_unwritten(self, "merged"))
 
     @classmethod
     def create(cls, key: jax.Array, spec: Any, w: jax.Array, use: Any) -> Adapter:
@@ -406,7 +406,7 @@ class Adapter:
           use: how the model uses ``w``, read from its jaxpr: ``use.primitive``,
             ``use.a_axes`` (contracted), ``use.b_axes`` (outputs), ``use.stack_axes``.
         """
-        raise NotImplementedError
+        raise NotImplementedError(_unwritten(cls, "create"))
 
     @classmethod
     def link(cls, nodes: dict[str, Any]) -> dict[str, Any]:
@@ -518,7 +518,7 @@ class Additive(Adapter):
     """
 
     def delta(self) -> jax.Array:
-        raise NotImplementedError
+        raise NotImplementedError(_unwritten(self, "delta"))
 
     def merged(self) -> jax.Array:
         w = dense(self.w)
@@ -527,6 +527,14 @@ class Additive(Adapter):
     def unmerged(self, merged: jax.Array, path: str = "") -> jax.Array:
         delta = self.replace(w=merged).delta()  # from the trainable half too, whose w is None
         return (merged - delta.astype(merged.dtype)).astype(merged.dtype)
+
+
+def _unwritten(node_or_kind: Any, method: str) -> str:
+    """Why a base class's method raised: the kind did not write it (or a base class was used as one)."""
+    cls = node_or_kind if isinstance(node_or_kind, type) else type(node_or_kind)
+    return (f"{cls.__name__} does not write {method}(): an adapter kind subclasses lorax.extend.Adapter (or "
+            "Additive, or LowRank), writes layout(), merged() or delta(), and create() for lorax.init; a base class "
+            "is not a kind itself.")
 
 
 def is_adapter(x: Any) -> bool:
