@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax._src import compat
+from lorax._src.kinds.adapter import RANK
 from lorax._src.kinds.bank import BASE, LoraBank
 from lorax._src.kinds.initializers import makes_residual
 from lorax._src.kinds.lora import LoraWeight
@@ -129,9 +130,8 @@ def _append(bank: LoraBank, name: str, a: jax.Array, b: jax.Array, scale: Any, r
 
 def _zero(bank: LoraBank) -> tuple[jax.Array, jax.Array]:
     """Factors of one adapter of rank 0 in ``bank``'s layout (an adapter that leaves w alone)."""
-    axis = bank.adapter_axis
-    a, b = (jnp.take(x, jnp.arange(1), axis) for x in (bank.a, bank.b))
-    return a[..., :0], jnp.moveaxis(jnp.moveaxis(b, axis + 1, 0)[:0], 0, axis + 1)
+    a, b = bank.first_ranks(0)
+    return jnp.take(a, jnp.arange(1), bank.adapter_axis), jnp.take(b, jnp.arange(1), bank.adapter_axis)
 
 
 def _empty(lw: LoraWeight, current: tuple[str, ...]) -> LoraBank:
@@ -309,16 +309,20 @@ def select(params: Any, which: str | Sequence[str]) -> Any:
         present = [i for i in at if ranks[i]]
         if not present:
             return x.w
-        parts = [(x.chosen(jnp.asarray(i)), ranks[i]) for i in present]
-        axis = len(x.stack_axes)
-        cut_b = lambda b, r: jnp.moveaxis(jnp.moveaxis(b, axis, 0)[:r], 0, axis)  # noqa: E731
+        def own(i: int) -> tuple[LoraWeight, jax.Array]:
+            """Adapter ``i`` at its own rank (scale 1), and its scale."""
+            a, b, scale = x.chosen(jnp.asarray(i))
+            one = LoraWeight(x.w, a, b, a_axes=x.a_axes, b_axes=x.b_axes, stack_axes=x.stack_axes, dropout=x.dropout)
+            a, b = one.first_ranks(ranks[i])
+            return one.replace(a=a, b=b), scale
+
+        parts = [own(i) for i in present]
+        first, scale = parts[0]
         if len(present) == 1:
-            (a, b, scale), r = parts[0]
-            return LoraWeight(x.w, a[..., :r], cut_b(b, r), scale=_concrete_scale(path, scale, who),
-                              a_axes=x.a_axes, b_axes=x.b_axes, stack_axes=x.stack_axes, dropout=x.dropout)
-        a = jnp.concatenate([a[..., :r] for (a, _, _), r in parts], -1)
-        b = jnp.concatenate([(cut_b(b, r) * s).astype(b.dtype) for (_, b, s), r in parts], axis)
-        return LoraWeight(x.w, a, b, a_axes=x.a_axes, b_axes=x.b_axes, stack_axes=x.stack_axes, dropout=x.dropout)
+            return first.replace(scale=_concrete_scale(path, scale, who))
+        a = jnp.concatenate([one.a for one, _ in parts], first.axis("a", RANK))
+        b = jnp.concatenate([(one.b * s).astype(one.b.dtype) for one, s in parts], first.axis("b", RANK))
+        return first.replace(a=a, b=b)
 
     return _map(pick, params)
 
