@@ -20,23 +20,20 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from lorax_examples import memory, smollm
+from lorax_examples.llama import remat_setting
 from report_files import written
 
 HERE = Path(__file__).resolve().parent
-
-
-REMAT = {"none": False, "full": True}  # else a jax.checkpoint_policies name
 
 
 def rows(base: str, layers: int | None, batch: int, seq: int, remat: str = "none") -> list[dict]:
     """Each step's memory on ``base``; ``remat``: none, full (each layer recomputed in the
     backward) or a ``jax.checkpoint_policies`` name (what each layer saves)."""
     config, params, _ = smollm.load(base=base, layers=layers)
-    config = dataclasses.replace(config, remat=REMAT.get(remat, remat))
+    config = dataclasses.replace(config, remat=remat_setting(remat))
     ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab, (batch, seq + 1)), jnp.int32)
     variants = ("lorax",) if base == "q4" else memory.VARIANTS  # a quantized base has no dense gradient
     out = []
@@ -69,8 +66,10 @@ def main(argv=None):
     p.add_argument("--remat", default="none", help="none, full, or a jax.checkpoint_policies name")
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
-    if args.remat not in REMAT and not hasattr(jax.checkpoint_policies, args.remat):
-        p.error(f"--remat must be none, full or a jax.checkpoint_policies name, got {args.remat!r}")
+    try:
+        remat_setting(args.remat)
+    except ValueError as refused:
+        p.error(f"--{refused}")
     table = rows(args.base, args.layers, args.batch, args.seq, args.remat)
     suffix = "" if args.remat == "none" else f"_remat_{args.remat}"
     return written(args.out, f"memory_{args.base}{suffix}", table, markdown(table))

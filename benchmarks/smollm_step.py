@@ -79,13 +79,13 @@ def lorax_step(args):
     import optax
     from lorax_examples import smollm
     from lorax_examples.flops import matmul_flops
-    from lorax_examples.llama import Llama
+    from lorax_examples.llama import Llama, remat_setting
 
     import lorax
     import lorax.peft
 
     config, base, _ = smollm.load(base=args.base, layers=args.layers)
-    config = type(config)(**{**config.__dict__, "remat": {"none": False, "full": True}.get(args.remat, args.remat)})
+    config = type(config)(**{**config.__dict__, "remat": remat_setting(args.remat)})
     fn = lambda p, ids: Llama(config).apply(p, ids)  # noqa: E731
     ids = jax.numpy.asarray(_tokens(args.batch, args.seq, config.vocab))
     tx = optax.adamw(1e-4, weight_decay=0.0)

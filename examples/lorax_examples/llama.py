@@ -54,6 +54,19 @@ class LlamaConfig:
         return self.dim // self.heads
 
 
+def remat_setting(name: str) -> bool | str:
+    """`LlamaConfig.remat` for a command line's ``--remat``: ``none``, ``full`` (each layer
+    recomputed in the backward) or a `jax.checkpoint_policies` name (what each layer keeps).
+
+    >>> remat_setting("none"), remat_setting("dots_with_no_batch_dims_saveable")
+    (False, 'dots_with_no_batch_dims_saveable')
+    """
+    setting = {"none": False, "full": True}.get(name, name)
+    if isinstance(setting, str) and not hasattr(jax.checkpoint_policies, setting):
+        raise ValueError(f"remat must be none, full or a jax.checkpoint_policies name, got {name!r}")
+    return setting
+
+
 class RMSNorm(nn.Module):
     eps: float
 
