@@ -9,6 +9,7 @@ PYTHONPATH=examples python3 benchmarks/memory.py ...
     python benchmarks/memory.py --base bf16      # bf16 weights (also: q4, the GGUF's blocks; lorax only)
     python benchmarks/memory.py --layers 2       # the first 2 decoder layers: a smoke run
     python benchmarks/memory.py --remat dots_with_no_batch_dims_saveable  # what the backward saves
+    python benchmarks/memory.py --random         # SmolLM2-135M's shapes, random weights: no GGUF needed
 
 Every step is compiled with its train state donated; see `lorax_examples.memory` for why the
 undonated full fine-tuning step's temporaries mislead.
@@ -20,26 +21,45 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from lorax_examples import memory, smollm
-from lorax_examples.llama import remat_setting
+from lorax_examples.llama import Llama, LlamaConfig, remat_setting
 from report_files import written
+
+import lorax
 
 HERE = Path(__file__).resolve().parent
 
 
-def rows(base: str, layers: int | None, batch: int, seq: int, remat: str = "none") -> list[dict]:
+def random_model(base: str, layers: int | None):
+    """``(config, params)`` of SmolLM2-135M's shapes with random weights (memory depends on
+    shapes alone): fp32, bf16, or q4 as the GGUF file holds it (Q4_1 layers, a Q8_0 embedding)."""
+    config = LlamaConfig(layers=layers or smollm.LAYERS, matmul_dtype=jnp.bfloat16 if base == "bf16" else None)
+    params = Llama(dataclasses.replace(config, matmul_dtype=None)).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    if base == "bf16":
+        params = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.ndim >= 2 else x, params)
+    elif base == "q4":
+        params = lorax.quantize(lorax.quantize(params, "q4_1", r".*/layers/.*/kernel"), "q8_0", r".*/embedding")
+    return config, params
+
+
+def rows(base: str, layers: int | None, batch: int, seq: int, remat: str = "none", random: bool = False,
+         variants: tuple[str, ...] = memory.VARIANTS) -> list[dict]:
     """Each step's memory on ``base``; ``remat``: none, full (each layer recomputed in the
-    backward) or a ``jax.checkpoint_policies`` name (what each layer saves)."""
-    config, params, _ = smollm.load(base=base, layers=layers)
+    backward) or a ``jax.checkpoint_policies`` name (what each layer saves); ``random``: the
+    model's shapes with random weights."""
+    config, params = random_model(base, layers) if random else smollm.load(base=base, layers=layers)[:2]
     config = dataclasses.replace(config, remat=remat_setting(remat))
     ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab, (batch, seq + 1)), jnp.int32)
-    variants = ("lorax",) if base == "q4" else memory.VARIANTS  # a quantized base has no dense gradient
+    if base == "q4":  # a quantized base has no dense gradient
+        variants = tuple(v for v in variants if v == "lorax")
     out = []
     for variant in variants:
         f = memory.footprint(*memory.train_step(variant, config, params, ids))
         out.append(dict(variant=variant, base=base, layers=config.layers, batch=batch, seq=seq, remat=remat,
+                        weights="random" if random else "gguf", platform=jax.default_backend(),
                         arguments_mib=f.arguments / memory.MiB, temporaries_mib=f.temporaries / memory.MiB,
                         total_mib=f.total / memory.MiB, **{f"{k}_mib": v / memory.MiB for k, v in f.classes.items()}))
     return out
@@ -48,7 +68,8 @@ def rows(base: str, layers: int | None, batch: int, seq: int, remat: str = "none
 def markdown(table: list[dict]) -> str:
     r = table[0]
     lines = [f"**Train-step memory, SmolLM2-135M ({r['layers']} layers), batch {r['batch']} × {r['seq']}, "
-             f"AdamW, LoRA q,v r=8, state donated, remat {r.get('remat', 'none')}** (XLA memory_analysis, MiB)", "",
+             f"AdamW, LoRA q,v r=8, state donated, remat {r.get('remat', 'none')}, {r.get('weights', 'gguf')} "
+             f"weights, XLA:{r.get('platform', 'cpu').upper()}** (XLA memory_analysis, MiB)", "",
              "| step | base | arguments | temporaries | of which activation stacks | weight-shaped stacks | other "
              "| total |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['variant']} | {r['base']} | {r['arguments_mib']:.0f} | {r['temporaries_mib']:.0f} | "
@@ -64,14 +85,20 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--remat", default="none", help="none, full, or a jax.checkpoint_policies name")
+    p.add_argument("--variants", default=",".join(memory.VARIANTS), help="which steps, comma-separated")
+    p.add_argument("--random", action="store_true", help="SmolLM2-135M's shapes with random weights (no GGUF file)")
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
     try:
         remat_setting(args.remat)
     except ValueError as refused:
         p.error(f"--{refused}")
-    table = rows(args.base, args.layers, args.batch, args.seq, args.remat)
-    suffix = "" if args.remat == "none" else f"_remat_{args.remat}"
+    variants = tuple(args.variants.split(","))
+    if not variants or not set(variants) <= set(memory.VARIANTS):
+        p.error(f"--variants takes some of {','.join(memory.VARIANTS)}, got {args.variants!r}")
+    table = rows(args.base, args.layers, args.batch, args.seq, args.remat, args.random, variants)
+    suffix = ("" if args.remat == "none" else f"_remat_{args.remat}") + ("_random" if args.random else "")
+    suffix += "" if jax.default_backend() == "cpu" else f"_{jax.default_backend()}"
     return written(args.out, f"memory_{args.base}{suffix}", table, markdown(table))
 
 

@@ -67,3 +67,20 @@ def test_recomputing_each_layer_drops_the_saved_activations_and_lorax_still_hold
     saved = {v: memory.footprint(*memory.train_step(v, remat, params, ids)) for v in ("hand", "lorax")}
     assert saved["lorax"].temporaries <= 1.05 * saved["hand"].temporaries
     assert saved["lorax"].classes["activation stacks"] < 0.25 * footprints["lorax"].classes["activation stacks"]
+
+
+def test_a_bf16_base_costs_at_most_its_bits_in_temporaries_and_less_than_fp32(footprints):
+    """XLA:CPU slices a bf16 stack in the layer loop from an fp32 copy of the whole stack (the
+    hand-written step holds one); lorax scans its bits, so its weight-shaped temporaries stay
+    within one bf16 copy of the stacks, and the bf16 step needs less than the fp32 one."""
+    ids = jax.random.randint(jax.random.key(1), (2, 33), 0, CONFIG.vocab)
+    params = Llama(CONFIG).init(jax.random.key(0), ids[:, :-1])
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.ndim >= 2 else x, params)
+    config = dataclasses.replace(CONFIG, matmul_dtype=jnp.bfloat16)
+    got = {v: memory.footprint(*memory.train_step(v, config, bf16, ids)) for v in ("hand", "lorax")}
+    stacks_bf16 = sum(x.size * 2 for x in jax.tree.leaves(bf16) if x.ndim == 3)
+    lorax_fp32 = footprints["lorax"]
+    weight_shaped = lambda f: f.classes["weight-shaped stacks"]  # noqa: E731
+    assert weight_shaped(got["hand"]) >= 2 * stacks_bf16  # the fp32 copy this test keeps out of lorax's step
+    assert weight_shaped(got["lorax"]) <= weight_shaped(lorax_fp32) + stacks_bf16
+    assert got["lorax"].total < lorax_fp32.total and got["lorax"].total < got["hand"].total

@@ -175,3 +175,61 @@ def test_lora_refuses_a_non_callable_and_a_non_key_rng():
         lorax.lora({"w": 1})
     with pytest.raises(TypeError, match="rng must be a PRNG key"):
         lorax.lora(model, rng=3)
+
+
+def scanned(p, x):
+    """Three layers in a ``scan`` over stacked bf16 weights: ``up`` (adapted) and ``down`` (plain)."""
+    def layer(h, w):
+        return mm(jnp.tanh(mm(h, w["up"])), w["down"]), None
+    return jax.lax.scan(layer, x, p)[0]
+
+
+def stacked_weights():
+    k1, k2 = jax.random.split(jax.random.key(4))
+    return {"up": (jax.random.normal(k1, (3, 48, 40)) / 7).astype(BF16),
+            "down": (jax.random.normal(k2, (3, 40, 48)) / 6).astype(BF16)}
+
+
+def stacked_adapted():
+    params = lorax.init(jax.random.key(1), lorax.LoraConfig(rank=4, targets="up"), scanned, stacked_weights(), X)
+    up = params["up"]
+    return {**params, "up": up.replace(b=jax.random.normal(jax.random.key(3), up.b.shape) / 5)}
+
+
+def test_a_scanned_bf16_stack_is_sliced_as_bits_with_no_fp32_copy_and_the_same_gradients():
+    """XLA:CPU slices a bf16 stack inside a loop from an fp32 copy of the whole stack, made
+    before the loop; lorax scans the bits of frozen bf16 stacks, so neither stack is ever fp32,
+    and the adapter's gradients are those of the merged model."""
+    params = stacked_adapted()
+    trained, frozen = lorax.split(params)
+
+    def compiled(narrow):
+        lossf = lambda t: loss_of(lorax.lora(scanned, low_precision_backward=narrow), lorax.combine(t, frozen))  # noqa: E731
+        return jax.jit(jax.grad(lossf)).lower(trained).compile().as_text(), jax.grad(lossf)(trained)
+
+    stacks = r"f32\[3,(48,40|40,48)\]"
+    text, got = compiled(True)
+    assert re.search(stacks, compiled(False)[0]) and not re.search(stacks, text)
+    assert "u16[3,48,40]" in text and "u16[3,40,48]" in text
+    up = params["up"]
+    ref = lambda a, b: loss_of(scanned, {"up": up.w.astype(F32) + up.scale * a @ b,  # noqa: E731
+                                         "down": params["down"].astype(F32)})
+    ra, rb = jax.grad(ref, argnums=(0, 1))(up.a, up.b)
+    assert rel(got["up"].a, ra) < 2e-2 and rel(got["up"].b, rb) < 2e-2 and float(jnp.abs(rb).max()) > 1e-4
+    np.testing.assert_allclose(lorax.lora(scanned)(params, X), scanned(lorax.merge(params), X), rtol=2e-2, atol=2e-2)
+
+
+def test_a_differentiated_bf16_stack_in_a_scan_keeps_its_gradient_or_says_how():
+    """A plain bf16 stack differentiated as ``lora`` runs stays bf16 and gets its gradient; one
+    differentiated afterwards, through a jitted ``lora`` function, would find bits: refused with
+    the fix named, and the fix works."""
+    params = stacked_adapted()
+    merged = lorax.merge(params)
+    ref = jax.grad(lambda d: loss_of(scanned, {**merged, "down": d.astype(BF16)}))(params["down"].astype(F32))
+    got = jax.grad(lambda d: loss_of(lorax.lora(scanned), {**params, "down": d}))(params["down"])
+    assert got.dtype == BF16 and rel(got, ref) < 2e-2
+    jitted = jax.jit(lambda p: loss_of(lorax.lora(scanned), p))
+    with pytest.raises(Exception, match=r"frozen bf16 stack \(3, 40, 48\).*low_precision_backward=False"):
+        jax.grad(lambda d: jitted({**params, "down": d}))(params["down"])
+    wide = jax.jit(lambda p: loss_of(lorax.lora(scanned, low_precision_backward=False), p))
+    assert rel(jax.grad(lambda d: wide({**params, "down": d}))(params["down"]), ref) < 2e-2

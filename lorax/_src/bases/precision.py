@@ -84,7 +84,15 @@ def narrow_dot(x: jax.Array, y: jax.Array, subscripts: tuple[str, str, str], pre
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
 def _narrow(subscripts, precision, wide, x, y):
     lhs, rhs, out = subscripts
-    return jnp.einsum(f"{lhs},{rhs}->{out}", x, y, precision=precision, preferred_element_type=wide)
+    return jnp.einsum(f"{lhs},{rhs}->{out}", as_values(x), as_values(y), precision=precision,
+                      preferred_element_type=wide)
+
+
+def as_values(x: jax.Array) -> jax.Array:
+    """A product operand as bf16 values: a frozen weight carried through a scan as its uint16
+    bits (`lorax._src.bases.bits`) reinterpreted, any other array as it is. `narrow_dot` calls
+    it inside its custom derivative, so that the backward keeps the bits."""
+    return jax.lax.bitcast_convert_type(x, NARROW) if x.dtype == np.uint16 else x
 
 
 def _narrow_fwd(subscripts, precision, wide, x, y):
@@ -99,11 +107,11 @@ def _narrow_bwd(subscripts, precision, wide, residuals, g):
     if isinstance(g, SymbolicZero):
         return None, None
     lhs, rhs, out = subscripts
-    g = g.astype((x if y is None else y).dtype)
-    dx = None if y is None else jnp.einsum(f"{out},{rhs}->{lhs}", g, y, precision=precision,
-                                           preferred_element_type=wide).astype(y.dtype)
-    dy = None if x is None else jnp.einsum(f"{out},{lhs}->{rhs}", g, x, precision=precision,
-                                           preferred_element_type=wide).astype(x.dtype)
+    g = g.astype(NARROW)
+    dx = None if y is None else jnp.einsum(f"{out},{rhs}->{lhs}", g, as_values(y), precision=precision,
+                                           preferred_element_type=wide).astype(NARROW)
+    dy = None if x is None else jnp.einsum(f"{out},{lhs}->{rhs}", g, as_values(x), precision=precision,
+                                           preferred_element_type=wide).astype(NARROW)
     return dx, dy
 
 

@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax._src import compat
+from lorax._src.bases.bits import Bits
 from lorax._src.bases.formats import FORMATS, Format
 from lorax._src.validate import index
 
@@ -212,11 +213,12 @@ def stored(w: Any) -> Any:
     >>> stored(lorax.quantize({"w": jnp.ones((2, 64))}, "nf4")["w"]).dtype, stored(jnp.ones(3)).shape
     (dtype('uint8'), (3,))
     """
-    return w.codes if isinstance(w, QuantizedArray) else w
+    return w.codes if isinstance(w, QuantizedArray) else w.bits if isinstance(w, Bits) else w
 
 
 def dense(x: Any) -> Any:
-    """``x`` dequantized if it is a `QuantizedArray`, else as is: a frozen base's dense value.
+    """``x`` dequantized if it is a `QuantizedArray` (or reinterpreted if it is a bf16 weight
+    carried as bits through a scan), else as is: a frozen base's dense value.
 
     >>> import jax.numpy as jnp, lorax
     >>> from lorax.extend import dense
@@ -225,4 +227,4 @@ def dense(x: Any) -> Any:
     >>> dense(q).shape, float(jnp.abs(dense(q) - w).max()) < 0.01, dense(w) is w
     ((2, 32), True, True)
     """
-    return x.dequantize() if isinstance(x, QuantizedArray) else x
+    return x.dequantize() if isinstance(x, QuantizedArray | Bits) else x

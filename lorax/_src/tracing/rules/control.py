@@ -12,6 +12,7 @@ import jax
 from jax import lax
 
 from lorax._src import compat
+from lorax._src.bases.bits import Bits, Differentiated, carried_as_bits
 from lorax._src.kinds.adapter import Adapter
 from lorax._src.tracing.table import apply, rule
 from lorax._src.tracing.tracked import is_tracked
@@ -87,7 +88,8 @@ def _read_scan(eqn, vs, walk):
 
 @apply(compat.SCAN, adapter=Adapter)
 def _scan(eqn, invals, ctx):
-    """Weights stacked along the scanned axis are sliced together with their trained arrays."""
+    """Weights stacked along the scanned axis are sliced together with their trained arrays;
+    a frozen bf16 stack, with the bf16 backward on, as its bits (`lorax._src.bases.bits`)."""
     p = eqn.params
     nc, nk = p["num_consts"], p["num_carry"]
     consts, init, xs = invals[:nc], invals[nc:nc + nk], invals[nc + nk:]
@@ -112,6 +114,11 @@ def _scan_slice(value, length: int, ctx):
     lw = value.weight
     if not lw.stack_axes or lw.stack_axes[0] != 0:
         return ctx.materialized(value, "scan over a non-stacked axis"), lambda v: v
+    if ctx.narrow and carried_as_bits(lw.w):  # XLA:CPU would slice an fp32 copy of a bf16 stack
+        try:
+            lw = lw.replace(w=Bits.of(lw.w))
+        except Differentiated:  # being differentiated: it stays bf16
+            pass
     keys = None if value.key is None else jax.random.split(value.key, length)
     names = lw.stacked_fields()
 

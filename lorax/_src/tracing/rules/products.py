@@ -18,6 +18,8 @@ import jax.numpy as jnp
 
 from lorax._src import compat
 from lorax._src.bases import precision
+from lorax._src.bases.bits import Bits
+from lorax._src.bases.quantized import stored
 from lorax._src.kinds.lowrank import low_rank_update
 from lorax._src.tracing.table import rule
 from lorax._src.tracing.tracked import is_tracked
@@ -28,12 +30,15 @@ def base_product(eqn, operands: list, position: int, narrow: bool = False) -> ja
     """The frozen product, with the base weight at ``operands[position]``. A base that is
     not a plain array (a quantized one) computes it itself through ``lorax_product``; with
     ``narrow``, a low-precision product accumulated wide has its backward in the operands'
-    precision (`lorax._src.bases.precision`)."""
-    own = getattr(operands[position], "lorax_product", None)
-    if own:
+    precision (`lorax._src.bases.precision`), a bf16 weight carried through a scan as its
+    bits (`lorax._src.bases.bits`) included."""
+    w = operands[position]
+    narrowed = narrow and eqn.primitive.name == "dot_general" and precision.widens(eqn)
+    own = getattr(w, "lorax_product", None)
+    if own and not (narrowed and isinstance(w, Bits)):
         return own(eqn, operands, position)
-    if narrow and eqn.primitive.name == "dot_general" and precision.widens(eqn):
-        lhs, rhs = operands
+    if narrowed:
+        lhs, rhs = (stored(v) for v in operands)  # a weight carried as bits goes in as its bits
         lhs_sub, rhs_sub, out_sub = dot_subscripts(eqn.params["dimension_numbers"], jnp.ndim(lhs), jnp.ndim(rhs))
         return precision.narrow_dot(lhs, rhs, ("".join(lhs_sub), "".join(rhs_sub), "".join(out_sub)),
                                     eqn.params["precision"], eqn.params["preferred_element_type"])
