@@ -159,7 +159,10 @@ def lora(fn: Callable, *, rng: jax.Array | None = None, low_precision_backward: 
     spares XLA:CPU an fp32 copy of every such weight per step and runs the backward on the
     bf16 engine. ``low_precision_backward=False`` keeps JAX's own fp32 backward, and with it
     forward-mode AD (``jax.jvp``), which that custom backward does not support. fp16 weights
-    always keep JAX's backward: fp16 cotangents underflow.
+    always keep JAX's backward: fp16 cotangents underflow. A frozen bf16 stack that ``fn``
+    scans over goes through the loop as its bits (XLA:CPU would slice an fp32 copy of it); a
+    plain one differentiated only after tracing (``jax.grad`` of a jitted ``lora`` function
+    with respect to it) is refused, and this flag is the fix.
 
     >>> import jax, jax.numpy as jnp, lorax
     >>> fn = lambda p, x: x @ p["w"]
