@@ -94,8 +94,10 @@ def main(argv=None):
     except ValueError as refused:
         p.error(f"--{refused}")
     variants = tuple(args.variants.split(","))
-    if not variants or not set(variants) <= set(memory.VARIANTS):
+    if not set(variants) <= set(memory.VARIANTS):
         p.error(f"--variants takes some of {','.join(memory.VARIANTS)}, got {args.variants!r}")
+    if args.base == "q4" and "lorax" not in variants:
+        p.error("--base q4 has only the lorax step (a quantized base has no dense gradient)")
     table = rows(args.base, args.layers, args.batch, args.seq, args.remat, args.random, variants)
     suffix = ("" if args.remat == "none" else f"_remat_{args.remat}") + ("_random" if args.random else "")
     suffix += "" if jax.default_backend() == "cpu" else f"_{jax.default_backend()}"

@@ -38,9 +38,8 @@ from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
 from lorax._src import compat
-from lorax._src.bases.precision import NARROW, as_values
-
-BITS = np.dtype(np.uint16)
+from lorax._src.bases.at_use import product_at_use
+from lorax._src.bases.precision import BITS, NARROW, as_values
 
 
 def carried_as_bits(w: Any) -> bool:
@@ -113,16 +112,9 @@ class Bits:
         return as_values(self.bits)
 
     def lorax_product(self, eqn, operands: list, position: int) -> jax.Array:
-        """The product with this weight at ``operands[position]``, reinterpreted inside
-        ``jax.checkpoint`` (the backward keeps the bits, not a bf16 copy)."""
-
-        def product(bits: jax.Array, *others):
-            full = list(others)
-            full.insert(position, as_values(bits))
-            return compat.bind(eqn, full)[0]
-
-        others = [x for i, x in enumerate(operands) if i != position]
-        return jax.checkpoint(product)(self.bits, *others)
+        """The product with this weight at ``operands[position]``, reinterpreted at this use
+        (`lorax._src.bases.at_use`): the backward keeps the bits, not a bf16 copy."""
+        return product_at_use(self, eqn, operands, position)
 
     def view(self, eqn, rest: list) -> Bits:
         """A layout view (transpose, slice, squeeze, copy) of the weight: the same of its bits."""

@@ -25,6 +25,7 @@ import numpy as np
 from jax.custom_derivatives import SymbolicZero
 
 NARROW = jnp.dtype(jnp.bfloat16)
+BITS = np.dtype(np.uint16)  # a bf16 weight carried as its bits (`lorax._src.bases.bits`)
 
 
 def narrowed(dtype: Any) -> bool:
@@ -92,7 +93,7 @@ def as_values(x: jax.Array) -> jax.Array:
     """A product operand as bf16 values: a frozen weight carried through a scan as its uint16
     bits (`lorax._src.bases.bits`) reinterpreted, any other array as it is. `narrow_dot` calls
     it inside its custom derivative, so that the backward keeps the bits."""
-    return jax.lax.bitcast_convert_type(x, NARROW) if x.dtype == np.uint16 else x
+    return jax.lax.bitcast_convert_type(x, NARROW) if x.dtype == BITS else x
 
 
 def _narrow_fwd(subscripts, precision, wide, x, y):

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lorax._src import compat
+from lorax._src.bases.at_use import product_at_use
 from lorax._src.bases.bits import Bits
 from lorax._src.bases.formats import FORMATS, Format
 from lorax._src.validate import index
@@ -174,14 +174,7 @@ class QuantizedArray:
         may fuse the dequantization into the product). Under ``jax.checkpoint``: the backward
         dequantizes again rather than keep the full-precision weight as a residual (in a
         ``scan``, every layer's)."""
-
-        def product(weight: QuantizedArray, *others):
-            full = list(others)
-            full.insert(position, weight.dequantize())
-            return compat.bind(eqn, full)[0]
-
-        others = [x for i, x in enumerate(operands) if i != position]
-        return jax.checkpoint(product)(self, *others)
+        return product_at_use(self, eqn, operands, position)
 
 
 def _is_float_dtype(dtype: Any) -> bool:

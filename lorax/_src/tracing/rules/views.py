@@ -194,4 +194,3 @@ def _view_bits(eqn, w, rest):
 def _cast_bits(eqn, w, rest):
     """A cast to bf16 leaves the bits as they are; any other cast applies to the values."""
     return w if eqn.params["new_dtype"] == NARROW else None
-

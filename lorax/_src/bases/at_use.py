@@ -1,0 +1,30 @@
+"""The product of a frozen base that is not a plain array, dequantized where it is used.
+
+>>> import jax, jax.numpy as jnp, lorax
+>>> q = lorax.quantize({"w": jnp.ones((64, 2))}, "int8")["w"]
+>>> eqn = jax.make_jaxpr(jnp.dot)(jnp.ones((1, 64)), jnp.ones((64, 2))).eqns[0]
+>>> product_at_use(q, eqn, [jnp.ones((1, 64)), q], 1).tolist()
+[[64.0, 64.0]]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+
+from lorax._src import compat
+
+
+def product_at_use(base: Any, eqn, operands: list, position: int) -> jax.Array:
+    """``eqn`` with ``base.dequantize()`` at ``operands[position]``. Under ``jax.checkpoint``:
+    the backward dequantizes again rather than keep the dense weight as a residual (in a
+    ``scan``, every layer's); XLA may fuse the dequantization into the product."""
+
+    def product(weight, *others):
+        full = list(others)
+        full.insert(position, weight.dequantize())
+        return compat.bind(eqn, full)[0]
+
+    others = [x for i, x in enumerate(operands) if i != position]
+    return jax.checkpoint(product)(base, *others)
