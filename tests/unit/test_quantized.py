@@ -211,3 +211,21 @@ def test_a_view_that_rounds_values_sees_the_dequantized_weight():
     assert jax.make_jaxpr(lorax.lora(rounded))(lp, x).eqns  # traced through the table, not refused
     np.testing.assert_allclose(lorax.lora(rounded)(lp, x), lorax.lora(rounded)(plain, x), rtol=1e-6)
     assert not np.allclose(lorax.lora(rounded)(lp, x), x @ base["w"].dequantize())  # the update is in it
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_1", "nf4"])
+def test_a_quantized_table_is_looked_up_in_its_codes_and_only_the_rows_are_dequantized(fmt):
+    """An embedding lookup of whole rows gathers codes and scales: the same values as the
+    dequantized table's lookup (an index out of range gives NaN rows alike), and the compiled
+    lookup holds no fp32 copy of the table. Lookups across the blocks still dequantize it."""
+    table = jax.random.normal(jax.random.key(0), (64, 128))
+    rows = lorax.quantize({"t": table}, fmt, axis=-1)
+    ids = jnp.array([[1, 5], [63, 70]])
+    take = lambda p, ids: jnp.take(p["t"], ids, axis=0)  # noqa: E731
+    got, want = lorax.lora(take)(rows, ids), take({"t": rows["t"].dequantize()}, ids)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert np.isnan(np.asarray(got[1, 1])).all() and not np.isnan(np.asarray(got[0])).any()
+    assert "f32[64,128]" not in jax.jit(lorax.lora(take)).lower(rows, ids).compile().as_text()
+    columns = lambda p, ids: jnp.take(p["t"], ids, axis=1)  # noqa: E731
+    np.testing.assert_array_equal(np.asarray(lorax.lora(columns)(rows, ids[0])),
+                                  np.asarray(columns({"t": rows["t"].dequantize()}, ids[0])))

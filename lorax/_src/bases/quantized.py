@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lorax._src import compat
 from lorax._src.bases.at_use import product_at_use
 from lorax._src.bases.bits import Bits
 from lorax._src.bases.formats import FORMATS, Format
@@ -173,8 +174,26 @@ class QuantizedArray:
         """The frozen product with this weight at ``operands[position]``, dequantized here (XLA
         may fuse the dequantization into the product). Under ``jax.checkpoint``: the backward
         dequantizes again rather than keep the full-precision weight as a residual (in a
-        ``scan``, every layer's)."""
-        return product_at_use(self, eqn, operands, position)
+        ``scan``, every layer's). A lookup of whole rows (an embedding) gathers the rows' codes
+        and scales and dequantizes those rows alone."""
+        rows = self._rows(eqn, operands, position)
+        return product_at_use(self, eqn, operands, position) if rows is None else rows.dequantize()
+
+    def _rows(self, eqn, operands: list, position: int) -> QuantizedArray | None:
+        """The rows a ``gather`` looks up, still quantized, where it takes every block axis
+        whole and keeps it last (``jnp.take(table, ids, axis=0)``); else None."""
+        if eqn.primitive.name != "gather" or position != 0:
+            return None
+        numbers, sizes = eqn.params["dimension_numbers"], eqn.params["slice_sizes"]
+        last, out_last = self.ndim - 1, len(eqn.outvars[0].aval.shape) - 1
+        if (self.axis != -1 or sizes[last] != self.shape[last] or last in numbers.collapsed_slice_dims
+                or not numbers.offset_dims or numbers.offset_dims[-1] != out_last):
+            return None
+        def gather(x):  # an index out of range fills the codes with 0 and the scales as the lookup fills values
+            fill = eqn.params.get("fill_value") if jnp.issubdtype(x.dtype, jnp.floating) else 0
+            return compat.bind(eqn, [x, operands[1]], slice_sizes=(*sizes[:last], x.shape[last]), fill_value=fill)[0]
+
+        return self.map_arrays(gather)
 
 
 def _is_float_dtype(dtype: Any) -> bool:
