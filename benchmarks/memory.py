@@ -25,10 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from lorax_examples import memory, smollm
-from lorax_examples.llama import Llama, LlamaConfig, remat_setting
+from lorax_examples.llama import Llama, LlamaConfig, quantize_like_gguf, remat_setting
 from report_files import written
-
-import lorax
 
 HERE = Path(__file__).resolve().parent
 
@@ -41,17 +39,18 @@ def random_model(base: str, layers: int | None):
     if base == "bf16":
         params = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.ndim >= 2 else x, params)
     elif base == "q4":
-        params = lorax.quantize(lorax.quantize(params, "q4_1", r".*/layers/.*/kernel"), "q8_0", r".*/embedding")
+        params = quantize_like_gguf(params)
     return config, params
 
 
 def rows(base: str, layers: int | None, batch: int, seq: int, remat: str = "none", random: bool = False,
-         variants: tuple[str, ...] = memory.VARIANTS) -> list[dict]:
+         variants: tuple[str, ...] = memory.VARIANTS, head_chunks: int = 0) -> list[dict]:
     """Each step's memory on ``base``; ``remat``: none, full (each layer recomputed in the
     backward) or a ``jax.checkpoint_policies`` name (what each layer saves); ``random``: the
-    model's shapes with random weights."""
+    model's shapes with random weights; ``head_chunks``: the loss over that many vocabulary
+    slices (`lorax_examples.llama.chunked_xent`), 0 from the full logits."""
     config, params = random_model(base, layers) if random else smollm.load(base=base, layers=layers)[:2]
-    config = dataclasses.replace(config, remat=remat_setting(remat))
+    config = dataclasses.replace(config, remat=remat_setting(remat), head_chunks=head_chunks)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab, (batch, seq + 1)), jnp.int32)
     if base == "q4":  # a quantized base has no dense gradient
         variants = tuple(v for v in variants if v == "lorax")
@@ -59,7 +58,7 @@ def rows(base: str, layers: int | None, batch: int, seq: int, remat: str = "none
     for variant in variants:
         f = memory.footprint(*memory.train_step(variant, config, params, ids))
         out.append(dict(variant=variant, base=base, layers=config.layers, batch=batch, seq=seq, remat=remat,
-                        weights="random" if random else "gguf", platform=jax.default_backend(),
+                        head_chunks=head_chunks, weights="random" if random else "gguf", platform=jax.default_backend(),
                         arguments_mib=f.arguments / memory.MiB, temporaries_mib=f.temporaries / memory.MiB,
                         total_mib=f.total / memory.MiB, **{f"{k}_mib": v / memory.MiB for k, v in f.classes.items()}))
     return out
@@ -68,7 +67,8 @@ def rows(base: str, layers: int | None, batch: int, seq: int, remat: str = "none
 def markdown(table: list[dict]) -> str:
     r = table[0]
     lines = [f"**Train-step memory, SmolLM2-135M ({r['layers']} layers), batch {r['batch']} × {r['seq']}, "
-             f"AdamW, LoRA q,v r=8, state donated, remat {r.get('remat', 'none')}, {r.get('weights', 'gguf')} "
+             f"AdamW, LoRA q,v r=8, state donated, remat {r.get('remat', 'none')}, loss over "
+             f"{r.get('head_chunks') or 'no'} vocabulary slices, {r.get('weights', 'gguf')} "
              f"weights, XLA:{r.get('platform', 'cpu').upper()}** (XLA memory_analysis, MiB)", "",
              "| step | base | arguments | temporaries | of which activation stacks | weight-shaped stacks | other "
              "| total |", "|---|---|---|---|---|---|---|---|"]
@@ -85,6 +85,8 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--remat", default="none", help="none, full, or a jax.checkpoint_policies name")
+    p.add_argument("--head-chunks", type=int, default=0,
+                   help="the loss over this many slices of the vocabulary (a divisor of 49152); 0: full logits")
     p.add_argument("--variants", default=",".join(memory.VARIANTS), help="which steps, comma-separated")
     p.add_argument("--random", action="store_true", help="SmolLM2-135M's shapes with random weights (no GGUF file)")
     p.add_argument("--out", type=Path, default=HERE / "results")
@@ -98,8 +100,11 @@ def main(argv=None):
         p.error(f"--variants takes some of {','.join(memory.VARIANTS)}, got {args.variants!r}")
     if args.base == "q4" and "lorax" not in variants:
         p.error("--base q4 has only the lorax step (a quantized base has no dense gradient)")
-    table = rows(args.base, args.layers, args.batch, args.seq, args.remat, args.random, variants)
+    if args.head_chunks < 0 or LlamaConfig().vocab % max(args.head_chunks, 1):
+        p.error(f"--head-chunks takes 0 or a divisor of 49152, got {args.head_chunks}")
+    table = rows(args.base, args.layers, args.batch, args.seq, args.remat, args.random, variants, args.head_chunks)
     suffix = ("" if args.remat == "none" else f"_remat_{args.remat}") + ("_random" if args.random else "")
+    suffix += f"_head_{args.head_chunks}" if args.head_chunks else ""
     suffix += "" if jax.default_backend() == "cpu" else f"_{jax.default_backend()}"
     return written(args.out, f"memory_{args.base}{suffix}", table, markdown(table))
 

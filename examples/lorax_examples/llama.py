@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import lorax
 
@@ -48,6 +49,9 @@ class LlamaConfig:
     lora_targets: tuple[str, ...] = ()
     lora_rank: int = 8
     lora_alpha: float = 16.0
+    # the training loss (`Llama.__call__` with ``targets``) over this many slices of the
+    # vocabulary (`chunked_xent`: the logits are never held whole); 0: from the full logits
+    head_chunks: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -185,8 +189,46 @@ class DecoderLayer(nn.Module):
         return x, cache
 
 
+def chunked_xent(x, table, targets, chunks: int, dtype=None):
+    """Mean cross-entropy of the tied head's logits ``x·tableᵀ`` against ``targets``, computed
+    over ``chunks`` slices of the vocabulary with a running log-sum-exp. The logits are never
+    held whole: each slice's are recomputed in the backward (``jax.checkpoint``) rather than
+    saved, and the table is sliced where it is used, so a quantized one is dequantized one
+    slice at a time inside `lorax.lora`.
+
+    >>> import jax, jax.numpy as jnp, optax
+    >>> x, table = jax.random.normal(jax.random.key(0), (2, 3, 8)), jax.random.normal(jax.random.key(1), (16, 8))
+    >>> targets = jnp.array([[1, 5, 15], [0, 8, 9]])
+    >>> full = optax.softmax_cross_entropy_with_integer_labels(x @ table.T, targets).mean()
+    >>> bool(jnp.allclose(chunked_xent(x, table, targets, 4), full, atol=1e-5))
+    True
+    """
+    vocab = table.shape[0]
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1 or vocab % chunks:
+        raise ValueError(f"head_chunks must be a positive divisor of the vocabulary ({vocab}), got {chunks!r}")
+    size = vocab // chunks
+    x, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+
+    @jax.checkpoint
+    def step(carry, start):
+        top, total, picked = carry
+        logits = matmul(x, jax.lax.dynamic_slice_in_dim(table, start, size, 0), (((1,), (1,)), ((), ())), dtype)
+        new_top = jax.lax.stop_gradient(jnp.maximum(top, logits.max(-1)))  # the sum is exact for any shift
+        total = total * jnp.exp(top - new_top) + jnp.exp(logits - new_top[:, None]).sum(-1)
+        local = targets - start
+        hit = jnp.take_along_axis(logits, jnp.clip(local, 0, size - 1)[:, None], axis=1)[:, 0]
+        return (new_top, total, picked + jnp.where((local >= 0) & (local < size), hit, 0.0)), None
+
+    n = x.shape[0]
+    start = (jnp.full((n,), jnp.finfo(jnp.float32).min), jnp.zeros((n,)), jnp.zeros((n,)))
+    (top, total, picked), _ = jax.lax.scan(step, start, jnp.arange(chunks) * size)
+    return jnp.mean(top + jnp.log(total) - picked)
+
+
 class Llama(nn.Module):
-    """``Llama(config).apply(params, ids)`` -> logits [batch, seq, vocab].
+    """``Llama(config).apply(params, ids)`` -> logits [batch, seq, vocab];
+    ``apply(params, ids, targets=next_ids)`` -> the mean cross-entropy (over vocabulary slices
+    with ``config.head_chunks``, see `chunked_xent`).
 
     With a cache (`init_cache`), ``apply(params, ids, positions, cache)`` -> ``(logits, cache)``:
     ``ids`` [batch, t] sit at ``positions`` [batch, t] (consecutive in each row) and attend to
@@ -196,8 +238,10 @@ class Llama(nn.Module):
     config: LlamaConfig
 
     @nn.compact
-    def __call__(self, ids, positions=None, cache=None):
+    def __call__(self, ids, positions=None, cache=None, targets=None):
         c = self.config
+        if targets is not None and cache is not None:
+            raise ValueError("Llama: targets (the training loss) take no cache")
         embed = nn.Embed(c.vocab, c.dim, name="embed_tokens")
         t = ids.shape[1]
         if cache is None:
@@ -215,11 +259,31 @@ class Llama(nn.Module):
                          in_axes=(nn.broadcast, nn.broadcast, 0), length=c.layers)
         x, cache = layers(c, name="layers")(embed(ids).astype(jnp.float32), positions, mask, cache)
         x = RMSNorm(c.eps, name="norm")(x)
+        if targets is not None and c.head_chunks:
+            if not c.tie_embeddings:
+                raise ValueError("Llama: head_chunks slices the tied embedding; this model has an lm_head")
+            return chunked_xent(x, embed.embedding, targets, c.head_chunks, c.matmul_dtype)
         if c.tie_embeddings:
             logits = matmul(x, embed.embedding, (((2,), (1,)), ((), ())), c.matmul_dtype)
         else:
             logits = Linear(c.vocab, c.matmul_dtype, name="lm_head")(x)
+        if targets is not None:
+            return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
         return logits if cache is None else (logits, cache)
+
+
+def quantize_like_gguf(params: dict) -> dict:
+    """``params`` quantized as SmolLM2's GGUF file holds them: Q4_1 layer kernels (blocks along
+    the input axis) and a Q8_0 embedding (blocks along its rows), for shapes-only measurements.
+
+    >>> import jax, jax.numpy as jnp
+    >>> config = LlamaConfig(vocab=64, dim=64, layers=1, heads=2, kv_heads=1, hidden=64)
+    >>> q = quantize_like_gguf(Llama(config).init(jax.random.key(0), jnp.zeros((1, 2), int)))["params"]
+    >>> table, up = q["embed_tokens"]["embedding"], q["layers"]["mlp"]["up_proj"]["kernel"]
+    >>> table.fmt, table.axis, up.fmt
+    ('q8_0', -1, 'q4_1')
+    """
+    return lorax.quantize(lorax.quantize(params, "q4_1", r".*/layers/.*/kernel"), "q8_0", r".*/embedding", axis=-1)
 
 
 def init_cache(config: LlamaConfig, batch: int, slots: int, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:

@@ -41,7 +41,7 @@ def train_step(variant: str, config: LlamaConfig, params: dict, ids: jax.Array, 
                rank: int = 8):
     """``(jitted step, its arguments)``: one AdamW step of ``variant`` with the state donated."""
     tx = optax.adamw(1e-4, weight_decay=0.0)
-    plain = lambda p, x: Llama(config).apply(p, x)  # noqa: E731
+    plain = lambda p, x, t: Llama(config).apply(p, x, targets=t)  # noqa: E731
     forward: Callable[..., Any]
     if variant == "hand" and not set(targets) <= {"q_proj", "k_proj", "v_proj", "o_proj"}:
         raise ValueError(f"the hand-written LoRA adapts attention projections only, got targets={targets!r}")
@@ -50,20 +50,19 @@ def train_step(variant: str, config: LlamaConfig, params: dict, ids: jax.Array, 
     elif variant == "hand":
         hand = dataclasses.replace(config, lora_targets=tuple(targets), lora_rank=rank, lora_alpha=2.0 * rank)
         state = _hand_factors(params, targets, rank)
-        rest, forward = (params,), lambda s, p, x: Llama(hand).apply(_with_factors(p, s), x)
+        rest, forward = (params,), lambda s, p, x, t: Llama(hand).apply(_with_factors(p, s), x, targets=t)
     elif variant == "lorax":
         pattern = r".*/(" + "|".join(targets) + r")/kernel"
         adapted = lorax.init(jax.random.key(0), lorax.LoraConfig(rank=rank, alpha=2.0 * rank, targets=pattern),
-                             plain, params, ids[:, :-1])
+                             plain, params, ids[:, :-1], ids[:, 1:])
         state, frozen = lorax.split(adapted)
-        rest, forward = (frozen,), lambda t, f, x: lorax.lora(plain)(lorax.combine(t, f), x)
+        rest, forward = (frozen,), lambda s, f, x, t: lorax.lora(plain)(lorax.combine(s, f), x, t)
     else:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
 
     def step(state, opt, *rest_and_ids):
         *rest, ids = rest_and_ids
-        logits = lambda s: forward(s, *rest, ids[:, :-1])  # noqa: E731
-        xent = lambda s: optax.softmax_cross_entropy_with_integer_labels(logits(s), ids[:, 1:]).mean()  # noqa: E731
+        xent = lambda s: forward(s, *rest, ids[:, :-1], ids[:, 1:])  # noqa: E731
         loss, grads = jax.value_and_grad(xent)(state)
         updates, opt = tx.update(grads, opt, state)
         return optax.apply_updates(state, updates), opt, loss

@@ -7,7 +7,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 from lorax_examples import memory
-from lorax_examples.llama import Llama, LlamaConfig
+from lorax_examples.llama import Llama, LlamaConfig, chunked_xent, init_cache, quantize_like_gguf
+
+import lorax
 
 pytestmark = pytest.mark.xdist_group("test_memory")  # the three compiled steps, made once on one worker
 CONFIG = LlamaConfig(vocab=256, dim=64, layers=4, heads=4, kv_heads=2, hidden=128, remat=False)
@@ -84,3 +86,60 @@ def test_a_bf16_base_costs_at_most_its_bits_in_temporaries_and_less_than_fp32(fo
     assert weight_shaped(got["hand"]) >= 2 * stacks_bf16  # the fp32 copy this test keeps out of lorax's step
     assert weight_shaped(got["lorax"]) <= weight_shaped(lorax_fp32) + stacks_bf16
     assert got["lorax"].total < lorax_fp32.total and got["lorax"].total < got["hand"].total
+
+
+HEAD = LlamaConfig(vocab=4096, dim=128, layers=4, heads=4, kv_heads=2, hidden=512, remat=True, head_chunks=8)
+
+
+def test_a_4bit_base_with_remat_and_the_loss_over_vocabulary_slices_needs_under_0_4_of_fp32():
+    """QLoRA's promise on a scanned LLaMA whose weights dominate, as SmolLM2-135M's do once each
+    layer is recomputed: the Q4_1 step (Q8_0 tied embedding) holds at most 0.40 of the fp32
+    step, and never a full-precision copy of a layer stack or of the table."""
+    ids = jax.random.randint(jax.random.key(1), (1, 17), 0, HEAD.vocab)
+    params = Llama(HEAD).init(jax.random.key(0), ids[:, :-1])
+    q4 = quantize_like_gguf(params)
+    fp32 = memory.footprint(*memory.train_step("lorax", HEAD, params, ids))
+    step, args = memory.train_step("lorax", HEAD, q4, ids)
+    quantized = memory.footprint(step, args)
+    assert quantized.total <= 0.40 * fp32.total
+    assert quantized.classes["weight-shaped stacks"] <= 0.01 * fp32.total  # no dequantized stack
+    text = step.lower(*args).compile().as_text()
+    stacks = {x.shape for x in jax.tree.leaves(params) if x.ndim == 3} | {(HEAD.vocab, HEAD.dim)}
+    assert not [s for s in stacks if f"f32[{','.join(map(str, s))}]" in text]
+
+
+def test_the_loss_over_vocabulary_slices_is_the_merged_models_loss_and_gradients():
+    ids = jax.random.randint(jax.random.key(1), (2, 17), 0, HEAD.vocab)
+    whole = dataclasses.replace(HEAD, head_chunks=0)
+    params = Llama(whole).init(jax.random.key(0), ids[:, :-1])
+    loss = lambda p, config: Llama(config).apply(p, ids[:, :-1], targets=ids[:, 1:])  # noqa: E731
+    config = lorax.LoraConfig(rank=4, targets=r".*/(q_proj|v_proj)/kernel")
+    adapted = lorax.init(jax.random.key(2), config, lambda p, x: Llama(whole).apply(p, x), params, ids[:, :-1])
+    adapted = jax.tree.map(lambda x: x.replace(b=jax.random.normal(jax.random.key(3), x.b.shape) / 50)
+                           if isinstance(x, lorax.LoraWeight) else x, adapted,
+                           is_leaf=lambda x: isinstance(x, lorax.LoraWeight))
+    trained, frozen = lorax.split(adapted)
+    chunked = lambda t: lorax.lora(loss)(lorax.combine(t, frozen), HEAD)  # noqa: E731
+    merged = lambda t: loss(lorax.merge(lorax.combine(t, frozen)), whole)  # noqa: E731
+    got, want = jax.value_and_grad(chunked)(trained), jax.value_and_grad(merged)(trained)
+    assert abs(float(got[0]) - float(want[0])) < 1e-4 * float(want[0])
+    for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+        assert float(jnp.abs(g - w).max()) <= 1e-3 * float(jnp.abs(w).max()) + 1e-7
+    assert max(float(jnp.abs(w).max()) for w in jax.tree.leaves(want[1])) > 1e-4
+
+
+@pytest.mark.parametrize("chunks", [3, 0.5, -8, True])
+def test_vocabulary_slices_must_divide_the_vocabulary(chunks):
+    x, table = jnp.ones((1, 2, 8)), jnp.ones((16, 8))
+    with pytest.raises(ValueError, match=r"head_chunks must be a positive divisor of the vocabulary \(16\)"):
+        chunked_xent(x, table, jnp.zeros((1, 2), int), chunks)
+
+
+def test_the_training_loss_refuses_a_cache_and_an_untied_head():
+    ids = jnp.zeros((1, 4), int)
+    untied = dataclasses.replace(CONFIG, tie_embeddings=False, head_chunks=4)
+    params = Llama(untied).init(jax.random.key(0), ids)
+    with pytest.raises(ValueError, match="head_chunks slices the tied embedding"):
+        Llama(untied).apply(params, ids, targets=ids)
+    with pytest.raises(ValueError, match="targets .* take no cache"):
+        Llama(CONFIG).apply(params, ids, positions=ids, cache=init_cache(CONFIG, 1, 4), targets=ids)
