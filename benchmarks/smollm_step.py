@@ -85,22 +85,20 @@ def lorax_step(args):
     import lorax.peft
 
     config, base, _ = smollm.load(base=args.base, layers=args.layers)
-    config = type(config)(**{**config.__dict__, "remat": remat_setting(args.remat)})
+    config = type(config)(**{**config.__dict__, "remat": remat_setting(args.remat), "head_chunks": args.head_chunks})
     fn = lambda p, ids: Llama(config).apply(p, ids)  # noqa: E731
+    xent = lambda p, ids: Llama(config).apply(p, ids[:, :-1], targets=ids[:, 1:])  # noqa: E731
     ids = jax.numpy.asarray(_tokens(args.batch, args.seq, config.vocab))
     tx = optax.adamw(1e-4, weight_decay=0.0)
 
-    def xent(logits, ids):
-        return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
-
     if args.framework == "jax-full":
-        state, rest, forward, adapter_bytes = base, (), fn, None
+        state, rest, forward, adapter_bytes = base, (), xent, None
     else:
         lora_config = lorax.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=LORAX_TARGETS[args.targets],
                                        use_dora=args.dora)  # over a bf16 base the factors are fp32
         params = lorax.init(jax.random.key(0), lora_config, fn, base, ids[:, :-1])
         state, frozen = lorax.split(params)
-        rest, forward = (frozen,), lambda t, f, x: lorax.lora(fn)(lorax.combine(t, f), x)
+        rest, forward = (frozen,), lambda t, f, x: lorax.lora(xent)(lorax.combine(t, f), x)
         with tempfile.TemporaryDirectory() as tmp:
             lorax.peft.save_peft(Path(tmp), params, lorax.peft.LLAMA)
             adapter_bytes = _adapter_bytes(Path(tmp))
@@ -110,7 +108,7 @@ def lorax_step(args):
     @jax.jit
     def step(state, opt, *rest_and_ids):
         *rest, ids = rest_and_ids
-        loss, g = jax.value_and_grad(lambda s: xent(forward(s, *rest, ids[:, :-1]), ids))(state)
+        loss, g = jax.value_and_grad(lambda s: forward(s, *rest, ids))(state)
         updates, opt = tx.update(g, opt, state)
         return optax.apply_updates(state, updates), opt, loss
 
@@ -179,6 +177,8 @@ def parser(description: str) -> argparse.ArgumentParser:
                         "the GGUF's Q4_1/Q8_0 blocks kept as stored (QLoRA)")
     p.add_argument("--remat", default="none",
                    help="JAX: recompute in the backward: none, full, or a jax.checkpoint_policies name")
+    p.add_argument("--head-chunks", type=int, default=0,
+                   help="JAX: the loss over this many slices of the vocabulary (a divisor of 49152); 0: full logits")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
@@ -215,7 +215,7 @@ def main(argv=None):
     print(json.dumps(dict(
         framework=args.framework, targets=None if "full" in args.framework else args.targets, rank=args.rank,
         kind="full" if "full" in args.framework else "dora" if args.dora else "lora",
-        base=args.base, layers=args.layers or smollm.LAYERS,
+        base=args.base, layers=args.layers or smollm.LAYERS, remat=args.remat, head_chunks=args.head_chunks,
         batch=args.batch, seq=args.seq, s_per_step=median, tokens_per_s=args.batch * args.seq / median,
         trained_params=count, train_peak_rss_mib=_peak_rss_mib() if reset else None,
         process_peak_rss_mib=max(load_peak, _peak_rss_mib()), adapter_bytes=adapter_bytes and adapter_bytes[0],

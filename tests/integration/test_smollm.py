@@ -130,8 +130,10 @@ def test_finetune_example_smoke_and_resume(tmp_path, capsys):
     assert summary["held_out"][0][1] == summary["before_loss"] and summary["held_out"][-1][1] == summary["after_loss"]
     for name in ("loss.png", "summary.json", "peft/adapter_config.json", "peft/adapter_model.safetensors", "adapter/2"):
         assert (tmp_path / name).exists(), name
-    finetune_smollm.main([*tiny, "--resume", "--steps", "3"])  # one more step: 2 -> 3
-    assert (tmp_path / "adapter" / "3").exists()
+    # one more step, 2 -> 3, with the memory options (same state: a run may resume with or without them)
+    resumed = finetune_smollm.main([*tiny, "--resume", "--steps", "3", "--remat", "full", "--head-chunks", "8"])
+    assert (tmp_path / "adapter" / "3").exists() and resumed["head_chunks"] == 8 and resumed["remat"] == "full"
+    assert [step for step, _ in resumed["held_out"]] == [0, 1, 2, 3] and 0 < resumed["after_loss"] < 20
 
 
 def test_finetune_plot_smoothing_follows_the_trend_without_start_up_bias():
@@ -146,6 +148,8 @@ def test_finetune_plot_smoothing_follows_the_trend_without_start_up_bias():
 @pytest.mark.parametrize("flags, message", [
     (["--targets", r".*/nothing"], "matched no weight"),
     (["--seq", "9000"], "--seq 9000 exceeds the model's context of 8192 tokens"),
+    (["--head-chunks", "7"], "--head-chunks takes 0 or a divisor of the vocabulary (49152), got 7"),
+    (["--remat", "sometimes"], "--remat must be none, full or a jax.checkpoint_policies name, got 'sometimes'"),
 ])
 def test_finetune_example_bad_input(tmp_path, capsys, flags, message):
     import finetune_smollm
