@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from lorax_examples import memory, smollm
-from lorax_examples.llama import Llama, LlamaConfig, quantize_like_gguf, remat_setting
+from lorax_examples.llama import Llama, LlamaConfig, head_chunks_setting, quantize_like_gguf, remat_setting
 from report_files import written
 
 HERE = Path(__file__).resolve().parent
@@ -100,8 +100,10 @@ def main(argv=None):
         p.error(f"--variants takes some of {','.join(memory.VARIANTS)}, got {args.variants!r}")
     if args.base == "q4" and "lorax" not in variants:
         p.error("--base q4 has only the lorax step (a quantized base has no dense gradient)")
-    if args.head_chunks < 0 or LlamaConfig().vocab % max(args.head_chunks, 1):
-        p.error(f"--head-chunks takes 0 or a divisor of 49152, got {args.head_chunks}")
+    try:
+        head_chunks_setting(args.head_chunks, LlamaConfig().vocab)
+    except ValueError as refused:
+        p.error(f"--{refused}")
     table = rows(args.base, args.layers, args.batch, args.seq, args.remat, args.random, variants, args.head_chunks)
     suffix = ("" if args.remat == "none" else f"_remat_{args.remat}") + ("_random" if args.random else "")
     suffix += f"_head_{args.head_chunks}" if args.head_chunks else ""

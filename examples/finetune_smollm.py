@@ -168,7 +168,7 @@ def main(argv=None):
     matplotlib.use("Agg")
 
     from lorax_examples import smollm
-    from lorax_examples.llama import Llama, cached_step, remat_setting
+    from lorax_examples.llama import Llama, cached_step, head_chunks_setting, remat_setting
 
     import lorax
     import lorax.peft
@@ -177,12 +177,10 @@ def main(argv=None):
     if args.seq + 1 > config.max_len:
         fail(f"--seq {args.seq} exceeds the model's context of {config.max_len} tokens")
     try:
-        remat = remat_setting(args.remat)
+        remat, head_chunks = remat_setting(args.remat), head_chunks_setting(args.head_chunks, config.vocab)
     except ValueError as refused:
         fail(f"--{refused}")
-    if args.head_chunks < 0 or config.vocab % max(args.head_chunks, 1):
-        fail(f"--head-chunks takes 0 or a divisor of the vocabulary ({config.vocab}), got {args.head_chunks}")
-    config = type(config)(**{**config.__dict__, "remat": remat, "head_chunks": args.head_chunks})
+    config = type(config)(**{**config.__dict__, "remat": remat, "head_chunks": head_chunks})
     fn = lambda p, ids: Llama(config).apply(p, ids)  # noqa: E731
     loss_of = lambda p, ids: Llama(config).apply(p, ids[:, :-1], targets=ids[:, 1:])  # noqa: E731
     train_ids, test_ids = token_splits(tokenizer, shakespeare_texts())

@@ -189,6 +189,18 @@ class DecoderLayer(nn.Module):
         return x, cache
 
 
+def head_chunks_setting(chunks: int, vocab: int) -> int:
+    """`LlamaConfig.head_chunks` for a command line's ``--head-chunks``: 0 (the whole logits) or
+    a divisor of ``vocab``; anything else is refused.
+
+    >>> head_chunks_setting(8, 49152), head_chunks_setting(0, 49152)
+    (8, 0)
+    """
+    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 0 or (chunks and vocab % chunks):
+        raise ValueError(f"head-chunks takes 0 or a divisor of the vocabulary ({vocab}), got {chunks!r}")
+    return chunks
+
+
 def chunked_xent(x, table, targets, chunks: int, dtype=None):
     """Mean cross-entropy of the tied head's logits ``x·tableᵀ`` against ``targets``, computed
     over ``chunks`` slices of the vocabulary with a running log-sum-exp. The logits are never
@@ -204,8 +216,8 @@ def chunked_xent(x, table, targets, chunks: int, dtype=None):
     True
     """
     vocab = table.shape[0]
-    if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1 or vocab % chunks:
-        raise ValueError(f"head_chunks must be a positive divisor of the vocabulary ({vocab}), got {chunks!r}")
+    if not head_chunks_setting(chunks, vocab):
+        raise ValueError(f"head-chunks takes 0 or a divisor of the vocabulary ({vocab}), got 0 for a sliced head")
     size = vocab // chunks
     x, targets = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
 
