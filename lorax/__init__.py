@@ -8,6 +8,7 @@
 """
 
 from lorax import adapters as adapters  # noqa: E402  (after the kinds it builds on)
+from lorax._src.bases.bits import Bf16Bits as Bf16Bits
 from lorax._src.bases.quantize import gguf_tensor as gguf_tensor
 from lorax._src.bases.quantize import merge_quantized as merge_quantized
 from lorax._src.bases.quantize import quantize as quantize
@@ -43,6 +44,7 @@ from lorax._src.version import __version__ as __version__
 __all__ = [
     "ALL_LINEAR",
     "Adapter",
+    "Bf16Bits",
     "DoraWeight",
     "Explanation",
     "Ia3Weight",

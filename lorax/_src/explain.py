@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from lorax._src import display
-from lorax._src.bases.quantized import QuantizedArray, format_of
+from lorax._src.bases.quantized import QuantizedArray, is_frozen_base
 from lorax._src.init import first_use, unfit, uses_of
 from lorax._src.kinds.adapter import Adapter
 from lorax._src.paths import named_leaves
@@ -59,7 +59,7 @@ class Explanation:
     parameter budget. ``print`` it for a table; in a notebook it renders as one.
 
     Attributes:
-      rows: one `Row` per adapter, `Trainable` leaf and frozen `QuantizedArray`, in tree order.
+      rows: one `Row` per adapter, `Trainable` leaf and frozen `QuantizedArray` or `Bf16Bits`, in tree order.
       trainable: the parameters trained (adapter factors and `Trainable` leaves).
       total: all parameters, frozen and trained.
       skipped: ``(path, why)`` of each weight used linearly that ``"all-linear"`` passed over (an
@@ -143,12 +143,13 @@ def explain(fn: Callable, params: Any, *args, **kwargs) -> Explanation:
         if isinstance(leaf, Adapter):
             total += math.prod(leaf.shape) + leaf.num_adapter_params()
             trainable += leaf.num_adapter_params()
-            over = f" over {format_of(leaf.w)}" if format_of(leaf.w) else ""
+            over = f" over {leaf.w.fmt}" if is_frozen_base(leaf.w) else ""
             rows.append(Row(name, leaf.shape, leaf.rank, leaf.scale, leaf.num_adapter_params(),
                             _how(ctx.uses.get(name, [])) + over, leaf.kind))
-        elif isinstance(leaf, QuantizedArray):  # a frozen quantized weight: how its uses dequantize it
+        elif is_frozen_base(leaf):  # a frozen quantized (or bf16-bits) weight: how its uses read it
             total += math.prod(leaf.shape)
-            how = _how(ctx.uses.get(name, [])).replace("factored", "dequantized per use")
+            per_use = "dequantized per use" if isinstance(leaf, QuantizedArray) else "reinterpreted per use"
+            how = _how(ctx.uses.get(name, [])).replace("factored", per_use)
             rows.append(Row(name, leaf.shape, 0, 0.0, 0, how, f"frozen {leaf.fmt}"))
         elif isinstance(leaf, Trainable):
             size = math.prod(leaf.value.shape)

@@ -8,7 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from lorax._src.bases.quantized import QuantizedArray
+from lorax._src.bases.quantized import is_frozen_base
 from lorax._src.config import ALL_LINEAR, AdapterSpec, LoraConfig
 from lorax._src.kinds.adapter import KINDS, Adapter, fan_in_out
 from lorax._src.kinds.initializers import makes_residual
@@ -84,7 +84,7 @@ def init(key: jax.Array, config: LoraConfig, fn: Callable, params: Any, *args, *
             out[i] = linked[flat.names[i]]
     for i, name in enumerate(flat.names[: flat.num_params]):
         if i not in chosen and config.is_trainable(name):
-            if isinstance(params_flat[i], QuantizedArray):
+            if is_frozen_base(params_flat[i]):
                 raise ValueError(f"lorax.init: {name!r} (shape {params_flat[i].shape}) is a quantized weight "
                                  f"({params_flat[i].fmt}) and matches `trainable=`; quantized weights are "
                                  "frozen. Target it for an adapter, or keep it in full precision to train it.")
@@ -118,7 +118,7 @@ def unfit(leaf: Any, use: Use) -> str | None:
     return None
 
 
-def _adapt(key: jax.Array, spec: AdapterSpec, name: str, w: jax.Array, use: Use) -> Adapter:
+def _adapt(key: jax.Array, spec: AdapterSpec, name: str, w: Any, use: Use) -> Adapter:
     fan_in, fan_out = fan_in_out(w.shape, use.a_axes, use.b_axes)
     kind = KINDS[spec.kind]
     if kind.bounded_rank and spec.rank > min(fan_in, fan_out):
@@ -126,9 +126,11 @@ def _adapt(key: jax.Array, spec: AdapterSpec, name: str, w: jax.Array, use: Use)
             f"lorax.init: rank {spec.rank} for {name!r} (shape {tuple(w.shape)}) exceeds min(in, out) = "
             f"min({fan_in}, {fan_out}); choose rank <= {min(fan_in, fan_out)}."
         )
-    if isinstance(w, QuantizedArray) and makes_residual(spec.init):
-        raise ValueError(f"lorax.init: {name!r} (shape {tuple(w.shape)}) is quantized ({w.fmt}); init={spec.init!r} "
-                         "would replace it by a full-precision residual. Use kaiming_uniform or gaussian.")
+    base = w  # narrowed below; w goes on to `create` as given
+    if is_frozen_base(base) and makes_residual(spec.init):
+        raise ValueError(f"lorax.init: {name!r} (shape {tuple(w.shape)}) is quantized ({base.fmt}); "
+                         f"init={spec.init!r} would replace it by a full-precision residual. Use "
+                         "kaiming_uniform or gaussian.")
     if not supports(use.primitive, kind):
         raise ValueError(
             f"lorax.init: {kind.__name__} has no factored rule for {name!r} (shape {tuple(w.shape)}), "

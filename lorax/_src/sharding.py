@@ -8,7 +8,7 @@ import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lorax._src import compat
-from lorax._src.bases.quantized import QuantizedArray, stored
+from lorax._src.bases.quantized import is_frozen_base, stored
 from lorax._src.kinds.adapter import Adapter
 from lorax._src.paths import named_leaves
 from lorax._src.trainable import Trainable, is_node
@@ -67,7 +67,7 @@ def partition_specs(params: Any, base_specs: Any = None) -> Any:
             w_spec = given.get(name, _spec_of(leaf.w))
             shared = {n: PartitionSpec() for n in leaf.shared_fields() if getattr(leaf, n) is not None}
             return leaf.replace(w=_base_spec(leaf.w, w_spec), **factor_specs(leaf, w_spec), **shared)
-        if isinstance(leaf, QuantizedArray):
+        if is_frozen_base(leaf):
             return _base_spec(leaf, given.get(name, _spec_of(leaf)))
         if isinstance(leaf, Trainable):
             return Trainable(given.get(name, _spec_of(leaf.value)))
@@ -80,7 +80,7 @@ def _base_spec(w: Any, spec: PartitionSpec) -> Any:
     """A quantized weight's codes, scales and offsets keep the weight's axes, so each takes
     the weight's spec (the block axis sharded too: its shards hold whole blocks when the
     blocks per shard divide evenly)."""
-    if not isinstance(w, QuantizedArray):
+    if not is_frozen_base(w):
         return spec
     return jax.tree.map(lambda x: spec, w)
 

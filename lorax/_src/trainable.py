@@ -8,7 +8,7 @@ from typing import Any
 import jax
 
 from lorax._src import display
-from lorax._src.bases.quantized import QuantizedArray
+from lorax._src.bases.quantized import FROZEN_BASES
 from lorax._src.kinds.adapter import Adapter
 
 
@@ -42,8 +42,8 @@ class Trainable:
 
 def is_node(x: Any) -> bool:
     """True for the nodes lorax keeps whole in a tree: adapters, `Trainable` leaves and
-    quantized weights."""
-    return isinstance(x, (Adapter, Trainable, QuantizedArray))
+    frozen bases that are not plain arrays (quantized weights, `lorax.Bf16Bits`)."""
+    return isinstance(x, (Adapter, Trainable, *FROZEN_BASES))
 
 
 def is_lorax_node(x: Any) -> bool:

@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 
-from lorax._src.bases.quantized import QuantizedArray
+from lorax._src.bases.quantized import is_frozen_base
 from lorax._src.kinds.adapter import Adapter
 from lorax._src.paths import named_leaves, render
 from lorax._src.trainable import Trainable, is_lorax_node, is_node
@@ -128,7 +128,7 @@ def merge(params: Any) -> Any:
                 return x.merged()
             except ValueError as err:
                 raise ValueError(f"lorax.merge: {name!r}: {err}") from None
-        if isinstance(x, QuantizedArray):
+        if is_frozen_base(x):
             return x.dequantize()
         return x.value if isinstance(x, Trainable) else x
 

@@ -6,11 +6,11 @@ import lorax.extend
 
 def test_public_api_is_pinned():
     assert lorax.__all__ == sorted(lorax.__all__)
-    assert lorax.__all__ == ["ALL_LINEAR", "Adapter", "DoraWeight", "Explanation", "Ia3Weight", "LohaWeight",
-                             "LokrWeight", "LoraBank", "LoraConfig", "LoraWeight", "OftWeight", "QuantizedArray", "Row",
-                             "Targets", "Trainable", "VeraWeight", "adapters", "combine", "explain", "gguf_tensor",
-                             "init", "load", "lora", "merge", "merge_quantized", "optimizer",
-                             "partition_specs", "quantize", "save", "split", "unmerge"]
+    assert lorax.__all__ == ["ALL_LINEAR", "Adapter", "Bf16Bits", "DoraWeight", "Explanation", "Ia3Weight",
+                             "LohaWeight", "LokrWeight", "LoraBank", "LoraConfig", "LoraWeight", "OftWeight",
+                             "QuantizedArray", "Row", "Targets", "Trainable", "VeraWeight", "adapters", "combine",
+                             "explain", "gguf_tensor", "init", "load", "lora", "merge", "merge_quantized",
+                             "optimizer", "partition_specs", "quantize", "save", "split", "unmerge"]
 
 
 def test_extension_api_is_pinned():

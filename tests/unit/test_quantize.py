@@ -148,7 +148,7 @@ def test_double_quant_is_a_bool_for_nf4():
 
 @pytest.mark.parametrize("fmt", ["Q4_0", "u8", "fp8", ""])
 def test_unknown_format_is_refused(fmt):
-    refused({"w": W}, ValueError, rf"unknown format {fmt!r}; choose one of nf4, int8, q4_0, q4_1, q8_0\.", fmt)
+    refused({"w": W}, ValueError, rf"unknown format {fmt!r}; choose one of nf4, int8, q4_0, q4_1, q8_0, bf16\.", fmt)
 
 
 @pytest.mark.parametrize("fmt", [4, None, ["nf4"], b"nf4"])

@@ -20,8 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lorax._src import compat
+from lorax._src.bases.bits import BF16, Bf16Bits, held_as_bits
 from lorax._src.bases.formats import FORMATS, GGUF_BLOCK, GGUF_TYPES
-from lorax._src.bases.quantized import QuantizedArray
+from lorax._src.bases.quantized import QuantizedArray, is_frozen_base
 from lorax._src.kinds.adapter import Adapter
 from lorax._src.paths import regexes, unique_named_leaves
 from lorax._src.trainable import Trainable
@@ -29,7 +30,7 @@ from lorax._src.trees import _map
 from lorax._src.validate import index
 
 Targets = str | Sequence[str] | Callable[[str, Any], bool] | None
-QUANTIZE_FORMATS = tuple(name for name, f in FORMATS.items() if f.made_by_quantize)
+QUANTIZE_FORMATS = (*(name for name, f in FORMATS.items() if f.made_by_quantize), BF16)
 DOUBLE_QUANT_BLOCK = 256  # absmax values per 8-bit block when NF4's scales are quantized again
 LISTED = 20  # candidate weights listed when targets match nothing
 
@@ -112,7 +113,8 @@ def _encode(x: jax.Array, fmt: str, block: int, axis: int, double_quant: bool) -
 
 def quantize(params: Any, fmt: str, targets: Targets = None, *, block: int | None = None, axis: int | None = None,
              double_quant: bool = False) -> Any:
-    """``params`` with each targeted weight replaced by a `QuantizedArray` in ``fmt``.
+    """``params`` with each targeted weight replaced by a `QuantizedArray` in ``fmt`` (a
+    `Bf16Bits` for ``"bf16"``).
 
     Args:
       params: a tree of arrays; adapters' frozen ``w`` are quantized in place, weights
@@ -121,7 +123,11 @@ def quantize(params: Any, fmt: str, targets: Targets = None, *, block: int | Non
         stores the absmax in 8 bits too), ``"int8"`` (one fp32 scale per output channel: the block
         is the whole input axis, ``-2`` of a Flax ``[in, out]`` kernel, or the whole ``axis``), or
         a GGUF block format (``"q4_0"``, ``"q4_1"``, ``"q8_0"``: fp16 scales over blocks of 32
-        along the input axis, or the last axis the blocks divide when that one does not).
+        along the input axis, or the last axis the blocks divide when that one does not), or
+        ``"bf16"``: the weight rounded to bfloat16 (a bf16 weight kept exactly) and held as its
+        16 bits, a `Bf16Bits`; no blocks, so ``block``, ``axis`` and ``double_quant`` stay unset.
+        On XLA:CPU, which slices bf16 through an fp32 copy, a step over a bf16 model holds no
+        copy of its weights only when they come in as bits.
       targets: a regex or list of regexes fully matched against the paths, a predicate
         ``(path, leaf) -> bool``, or None for every floating leaf of two or more axes. Targets
         that match no weight are an error listing the weights.
@@ -144,6 +150,9 @@ def quantize(params: Any, fmt: str, targets: Targets = None, *, block: int | Non
     ValueError: lorax.quantize: 'kernel' (shape (8, 4)): axis 2 is out of range ...; pass an axis in [-2, 1].
     """
     fmt = _format(fmt)
+    if fmt == BF16 and (block, axis) != (None, None):
+        raise ValueError(f"lorax.quantize: bf16 has no blocks; leave block and axis unset, got block={block!r}, "
+                         f"axis={axis!r}.")
     block = _block(block, fmt)
     if axis is not None and (isinstance(axis, bool) or not isinstance(axis, numbers.Integral)):
         raise TypeError(f"lorax.quantize: axis must be None or an int, got {axis!r} ({type(axis).__name__}).")
@@ -154,7 +163,7 @@ def quantize(params: Any, fmt: str, targets: Targets = None, *, block: int | Non
     wanted = _selector(targets)
     candidates = [(path, leaf, _base(leaf)) for path, leaf in unique_named_leaves(params, "lorax.quantize")]
     candidates = [(path, leaf, base) for path, leaf, base in candidates
-                  if hasattr(base, "shape") and not isinstance(base, QuantizedArray)]
+                  if hasattr(base, "shape") and not is_frozen_base(base)]
     layouts = {path: _layout(path, leaf, base, fmt, block, None if axis is None else int(axis), bool(double_quant))
                for path, leaf, base in candidates if wanted(path, base)}
     if not layouts:
@@ -164,7 +173,10 @@ def quantize(params: Any, fmt: str, targets: Targets = None, *, block: int | Non
         if path not in layouts:
             return leaf
         size, ax = layouts[path]
-        q = encode(_base(leaf), fmt, size, ax, double_quant=bool(double_quant), path=path)
+        if fmt == BF16:
+            q = held_as_bits(_base(leaf), f"lorax.quantize: {path!r} (shape {tuple(_base(leaf).shape)})")
+        else:
+            q = encode(_base(leaf), fmt, size, ax, double_quant=bool(double_quant), path=path)
         return leaf.replace(w=q) if isinstance(leaf, Adapter) else q
 
     return _map(one, params)
@@ -218,6 +230,8 @@ def _layout(path: str, leaf: Any, base: Any, fmt: str, block: int | None, axis: 
     if not jnp.issubdtype(base.dtype, jnp.floating) or ndim < 1:
         raise ValueError(f"lorax.quantize: {path!r} ({base.dtype}{list(base.shape)}) is not a floating "
                          "array with an axis to quantize; exclude it from targets.")
+    if fmt == BF16:
+        return 0, -1
     size = block or FORMATS[fmt].block or 64
     if axis is not None:
         ax = normalized_axis(axis, ndim, where)
@@ -321,8 +335,8 @@ def _gguf_header(tensor: Any) -> tuple[str, str, tuple[int, ...]]:
 
 
 def merge_quantized(params: Any) -> tuple[Any, dict[str, float]]:
-    """Merge each adapter over a quantized base and quantize the result again in the base's
-    format; returns the tree and, per merged weight, the rounding error
+    """Merge each adapter over a quantized (or `Bf16Bits`) base and quantize the result again in
+    the base's format; returns the tree and, per merged weight, the rounding error
     ``‖requantized - merged‖ / ‖merged‖``. (`lorax.merge` gives the full-precision merge.)
     A merged weight holding NaN or inf, or too large for its format's fp16 scales, is refused
     as in `quantize`.
@@ -346,6 +360,13 @@ def merge_quantized(params: Any) -> tuple[Any, dict[str, float]]:
             diff = again.dequantize().astype(jnp.float32) - merged.astype(jnp.float32)
             errors[path] = float(jnp.linalg.norm(diff) / jnp.maximum(jnp.linalg.norm(merged.astype(jnp.float32)),
                                                                       1e-30))
+            return again
+        if isinstance(leaf, Adapter) and isinstance(leaf.w, Bf16Bits):
+            leaf.check(path)
+            merged = leaf.replace(w=leaf.w.dequantize()).merged().astype(jnp.float32)
+            again = held_as_bits(merged, f"lorax.merge_quantized: {path!r} (shape {tuple(merged.shape)})")
+            diff = again.dequantize().astype(jnp.float32) - merged
+            errors[path] = float(jnp.linalg.norm(diff) / jnp.maximum(jnp.linalg.norm(merged), 1e-30))
             return again
         if isinstance(leaf, Adapter):
             return leaf.merged()

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeGuard
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +31,7 @@ import numpy as np
 
 from lorax._src import compat
 from lorax._src.bases.at_use import product_at_use
-from lorax._src.bases.bits import Bits
+from lorax._src.bases.bits import Bf16Bits
 from lorax._src.bases.formats import FORMATS, Format
 from lorax._src.validate import index
 
@@ -203,8 +203,12 @@ def _is_float_dtype(dtype: Any) -> bool:
         return False
 
 
-def is_quantized(x: Any) -> bool:
-    return isinstance(x, QuantizedArray)
+FROZEN_BASES = (QuantizedArray, Bf16Bits)  # the frozen bases that are not plain arrays
+
+
+def is_frozen_base(x: Any) -> TypeGuard[QuantizedArray | Bf16Bits]:
+    """Whether ``x`` is a frozen base that is not a plain array: a `QuantizedArray` or a `lorax.Bf16Bits`."""
+    return isinstance(x, FROZEN_BASES)
 
 
 def format_of(w: Any) -> str | None:
@@ -225,7 +229,7 @@ def stored(w: Any) -> Any:
     >>> stored(lorax.quantize({"w": jnp.ones((2, 64))}, "nf4")["w"]).dtype, stored(jnp.ones(3)).shape
     (dtype('uint8'), (3,))
     """
-    return w.codes if isinstance(w, QuantizedArray) else w.bits if isinstance(w, Bits) else w
+    return w.codes if isinstance(w, QuantizedArray) else w.bits if isinstance(w, Bf16Bits) else w
 
 
 def dense(x: Any) -> Any:
@@ -239,4 +243,4 @@ def dense(x: Any) -> Any:
     >>> dense(q).shape, float(jnp.abs(dense(q) - w).max()) < 0.01, dense(w) is w
     ((2, 32), True, True)
     """
-    return x.dequantize() if isinstance(x, QuantizedArray | Bits) else x
+    return x.dequantize() if isinstance(x, QuantizedArray | Bf16Bits) else x

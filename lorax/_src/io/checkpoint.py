@@ -17,7 +17,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lorax._src import compat
-from lorax._src.bases.quantized import QuantizedArray, stored
+from lorax._src.bases.quantized import is_frozen_base, stored
 from lorax._src.config import LoraConfig
 from lorax._src.io.files import as_folder, remove, swap_in, writer_lock
 from lorax._src.io.records import FORMAT, base_mismatch, check_record, fingerprint
@@ -288,7 +288,7 @@ def _misfit(entry: dict, leaf: Any) -> str | None:
     if list(leaf.shape) != entry["shape"] or str(jnp.dtype(leaf.dtype)) != entry["dtype"]:
         return (f"base has {tuple(leaf.shape)} {leaf.dtype}, the adapter was saved for {tuple(entry['shape'])} "
                 f"{entry['dtype']}")
-    if entry["kind"] != "trainable" and makes_residual(entry["init"]) and isinstance(leaf, QuantizedArray):
+    if entry["kind"] != "trainable" and makes_residual(entry["init"]) and is_frozen_base(leaf):
         return (f"the adapter was initialised with init={entry['init']!r}, so its frozen base is a residual of the "
                 f"original weight, which cannot be rebuilt over a quantized ({leaf.fmt}) base; load it onto the "
                 "full-precision base")

@@ -16,7 +16,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from lorax._src.bases.quantized import QuantizedArray
+from lorax._src.bases.quantized import FROZEN_BASES
 from lorax._src.config import LoraConfig
 from lorax._src.init import init
 from lorax._src.io.files import staged_folder
@@ -113,7 +113,7 @@ def module_name(mapping: Mapping, path: str, index: tuple[int, ...]) -> str | No
 
 def _require_base(path: str, leaf: Adapter) -> None:
     """Refuse an adapter without its frozen base, whose fingerprint the folder records."""
-    if not isinstance(leaf.w, (jax.Array, np.ndarray, QuantizedArray)):
+    if not isinstance(leaf.w, (jax.Array, np.ndarray, *FROZEN_BASES)):
         raise TypeError(f"lorax.peft: the {type(leaf).__name__} at {path!r} holds {type(leaf.w).__name__} as its "
                         "frozen base w, not an array; export the whole tree (lorax.combine(trainable, frozen)).")
 

@@ -14,6 +14,7 @@ import dataclasses
 
 import jax
 
+from lorax._src.bases.bits import Bf16Bits
 from lorax._src.bases.quantized import QuantizedArray, dense
 from lorax._src.kinds.adapter import Adapter
 from lorax._src.tracing.rules import products
@@ -30,7 +31,7 @@ class FrozenBase(Adapter):
     kind = "frozen"
 
     @classmethod
-    def of(cls, w: QuantizedArray | jax.Array) -> FrozenBase:
+    def of(cls, w: QuantizedArray | Bf16Bits | jax.Array) -> FrozenBase:
         return cls(w, a_axes=(), b_axes=(), stack_axes=tuple(range(len(w.shape))))
 
     def layout(self) -> dict[str, tuple[int | str, ...]]:

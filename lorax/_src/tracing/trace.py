@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from lorax._src import compat
-from lorax._src.bases.quantized import QuantizedArray
+from lorax._src.bases.quantized import is_frozen_base
 from lorax._src.kinds.adapter import Adapter
 from lorax._src.paths import render
 from lorax._src.trainable import Trainable, is_node
@@ -44,12 +44,12 @@ class FlatCall:
 
 def plain(leaf: Any) -> Any:
     """What ``fn`` is traced with for a leaf: the base of an adapter, the value of a
-    Trainable, a weight-shaped stand-in for a quantized weight."""
+    Trainable, a weight-shaped stand-in for a quantized weight or `lorax.Bf16Bits`."""
     if isinstance(leaf, Adapter):
         leaf = leaf.w
     elif isinstance(leaf, Trainable):
         leaf = leaf.value
-    if isinstance(leaf, QuantizedArray):
+    if is_frozen_base(leaf):
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
     return leaf
 

@@ -24,7 +24,7 @@ import lorax._src.kinds  # noqa: F401  (registers the adapter kinds and their ru
 import lorax._src.tracing.rules  # noqa: F401  (registers the view, product and control rules)
 from lorax._src import compat
 from lorax._src.bases import precision
-from lorax._src.bases.quantized import QuantizedArray
+from lorax._src.bases.quantized import is_frozen_base
 from lorax._src.kinds.adapter import Adapter
 from lorax._src.kinds.frozen import FrozenBase
 from lorax._src.kinds.lowrank import Views
@@ -123,12 +123,13 @@ def call(fn: Callable, params: Any, args: tuple, kwargs: dict, *, rng: jax.Array
             leaf.check(name)
             key = None if rng is None or leaf.dropout == 0.0 else jax.random.fold_in(rng, n)
             invals.append(Tracked(leaf.replace(w=lax.stop_gradient(leaf.w)), key, name))
-        elif isinstance(leaf, QuantizedArray) or (ctx.narrow and i < flat.num_params
+        elif is_frozen_base(leaf) or (ctx.narrow and i < flat.num_params
                                                   and precision.frozen_low_precision(leaf)):
             invals.append(Tracked(FrozenBase.of(leaf), None, name))
-        elif isinstance(leaf, Trainable) and isinstance(leaf.value, QuantizedArray):
+        elif isinstance(leaf, Trainable) and is_frozen_base(leaf.value):
             raise ValueError(f"lorax.lora: {name!r} (shape {leaf.value.shape}) is a quantized weight marked "
-                             "Trainable; quantized weights are frozen. Train a LoRA adapter over it instead.")
+                             f"Trainable ({leaf.value.fmt}); quantized weights are frozen. Train a LoRA adapter "
+                             "over it instead.")
         else:
             invals.append(leaf.value if isinstance(leaf, Trainable) else leaf)
     outs = ctx.eval(closed.jaxpr, closed.consts, invals)

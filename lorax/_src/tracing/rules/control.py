@@ -12,7 +12,7 @@ import jax
 from jax import lax
 
 from lorax._src import compat
-from lorax._src.bases.bits import Bits, Differentiated, carried_as_bits
+from lorax._src.bases.bits import Bf16Bits, Differentiated, carried_as_bits
 from lorax._src.kinds.adapter import Adapter
 from lorax._src.tracing.table import apply, rule
 from lorax._src.tracing.tracked import is_tracked
@@ -116,7 +116,7 @@ def _scan_slice(value, length: int, ctx):
         return ctx.materialized(value, "scan over a non-stacked axis"), lambda v: v
     if ctx.narrow and carried_as_bits(lw.w):  # XLA:CPU would slice an fp32 copy of a bf16 stack
         try:
-            lw = lw.replace(w=Bits.of(lw.w))
+            lw = lw.replace(w=Bf16Bits.of(lw.w))
         except Differentiated:  # being differentiated: it stays bf16
             pass
     keys = None if value.key is None else jax.random.split(value.key, length)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from lorax._src import compat
 from lorax._src.bases import precision
-from lorax._src.bases.bits import Bits
+from lorax._src.bases.bits import Bf16Bits
 from lorax._src.bases.quantized import stored
 from lorax._src.kinds.lowrank import low_rank_update
 from lorax._src.tracing.table import rule
@@ -35,7 +35,7 @@ def base_product(eqn, operands: list, position: int, narrow: bool = False) -> ja
     w = operands[position]
     narrowed = narrow and eqn.primitive.name == "dot_general" and precision.widens(eqn)
     own = getattr(w, "lorax_product", None)
-    if own and not (narrowed and isinstance(w, Bits)):
+    if own and not (narrowed and isinstance(w, Bf16Bits)):
         return own(eqn, operands, position)
     if narrowed:
         lhs, rhs = (stored(v) for v in operands)  # a weight carried as bits goes in as its bits

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lorax._src import compat
-from lorax._src.bases.bits import NARROW, Bits
+from lorax._src.bases.bits import NARROW, Bf16Bits
 from lorax._src.bases.quantized import QuantizedArray, dense
 from lorax._src.kinds.adapter import Adapter
 from lorax._src.tracing.table import RULES, apply, rule, view_base
@@ -184,13 +184,13 @@ def _at(values, index: int, value) -> tuple:
     return tuple(values)
 
 
-@view_base("transpose", "squeeze", "slice", "dynamic_slice", "copy", "copy_p", "sharding_constraint", base=Bits)
+@view_base("transpose", "squeeze", "slice", "dynamic_slice", "copy", "copy_p", "sharding_constraint", base=Bf16Bits)
 def _view_bits(eqn, w, rest):
     """A layout view of a bf16 weight carried as bits is the same view of its bits."""
     return w.view(eqn, rest)
 
 
-@view_base("convert_element_type", base=Bits)
+@view_base("convert_element_type", base=Bf16Bits)
 def _cast_bits(eqn, w, rest):
     """A cast to bf16 leaves the bits as they are; any other cast applies to the values."""
     return w if eqn.params["new_dtype"] == NARROW else None
