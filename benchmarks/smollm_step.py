@@ -79,7 +79,7 @@ def lorax_step(args):
     import optax
     from lorax_examples import smollm
     from lorax_examples.flops import matmul_flops
-    from lorax_examples.llama import Llama, remat_setting
+    from lorax_examples.llama import Llama, bf16_as_bits, remat_setting
 
     import lorax
     import lorax.peft
@@ -98,6 +98,7 @@ def lorax_step(args):
                                        use_dora=args.dora)  # over a bf16 base the factors are fp32
         params = lorax.init(jax.random.key(0), lora_config, fn, base, ids[:, :-1])
         state, frozen = lorax.split(params)
+        frozen = bf16_as_bits(frozen)
         rest, forward = (frozen,), lambda t, f, x: lorax.lora(xent)(lorax.combine(t, f), x)
         with tempfile.TemporaryDirectory() as tmp:
             lorax.peft.save_peft(Path(tmp), params, lorax.peft.LLAMA)

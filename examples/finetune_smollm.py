@@ -168,7 +168,7 @@ def main(argv=None):
     matplotlib.use("Agg")
 
     from lorax_examples import smollm
-    from lorax_examples.llama import Llama, cached_step, head_chunks_setting, remat_setting
+    from lorax_examples.llama import Llama, bf16_as_bits, cached_step, head_chunks_setting, remat_setting
 
     import lorax
     import lorax.peft
@@ -230,6 +230,7 @@ def main(argv=None):
         print(f"resumed at step {start} of {args.steps}")
 
     trainable, frozen = lorax.split(params)
+    frozen = bf16_as_bits(frozen)  # a bf16 base comes into each step as its bits: XLA:CPU copies none of it
     initial = lorax.split(fresh)[0]  # PiSSA/OLoRA: PEFT files are relative to the original base (deterministic)
     for _ in range(start):  # the data position: skip the batches the saved run trained on
         rng.integers(0, len(train_ids) - args.seq - 1, args.batch)

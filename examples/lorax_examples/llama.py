@@ -284,6 +284,23 @@ class Llama(nn.Module):
         return logits if cache is None else (logits, cache)
 
 
+def bf16_as_bits(frozen: Any) -> Any:
+    """``frozen`` with its bf16 weights held as their bits (`lorax.quantize` ``"bf16"``): a
+    train step then takes them as they are, where XLA:CPU would otherwise write their bits
+    (or an fp32 copy of a table sliced in a loop) on every step. A tree with no bf16 weight
+    comes back as it is.
+
+    >>> import jax.numpy as jnp
+    >>> held = bf16_as_bits({"w": jnp.ones((2, 2), jnp.bfloat16), "n": jnp.ones(2)})
+    >>> type(held["w"]).__name__, held["n"].dtype
+    ('Bf16Bits', dtype('float32'))
+    """
+    bf16 = lambda path, x: x.dtype == jnp.bfloat16 and x.ndim >= 2  # noqa: E731
+    if not any(bf16("", x) for x in jax.tree.leaves(frozen) if hasattr(x, "dtype")):
+        return frozen
+    return lorax.quantize(frozen, "bf16", targets=bf16)
+
+
 def quantize_like_gguf(params: dict) -> dict:
     """``params`` quantized as SmolLM2's GGUF file holds them: Q4_1 layer kernels (blocks along
     the input axis) and a Q8_0 embedding (blocks along its rows), for shapes-only measurements.
