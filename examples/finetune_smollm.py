@@ -174,6 +174,7 @@ def main(argv=None):
     import lorax.peft
 
     config, base, tokenizer = smollm.load(base=args.base)
+    base = bf16_as_bits(base)  # a bf16 base held as its bits: XLA:CPU copies none of it, no bf16 copy stays beside
     if args.seq + 1 > config.max_len:
         fail(f"--seq {args.seq} exceeds the model's context of {config.max_len} tokens")
     try:
@@ -230,7 +231,6 @@ def main(argv=None):
         print(f"resumed at step {start} of {args.steps}")
 
     trainable, frozen = lorax.split(params)
-    frozen = bf16_as_bits(frozen)  # a bf16 base comes into each step as its bits: XLA:CPU copies none of it
     initial = lorax.split(fresh)[0]  # PiSSA/OLoRA: PEFT files are relative to the original base (deterministic)
     for _ in range(start):  # the data position: skip the batches the saved run trained on
         rng.integers(0, len(train_ids) - args.seq - 1, args.batch)

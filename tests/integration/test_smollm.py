@@ -11,7 +11,7 @@ from helpers import require_smollm, with_random_b
 require_smollm()
 
 from lorax_examples import generate, smollm  # noqa: E402
-from lorax_examples.llama import Llama, cached_step, init_cache  # noqa: E402
+from lorax_examples.llama import Llama, bf16_as_bits, cached_step, init_cache  # noqa: E402
 
 import lorax  # noqa: E402
 
@@ -98,8 +98,13 @@ def test_bf16_base_follows_fp32_and_keeps_lora_factored_in_fp32_factors(smol):
     config16, params16, _ = smollm.load(base="bf16")
     fn16 = lambda p, ids: Llama(config16).apply(p, ids)  # noqa: E731
     assert params16["params"]["layers"]["mlp"]["up_proj"]["kernel"].dtype == jax.numpy.bfloat16
+    # each weight is the fp32 load's, rounded (norm scales stay fp32)
+    assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b.astype(a.dtype)).all()), params16, params))
     ids = np.array([tok.encode("HAMLET.\nTo be, or not to be, that is the question:").ids])
     ref, out = np.asarray(fn(params, ids)), np.asarray(fn16(params16, ids))
+    held = bf16_as_bits(params16)  # the weights as their bits: the same model inside lorax.lora
+    assert isinstance(held["params"]["embed_tokens"]["embedding"], lorax.Bf16Bits)
+    np.testing.assert_array_equal(lorax.lora(fn16)(held, ids), lorax.lora(fn16)(params16, ids))
     assert out.dtype == np.float32
     assert (out.argmax(-1) == ref.argmax(-1)).mean() >= 0.8
     assert np.abs(out - ref).max() / np.abs(ref).max() < 0.1
