@@ -81,12 +81,13 @@ def test_a_bf16_base_costs_at_most_its_bits_in_temporaries_and_less_than_fp32(fo
     params = Llama(CONFIG).init(jax.random.key(0), ids[:, :-1])
     bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.ndim >= 2 else x, params)
     config = dataclasses.replace(CONFIG, matmul_dtype=jnp.bfloat16)
-    got = {v: memory.footprint(*memory.train_step(v, config, bf16, ids)) for v in ("hand", "lorax")}
+    steps = {v: memory.train_step(v, config, bf16, ids) for v in ("hand", "lorax")}
+    got = {v: memory.footprint(*step) for v, step in steps.items()}
     stacks_bf16 = sum(x.size * 2 for x in jax.tree.leaves(bf16) if x.ndim == 3)
     lorax_fp32 = footprints["lorax"]
     weight_shaped = lambda f: f.classes["weight-shaped stacks"]  # noqa: E731
     assert weight_shaped(got["hand"]) >= 2 * stacks_bf16  # the fp32 copy this test keeps out of lorax's step
-    adapters = memory.train_step("lorax", config, bf16, ids)[1][0]
+    adapters = steps["lorax"][1][0]  # the step's arguments: adapters, optimizer state, frozen, ids
     assert weight_shaped(got["lorax"]) <= sum(x.nbytes for x in jax.tree.leaves(adapters))
     assert got["lorax"].total < lorax_fp32.total and got["lorax"].total < got["hand"].total
 

@@ -7,8 +7,8 @@ not change from one layer to the next it is made once, before the loop, for the 
 bf16 table sliced in a loop (a loss over vocabulary slices). Held as bits, a weight slices as
 integers, and each product reinterprets its own slice as bf16 where it is used: inside the
 product's own custom derivative or ``jax.checkpoint``, so that the backward keeps the slice of
-the bits rather than a bf16 copy. Views of the bits (transposes, slices) are views
-of the weight.
+the bits rather than a bf16 copy. Views of the bits (transposes, slices) are views of the
+weight.
 
 Two ways in:
 
@@ -38,6 +38,7 @@ import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
@@ -138,7 +139,7 @@ class Bf16Bits:
 
     def dequantize(self) -> jax.Array:
         """The bf16 weight (its bits reinterpreted: exact)."""
-        return as_values(jax.numpy.asarray(self.bits))
+        return as_values(jnp.asarray(self.bits))
 
     def __repr__(self) -> str:
         return f"Bf16Bits(bfloat16{list(self.shape)})"
@@ -159,19 +160,17 @@ class Bf16Bits:
         return Bf16Bits(compat.bind(eqn, [self.bits, *rest])[0])
 
 
-
 def held_as_bits(x: Any, where: str) -> Bf16Bits:
     """``x`` rounded to bf16 (exact when ``x`` is bf16) and held as its bits. A concrete ``x``
     must be finite and within bf16's range (a traced one is not checked); ``where`` names it."""
-    x = jax.numpy.asarray(x)
+    x = jnp.asarray(x)
     values = x.astype(NARROW)
-    if not compat.is_tracer(values) and not bool(jax.numpy.all(jax.numpy.isfinite(values))):
-        bad = int(jax.numpy.sum(~jax.numpy.isfinite(x)))
+    if not compat.is_tracer(values) and not bool(jnp.all(jnp.isfinite(values))):
+        bad = int(jnp.sum(~jnp.isfinite(x)))
         raise ValueError(f"{where}: the weight holds NaN or inf ({bad} values)." if bad else
-                         f"{where}: its largest magnitude {float(jax.numpy.max(jax.numpy.abs(x))):.6g} overflows "
-                         f"bf16 (largest {float(jax.numpy.finfo(NARROW).max):.6g}); scale it down.")
+                         f"{where}: its largest magnitude {float(jnp.max(jnp.abs(x))):.6g} overflows "
+                         f"bf16 (largest {float(jnp.finfo(NARROW).max):.6g}); scale it down.")
     return Bf16Bits(lax.bitcast_convert_type(values, BITS))
 
 
 NAN_BITS = int(np.array(np.nan, NARROW).view(BITS))  # what a bf16 lookup out of range fills in
-

@@ -124,7 +124,7 @@ def call(fn: Callable, params: Any, args: tuple, kwargs: dict, *, rng: jax.Array
             key = None if rng is None or leaf.dropout == 0.0 else jax.random.fold_in(rng, n)
             invals.append(Tracked(leaf.replace(w=lax.stop_gradient(leaf.w)), key, name))
         elif is_frozen_base(leaf) or (ctx.narrow and i < flat.num_params
-                                                  and precision.frozen_low_precision(leaf)):
+                                      and precision.frozen_low_precision(leaf)):
             invals.append(Tracked(FrozenBase.of(leaf), None, name))
         elif isinstance(leaf, Trainable) and is_frozen_base(leaf.value):
             raise ValueError(f"lorax.lora: {name!r} (shape {leaf.value.shape}) is a quantized weight marked "
