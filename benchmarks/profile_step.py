@@ -147,7 +147,7 @@ def main(argv=None):
     p.add_argument("--profiled", type=int, default=2, help="steps traced")
     p.add_argument("--top", type=int, default=0, help="JAX: also print the N costliest HLO instructions")
     args = p.parse_args(argv)
-    run, _, _, _, compiled = smollm_step.step_of(args)
+    run, _, _, _, compiled, _ = smollm_step.step_of(args)
     for _ in range(args.warmup):
         run()
     ms = profile_jax(run, compiled, args.profiled, args.rank, args.top) if compiled else \

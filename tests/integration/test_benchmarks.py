@@ -106,3 +106,23 @@ def test_memory_table_holds_each_base_and_the_lora_bounds(quick):
     # the base's bytes among the arguments: the 4-bit blocks below bf16, bf16 below fp32
     arguments = [rows["lorax", base]["arguments_mib"] for base in ("q4", "bf16", "fp32")]
     assert arguments == sorted(arguments) and len(set(arguments)) == 3
+
+
+@pytest.mark.parametrize("framework", ["lorax", "peft"])
+def test_step_profile_classes_each_framework_s_time(framework):
+    if framework == "peft" and os.environ.get("CI") != "true":
+        pytest.importorskip("peft")
+    command = [sys.executable, str(ROOT / "benchmarks" / "profile_step.py"), framework, "--layers", str(LAYERS),
+               "--warmup", "1", "--profiled", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600, env=subprocess_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    classes = row["ms_per_step"]
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from profile_step import CLASSES
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert row["framework"] == framework and set(classes) <= set(CLASSES)
+    # the frozen projections are found and timed, and the low-rank factors are a small part of them
+    assert 0 < classes["low-rank factors"] < classes["projections"]
