@@ -114,6 +114,30 @@ def test_bf16_backward_makes_no_fp32_copy_of_a_frozen_weight():
     assert re.search(r"f32\[16,40\] = custom_vjp_call", jaxpr)
 
 
+def test_a_quantized_base_multiplied_in_bf16_takes_the_bf16_backward():
+    """QLoRA with bf16 products (the base's blocks dequantized and cast to bf16 where used):
+    the adapter's gradients match the merged model's to bf16 precision, and the compiled step
+    makes no fp32 copy of the frozen quantized ``down`` (JAX's own backward makes several)."""
+    dense = {"up": jax.random.normal(jax.random.key(4), (64, 40)) / 8,
+             "down": jax.random.normal(jax.random.key(5), (40, 64)) / 6}
+    x = jax.random.normal(jax.random.key(9), (16, 64))
+    params = lorax.init(jax.random.key(1), lorax.LoraConfig(rank=4, targets="up"), model,
+                        lorax.quantize(dense, "q4_1", targets=".*"), x)
+    up = params["up"].replace(b=jax.random.normal(jax.random.key(3), params["up"].b.shape) / 5)
+    params = {**params, "up": up}
+    trained, frozen = lorax.split(params)
+    loss = lambda narrow: lambda t: jnp.mean(  # noqa: E731
+        lorax.lora(model, low_precision_backward=narrow)(lorax.combine(t, frozen), x) ** 2)
+    got = jax.grad(loss(True))(trained)["up"]
+    w_up, w_down = up.w.dequantize(), params["down"].dequantize()
+    ref = lambda a, b: jnp.mean(model({"up": w_up + up.scale * a @ b, "down": w_down}, x) ** 2)  # noqa: E731
+    ra, rb = jax.grad(ref, argnums=(0, 1))(up.a, up.b)
+    assert rel(got.a, ra) < 2e-2 and rel(got.b, rb) < 2e-2 and float(jnp.abs(ra).max()) > 1e-4
+    copies = lambda narrow: len(re.findall(r"f32\[40,64\]", jax.jit(jax.grad(loss(narrow))).lower(trained)  # noqa: E731
+                                           .compile().as_text()))
+    assert copies(False) > 0 and copies(True) == 0
+
+
 def test_a_plain_bf16_leaf_still_has_its_gradient():
     """A plain bf16 matrix is frozen by lorax's contract, but differentiating it still works:
     the gradient JAX computes, to bf16 precision."""

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -16,15 +17,17 @@ import jax
 from lorax._src import compat
 
 
-def product_at_use(base: Any, eqn, operands: list, position: int) -> jax.Array:
-    """``eqn`` with ``base.dequantize()`` at ``operands[position]``. Under ``jax.checkpoint``:
-    the backward dequantizes again rather than keep the dense weight as a residual (in a
-    ``scan``, every layer's); XLA may fuse the dequantization into the product."""
+def product_at_use(base: Any, eqn, operands: list, position: int,
+                   bind: Callable[[Any, list], jax.Array] | None = None) -> jax.Array:
+    """``eqn`` with ``base.dequantize()`` at ``operands[position]``, evaluated by ``bind(eqn,
+    operands)`` (by default, the equation itself). Under ``jax.checkpoint``: the backward
+    dequantizes again rather than keep the dense weight as a residual (in a ``scan``, every
+    layer's); XLA may fuse the dequantization into the product."""
 
     def product(weight, *others):
         full = list(others)
         full.insert(position, weight.dequantize())
-        return compat.bind(eqn, full)[0]
+        return bind(eqn, full) if bind else compat.bind(eqn, full)[0]
 
     others = [x for i, x in enumerate(operands) if i != position]
     return jax.checkpoint(product)(base, *others)
