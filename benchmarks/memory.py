@@ -34,7 +34,7 @@ HERE = Path(__file__).resolve().parent
 def random_model(base: str, layers: int | None):
     """``(config, params)`` of SmolLM2-135M's shapes with random weights (memory depends on
     shapes alone): fp32, bf16, or q4 as the GGUF file holds it (Q4_1 layers, a Q8_0 embedding)."""
-    config = LlamaConfig(layers=layers or smollm.LAYERS, matmul_dtype=jnp.bfloat16 if base == "bf16" else None)
+    config = LlamaConfig(layers=layers or smollm.LAYERS, matmul_dtype=None if base == "fp32" else jnp.bfloat16)
     params = Llama(dataclasses.replace(config, matmul_dtype=None)).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     if base == "bf16":
         params = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.ndim >= 2 else x, params)

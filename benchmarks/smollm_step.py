@@ -211,7 +211,7 @@ def main(argv=None):
         losses.append(run())
         times.append(time.perf_counter() - start)
     median = statistics.median(times)
-    dtype = roofline.DTYPES.get(args.base, "float32")  # the matmuls' operand dtype (q4: dequantized fp32)
+    dtype = roofline.DTYPES["fp32" if args.base == "fp32" else "bf16"]  # the products' operands (q4: bf16 too)
     peak = (roofline.jax_gflops if compiled else roofline.torch_gflops)(dtype=dtype)["peak"]
     print(json.dumps(dict(
         framework=args.framework, targets=None if "full" in args.framework else args.targets, rank=args.rank,

@@ -49,7 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--dora", action="store_true", help="DoRA adapters instead of plain LoRA")
     p.add_argument("--base", choices=("fp32", "bf16", "q4"), default="fp32",  # smollm.BASES (imported later)
                    help="fp32: dequantize the GGUF weights; bf16: hold them in bf16 and multiply in bf16 "
-                        "(fp32 accumulation, adapters and optimizer state); q4: keep its Q4_1/Q8_0 blocks (QLoRA)")
+                        "(fp32 accumulation, adapters and optimizer state); q4: keep its Q4_1/Q8_0 blocks "
+                        "(QLoRA), multiplied in bf16 as the bf16 base")
     p.add_argument("--remat", default="none", help="memory option: recompute in the backward: none, full (each "
                    "layer), or a jax.checkpoint_policies name")
     p.add_argument("--head-chunks", type=int, default=0, help="memory option: the training loss over this many "

@@ -75,7 +75,8 @@ def load(path: Path | None = None, base: str = "fp32", layers: int | None = None
     the weights; ``base="bf16"`` dequantizes them to bfloat16, and the projections and head
     take bf16 operands and accumulate in fp32 (activations stay fp32); ``base="q4"`` keeps the
     file's blocks (Q4_1 layers, a Q8_0 embedding) as `lorax.QuantizedArray` leaves, for QLoRA
-    over exactly the released weights. ``layers``: keep only the first that many decoder
+    over exactly the released weights, multiplied as the bf16 base is (QLoRA's bf16 compute:
+    each block dequantizes to bf16 where it is used). ``layers``: keep only the first that many decoder
     layers (a small, fast model for smoke runs: transformers' ``num_hidden_layers``)."""
     if base not in BASES:
         raise ValueError(f"base must be one of {BASES}, got {base!r}")
@@ -90,7 +91,7 @@ def load(path: Path | None = None, base: str = "fp32", layers: int | None = None
         layers=int(meta[f"{arch}.block_count"]), heads=int(meta[f"{arch}.attention.head_count"]),
         kv_heads=int(meta[f"{arch}.attention.head_count_kv"]), hidden=int(meta[f"{arch}.feed_forward_length"]),
         rope_theta=float(meta[f"{arch}.rope.freq_base"]), eps=float(meta[f"{arch}.attention.layer_norm_rms_epsilon"]),
-        max_len=int(meta[f"{arch}.context_length"]), matmul_dtype=jnp.bfloat16 if base == "bf16" else None,
+        max_len=int(meta[f"{arch}.context_length"]), matmul_dtype=jnp.bfloat16 if base in ("bf16", "q4") else None,
         tie_embeddings=not any(t.name == "output.weight" for t in reader_tensors))
     if layers is not None:
         if not 1 <= layers <= config.layers:

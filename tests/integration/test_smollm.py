@@ -122,6 +122,23 @@ def test_bf16_base_follows_fp32_and_keeps_lora_factored_in_fp32_factors(smol):
     assert np.corrcoef(effect.ravel(), effect32.ravel())[0, 1] > 0.99
 
 
+def test_q4_base_holds_the_file_s_blocks_and_multiplies_in_bf16(smol):
+    config, params, tok, fn = smol
+    config4, params4, _ = smollm.load(base="q4")
+    is_q = lambda x: isinstance(x, lorax.QuantizedArray)  # noqa: E731
+    kinds = [x.fmt for x in jax.tree.leaves(params4, is_leaf=is_q) if is_q(x)]
+    assert sorted(kinds) == ["q4_1"] * 7 + ["q8_0"]  # the 7 layer stacks, the tied embedding
+    # the blocks dequantize to exactly the fp32 load's weights (norm scales stay fp32)
+    same = lambda q, w: bool((np.asarray(q.dequantize() if is_q(q) else q) == np.asarray(w)).all())  # noqa: E731
+    assert jax.tree.all(jax.tree.map(same, params4, params, is_leaf=is_q))
+    assert config4.matmul_dtype == jax.numpy.bfloat16  # QLoRA's bf16 compute, as the bf16 base
+    ids = np.array([tok.encode("HAMLET.\nTo be, or not to be, that is the question:").ids])
+    ref = np.asarray(fn(params, ids))
+    out = np.asarray(lorax.lora(lambda p, ids: Llama(config4).apply(p, ids))(params4, ids))
+    assert (out.argmax(-1) == ref.argmax(-1)).mean() >= 0.8
+    assert 0 < np.abs(out - ref).max() / np.abs(ref).max() < 0.05  # measured 0.012: bf16 products
+
+
 def test_finetune_example_smoke_and_resume(tmp_path, capsys):
     import finetune_smollm
 
