@@ -6,8 +6,9 @@ into ``cotangent_fp32 · W_bf16``, which XLA:CPU computes by converting ``W`` to
 step: a per-step fp32 copy of a frozen weight, multiplied on the fp32 engine at a fraction of
 the bf16 one's speed. Inside `lorax.lora`, the products of frozen weights (the base of every
 adapter, each plain bf16/fp16 matrix of ``params``, and a quantized weight a model casts to bf16
-where it multiplies) take the cotangent in the operands' dtype instead, as torch's autocast does: the gradient reaching a bf16 operand is rounded to
-bf16 anyway, so rounding the cotangent first changes it by about one bf16 rounding.
+where it multiplies) take the cotangent in the operands' dtype instead, as torch's autocast
+does: the gradient reaching a bf16 operand is rounded to bf16 anyway, so rounding the cotangent
+first changes it by about one bf16 rounding.
 
 Only bf16 is narrowed. fp16 has bf16's precision but not its range: an fp16 cotangent
 underflows (a softmax gradient over many classes is mostly below fp16's smallest normal), so
