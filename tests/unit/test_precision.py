@@ -1,12 +1,15 @@
 """Frozen bf16 weights inside `lorax.lora`: the backward stays bf16, matches the merged model's
 to bf16 precision, and makes no fp32 copy of a frozen weight in the compiled program."""
 
+import contextlib
+import io
 import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 
 import lorax
 from lorax._src.bases.precision import narrow_dot
@@ -136,6 +139,23 @@ def test_a_quantized_base_multiplied_in_bf16_takes_the_bf16_backward():
     copies = lambda narrow: len(re.findall(r"f32\[40,64\]", jax.jit(jax.grad(loss(narrow))).lower(trained)  # noqa: E731
                                            .compile().as_text()))
     assert copies(False) > 0 and copies(True) == 0
+
+
+def test_a_remat_policy_that_saves_dots_saves_the_bf16_frozen_products_too():
+    """Under ``jax.checkpoint(policy=dots_with_no_batch_dims_saveable)`` the backward keeps the
+    frozen bf16 product of ``up`` (f32[16,40]) as it keeps the adapter's own f32[16,40] term,
+    rather than recomputing it; with no policy it keeps neither."""
+    trained, frozen = lorax.split(adapted())
+
+    def saved(policy):
+        fn = lambda t: loss_of(lorax.lora(jax.checkpoint(model, policy=policy)), lorax.combine(t, frozen))  # noqa: E731
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            print_saved_residuals(fn, trained)
+        return re.findall(r"f32\[16,40\] output of dot_general", printed.getvalue())
+
+    assert len(saved(jax.checkpoint_policies.dots_with_no_batch_dims_saveable)) == 2
+    assert saved(None) == []
 
 
 def test_a_plain_bf16_leaf_still_has_its_gradient():

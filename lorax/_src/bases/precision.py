@@ -65,6 +65,9 @@ def narrow_dot(x: jax.Array, y: jax.Array, subscripts: tuple[str, str, str], pre
     """``einsum(lhs,rhs->out)`` of two low-precision operands accumulated in
     ``preferred_element_type``; its backward multiplies the cotangent rounded to the
     operands' dtype (still accumulating wide) and rounds each gradient to its operand's dtype.
+    The product is an ordinary ``dot_general`` outside the custom derivative, which carries the
+    backward alone: a ``jax.checkpoint`` policy that saves dots saves it as it would the plain
+    product.
 
     >>> import jax, jax.numpy as jnp
     >>> x, w = jnp.ones((2, 4), jnp.bfloat16), jnp.ones((4, 3), jnp.bfloat16)
@@ -72,8 +75,13 @@ def narrow_dot(x: jax.Array, y: jax.Array, subscripts: tuple[str, str, str], pre
     >>> f(x).dtype, jax.grad(f)(x).dtype, float(jax.grad(f)(x)[0, 0])
     (dtype('float32'), dtype(bfloat16), 3.0)
     """
+    wide = np.dtype(preferred_element_type)
+    lhs, rhs, out = subscripts
+    # the product itself is an ordinary dot_general, so remat policies that save dots save it
+    product = jnp.einsum(f"{lhs},{rhs}->{out}", jax.lax.stop_gradient(as_values(x)),
+                         jax.lax.stop_gradient(as_values(y)), precision=precision, preferred_element_type=wide)
     try:
-        return _narrow(subscripts, precision, np.dtype(preferred_element_type), x, y)
+        return _narrow(subscripts, precision, wide, x, y, product)
     except TypeError as error:
         if "forward-mode" not in str(error):
             raise
@@ -84,10 +92,9 @@ def narrow_dot(x: jax.Array, y: jax.Array, subscripts: tuple[str, str, str], pre
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def _narrow(subscripts, precision, wide, x, y):
-    lhs, rhs, out = subscripts
-    return jnp.einsum(f"{lhs},{rhs}->{out}", as_values(x), as_values(y), precision=precision,
-                      preferred_element_type=wide)
+def _narrow(subscripts, precision, wide, x, y, product):
+    """``product`` (the dot of ``x`` and ``y``, computed outside), with the narrow backward to ``x`` and ``y``."""
+    return product
 
 
 def as_values(x: jax.Array) -> jax.Array:
@@ -97,24 +104,23 @@ def as_values(x: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(x, NARROW) if x.dtype == BITS else x
 
 
-def _narrow_fwd(subscripts, precision, wide, x, y):
+def _narrow_fwd(subscripts, precision, wide, x, y, product):
     """Keeps only what the needed gradients use: ``y`` for ``x``'s, ``x`` for ``y``'s. A frozen
     weight is not perturbed, so its gradient is never computed and ``x`` never saved."""
-    out = _narrow(subscripts, precision, wide, x.value, y.value)
-    return out, (x.value if y.perturbed else None, y.value if x.perturbed else None)
+    return product.value, (x.value if y.perturbed else None, y.value if x.perturbed else None)
 
 
 def _narrow_bwd(subscripts, precision, wide, residuals, g):
     x, y = residuals
     if isinstance(g, SymbolicZero):
-        return None, None
+        return None, None, None
     lhs, rhs, out = subscripts
     g = g.astype(NARROW)
     dx = None if y is None else jnp.einsum(f"{out},{rhs}->{lhs}", g, as_values(y), precision=precision,
                                            preferred_element_type=wide).astype(NARROW)
     dy = None if x is None else jnp.einsum(f"{out},{lhs}->{rhs}", g, as_values(x), precision=precision,
                                            preferred_element_type=wide).astype(NARROW)
-    return dx, dy
+    return dx, dy, None
 
 
 _narrow.defvjp(_narrow_fwd, _narrow_bwd, symbolic_zeros=True)
