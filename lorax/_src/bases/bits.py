@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -144,16 +145,19 @@ class Bf16Bits:
     def __repr__(self) -> str:
         return f"Bf16Bits(bfloat16{list(self.shape)})"
 
-    def lorax_product(self, eqn, operands: list, position: int) -> jax.Array:
+    def lorax_product(self, eqn, operands: list, position: int,
+                      bind: Callable[[Any, list], jax.Array] | None = None) -> jax.Array:
         """The product with this weight at ``operands[position]``, reinterpreted at this use
-        under ``jax.checkpoint``: the backward keeps the bits, not a bf16 copy. A lookup
-        (``gather``) looks up the bits and reinterprets the rows it took; an index out of range
-        gives NaN rows, as a bf16 table's lookup does."""
+        under ``jax.checkpoint``: the backward keeps the bits, not a bf16 copy. ``bind(eqn,
+        operands)`` evaluates it on the weight as it is (the bf16 backward's product, which
+        reinterprets the bits inside its own derivative). A lookup (``gather``) looks up the
+        bits and reinterprets the rows it took; an index out of range gives NaN rows, as a bf16
+        table's lookup does."""
         if eqn.primitive.name == "gather" and position == 0:
             fill = eqn.params.get("fill_value")
             fill = NAN_BITS if fill is None else int(np.asarray(fill, NARROW).view(BITS))
             return as_values(compat.bind(eqn, [self.bits, *operands[1:]], fill_value=fill)[0])
-        return product_at_use(self, eqn, operands, position)
+        return bind(eqn, operands) if bind else product_at_use(self, eqn, operands, position)
 
     def view(self, eqn, rest: list) -> Bf16Bits:
         """A layout view (transpose, slice, squeeze, copy) of the weight: the same of its bits."""

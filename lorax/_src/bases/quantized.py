@@ -170,14 +170,16 @@ class QuantizedArray:
 
     # ------------------------------------------------------------------ inside lorax.lora
 
-    def lorax_product(self, eqn, operands: list, position: int) -> jax.Array:
+    def lorax_product(self, eqn, operands: list, position: int,
+                      bind: Callable[[Any, list], jax.Array] | None = None) -> jax.Array:
         """The frozen product with this weight at ``operands[position]``, dequantized here (XLA
         may fuse the dequantization into the product). Under ``jax.checkpoint``: the backward
         dequantizes again rather than keep the full-precision weight as a residual (in a
         ``scan``, every layer's). A lookup of whole rows (an embedding) gathers the rows' codes
-        and scales and dequantizes those rows alone."""
+        and scales and dequantizes those rows alone. ``bind(eqn, operands)`` evaluates the
+        product on the dequantized weight (by default, the equation itself)."""
         rows = self._rows(eqn, operands, position)
-        return product_at_use(self, eqn, operands, position) if rows is None else rows.dequantize()
+        return product_at_use(self, eqn, operands, position, bind) if rows is None else rows.dequantize()
 
     def _rows(self, eqn, operands: list, position: int) -> QuantizedArray | None:
         """The rows a ``gather`` looks up, still quantized, where it takes every block axis

@@ -4,7 +4,8 @@
 `FrozenBase`, so that views of it (a layer sliced off a stack inside ``scan``, a transpose, a
 cast) stay what they are, like an adapter's base, and each product is computed as the base's
 (`products.base_product`): a quantized weight dequantized at the use
-(`QuantizedArray.lorax_product`), a low-precision one with its backward in its own precision
+(`QuantizedArray.lorax_product`), a low-precision one (bf16 bits and a quantized weight cast to
+bf16 included) with its backward in its own precision
 (`lorax._src.bases.precision`). It is never in a tree.
 """
 

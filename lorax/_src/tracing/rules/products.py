@@ -18,9 +18,7 @@ import jax.numpy as jnp
 
 from lorax._src import compat
 from lorax._src.bases import precision
-from lorax._src.bases.at_use import product_at_use
-from lorax._src.bases.bits import Bf16Bits
-from lorax._src.bases.quantized import QuantizedArray, stored
+from lorax._src.bases.quantized import stored
 from lorax._src.kinds.lowrank import low_rank_update
 from lorax._src.tracing.table import rule
 from lorax._src.tracing.tracked import is_tracked
@@ -29,25 +27,22 @@ from lorax._src.tracing.uses import use_of
 
 def base_product(eqn, operands: list, position: int, narrow: bool = False) -> jax.Array:
     """The frozen product, with the base weight at ``operands[position]``. A base that is
-    not a plain array (a quantized one) computes it itself through ``lorax_product``; with
-    ``narrow``, a low-precision product accumulated wide has its backward in the operands'
-    precision (`lorax._src.bases.precision`), a bf16 weight carried through a scan as its
-    bits (`lorax._src.bases.bits`) and a quantized weight dequantized to bf16 included."""
-    w = operands[position]
+    not a plain array (a quantized one, bf16 bits) computes it itself through ``lorax_product``,
+    given how to evaluate the product; with ``narrow``, a low-precision product accumulated wide
+    has its backward in the operands' precision (`lorax._src.bases.precision`), a bf16 weight
+    carried through a scan as its bits (`lorax._src.bases.bits`) and a quantized weight
+    dequantized to bf16 included."""
     narrowed = narrow and eqn.primitive.name == "dot_general" and precision.widens(eqn)
-    if narrowed and isinstance(w, QuantizedArray):  # dequantized where it is used, the backward narrow too
-        return product_at_use(w, eqn, operands, position, bind=_narrow_product)
-    own = getattr(w, "lorax_product", None)
-    if own and not (narrowed and isinstance(w, Bf16Bits)):
-        return own(eqn, operands, position)
-    if narrowed:
-        return _narrow_product(eqn, [stored(v) for v in operands])  # a weight carried as bits goes in as its bits
-    return compat.bind(eqn, operands)[0]
+    own = getattr(operands[position], "lorax_product", None)
+    if own:
+        return own(eqn, operands, position, bind=_narrow_product if narrowed else None)
+    return _narrow_product(eqn, operands) if narrowed else compat.bind(eqn, operands)[0]
 
 
 def _narrow_product(eqn, operands: list) -> jax.Array:
-    """The dot_general ``eqn`` of two bf16 operands through `precision.narrow_dot`."""
-    lhs, rhs = operands
+    """The dot_general ``eqn`` of two bf16 operands through `precision.narrow_dot`; a weight
+    carried as bits goes in as its bits."""
+    lhs, rhs = (stored(v) for v in operands)
     lhs_sub, rhs_sub, out_sub = dot_subscripts(eqn.params["dimension_numbers"], jnp.ndim(lhs), jnp.ndim(rhs))
     return precision.narrow_dot(lhs, rhs, ("".join(lhs_sub), "".join(rhs_sub), "".join(out_sub)),
                                 eqn.params["precision"], eqn.params["preferred_element_type"])
