@@ -276,6 +276,15 @@ def _layers(layers: int | None) -> list[str]:
     return [] if layers is None else ["--layers", str(layers)]
 
 
+MEMORY_OPTIONS = ("--remat", "full", "--head-chunks", "8")  # each layer recomputed, the loss over 8 vocabulary slices
+
+
+def _options(row: dict) -> str:
+    """A `smollm_step.py` row's memory options, as its table names them ("" for none)."""
+    remat, chunks = row.get("remat", "none"), row.get("head_chunks", 0)
+    return ", ".join(([] if remat == "none" else [f"remat {remat}"]) + ([f"head {chunks}"] if chunks else []))
+
+
 def memory_rows(quick: bool, layers: int | None) -> list[dict]:
     """Each SmolLM2 step's memory on each base (`memory.py`): batch 4 x 128, or 1 x 32 when quick."""
     batch, seq = (1, 32) if quick else (4, 128)
@@ -285,8 +294,9 @@ def memory_rows(quick: bool, layers: int | None) -> list[dict]:
 def smollm_runs(quick: bool, rounds: int, dora: bool = True, bf16: bool = False,
                 layers: int | None = None) -> list[dict]:
     """Each framework in a fresh process: lorax and PEFT, LoRA on q,v and all-linear and DoRA on
-    q,v; full FT for scale; with ``bf16``, LoRA again over a bf16 base. ``rounds`` runs of each,
-    the frameworks alternating; each row is the run with the median time, and lists every run's time."""
+    q,v; full FT for scale; with ``bf16``, LoRA again over a bf16 base, and lorax's also with the
+    memory options (`MEMORY_OPTIONS`). ``rounds`` runs of each, the frameworks alternating; each row
+    is the run with the median time, and lists every run's time."""
     shape = ["--batch", "1", "--seq", "32", "--steps", "2", "--warmup", "1"] if quick else []
     shape += _layers(layers)
     jobs = [["lorax", "--targets", "qv"], ["peft", "--targets", "qv"]]
@@ -296,7 +306,9 @@ def smollm_runs(quick: bool, rounds: int, dora: bool = True, bf16: bool = False,
         jobs += [["lorax", "--targets", "all-linear"], ["peft", "--targets", "all-linear"],
                  ["jax-full"], ["torch-full"]]
     if bf16:
-        jobs += [[*job, "--base", "bf16"] for job in jobs if "--targets" in job and "--dora" not in job]
+        lora = [job for job in jobs if "--targets" in job and "--dora" not in job]
+        jobs += [[*job, "--base", "bf16"] for job in lora]
+        jobs += [[*job, "--base", "bf16", *MEMORY_OPTIONS] for job in lora if job[0] == "lorax"]
     runs: dict[str, list[dict]] = {}
     for _ in range(rounds):
         for job in jobs:
@@ -337,33 +349,37 @@ def smollm_markdown(report: dict) -> list[str]:
              "rank, AdamW; base fp32, or bf16 with fp32 adapters; the run with the median time of those listed; "
              "the matmul peak is the framework's own in the base's dtype; first step: JAX's trace and compile "
              "included, what a notebook pays after each change)", "",
-             "| framework | kind | targets | base | batch × seq | s / step | runs | tokens / s | trained params | "
-             "peak RSS MiB | GFLOP | own matmul peak | efficiency | first step s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| framework | kind | targets | base | options | batch × seq | s / step | runs | tokens / s | "
+             "trained params | peak RSS MiB | GFLOP | own matmul peak | efficiency | first step s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['framework']} | {r['kind']} | {r['targets'] or 'all (full FT)'} | {r['base']} | "
+              f"{_options(r) or '–'} | "
               f"{r['batch']} × {r['seq']} | "
               f"{r['s_per_step']:.2f} | {' '.join(f'{t:.2f}' for t in r.get('s_per_step_runs', []))} | "
               f"{r['tokens_per_s']:.0f} | {r['trained_params']:,} | "
               f"{f(r['train_peak_rss_mib'], '.0f')} | {r['step_gflop']:.0f} | {r['matmul_peak_gflops']:.0f} | "
               f"{r['efficiency']:.2f} | {f(r.get('first_step_s'), '.1f')} |" for r in report["smollm"]]
-    by = {(r["framework"], r["kind"], r["targets"], r["base"]): r for r in report["smollm"]}
-    pairs = [((kind, targets, base), (kind, targets, base)) for kind, targets in
+    by = {(r["framework"], r["kind"], r["targets"], r["base"], _options(r)): r for r in report["smollm"]}
+    options = _options(dict(remat=MEMORY_OPTIONS[1], head_chunks=int(MEMORY_OPTIONS[3])))
+    pairs = [((kind, targets, base, ""), (kind, targets, base, "")) for kind, targets in
              (("lora", "qv"), ("lora", "all-linear"), ("dora", "qv")) for base in ("fp32", "bf16")]
-    pairs += [(("lora", targets, "bf16"), ("lora", targets, "fp32")) for targets in ("qv", "all-linear")]
+    pairs += [(("lora", targets, "bf16", options), ("lora", targets, "bf16", "")) for targets in ("qv", "all-linear")]
+    pairs += [(("lora", targets, "bf16", ""), ("lora", targets, "fp32", "")) for targets in ("qv", "all-linear")]
     for ours, theirs in pairs:
         if ("lorax", *ours) in by and ("peft", *theirs) in by:
             a, b = by[("lorax", *ours)], by[("peft", *theirs)]
             rss = None if None in (a["train_peak_rss_mib"], b["train_peak_rss_mib"]) else \
                 a["train_peak_rss_mib"] / b["train_peak_rss_mib"]
-            bases = ours[2] if ours == theirs else f"lorax {ours[2]} against PEFT {theirs[2]}"
+            bases = ours[2] if ours[2] == theirs[2] else f"lorax {ours[2]} against PEFT {theirs[2]}"
+            bases += f"; lorax with {ours[3]}" if ours[3] else ""
             lines.append(f"\nlorax / PEFT, {ours[0]} {ours[1]} ({bases}): time "
                          f"{a['s_per_step'] / b['s_per_step']:.3f}, peak RSS {f(rss, '.3f')}")
-    if ("jax-full", "full", None, "fp32") in by:
-        full = by[("jax-full", "full", None, "fp32")]["efficiency"]
+    if ("jax-full", "full", None, "fp32", "") in by:
+        full = by[("jax-full", "full", None, "fp32", "")]["efficiency"]
         for targets in ("qv", "all-linear"):
-            if ("lorax", "lora", targets, "fp32") in by:
+            if ("lorax", "lora", targets, "fp32", "") in by:
                 lines.append(f"\nlorax LoRA {targets} efficiency / JAX full fine-tuning's (fp32): "
-                             f"{by[('lorax', 'lora', targets, 'fp32')]['efficiency'] / full:.3f}")
+                             f"{by[('lorax', 'lora', targets, 'fp32', '')]['efficiency'] / full:.3f}")
     return lines
 
 
