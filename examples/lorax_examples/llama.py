@@ -122,14 +122,16 @@ class Linear(nn.Module):
 
 @jax.named_scope("rope")
 def rope(x, positions, theta):
-    """transformers' rotate-half rotary embedding on ``x`` [batch, seq, heads, head_dim]."""
+    """transformers' rotate-half rotary embedding on ``x`` [batch, seq, heads, head_dim]:
+    ``x·cos + rotate_half(x)·sin``, each half computed where it is written: one concatenation
+    of the results, not of a rotated copy of ``x`` and of the angles (the same values; XLA:CPU
+    fuses it better, see docs/performance.md)."""
     hd = x.shape[-1]
     inv_freq = 1.0 / (theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
     freqs = positions[..., None].astype(jnp.float32) * inv_freq
-    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+    cos, sin = jnp.cos(freqs)[:, :, None, :], jnp.sin(freqs)[:, :, None, :]
     x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    return (x * jnp.cos(emb) + rotated * jnp.sin(emb)).astype(x.dtype)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 def write_cache(cache, new, start):
