@@ -173,7 +173,11 @@ class MLP(nn.Module):
     def __call__(self, x):
         c = self.config
         dense = lambda n, name: Linear(n, c.matmul_dtype, name=name, **lora_of(c, name))  # noqa: E731
-        h = nn.silu(dense(self.config.hidden, "gate_proj")(x)) * dense(self.config.hidden, "up_proj")(x)
+        # the gating recomputed in the backward from its two inputs: the layer loop then saves
+        # gate and up alone, not also sigmoid(gate), silu(gate) and their product (3 of its 5
+        # [batch, seq, hidden] stacks), for the same values and gradients
+        gating = jax.checkpoint(lambda gate, up: nn.silu(gate) * up)
+        h = gating(dense(self.config.hidden, "gate_proj")(x), dense(self.config.hidden, "up_proj")(x))
         return dense(self.config.dim, "down_proj")(h)
 
 

@@ -1,12 +1,15 @@
 """A scanned LLaMA's train-step memory from XLA's compiled programs (deterministic): lorax's LoRA
 holds what LoRA written by hand into the model holds, and less than full fine-tuning."""
 
+import contextlib
 import dataclasses
+import io
 import re
 
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
 from lorax_examples import memory
 from lorax_examples.llama import Llama, LlamaConfig, chunked_xent, init_cache, quantize_like_gguf
 
@@ -70,6 +73,22 @@ def test_recomputing_each_layer_drops_the_saved_activations_and_lorax_still_hold
     saved = {v: memory.footprint(*memory.train_step(v, remat, params, ids)) for v in ("hand", "lorax")}
     assert saved["lorax"].temporaries <= 1.05 * saved["hand"].temporaries
     assert saved["lorax"].classes["activation stacks"] < 0.25 * footprints["lorax"].classes["activation stacks"]
+
+
+def test_the_layer_loop_saves_the_mlp_gating_s_two_inputs_alone():
+    """Of the MLP's hidden-width activations the backward keeps gate and up (the gating is
+    recomputed from them), not also sigmoid(gate), silu(gate) and their product."""
+    ids = jax.random.randint(jax.random.key(1), (2, 33), 0, CONFIG.vocab)
+    plain = lambda p, x, t: Llama(CONFIG).apply(p, x, targets=t)  # noqa: E731
+    params = Llama(CONFIG).init(jax.random.key(0), ids[:, :-1])
+    adapted = lorax.init(jax.random.key(0), lorax.LoraConfig(rank=4, targets=r".*/(q|v)_proj/kernel"), plain,
+                         params, ids[:, :-1], ids[:, 1:])
+    trained, frozen = lorax.split(adapted)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        print_saved_residuals(lambda t: lorax.lora(plain)(lorax.combine(t, frozen), ids[:, :-1], ids[:, 1:]), trained)
+    hidden = f"f32[{CONFIG.layers},2,32,{CONFIG.hidden}] output of scan"
+    assert printed.getvalue().count(hidden) == 2
 
 
 def test_a_bf16_base_costs_at_most_its_bits_in_temporaries_and_less_than_fp32(footprints):
