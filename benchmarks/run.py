@@ -276,7 +276,8 @@ def _layers(layers: int | None) -> list[str]:
     return [] if layers is None else ["--layers", str(layers)]
 
 
-MEMORY_OPTIONS = ("--remat", "full", "--head-chunks", "8")  # each layer recomputed, the loss over 8 vocabulary slices
+MEMORY_OPTIONS = dict(remat="full", head_chunks=8)  # each layer recomputed, the loss over 8 vocabulary slices
+MEMORY_ARGV = ("--remat", MEMORY_OPTIONS["remat"], "--head-chunks", str(MEMORY_OPTIONS["head_chunks"]))
 
 
 def _options(row: dict) -> str:
@@ -308,7 +309,7 @@ def smollm_runs(quick: bool, rounds: int, dora: bool = True, bf16: bool = False,
     if bf16:
         lora = [job for job in jobs if "--targets" in job and "--dora" not in job]
         jobs += [[*job, "--base", "bf16"] for job in lora]
-        jobs += [[*job, "--base", "bf16", *MEMORY_OPTIONS] for job in lora if job[0] == "lorax"]
+        jobs += [[*job, "--base", "bf16", *MEMORY_ARGV] for job in lora if job[0] == "lorax"]
     runs: dict[str, list[dict]] = {}
     for _ in range(rounds):
         for job in jobs:
@@ -360,7 +361,7 @@ def smollm_markdown(report: dict) -> list[str]:
               f"{f(r['train_peak_rss_mib'], '.0f')} | {r['step_gflop']:.0f} | {r['matmul_peak_gflops']:.0f} | "
               f"{r['efficiency']:.2f} | {f(r.get('first_step_s'), '.1f')} |" for r in report["smollm"]]
     by = {(r["framework"], r["kind"], r["targets"], r["base"], _options(r)): r for r in report["smollm"]}
-    options = _options(dict(remat=MEMORY_OPTIONS[1], head_chunks=int(MEMORY_OPTIONS[3])))
+    options = _options(MEMORY_OPTIONS)
     pairs = [((kind, targets, base, ""), (kind, targets, base, "")) for kind, targets in
              (("lora", "qv"), ("lora", "all-linear"), ("dora", "qv")) for base in ("fp32", "bf16")]
     pairs += [(("lora", targets, "bf16", options), ("lora", targets, "bf16", "")) for targets in ("qv", "all-linear")]

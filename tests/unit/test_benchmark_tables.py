@@ -35,7 +35,6 @@ def test_the_memory_options_row_is_its_own_and_pairs_with_peft_s_plain_bf16_step
 
 
 def test_the_options_a_run_reports_are_the_ones_its_command_line_passes(run):
-    remat, chunks = run.MEMORY_OPTIONS[1], int(run.MEMORY_OPTIONS[3])
-    assert run.MEMORY_OPTIONS == ("--remat", remat, "--head-chunks", str(chunks))
-    assert run._options(dict(remat=remat, head_chunks=chunks)) == "remat full, head 8"
+    assert run.MEMORY_ARGV == ("--remat", "full", "--head-chunks", "8")
+    assert run._options(run.MEMORY_OPTIONS) == "remat full, head 8"
     assert run._options(dict(remat="none", head_chunks=0)) == ""
