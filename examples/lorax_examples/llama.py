@@ -140,6 +140,15 @@ def write_cache(cache, new, start):
     return jax.vmap(put)(cache, new, start)
 
 
+def attend(q, k, v, mask, groups: int):
+    """Scaled dot-product attention of q [batch, seq, heads, head_dim] over k, v [batch, slots,
+    kv_heads, head_dim], each kv head serving ``groups`` query heads."""
+    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+
+
 class Attention(nn.Module):
     config: LlamaConfig
 
@@ -157,11 +166,9 @@ class Attention(nn.Module):
         if cache is not None:
             cache = tuple(write_cache(old, new, positions[:, 0]) for old, new in zip(cache, (k, v)))
             k, v = cache
-        groups = c.heads // c.kv_heads
-        k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(c.head_dim)
-        logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-        out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+        # recomputed in the backward from q, k and v: the layer loop then keeps no [batch, heads,
+        # seq, seq] scores or probabilities and no keys or values repeated per query head
+        out = jax.checkpoint(attend, static_argnums=(4,))(q, k, v, mask, c.heads // c.kv_heads)
         out = Linear(c.dim, c.matmul_dtype, name="o_proj", **lora_of(c, "o_proj"))(out.reshape(b, t, -1))
         return out if cache is None else (out, cache)
 

@@ -75,9 +75,8 @@ def test_recomputing_each_layer_drops_the_saved_activations_and_lorax_still_hold
     assert saved["lorax"].classes["activation stacks"] < 0.25 * footprints["lorax"].classes["activation stacks"]
 
 
-def test_the_layer_loop_saves_the_mlp_gating_s_two_inputs_alone():
-    """Of the MLP's hidden-width activations the backward keeps gate and up (the gating is
-    recomputed from them), not also sigmoid(gate), silu(gate) and their product."""
+def saved_by_the_layer_loop() -> str:
+    """What the backward of lorax's q,v LoRA step over `CONFIG` keeps, as `print_saved_residuals` lists it."""
     ids = jax.random.randint(jax.random.key(1), (2, 33), 0, CONFIG.vocab)
     plain = lambda p, x, t: Llama(CONFIG).apply(p, x, targets=t)  # noqa: E731
     params = Llama(CONFIG).init(jax.random.key(0), ids[:, :-1])
@@ -87,8 +86,24 @@ def test_the_layer_loop_saves_the_mlp_gating_s_two_inputs_alone():
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         print_saved_residuals(lambda t: lorax.lora(plain)(lorax.combine(t, frozen), ids[:, :-1], ids[:, 1:]), trained)
+    return printed.getvalue()
+
+
+def test_the_layer_loop_saves_the_mlp_gating_s_two_inputs_alone():
+    """Of the MLP's hidden-width activations the backward keeps gate and up (the gating is
+    recomputed from them), not also sigmoid(gate), silu(gate) and their product."""
     hidden = f"f32[{CONFIG.layers},2,32,{CONFIG.hidden}] output of scan"
-    assert printed.getvalue().count(hidden) == 2
+    assert saved_by_the_layer_loop().count(hidden) == 2
+
+
+def test_the_layer_loop_saves_attention_s_queries_keys_and_values_alone():
+    """Attention is recomputed in the backward from q, k and v: the layer loop keeps no
+    [batch, heads, seq, seq] scores or probabilities and no keys or values repeated per query head."""
+    c, saved = CONFIG, saved_by_the_layer_loop()
+    per_query_head = f"f32[{c.layers},2,32,{c.heads},{c.head_dim}] output of scan"
+    per_kv_head = f"f32[{c.layers},2,32,{c.kv_heads},{c.head_dim}] output of scan"
+    assert saved.count(per_query_head) == 1 and saved.count(per_kv_head) == 2  # q after RoPE; k after RoPE, v
+    assert not re.search(rf"f32\[{c.layers},2,{c.heads},32,(32|1)\] output of scan", saved)
 
 
 def test_a_bf16_base_costs_at_most_its_bits_in_temporaries_and_less_than_fp32(footprints):
