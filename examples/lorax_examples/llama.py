@@ -142,7 +142,16 @@ def write_cache(cache, new, start):
 
 def attend(q, k, v, mask, groups: int):
     """Scaled dot-product attention of q [batch, seq, heads, head_dim] over k, v [batch, slots,
-    kv_heads, head_dim], each kv head serving ``groups`` query heads."""
+    kv_heads, head_dim], each kv head serving ``groups`` query heads; ``mask`` [batch or 1, 1,
+    seq, slots] says which slots each query sees.
+
+    >>> import jax, jax.numpy as jnp
+    >>> q = jax.random.normal(jax.random.key(0), (1, 4, 2, 8))
+    >>> k, v = jax.random.normal(jax.random.key(1), (2, 1, 4, 1, 8))
+    >>> out = attend(q, k, v, jnp.tril(jnp.ones((4, 4), bool))[None, None], groups=2)
+    >>> out.shape, bool(jnp.allclose(out[:, 0], v[:, 0]))  # the first query sees its own slot alone
+    ((1, 4, 2, 8), True)
+    """
     k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
     logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
