@@ -8,7 +8,8 @@ arguments), as long as the same ``step`` object is passed. ``params`` is passed 
 ``step`` untouched: `routed` makes a step whose params are ``(bank, index)``, a
 `lorax.LoraBank` tree and one adapter index per request.
 
->>> import jax, llama
+>>> import jax
+>>> from lorax_examples import llama
 >>> config = llama.LlamaConfig(vocab=64, dim=32, layers=2, heads=4, kv_heads=2, hidden=64, remat=False)
 >>> params = llama.Llama(config).init(jax.random.key(0), jax.numpy.zeros((1, 4), int))
 >>> step = llama.cached_step(config)
