@@ -75,6 +75,7 @@ def test_recomputing_each_layer_drops_the_saved_activations_and_lorax_still_hold
     assert saved["lorax"].classes["activation stacks"] < 0.25 * footprints["lorax"].classes["activation stacks"]
 
 
+@pytest.fixture(scope="module")
 def saved_by_the_layer_loop() -> str:
     """What the backward of lorax's q,v LoRA step over `CONFIG` keeps, as `print_saved_residuals` lists it."""
     ids = jax.random.randint(jax.random.key(1), (2, 33), 0, CONFIG.vocab)
@@ -89,17 +90,17 @@ def saved_by_the_layer_loop() -> str:
     return printed.getvalue()
 
 
-def test_the_layer_loop_saves_the_mlp_gating_s_two_inputs_alone():
+def test_the_layer_loop_saves_the_mlp_gating_s_two_inputs_alone(saved_by_the_layer_loop):
     """Of the MLP's hidden-width activations the backward keeps gate and up (the gating is
     recomputed from them), not also sigmoid(gate), silu(gate) and their product."""
     hidden = f"f32[{CONFIG.layers},2,32,{CONFIG.hidden}] output of scan"
-    assert saved_by_the_layer_loop().count(hidden) == 2
+    assert saved_by_the_layer_loop.count(hidden) == 2
 
 
-def test_the_layer_loop_saves_attention_s_queries_keys_and_values_alone():
+def test_the_layer_loop_saves_attention_s_queries_keys_and_values_alone(saved_by_the_layer_loop):
     """Attention is recomputed in the backward from q, k and v: the layer loop keeps no
     [batch, heads, seq, seq] scores or probabilities and no keys or values repeated per query head."""
-    c, saved = CONFIG, saved_by_the_layer_loop()
+    c, saved = CONFIG, saved_by_the_layer_loop
     per_query_head = f"f32[{c.layers},2,32,{c.heads},{c.head_dim}] output of scan"
     per_kv_head = f"f32[{c.layers},2,32,{c.kv_heads},{c.head_dim}] output of scan"
     assert saved.count(per_query_head) == 1 and saved.count(per_kv_head) == 2  # q after RoPE; k after RoPE, v
