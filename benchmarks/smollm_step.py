@@ -96,7 +96,7 @@ def lorax_step(args):
     else:
         lora_config = lorax.LoraConfig(rank=args.rank, alpha=2.0 * args.rank, targets=LORAX_TARGETS[args.targets],
                                        use_dora=args.dora)  # over a bf16 base the factors are fp32
-        base = bf16_as_bits(base)  # a bf16 base held as its bits, with no bf16 copy beside them
+        base = bf16_as_bits(base, config.head_chunks)  # what the step slices in a loop, as bits
         params = lorax.init(jax.random.key(0), lora_config, fn, base, ids[:, :-1])
         state, frozen = lorax.split(params)
         rest, forward = (frozen,), lambda t, f, x: lorax.lora(xent)(lorax.combine(t, f), x)

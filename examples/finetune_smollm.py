@@ -175,7 +175,6 @@ def main(argv=None):
     import lorax.peft
 
     config, base, tokenizer = smollm.load(base=args.base)
-    base = bf16_as_bits(base)  # a bf16 base held as its bits: XLA:CPU copies none of it, no bf16 copy stays beside
     if args.seq + 1 > config.max_len:
         fail(f"--seq {args.seq} exceeds the model's context of {config.max_len} tokens")
     try:
@@ -183,6 +182,7 @@ def main(argv=None):
     except ValueError as refused:
         fail(f"--{refused}")
     config = type(config)(**{**config.__dict__, "remat": remat, "head_chunks": head_chunks})
+    base = bf16_as_bits(base, head_chunks)  # what the step slices in a loop, as bits: XLA:CPU copies none of it
     fn = lambda p, ids: Llama(config).apply(p, ids)  # noqa: E731
     loss_of = lambda p, ids: Llama(config).apply(p, ids[:, :-1], targets=ids[:, 1:])  # noqa: E731
     train_ids, test_ids = token_splits(tokenizer, shakespeare_texts())

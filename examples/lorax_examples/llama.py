@@ -306,21 +306,32 @@ class Llama(nn.Module):
         return logits if cache is None else (logits, cache)
 
 
-def bf16_as_bits(frozen: Any) -> Any:
-    """``frozen`` with its bf16 weights held as their bits (`lorax.quantize` ``"bf16"``): a
-    train step then takes them as they are, where XLA:CPU would otherwise write their bits
-    (or an fp32 copy of a table sliced in a loop) on every step. A tree with no bf16 weight
-    comes back as it is.
+def bf16_as_bits(frozen: Any, head_chunks: int = 0) -> Any:
+    """``frozen`` with the bf16 weights a train step slices in a loop held as their bits
+    (`lorax.quantize` ``"bf16"``): the layer stacks, and the tied embedding when the loss runs
+    over ``head_chunks`` vocabulary slices (`LlamaConfig.head_chunks`). XLA:CPU slices bf16 in a
+    loop from an fp32 copy of the whole array; bits slice as they are. A table the step uses
+    whole stays bf16, since XLA:CPU would write a copy of its bits where a product reads them.
+    A tree with no bf16 weight comes back as it is.
 
     >>> import jax.numpy as jnp
-    >>> held = bf16_as_bits({"w": jnp.ones((2, 2), jnp.bfloat16), "n": jnp.ones(2)})
-    >>> type(held["w"]).__name__, held["n"].dtype
-    ('Bf16Bits', dtype('float32'))
+    >>> tree = {"layers": jnp.ones((2, 2, 2), jnp.bfloat16), "embedding": jnp.ones((2, 2), jnp.bfloat16)}
+    >>> held = bf16_as_bits(tree)
+    >>> type(held["layers"]).__name__, held["embedding"].dtype
+    ('Bf16Bits', dtype(bfloat16))
+    >>> type(bf16_as_bits(tree, head_chunks=8)["embedding"]).__name__
+    'Bf16Bits'
     """
-    bf16 = lambda path, x: x.dtype == jnp.bfloat16 and x.ndim >= 2  # noqa: E731
-    if not any(bf16("", x) for x in jax.tree.leaves(frozen) if hasattr(x, "dtype")):
+
+    def sliced(path: str, x) -> bool:
+        table = head_chunks > 0 and path.endswith("embedding")
+        return x.dtype == jnp.bfloat16 and (x.ndim >= 3 or (table and x.ndim == 2))
+
+    leaves = jax.tree_util.tree_leaves_with_path(frozen)
+    if not any(sliced(jax.tree_util.keystr(path, simple=True, separator="/"), x)
+               for path, x in leaves if hasattr(x, "dtype")):
         return frozen
-    return lorax.quantize(frozen, "bf16", targets=bf16)
+    return lorax.quantize(frozen, "bf16", targets=sliced)
 
 
 def quantize_like_gguf(params: dict) -> dict:

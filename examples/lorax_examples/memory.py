@@ -56,7 +56,7 @@ def train_step(variant: str, config: LlamaConfig, params: dict, ids: jax.Array, 
         adapted = lorax.init(jax.random.key(0), lorax.LoraConfig(rank=rank, alpha=2.0 * rank, targets=pattern),
                              plain, params, ids[:, :-1], ids[:, 1:])
         state, frozen = lorax.split(adapted)
-        frozen = bf16_as_bits(frozen)
+        frozen = bf16_as_bits(frozen, config.head_chunks)
         rest, forward = (frozen,), lambda s, f, x, t: lorax.lora(plain)(lorax.combine(s, f), x, t)
     else:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")

@@ -102,7 +102,7 @@ def test_bf16_base_follows_fp32_and_keeps_lora_factored_in_fp32_factors(smol):
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b.astype(a.dtype)).all()), params16, params))
     ids = np.array([tok.encode("HAMLET.\nTo be, or not to be, that is the question:").ids])
     ref, out = np.asarray(fn(params, ids)), np.asarray(fn16(params16, ids))
-    held = bf16_as_bits(params16)  # the weights as their bits: the same model inside lorax.lora
+    held = bf16_as_bits(params16, head_chunks=8)  # the weights as their bits: the same model inside lorax.lora
     assert isinstance(held["params"]["embed_tokens"]["embedding"], lorax.Bf16Bits)
     np.testing.assert_array_equal(lorax.lora(fn16)(held, ids), lorax.lora(fn16)(params16, ids))
     assert out.dtype == np.float32

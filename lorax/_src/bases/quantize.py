@@ -126,8 +126,9 @@ def quantize(params: Any, fmt: str, targets: Targets = None, *, block: int | Non
         along the input axis, or the last axis the blocks divide when that one does not), or
         ``"bf16"``: the weight rounded to bfloat16 (a bf16 weight kept exactly) and held as its
         16 bits, a `Bf16Bits`; no blocks, so ``block``, ``axis`` and ``double_quant`` stay unset.
-        On XLA:CPU, which slices bf16 through an fp32 copy, a step over a bf16 model holds no
-        copy of its weights only when they come in as bits.
+        XLA:CPU slices bf16 in a loop through an fp32 copy of the whole array, so a step holds
+        no copy of a bf16 layer stack only when the stack comes in as bits; a weight a product
+        reads whole is best left bf16, since XLA:CPU writes out the bits it reinterprets there.
       targets: a regex or list of regexes fully matched against the paths, a predicate
         ``(path, leaf) -> bool``, or None for every floating leaf of two or more axes. Targets
         that match no weight are an error listing the weights.
