@@ -9,6 +9,7 @@ PYTHONPATH=examples python3 benchmarks/memory.py ...
     python benchmarks/memory.py --base bf16      # bf16 weights (also: q4, the GGUF's blocks; lorax only)
     python benchmarks/memory.py --layers 2       # the first 2 decoder layers: a smoke run
     python benchmarks/memory.py --remat dots_with_no_batch_dims_saveable  # what the backward saves
+    python benchmarks/memory.py --remat full --remat-groups 6  # the layer loop as 6 recomputed groups
     python benchmarks/memory.py --random         # SmolLM2-135M's shapes, random weights: no GGUF needed
 
 Every step is compiled with its train state donated; see `lorax_examples.memory` for why the
@@ -25,7 +26,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from lorax_examples import memory, smollm
-from lorax_examples.llama import Llama, LlamaConfig, head_chunks_setting, quantize_like_gguf, remat_setting
+from lorax_examples.llama import (
+    Llama,
+    LlamaConfig,
+    head_chunks_setting,
+    quantize_like_gguf,
+    remat_groups_setting,
+    remat_setting,
+)
 from report_files import written
 
 HERE = Path(__file__).resolve().parent
@@ -44,21 +52,24 @@ def random_model(base: str, layers: int | None):
 
 
 def rows(base: str, layers: int | None, batch: int, seq: int, remat: str = "none", random: bool = False,
-         variants: tuple[str, ...] = memory.VARIANTS, head_chunks: int = 0) -> list[dict]:
+         variants: tuple[str, ...] = memory.VARIANTS, head_chunks: int = 0, remat_groups: int = 0) -> list[dict]:
     """Each step's memory on ``base``; ``remat``: none, full (each layer recomputed in the
     backward) or a ``jax.checkpoint_policies`` name (what each layer saves); ``random``: the
     model's shapes with random weights; ``head_chunks``: the loss over that many vocabulary
-    slices (`lorax_examples.llama.chunked_xent`), 0 from the full logits."""
+    slices (`lorax_examples.llama.chunked_xent`), 0 from the full logits; ``remat_groups``: the
+    layer loop as that many recomputed groups (`lorax_examples.llama.grouped_layers`), 0 as one."""
     config, params = random_model(base, layers) if random else smollm.load(base=base, layers=layers)[:2]
-    config = dataclasses.replace(config, remat=remat_setting(remat), head_chunks=head_chunks)
+    config = dataclasses.replace(config, remat=remat_setting(remat), head_chunks=head_chunks, remat_groups=remat_groups)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab, (batch, seq + 1)), jnp.int32)
     if base == "q4":  # a quantized base has no dense gradient
         variants = tuple(v for v in variants if v == "lorax")
     out = []
     for variant in variants:
-        f = memory.footprint(*memory.train_step(variant, config, params, ids))
+        loops = (remat_groups, config.layers // remat_groups) if remat_groups else ()
+        f = memory.footprint(*memory.train_step(variant, config, params, ids), loops)
         out.append(dict(variant=variant, base=base, layers=config.layers, batch=batch, seq=seq, remat=remat,
-                        head_chunks=head_chunks, weights="random" if random else "gguf", platform=jax.default_backend(),
+                        head_chunks=head_chunks, remat_groups=remat_groups, weights="random" if random else "gguf",
+                        platform=jax.default_backend(),
                         arguments_mib=f.arguments / memory.MiB, temporaries_mib=f.temporaries / memory.MiB,
                         total_mib=f.total / memory.MiB, **{f"{k}_mib": v / memory.MiB for k, v in f.classes.items()}))
     return out
@@ -66,8 +77,10 @@ def rows(base: str, layers: int | None, batch: int, seq: int, remat: str = "none
 
 def markdown(table: list[dict]) -> str:
     r = table[0]
+    groups = f" in {r['remat_groups']} groups" if r.get("remat_groups") else ""
     lines = [f"**Train-step memory, SmolLM2-135M ({r['layers']} layers), batch {r['batch']} × {r['seq']}, "
-             f"AdamW, LoRA q,v r=8, state donated, remat {r.get('remat', 'none')}, loss over "
+             f"AdamW, LoRA q,v r=8, state donated, remat {r.get('remat', 'none')}"
+             f"{groups}, loss over "
              f"{r.get('head_chunks') or 'no'} vocabulary slices, {r.get('weights', 'gguf')} "
              f"weights, XLA:{r.get('platform', 'cpu').upper()}** (XLA memory_analysis, MiB)", "",
              "| step | base | arguments | temporaries | of which activation stacks | weight-shaped stacks | other "
@@ -87,6 +100,8 @@ def main(argv=None):
     p.add_argument("--remat", default="none", help="none, full, or a jax.checkpoint_policies name")
     p.add_argument("--head-chunks", type=int, default=0,
                    help="the loss over this many slices of the vocabulary (a divisor of 49152); 0: full logits")
+    p.add_argument("--remat-groups", type=int, default=0,
+                   help="the layer loop as this many groups, each recomputed (a divisor of the layers); 0: one loop")
     p.add_argument("--variants", default=",".join(memory.VARIANTS), help="which steps, comma-separated")
     p.add_argument("--random", action="store_true", help="SmolLM2-135M's shapes with random weights (no GGUF file)")
     p.add_argument("--out", type=Path, default=HERE / "results")
@@ -104,9 +119,15 @@ def main(argv=None):
         head_chunks_setting(args.head_chunks, LlamaConfig().vocab)
     except ValueError as refused:
         p.error(f"--{refused}")
-    table = rows(args.base, args.layers, args.batch, args.seq, args.remat, args.random, variants, args.head_chunks)
+    try:
+        remat_groups_setting(args.remat_groups, args.layers or LlamaConfig().layers)
+    except ValueError as refused:
+        p.error(f"--{refused}")
+    table = rows(args.base, args.layers, args.batch, args.seq, args.remat, args.random, variants, args.head_chunks,
+                 args.remat_groups)
     suffix = ("" if args.remat == "none" else f"_remat_{args.remat}") + ("_random" if args.random else "")
-    suffix += f"_head_{args.head_chunks}" if args.head_chunks else ""
+    suffix += (f"_head_{args.head_chunks}" if args.head_chunks else "") + (
+        f"_groups_{args.remat_groups}" if args.remat_groups else "")
     suffix += "" if jax.default_backend() == "cpu" else f"_{jax.default_backend()}"
     return written(args.out, f"memory_{args.base}{suffix}", table, markdown(table))
 

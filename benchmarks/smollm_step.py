@@ -79,13 +79,14 @@ def lorax_step(args):
     import optax
     from lorax_examples import smollm
     from lorax_examples.flops import matmul_flops
-    from lorax_examples.llama import Llama, bf16_as_bits, remat_setting
+    from lorax_examples.llama import Llama, bf16_as_bits, remat_groups_setting, remat_setting
 
     import lorax
     import lorax.peft
 
     config, base, _ = smollm.load(base=args.base, layers=args.layers)
-    config = type(config)(**{**config.__dict__, "remat": remat_setting(args.remat), "head_chunks": args.head_chunks})
+    config = type(config)(**{**config.__dict__, "remat": remat_setting(args.remat), "head_chunks": args.head_chunks,
+                             "remat_groups": remat_groups_setting(args.remat_groups, config.layers)})
     fn = lambda p, ids: Llama(config).apply(p, ids)  # noqa: E731
     xent = lambda p, ids: Llama(config).apply(p, ids[:, :-1], targets=ids[:, 1:])  # noqa: E731
     ids = jax.numpy.asarray(_tokens(args.batch, args.seq, config.vocab))
@@ -180,6 +181,8 @@ def parser(description: str) -> argparse.ArgumentParser:
                    help="JAX: recompute in the backward: none, full, or a jax.checkpoint_policies name")
     p.add_argument("--head-chunks", type=int, default=0,
                    help="JAX: the loss over this many slices of the vocabulary (a divisor of 49152); 0: full logits")
+    p.add_argument("--remat-groups", type=int, default=0,
+                   help="JAX: the layer loop as this many groups, each recomputed in the backward; 0: one loop")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
@@ -217,7 +220,8 @@ def main(argv=None):
         framework=args.framework, targets=None if "full" in args.framework else args.targets, rank=args.rank,
         kind="full" if "full" in args.framework else "dora" if args.dora else "lora",
         base=args.base, layers=args.layers or smollm.LAYERS, remat=args.remat, head_chunks=args.head_chunks,
-        batch=args.batch, seq=args.seq, s_per_step=median, tokens_per_s=args.batch * args.seq / median,
+        remat_groups=args.remat_groups, batch=args.batch, seq=args.seq, s_per_step=median,
+        tokens_per_s=args.batch * args.seq / median,
         trained_params=count, train_peak_rss_mib=_peak_rss_mib() if reset else None,
         process_peak_rss_mib=max(load_peak, _peak_rss_mib()), adapter_bytes=adapter_bytes and adapter_bytes[0],
         adapter_tensor_bytes=adapter_bytes and adapter_bytes[1],

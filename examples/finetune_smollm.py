@@ -55,6 +55,8 @@ def parse_args(argv=None):
                    "layer), or a jax.checkpoint_policies name")
     p.add_argument("--head-chunks", type=int, default=0, help="memory option: the training loss over this many "
                    "slices of the vocabulary, never the whole logits (a divisor of 49152); 0: the whole logits")
+    p.add_argument("--remat-groups", type=int, default=0, help="memory option: the layer loop as this many groups "
+                   "of layers, each recomputed in the backward from its input (a divisor of 30); 0: one loop")
     p.add_argument("--eval-batches", type=int, default=6, help="held-out batches (fixed) per evaluation")
     p.add_argument("--eval-every", type=int, default=100, help="steps between held-out evaluations")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated before and after")
@@ -169,7 +171,14 @@ def main(argv=None):
     matplotlib.use("Agg")
 
     from lorax_examples import smollm
-    from lorax_examples.llama import Llama, bf16_as_bits, cached_step, head_chunks_setting, remat_setting
+    from lorax_examples.llama import (
+        Llama,
+        bf16_as_bits,
+        cached_step,
+        head_chunks_setting,
+        remat_groups_setting,
+        remat_setting,
+    )
 
     import lorax
     import lorax.peft
@@ -179,9 +188,10 @@ def main(argv=None):
         fail(f"--seq {args.seq} exceeds the model's context of {config.max_len} tokens")
     try:
         remat, head_chunks = remat_setting(args.remat), head_chunks_setting(args.head_chunks, config.vocab)
+        groups = remat_groups_setting(args.remat_groups, config.layers)
     except ValueError as refused:
         fail(f"--{refused}")
-    config = type(config)(**{**config.__dict__, "remat": remat, "head_chunks": head_chunks})
+    config = type(config)(**{**config.__dict__, "remat": remat, "head_chunks": head_chunks, "remat_groups": groups})
     base = bf16_as_bits(base, head_chunks)  # what the step slices in a loop, as bits: XLA:CPU copies none of it
     fn = lambda p, ids: Llama(config).apply(p, ids)  # noqa: E731
     loss_of = lambda p, ids: Llama(config).apply(p, ids[:, :-1], targets=ids[:, 1:])  # noqa: E731
@@ -293,7 +303,7 @@ def main(argv=None):
                    after_loss=after_loss, held_out=held_out, mean_step_s=mean_step, steps=args.steps,
                    rank=args.rank, targets=args.targets, batch=args.batch, seq=args.seq, init=args.init,
                    dora=args.dora, base=args.base, remat=args.remat, head_chunks=args.head_chunks,
-                   peak_rss_mib=peak_rss_mib())
+                   remat_groups=args.remat_groups, peak_rss_mib=peak_rss_mib())
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nwrote {args.out}/: adapter/ (orbax, with optimizer state), peft/ (PEFT format), "
           f"{'adapter.gguf (llama.cpp), ' if llamacpp else ''}loss.png, summary.json")

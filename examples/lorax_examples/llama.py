@@ -12,6 +12,7 @@ plain training forward.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -52,6 +53,11 @@ class LlamaConfig:
     # the training loss (`Llama.__call__` with ``targets``) over this many slices of the
     # vocabulary (`chunked_xent`: the logits are never held whole); 0: from the full logits
     head_chunks: int = 0
+    # the training forward's layer loop as this many groups of consecutive layers, each group
+    # recomputed in the backward from its input (`grouped_layers`): the backward keeps one
+    # residual stream per group and, in the group it is in, one per layer, about 2·√layers of
+    # them instead of one per layer, for one more forward of each layer; 0: one loop
+    remat_groups: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -211,6 +217,55 @@ class DecoderLayer(nn.Module):
         return x, cache
 
 
+def remat_groups_setting(groups: int, layers: int) -> int:
+    """`LlamaConfig.remat_groups` for a command line's ``--remat-groups``: 0 (one layer loop) or
+    a divisor of ``layers`` above 1; anything else is refused.
+
+    >>> remat_groups_setting(6, 30), remat_groups_setting(0, 30)
+    (6, 0)
+    """
+    refused = isinstance(groups, bool) or not isinstance(groups, int) or groups < 0 or groups == 1
+    if refused or (groups and layers % groups):
+        raise ValueError(f"remat-groups takes 0 or a divisor of the layer count ({layers}) above 1, got {groups!r}")
+    return groups
+
+
+def grouped_layers(config: LlamaConfig, stacked: dict, x, positions, mask):
+    """The decoder layers over ``x``, run as ``config.remat_groups`` groups of consecutive
+    layers, each under a ``jax.checkpoint`` (and each layer under ``config.remat``): the
+    backward keeps the residual stream at each group's input, then recomputes that group's
+    layers, keeping it at theirs. ``stacked`` is the layer loop's params, each [layers, ...]:
+    every layer reads its own slice of them, so no more than one layer's weights are ever
+    sliced out (a group's slice of a stack would be a copy of that many layers), and the
+    gradients of the trained leaves (the adapters: small) are summed whole over each group. The
+    same values and gradients as the one loop; decoding with a cache runs the one loop.
+
+    >>> import jax, jax.numpy as jnp
+    >>> config = LlamaConfig(vocab=32, dim=16, layers=4, heads=2, kv_heads=1, hidden=32, remat_groups=2)
+    >>> ids = jnp.zeros((1, 5), int)
+    >>> params = Llama(config).init(jax.random.key(0), ids)
+    >>> one_loop = Llama(dataclasses.replace(config, remat_groups=0)).apply(params, ids)
+    >>> bool(jnp.allclose(Llama(config).apply(params, ids), one_loop, atol=1e-6))
+    True
+    """
+    c = config
+    size = c.layers // remat_groups_setting(c.remat_groups, c.layers)
+
+    def layer(x, i):
+        weights = jax.tree.map(lambda w: jax.lax.dynamic_index_in_dim(w, i, keepdims=False), stacked)
+        return DecoderLayer(c).apply({"params": weights}, x, positions, mask)[0], None
+
+    if c.remat:
+        policy = getattr(jax.checkpoint_policies, c.remat) if isinstance(c.remat, str) else None
+        layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def group(x, first):
+        return jax.lax.scan(layer, x, first + jnp.arange(size))[0], None
+
+    return jax.lax.scan(group, x, jnp.arange(c.remat_groups) * size)[0]
+
+
 def head_chunks_setting(chunks: int, vocab: int) -> int:
     """`LlamaConfig.head_chunks` for a command line's ``--head-chunks``: 0 (the whole logits) or
     a divisor of ``vocab``; anything else is refused.
@@ -291,7 +346,12 @@ class Llama(nn.Module):
         layers = nn.scan(layer, variable_axes={"params": 0},
                          split_rngs={"params": True},
                          in_axes=(nn.broadcast, nn.broadcast, 0), length=c.layers)
-        x, cache = layers(c, name="layers")(embed(ids).astype(jnp.float32), positions, mask, cache)
+        grouped = remat_groups_setting(c.remat_groups, c.layers) and cache is None and not self.is_initializing()
+        x = embed(ids).astype(jnp.float32)
+        if grouped:
+            x = grouped_layers(c, self.variables["params"]["layers"], x, positions, mask)
+        else:
+            x, cache = layers(c, name="layers")(x, positions, mask, cache)
         x = RMSNorm(c.eps, name="norm")(x)
         if targets is not None and c.head_chunks:
             if not c.tie_embeddings:

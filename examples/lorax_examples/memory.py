@@ -106,9 +106,10 @@ class Footprint:
         return self.arguments + self.outputs - self.aliased + self.temporaries
 
 
-def footprint(step, args) -> Footprint:
+def footprint(step, args, loops: tuple[int, ...] = ()) -> Footprint:
     """Compile ``step`` on ``args`` (past JAX's compilation cache, so that XLA writes its
-    report) and read its memory, the temporaries by class."""
+    report) and read its memory, the temporaries by class; ``loops``: the lengths of layer loops
+    other than the stacks' own (`LlamaConfig.remat_groups`: the groups and a group's layers)."""
     cached = jax.config.jax_enable_compilation_cache
     jax.config.update("jax_enable_compilation_cache", False)
     compilation_cache.reset_cache()  # JAX reads the setting once per process, at its first compile
@@ -118,7 +119,7 @@ def footprint(step, args) -> Footprint:
             reports = glob.glob(str(Path(dump) / "*memory-usage-report.txt"))
             if not reports:
                 raise RuntimeError("XLA wrote no memory-usage report for the step")
-            classes = breakdown(Path(reports[0]).read_text(), _weight_shapes(args))
+            classes = breakdown(Path(reports[0]).read_text(), _weight_shapes(args), loops)
     finally:
         jax.config.update("jax_enable_compilation_cache", cached)
         compilation_cache.reset_cache()
@@ -139,15 +140,15 @@ _SHAPE = re.compile(r"(?:(\d+)×)?(\w+)\[([\d,]*)\]")
 _UNITS = {"B": 1, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}
 
 
-def breakdown(report: str, weight_shapes: set[tuple[int, ...]]) -> dict[str, int]:
+def breakdown(report: str, weight_shapes: set[tuple[int, ...]], loops: tuple[int, ...] = ()) -> dict[str, int]:
     """Bytes of the stacks among the buffers of XLA's memory-usage report, by the largest value
     sharing each buffer: ``"weight-shaped stacks"`` (shaped like a stacked weight of
     ``weight_shapes``: gradients of a stack, or a converted copy of one) and ``"activation
-    stacks"`` (another array of three or more axes led by the layer count: what the layer loop
-    saves for the backward; a batch as large as the layer count would be counted too). Only the
+    stacks"`` (another array of three or more axes led by the layer count or one of ``loops``:
+    what a layer loop saves for the backward; a batch as large would be counted too). Only the
     report's first section (the shared space) is read."""
     section = report.split("\n\n")[0]
-    layers = {shape[0] for shape in weight_shapes}
+    layers = {shape[0] for shape in weight_shapes} | set(loops)
     classes = {"weight-shaped stacks": 0, "activation stacks": 0}
     for line in section.splitlines():
         match = _BUFFER.match(line)

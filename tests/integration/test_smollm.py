@@ -172,6 +172,7 @@ def test_finetune_plot_smoothing_follows_the_trend_without_start_up_bias():
     (["--seq", "9000"], "--seq 9000 exceeds the model's context of 8192 tokens"),
     (["--head-chunks", "7"], "--head-chunks takes 0 or a divisor of the vocabulary (49152), got 7"),
     (["--remat", "sometimes"], "--remat must be none, full or a jax.checkpoint_policies name, got 'sometimes'"),
+    (["--remat-groups", "7"], "--remat-groups takes 0 or a divisor of the layer count (30) above 1, got 7"),
 ])
 def test_finetune_example_bad_input(tmp_path, capsys, flags, message):
     import finetune_smollm

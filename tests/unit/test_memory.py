@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 from jax.ad_checkpoint import print_saved_residuals
 from lorax_examples import memory
-from lorax_examples.llama import Llama, LlamaConfig, chunked_xent, init_cache, quantize_like_gguf
+from lorax_examples.llama import Llama, LlamaConfig, chunked_xent, init_cache, quantize_like_gguf, remat_groups_setting
 
 import lorax
 
@@ -59,6 +59,9 @@ def test_breakdown_sorts_buffers_by_the_shape_of_their_largest_value():
         "", "  second section", "    9.00MiB; 4; 1; f32[4,64,128]"])
     classes = memory.breakdown(report, {(4, 64, 128)})
     assert classes == {"activation stacks": 10 * 2**20, "weight-shaped stacks": 4 * 2**20}
+    grouped = report.replace("5×f32[4,2,8,64]", "5×f32[2,2,8,64]")  # the stack of a loop over 2 groups
+    assert memory.breakdown(grouped, {(4, 64, 128)})["activation stacks"] == 0
+    assert memory.breakdown(grouped, {(4, 64, 128)}, loops=(2,))["activation stacks"] == 10 * 2**20
 
 
 def test_footprint_classes_add_up_to_the_temporaries(footprints):
@@ -212,3 +215,70 @@ def test_the_training_loss_refuses_a_cache_and_an_untied_head():
         Llama(untied).apply(params, ids, targets=ids)
     with pytest.raises(ValueError, match="targets .* take no cache"):
         Llama(CONFIG).apply(params, ids, positions=ids, cache=init_cache(CONFIG, 1, 4), targets=ids)
+
+
+GROUPED = LlamaConfig(vocab=256, dim=64, layers=16, heads=4, kv_heads=2, hidden=128, remat=True, head_chunks=4,
+                      remat_groups=4)
+
+
+def _lora_step_of(config: LlamaConfig, ids):
+    """``(loss of the trained leaves, trained, frozen)``: lorax's q,v LoRA over ``config``, b ≠ 0."""
+    loss = lambda p, x, t: Llama(config).apply(p, x, targets=t)  # noqa: E731
+    params = Llama(dataclasses.replace(config, remat_groups=0)).init(jax.random.key(0), ids[:, :-1])
+    adapted = lorax.init(jax.random.key(2), lorax.LoraConfig(rank=4, targets=r".*/(q|v)_proj/kernel"), loss,
+                         params, ids[:, :-1], ids[:, 1:])
+    adapted = jax.tree.map(lambda x: x.replace(b=jax.random.normal(jax.random.key(3), x.b.shape) / 50)
+                           if isinstance(x, lorax.LoraWeight) else x, adapted,
+                           is_leaf=lambda x: isinstance(x, lorax.LoraWeight))
+    trained, frozen = lorax.split(adapted)
+    return lambda t: lorax.lora(loss)(lorax.combine(t, frozen), ids[:, :-1], ids[:, 1:]), trained, frozen
+
+
+def test_layers_in_recomputed_groups_give_the_merged_models_loss_and_gradients():
+    """`LlamaConfig.remat_groups` inside `lorax.lora`: every adapter stays factored (each layer
+    indexes its own weights out of the stacks), and the loss and adapter gradients are the
+    merged model's, run as one loop."""
+    ids = jax.random.randint(jax.random.key(1), (2, 17), 0, GROUPED.vocab)
+    grouped, trained, frozen = _lora_step_of(GROUPED, ids)
+    one_loop = dataclasses.replace(GROUPED, remat_groups=0)
+    merged = lambda t: Llama(one_loop).apply(lorax.merge(lorax.combine(t, frozen)), ids[:, :-1],  # noqa: E731
+                                             targets=ids[:, 1:])
+    got, want = jax.value_and_grad(grouped)(trained), jax.value_and_grad(merged)(trained)
+    assert abs(float(got[0]) - float(want[0])) < 1e-5 * float(want[0])
+    for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+        assert float(jnp.abs(g - w).max()) <= 1e-3 * float(jnp.abs(w).max()) + 1e-7
+    assert max(float(jnp.abs(w).max()) for w in jax.tree.leaves(want[1])) > 1e-4
+    plain = lambda p: Llama(GROUPED).apply(p, ids[:, :-1], targets=ids[:, 1:])  # noqa: E731
+    assert not lorax.explain(plain, lorax.combine(trained, frozen)).materialized
+
+
+def test_layers_in_recomputed_groups_keep_one_residual_stream_per_group_and_per_layer_of_a_group():
+    """With 16 layers in 4 groups the backward keeps the residual stream at the 4 groups' inputs
+    (and, recomputing a group, at its 4 layers'), where the one loop keeps all 16: the step's
+    temporaries drop by most of the 8 streams between."""
+    ids = jax.random.randint(jax.random.key(1), (16, 33), 0, GROUPED.vocab)
+    stream = 16 * 32 * GROUPED.dim * 4
+    saved = {}
+    for groups in (0, 4):
+        step, trained, _ = _lora_step_of(dataclasses.replace(GROUPED, remat_groups=groups), ids)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            print_saved_residuals(step, trained)
+        saved[groups] = printed.getvalue()
+    assert "f32[16,16,32,64] output of scan" in saved[0] and "f32[16,16,32,64]" not in saved[4]
+    assert "f32[4,16,32,64] output of scan" in saved[4]
+    params = Llama(dataclasses.replace(GROUPED, remat_groups=0)).init(jax.random.key(0), ids[:, :-1])
+    one_loop, grouped = (memory.footprint(*memory.train_step("lorax", dataclasses.replace(GROUPED, remat_groups=g),
+                                                             params, ids)) for g in (0, 4))
+    assert grouped.temporaries <= one_loop.temporaries - 6 * stream
+
+
+@pytest.mark.parametrize("groups", [1, 3, -2, 2.0, True, "4"])
+def test_remat_groups_must_divide_the_layers(groups):
+    with pytest.raises(ValueError, match=r"remat-groups takes 0 or a divisor of the layer count \(16\) above 1"):
+        remat_groups_setting(groups, 16)
+    ids = jnp.zeros((1, 4), int)
+    params = Llama(dataclasses.replace(GROUPED, remat_groups=0)).init(jax.random.key(0), ids)
+    if isinstance(groups, int) and not isinstance(groups, bool):
+        with pytest.raises(ValueError, match="remat-groups takes"):
+            Llama(dataclasses.replace(GROUPED, remat_groups=groups)).apply(params, ids)
