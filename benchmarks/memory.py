@@ -101,7 +101,8 @@ def main(argv=None):
     p.add_argument("--head-chunks", type=int, default=0,
                    help="the loss over this many slices of the vocabulary (a divisor of 49152); 0: full logits")
     p.add_argument("--remat-groups", type=int, default=0,
-                   help="the layer loop as this many groups, each recomputed (a divisor of the layers); 0: one loop")
+                   help="the layer loop as this many groups, each recomputed (a divisor of the layers; for "
+                        "adapters: the full step sums its stacks' gradients whole in each group); 0: one loop")
     p.add_argument("--variants", default=",".join(memory.VARIANTS), help="which steps, comma-separated")
     p.add_argument("--random", action="store_true", help="SmolLM2-135M's shapes with random weights (no GGUF file)")
     p.add_argument("--out", type=Path, default=HERE / "results")
@@ -128,6 +129,7 @@ def main(argv=None):
     suffix = ("" if args.remat == "none" else f"_remat_{args.remat}") + ("_random" if args.random else "")
     suffix += (f"_head_{args.head_chunks}" if args.head_chunks else "") + (
         f"_groups_{args.remat_groups}" if args.remat_groups else "")
+    suffix += "" if (args.batch, args.seq) == (4, 128) else f"_batch_{args.batch}x{args.seq}"
     suffix += "" if jax.default_backend() == "cpu" else f"_{jax.default_backend()}"
     return written(args.out, f"memory_{args.base}{suffix}", table, markdown(table))
 

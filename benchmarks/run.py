@@ -282,8 +282,9 @@ MEMORY_ARGV = ("--remat", MEMORY_OPTIONS["remat"], "--head-chunks", str(MEMORY_O
 
 def _options(row: dict) -> str:
     """A `smollm_step.py` row's memory options, as its table names them ("" for none)."""
-    remat, chunks = row.get("remat", "none"), row.get("head_chunks", 0)
-    return ", ".join(([] if remat == "none" else [f"remat {remat}"]) + ([f"head {chunks}"] if chunks else []))
+    remat, chunks, groups = row.get("remat", "none"), row.get("head_chunks", 0), row.get("remat_groups", 0)
+    return ", ".join(([] if remat == "none" else [f"remat {remat}"]) + ([f"head {chunks}"] if chunks else [])
+                     + ([f"{groups} groups"] if groups else []))
 
 
 def memory_rows(quick: bool, layers: int | None) -> list[dict]:

@@ -182,7 +182,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--head-chunks", type=int, default=0,
                    help="JAX: the loss over this many slices of the vocabulary (a divisor of 49152); 0: full logits")
     p.add_argument("--remat-groups", type=int, default=0,
-                   help="JAX: the layer loop as this many groups, each recomputed in the backward; 0: one loop")
+                   help="JAX: the layer loop as this many groups, each recomputed in the backward (for adapters: "
+                        "full fine-tuning sums its stacks' gradients whole in each group); 0: one loop")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
@@ -198,8 +199,14 @@ def step_of(args):
 
 def main(argv=None):
     from lorax_examples import smollm
+    from lorax_examples.llama import remat_groups_setting
 
-    args = parser(__doc__.splitlines()[0]).parse_args(argv)
+    p = parser(__doc__.splitlines()[0])
+    args = p.parse_args(argv)
+    try:
+        remat_groups_setting(args.remat_groups, args.layers or smollm.LAYERS)
+    except ValueError as refused:
+        p.error(f"--{refused}")
 
     run, count, adapter_bytes, flops, compiled, compile_s = step_of(args)
     load_peak = _peak_rss_mib()

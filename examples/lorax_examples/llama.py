@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from typing import Any
 
 import flax.linen as nn
@@ -53,10 +54,12 @@ class LlamaConfig:
     # the training loss (`Llama.__call__` with ``targets``) over this many slices of the
     # vocabulary (`chunked_xent`: the logits are never held whole); 0: from the full logits
     head_chunks: int = 0
-    # the training forward's layer loop as this many groups of consecutive layers, each group
-    # recomputed in the backward from its input (`grouped_layers`): the backward keeps one
-    # residual stream per group and, in the group it is in, one per layer, about 2·√layers of
-    # them instead of one per layer, for one more forward of each layer; 0: one loop
+    # the layer loop of a forward without a cache as this many groups of consecutive layers,
+    # each group recomputed in the backward from its input (`grouped_layers`). With remat=True
+    # the backward keeps groups + layers/groups residual streams instead of one per layer (6
+    # groups of 30 layers: 11), for one more forward of each layer; with remat=False or a policy,
+    # what each layer keeps, for one group at a time. For adapters: a trained stack's gradient is
+    # summed whole in each group, so full fine-tuning holds more with groups. 0: one loop
     remat_groups: int = 0
 
     @property
@@ -219,15 +222,17 @@ class DecoderLayer(nn.Module):
 
 def remat_groups_setting(groups: int, layers: int) -> int:
     """`LlamaConfig.remat_groups` for a command line's ``--remat-groups``: 0 (one layer loop) or
-    a divisor of ``layers`` above 1; anything else is refused.
+    a divisor of ``layers`` from 2 to ``layers // 2`` (groups of one layer would keep as many
+    residual streams as the one loop, and recompute every layer twice); anything else is refused.
 
     >>> remat_groups_setting(6, 30), remat_groups_setting(0, 30)
     (6, 0)
     """
-    refused = isinstance(groups, bool) or not isinstance(groups, int) or groups < 0 or groups == 1
-    if refused or (groups and layers % groups):
-        raise ValueError(f"remat-groups takes 0 or a divisor of the layer count ({layers}) above 1, got {groups!r}")
-    return groups
+    whole = isinstance(groups, numbers.Integral) and not isinstance(groups, bool)
+    if not whole or (groups and (groups < 2 or 2 * groups > layers or layers % groups)):
+        raise ValueError(f"remat-groups takes 0 or a divisor of the layer count ({layers}) from 2 to {layers // 2}, "
+                         f"got {groups!r}")
+    return int(groups)
 
 
 def grouped_layers(config: LlamaConfig, stacked: dict, x, positions, mask):
@@ -368,28 +373,30 @@ class Llama(nn.Module):
 
 def bf16_as_bits(frozen: Any, head_chunks: int = 0) -> Any:
     """``frozen`` with the bf16 weights a train step slices in a loop held as their bits
-    (`lorax.quantize` ``"bf16"``): the layer stacks, and the tied embedding when the loss runs
-    over ``head_chunks`` vocabulary slices (`LlamaConfig.head_chunks`). XLA:CPU slices bf16 in a
-    loop from an fp32 copy of the whole array; bits slice as they are. A table the step uses
-    whole stays bf16, since XLA:CPU would write a copy of its bits where a product reads them.
-    A tree with no bf16 weight comes back as it is.
+    (`lorax.quantize` ``"bf16"``): everything the layer loop scans (``layers/...``), and the
+    tied embedding when the loss runs over ``head_chunks`` vocabulary slices
+    (`LlamaConfig.head_chunks`). XLA:CPU slices bf16 in a loop from an fp32 copy of the whole
+    array; bits slice as they are. A table the step uses whole stays bf16, since XLA:CPU would
+    write out a copy of the bits where a product reinterprets them. A tree with none of these
+    comes back as it is.
 
     >>> import jax.numpy as jnp
-    >>> tree = {"layers": jnp.ones((2, 2, 2), jnp.bfloat16), "embedding": jnp.ones((2, 2), jnp.bfloat16)}
+    >>> tree = {"layers": {"w": jnp.ones((2, 2, 2), jnp.bfloat16)}, "embedding": jnp.ones((2, 2), jnp.bfloat16)}
     >>> held = bf16_as_bits(tree)
-    >>> type(held["layers"]).__name__, held["embedding"].dtype
+    >>> type(held["layers"]["w"]).__name__, held["embedding"].dtype
     ('Bf16Bits', dtype(bfloat16))
     >>> type(bf16_as_bits(tree, head_chunks=8)["embedding"]).__name__
     'Bf16Bits'
     """
-
     def sliced(path: str, x) -> bool:
-        table = head_chunks > 0 and path.endswith("embedding")
-        return x.dtype == jnp.bfloat16 and (x.ndim >= 3 or (table and x.ndim == 2))
+        names = path.split("/")
+        table = head_chunks > 0 and names[-1] == "embedding"
+        return x.dtype == jnp.bfloat16 and x.ndim >= 2 and ("layers" in names[:-1] or table)
 
-    leaves = jax.tree_util.tree_leaves_with_path(frozen)
-    if not any(sliced(jax.tree_util.keystr(path, simple=True, separator="/"), x)
-               for path, x in leaves if hasattr(x, "dtype")):
+    adapter = lambda x: isinstance(x, lorax.Adapter)  # noqa: E731  lorax names an adapter's w by the adapter's path
+    leaves = [(jax.tree_util.keystr(path, simple=True, separator="/"), getattr(x, "w", x) if adapter(x) else x)
+              for path, x in jax.tree_util.tree_leaves_with_path(frozen, is_leaf=adapter)]
+    if not any(sliced(path, x) for path, x in leaves if hasattr(x, "dtype")):
         return frozen
     return lorax.quantize(frozen, "bf16", targets=sliced)
 

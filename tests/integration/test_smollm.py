@@ -102,7 +102,7 @@ def test_bf16_base_follows_fp32_and_keeps_lora_factored_in_fp32_factors(smol):
     assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b.astype(a.dtype)).all()), params16, params))
     ids = np.array([tok.encode("HAMLET.\nTo be, or not to be, that is the question:").ids])
     ref, out = np.asarray(fn(params, ids)), np.asarray(fn16(params16, ids))
-    held = bf16_as_bits(params16, head_chunks=8)  # the weights as their bits: the same model inside lorax.lora
+    held = bf16_as_bits(params16, head_chunks=8)  # stacks and table as bits: the same model inside lorax.lora
     assert isinstance(held["params"]["embed_tokens"]["embedding"], lorax.Bf16Bits)
     np.testing.assert_array_equal(lorax.lora(fn16)(held, ids), lorax.lora(fn16)(params16, ids))
     assert out.dtype == np.float32
@@ -172,7 +172,7 @@ def test_finetune_plot_smoothing_follows_the_trend_without_start_up_bias():
     (["--seq", "9000"], "--seq 9000 exceeds the model's context of 8192 tokens"),
     (["--head-chunks", "7"], "--head-chunks takes 0 or a divisor of the vocabulary (49152), got 7"),
     (["--remat", "sometimes"], "--remat must be none, full or a jax.checkpoint_policies name, got 'sometimes'"),
-    (["--remat-groups", "7"], "--remat-groups takes 0 or a divisor of the layer count (30) above 1, got 7"),
+    (["--remat-groups", "7"], "--remat-groups takes 0 or a divisor of the layer count (30) from 2 to 15, got 7"),
 ])
 def test_finetune_example_bad_input(tmp_path, capsys, flags, message):
     import finetune_smollm

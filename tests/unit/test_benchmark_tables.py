@@ -38,3 +38,4 @@ def test_the_options_a_run_reports_are_the_ones_its_command_line_passes(run):
     assert run.MEMORY_ARGV == ("--remat", "full", "--head-chunks", "8")
     assert run._options(run.MEMORY_OPTIONS) == "remat full, head 8"
     assert run._options(dict(remat="none", head_chunks=0)) == ""
+    assert run._options(dict(remat="full", head_chunks=8, remat_groups=6)) == "remat full, head 8, 6 groups"

@@ -8,10 +8,19 @@ import re
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax.ad_checkpoint import print_saved_residuals
 from lorax_examples import memory
-from lorax_examples.llama import Llama, LlamaConfig, chunked_xent, init_cache, quantize_like_gguf, remat_groups_setting
+from lorax_examples.llama import (
+    Llama,
+    LlamaConfig,
+    bf16_as_bits,
+    chunked_xent,
+    init_cache,
+    quantize_like_gguf,
+    remat_groups_setting,
+)
 
 import lorax
 
@@ -234,12 +243,13 @@ def _lora_step_of(config: LlamaConfig, ids):
     return lambda t: lorax.lora(loss)(lorax.combine(t, frozen), ids[:, :-1], ids[:, 1:]), trained, frozen
 
 
-def test_layers_in_recomputed_groups_give_the_merged_models_loss_and_gradients():
-    """`LlamaConfig.remat_groups` inside `lorax.lora`: every adapter stays factored (each layer
-    indexes its own weights out of the stacks), and the loss and adapter gradients are the
-    merged model's, run as one loop."""
+@pytest.mark.parametrize("remat", [True, False, "dots_with_no_batch_dims_saveable"])
+def test_layers_in_recomputed_groups_give_the_merged_models_loss_and_gradients(remat):
+    """`LlamaConfig.remat_groups` inside `lorax.lora`, under each remat setting: every adapter
+    stays factored (each layer indexes its own weights out of the stacks), and the loss and
+    adapter gradients are the merged model's, run as one loop."""
     ids = jax.random.randint(jax.random.key(1), (2, 17), 0, GROUPED.vocab)
-    grouped, trained, frozen = _lora_step_of(GROUPED, ids)
+    grouped, trained, frozen = _lora_step_of(dataclasses.replace(GROUPED, remat=remat), ids)
     one_loop = dataclasses.replace(GROUPED, remat_groups=0)
     merged = lambda t: Llama(one_loop).apply(lorax.merge(lorax.combine(t, frozen)), ids[:, :-1],  # noqa: E731
                                              targets=ids[:, 1:])
@@ -256,8 +266,8 @@ def test_layers_in_recomputed_groups_keep_one_residual_stream_per_group_and_per_
     """With 16 layers in 4 groups the backward keeps the residual stream at the 4 groups' inputs
     (and, recomputing a group, at its 4 layers'), where the one loop keeps all 16: the step's
     temporaries drop by most of the 8 streams between."""
-    ids = jax.random.randint(jax.random.key(1), (16, 33), 0, GROUPED.vocab)
-    stream = 16 * 32 * GROUPED.dim * 4
+    ids = jax.random.randint(jax.random.key(1), (8, 65), 0, GROUPED.vocab)
+    stream = 8 * 64 * GROUPED.dim * 4
     saved = {}
     for groups in (0, 4):
         step, trained, _ = _lora_step_of(dataclasses.replace(GROUPED, remat_groups=groups), ids)
@@ -265,20 +275,40 @@ def test_layers_in_recomputed_groups_keep_one_residual_stream_per_group_and_per_
         with contextlib.redirect_stdout(printed):
             print_saved_residuals(step, trained)
         saved[groups] = printed.getvalue()
-    assert "f32[16,16,32,64] output of scan" in saved[0] and "f32[16,16,32,64]" not in saved[4]
-    assert "f32[4,16,32,64] output of scan" in saved[4]
+    assert "f32[16,8,64,64] output of scan" in saved[0] and "f32[16,8,64,64]" not in saved[4]
+    assert "f32[4,8,64,64] output of scan" in saved[4]
     params = Llama(dataclasses.replace(GROUPED, remat_groups=0)).init(jax.random.key(0), ids[:, :-1])
     one_loop, grouped = (memory.footprint(*memory.train_step("lorax", dataclasses.replace(GROUPED, remat_groups=g),
                                                              params, ids)) for g in (0, 4))
     assert grouped.temporaries <= one_loop.temporaries - 6 * stream
 
 
-@pytest.mark.parametrize("groups", [1, 3, -2, 2.0, True, "4"])
-def test_remat_groups_must_divide_the_layers(groups):
-    with pytest.raises(ValueError, match=r"remat-groups takes 0 or a divisor of the layer count \(16\) above 1"):
+@pytest.mark.parametrize("groups", [1, 16, 3, -2, 2.0, True, "4"])
+def test_remat_groups_must_divide_the_layers_into_groups_of_two_or_more(groups):
+    assert remat_groups_setting(np.int64(8), 16) == 8 and remat_groups_setting(0, 16) == 0
+    with pytest.raises(ValueError, match=r"remat-groups takes 0 or a divisor of the layer count \(16\) from 2 to 8"):
         remat_groups_setting(groups, 16)
     ids = jnp.zeros((1, 4), int)
     params = Llama(dataclasses.replace(GROUPED, remat_groups=0)).init(jax.random.key(0), ids)
     if isinstance(groups, int) and not isinstance(groups, bool):
         with pytest.raises(ValueError, match="remat-groups takes"):
             Llama(dataclasses.replace(GROUPED, remat_groups=groups)).apply(params, ids)
+
+
+def test_bf16_as_bits_holds_what_the_step_slices_in_a_loop():
+    """The layer loop's bf16 stacks (norm scales too) as bits; the tied table as bits only when
+    the loss slices it, also when an adapter holds it (lorax names the adapter's w by its path)."""
+    ids = jnp.zeros((1, 4), int)
+    params = Llama(CONFIG).init(jax.random.key(0), ids)
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.ndim >= 2 else x, params)
+    held = bf16_as_bits(bf16)["params"]
+    assert isinstance(held["layers"]["mlp"]["up_proj"]["kernel"], lorax.Bf16Bits)
+    assert isinstance(held["layers"]["input_layernorm"]["scale"], lorax.Bf16Bits)  # [layers, dim], sliced too
+    assert held["embed_tokens"]["embedding"].dtype == jnp.bfloat16
+    table_only = dict(params["params"], embed_tokens={"embedding": bf16["params"]["embed_tokens"]["embedding"]})
+    adapted = lorax.init(jax.random.key(1), lorax.LoraConfig(rank=2, targets=r".*/embedding"),
+                         lambda p, x: Llama(CONFIG).apply(p, x), {"params": table_only}, ids)
+    frozen = lorax.split(adapted)[1]
+    assert bf16_as_bits(frozen) is frozen  # nothing the step slices in a loop is bf16
+    table = bf16_as_bits(frozen, head_chunks=4)["params"]["embed_tokens"]["embedding"]
+    assert isinstance(table, lorax.LoraWeight) and isinstance(table.w, lorax.Bf16Bits)
