@@ -153,8 +153,10 @@ def test_finetune_example_smoke_and_resume(tmp_path, capsys):
     for name in ("loss.png", "summary.json", "peft/adapter_config.json", "peft/adapter_model.safetensors", "adapter/2"):
         assert (tmp_path / name).exists(), name
     # one more step, 2 -> 3, with the memory options (same state: a run may resume with or without them)
-    resumed = finetune_smollm.main([*tiny, "--resume", "--steps", "3", "--remat", "full", "--head-chunks", "8"])
+    options = ["--remat", "full", "--head-chunks", "8", "--remat-groups", "6"]
+    resumed = finetune_smollm.main([*tiny, "--resume", "--steps", "3", *options])
     assert (tmp_path / "adapter" / "3").exists() and resumed["head_chunks"] == 8 and resumed["remat"] == "full"
+    assert resumed["remat_groups"] == 6
     assert [step for step, _ in resumed["held_out"]] == [0, 1, 2, 3] and 0 < resumed["after_loss"] < 20
 
 
