@@ -63,9 +63,9 @@ def rows(base: str, layers: int | None, batch: int, seq: int, remat: str = "none
     ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab, (batch, seq + 1)), jnp.int32)
     if base == "q4":  # a quantized base has no dense gradient
         variants = tuple(v for v in variants if v == "lorax")
+    loops = (remat_groups, config.layers // remat_groups) if remat_groups else ()  # led by neither stack axis
     out = []
     for variant in variants:
-        loops = (remat_groups, config.layers // remat_groups) if remat_groups else ()
         f = memory.footprint(*memory.train_step(variant, config, params, ids), loops)
         out.append(dict(variant=variant, base=base, layers=config.layers, batch=batch, seq=seq, remat=remat,
                         head_chunks=head_chunks, remat_groups=remat_groups, weights="random" if random else "gguf",
@@ -109,6 +109,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     try:
         remat_setting(args.remat)
+        head_chunks_setting(args.head_chunks, LlamaConfig().vocab)
+        remat_groups_setting(args.remat_groups, args.layers or LlamaConfig().layers)
     except ValueError as refused:
         p.error(f"--{refused}")
     variants = tuple(args.variants.split(","))
@@ -116,14 +118,6 @@ def main(argv=None):
         p.error(f"--variants takes some of {','.join(memory.VARIANTS)}, got {args.variants!r}")
     if args.base == "q4" and "lorax" not in variants:
         p.error("--base q4 has only the lorax step (a quantized base has no dense gradient)")
-    try:
-        head_chunks_setting(args.head_chunks, LlamaConfig().vocab)
-    except ValueError as refused:
-        p.error(f"--{refused}")
-    try:
-        remat_groups_setting(args.remat_groups, args.layers or LlamaConfig().layers)
-    except ValueError as refused:
-        p.error(f"--{refused}")
     table = rows(args.base, args.layers, args.batch, args.seq, args.remat, args.random, variants, args.head_chunks,
                  args.remat_groups)
     suffix = ("" if args.remat == "none" else f"_remat_{args.remat}") + ("_random" if args.random else "")

@@ -146,7 +146,7 @@ def main(argv=None):
     p = smollm_step.parser(__doc__.splitlines()[0])
     p.add_argument("--profiled", type=int, default=2, help="steps traced")
     p.add_argument("--top", type=int, default=0, help="JAX: also print the N costliest HLO instructions")
-    args = p.parse_args(argv)
+    args = smollm_step.parsed(p, argv)
     run, _, _, _, compiled, _ = smollm_step.step_of(args)
     for _ in range(args.warmup):
         run()

@@ -79,14 +79,14 @@ def lorax_step(args):
     import optax
     from lorax_examples import smollm
     from lorax_examples.flops import matmul_flops
-    from lorax_examples.llama import Llama, bf16_as_bits, remat_groups_setting, remat_setting
+    from lorax_examples.llama import Llama, bf16_as_bits, remat_setting
 
     import lorax
     import lorax.peft
 
     config, base, _ = smollm.load(base=args.base, layers=args.layers)
     config = type(config)(**{**config.__dict__, "remat": remat_setting(args.remat), "head_chunks": args.head_chunks,
-                             "remat_groups": remat_groups_setting(args.remat_groups, config.layers)})
+                             "remat_groups": args.remat_groups})
     fn = lambda p, ids: Llama(config).apply(p, ids)  # noqa: E731
     xent = lambda p, ids: Llama(config).apply(p, ids[:, :-1], targets=ids[:, 1:])  # noqa: E731
     ids = jax.numpy.asarray(_tokens(args.batch, args.seq, config.vocab))
@@ -192,6 +192,20 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def parsed(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
+    """``p``'s arguments (a `parser`, perhaps extended), with ``--remat-groups`` checked against
+    the layers kept: a bad value is a usage error."""
+    from lorax_examples import smollm
+    from lorax_examples.llama import remat_groups_setting
+
+    args = p.parse_args(argv)
+    try:
+        remat_groups_setting(args.remat_groups, args.layers or smollm.LAYERS)
+    except ValueError as refused:
+        p.error(f"--{refused}")
+    return args
+
+
 def step_of(args):
     """`lorax_step` or `torch_step`, as ``args.framework`` says."""
     return (lorax_step if args.framework in ("lorax", "jax-full") else torch_step)(args)
@@ -199,14 +213,8 @@ def step_of(args):
 
 def main(argv=None):
     from lorax_examples import smollm
-    from lorax_examples.llama import remat_groups_setting
 
-    p = parser(__doc__.splitlines()[0])
-    args = p.parse_args(argv)
-    try:
-        remat_groups_setting(args.remat_groups, args.layers or smollm.LAYERS)
-    except ValueError as refused:
-        p.error(f"--{refused}")
+    args = parsed(parser(__doc__.splitlines()[0]), argv)
 
     run, count, adapter_bytes, flops, compiled, compile_s = step_of(args)
     load_peak = _peak_rss_mib()

@@ -80,6 +80,12 @@ def remat_setting(name: str) -> bool | str:
     return setting
 
 
+def checkpoint_policy(remat: bool | str):
+    """The ``jax.checkpoint`` policy of a truthy `LlamaConfig.remat`: None (save nothing) for
+    True, else the `jax.checkpoint_policies` member it names."""
+    return getattr(jax.checkpoint_policies, remat) if isinstance(remat, str) else None
+
+
 class RMSNorm(nn.Module):
     eps: float
 
@@ -261,8 +267,7 @@ def grouped_layers(config: LlamaConfig, stacked: dict, x, positions, mask):
         return DecoderLayer(c).apply({"params": weights}, x, positions, mask)[0], None
 
     if c.remat:
-        policy = getattr(jax.checkpoint_policies, c.remat) if isinstance(c.remat, str) else None
-        layer = jax.checkpoint(layer, policy=policy, prevent_cse=False)
+        layer = jax.checkpoint(layer, policy=checkpoint_policy(c.remat), prevent_cse=False)
 
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def group(x, first):
@@ -346,8 +351,7 @@ class Llama(nn.Module):
             mask = (slots <= positions[:, :, None])[:, None]  # [batch, 1, t, slots]
         layer = DecoderLayer
         if c.remat:
-            policy = getattr(jax.checkpoint_policies, c.remat) if isinstance(c.remat, str) else None
-            layer = nn.remat(DecoderLayer, policy=policy)
+            layer = nn.remat(DecoderLayer, policy=checkpoint_policy(c.remat))
         layers = nn.scan(layer, variable_axes={"params": 0},
                          split_rngs={"params": True},
                          in_axes=(nn.broadcast, nn.broadcast, 0), length=c.layers)

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import with_random_b
 from jax.ad_checkpoint import print_saved_residuals
 from lorax_examples import memory
 from lorax_examples.llama import (
@@ -196,9 +197,7 @@ def test_the_loss_over_vocabulary_slices_is_the_merged_models_loss_and_gradients
     loss = lambda p, config: Llama(config).apply(p, ids[:, :-1], targets=ids[:, 1:])  # noqa: E731
     config = lorax.LoraConfig(rank=4, targets=r".*/(q_proj|v_proj)/kernel")
     adapted = lorax.init(jax.random.key(2), config, lambda p, x: Llama(whole).apply(p, x), params, ids[:, :-1])
-    adapted = jax.tree.map(lambda x: x.replace(b=jax.random.normal(jax.random.key(3), x.b.shape) / 50)
-                           if isinstance(x, lorax.LoraWeight) else x, adapted,
-                           is_leaf=lambda x: isinstance(x, lorax.LoraWeight))
+    adapted = with_random_b(adapted, jax.random.key(3), scale=0.02)
     trained, frozen = lorax.split(adapted)
     chunked = lambda t: lorax.lora(loss)(lorax.combine(t, frozen), HEAD)  # noqa: E731
     merged = lambda t: loss(lorax.merge(lorax.combine(t, frozen)), whole)  # noqa: E731
@@ -236,9 +235,7 @@ def _lora_step_of(config: LlamaConfig, ids):
     params = Llama(dataclasses.replace(config, remat_groups=0)).init(jax.random.key(0), ids[:, :-1])
     adapted = lorax.init(jax.random.key(2), lorax.LoraConfig(rank=4, targets=r".*/(q|v)_proj/kernel"), loss,
                          params, ids[:, :-1], ids[:, 1:])
-    adapted = jax.tree.map(lambda x: x.replace(b=jax.random.normal(jax.random.key(3), x.b.shape) / 50)
-                           if isinstance(x, lorax.LoraWeight) else x, adapted,
-                           is_leaf=lambda x: isinstance(x, lorax.LoraWeight))
+    adapted = with_random_b(adapted, jax.random.key(3), scale=0.02)
     trained, frozen = lorax.split(adapted)
     return lambda t: lorax.lora(loss)(lorax.combine(t, frozen), ids[:, :-1], ids[:, 1:]), trained, frozen
 
