@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 import lorax
+from lorax_examples.xent import fused_xent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,6 +367,8 @@ class Llama(nn.Module):
             if not c.tie_embeddings:
                 raise ValueError("Llama: head_chunks slices the tied embedding; this model has an lm_head")
             return chunked_xent(x, embed.embedding, targets, c.head_chunks, c.matmul_dtype)
+        if targets is not None and c.tie_embeddings:
+            return fused_xent(x, embed.embedding, targets, c.matmul_dtype)
         if c.tie_embeddings:
             logits = matmul(x, embed.embedding, (((2,), (1,)), ((), ())), c.matmul_dtype)
         else:

@@ -1,0 +1,110 @@
+"""The tied head's fused loss (`lorax_examples.xent.fused_xent`): the plain head and loss's value
+and gradients, to x and to the table, in any block size; no [tokens, vocab] array kept for the
+backward; bad arguments refused."""
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import with_random_b
+from lorax_examples.llama import Llama, LlamaConfig
+from lorax_examples.xent import fused_xent
+
+import lorax
+
+X = jax.random.normal(jax.random.key(0), (3, 7, 16))
+TABLE = jax.random.normal(jax.random.key(1), (40, 16))
+TARGETS = jax.random.randint(jax.random.key(2), (3, 7), 0, 40)
+
+
+def plain(x, table, targets, dtype=None):
+    if dtype is not None:
+        x, table = x.astype(dtype), table.astype(dtype)
+    logits = jnp.einsum("btd,vd->btv", x, table, preferred_element_type=jnp.float32)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+@pytest.mark.parametrize("rows", [1, 4, 21, 128])  # 21 tokens: blocks that divide them, and padded ones
+def test_value_and_both_gradients_are_the_plain_losss(rows):
+    fused = lambda x, table: fused_xent(x, table, TARGETS, rows=rows)  # noqa: E731
+    got = jax.value_and_grad(fused, argnums=(0, 1))(X, TABLE)
+    want = jax.value_and_grad(lambda x, table: plain(x, table, TARGETS), argnums=(0, 1))(X, TABLE)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    for g, w in zip(got[1], want[1]):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        np.testing.assert_allclose(g, w, atol=1e-6 * float(jnp.abs(w).max()))
+    assert float(jnp.abs(want[1][0]).max()) > 1e-3
+
+
+def test_bf16_operands_give_the_bf16_heads_loss_and_a_bf16_tables_gradient():
+    table = TABLE.astype(jnp.bfloat16)
+    got = jax.value_and_grad(lambda x, t: fused_xent(x, t, TARGETS, jnp.bfloat16, rows=8), argnums=(0, 1))(X, table)
+    want = jax.value_and_grad(lambda x, t: plain(x, t, TARGETS, jnp.bfloat16), argnums=(0, 1))(X, table)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    assert got[1][0].dtype == jnp.float32 and got[1][1].dtype == jnp.bfloat16
+    for g, w in zip(got[1], want[1]):  # the gradient's products take bf16 operands: bf16's precision
+        np.testing.assert_allclose(g.astype(jnp.float32), w.astype(jnp.float32), atol=1e-2 * float(jnp.abs(w).max()))
+
+
+def test_the_cotangent_scales_the_gradient_and_only_whats_perturbed_is_computed():
+    g = jax.grad(lambda x: 3.0 * fused_xent(x, TABLE, TARGETS, rows=5))(X)
+    np.testing.assert_allclose(g, 3.0 * jax.grad(lambda x: plain(x, TABLE, TARGETS))(X), atol=1e-6)
+    # a block's products: its logits, then the gradient to each perturbed operand (a frozen table gets none)
+    products = lambda grad: str(jax.make_jaxpr(grad)(X, TABLE)).count("dot_general")  # noqa: E731
+    assert products(jax.grad(lambda x, t: fused_xent(x, t, TARGETS, rows=5))) == 2
+    assert products(jax.grad(lambda x, t: fused_xent(x, t, TARGETS, rows=5), argnums=(0, 1))) == 3
+    assert products(jax.grad(lambda x, t: fused_xent(x, t, TARGETS, rows=5), argnums=1)) == 2
+
+
+def test_the_backward_keeps_the_gradient_not_the_logits():
+    x, table = jnp.ones((4, 256, 64)), jnp.ones((4096, 64))  # logits: 16 MiB; the gradient to x: 256 KiB
+    targets = jnp.zeros((4, 256), int)
+    losses = dict(fused=lambda x: fused_xent(x, table, targets), plain=lambda x: plain(x, table, targets))
+    temps = {name: jax.jit(jax.grad(loss)).lower(x).compile().memory_analysis().temp_size_in_bytes
+             for name, loss in losses.items()}
+    assert temps["fused"] < 0.25 * temps["plain"]
+    assert temps["fused"] < 4 * 128 * 4096 * 4  # a few blocks of 128 rows of logits at most
+
+
+def test_the_models_training_loss_is_the_merged_models_with_adapters():
+    config = LlamaConfig(vocab=96, dim=32, layers=2, heads=2, kv_heads=1, hidden=64, remat=False)
+    ids = jax.random.randint(jax.random.key(1), (2, 11), 0, config.vocab)
+    params = Llama(config).init(jax.random.key(0), ids[:, :-1])
+    loss = lambda p: Llama(config).apply(p, ids[:, :-1], targets=ids[:, 1:])  # noqa: E731
+    logits = Llama(config).apply(params, ids[:, :-1])
+    want = optax.softmax_cross_entropy_with_integer_labels(logits, ids[:, 1:]).mean()
+    np.testing.assert_allclose(loss(params), want, rtol=1e-6)
+    adapted = lorax.init(jax.random.key(2), lorax.LoraConfig(rank=2, targets=r".*/(q_proj|v_proj)/kernel"),
+                         lambda p, x: Llama(config).apply(p, x), params, ids[:, :-1])
+    trained, frozen = lorax.split(with_random_b(adapted, jax.random.key(3), scale=0.05))
+    got = jax.jit(jax.value_and_grad(lambda t: lorax.lora(loss)(lorax.combine(t, frozen))))(trained)
+    merged = jax.jit(jax.value_and_grad(lambda t: loss(lorax.merge(lorax.combine(t, frozen)))))(trained)
+    np.testing.assert_allclose(got[0], merged[0], rtol=1e-5)
+    for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(merged[1])):
+        np.testing.assert_allclose(g, w, atol=1e-4 * float(jnp.abs(w).max()) + 1e-8)
+    untied = dataclasses.replace(config, tie_embeddings=False)  # an lm_head keeps the plain loss
+    p = Llama(untied).init(jax.random.key(0), ids[:, :-1])
+    np.testing.assert_allclose(Llama(untied).apply(p, ids[:, :-1], targets=ids[:, 1:]),
+                               optax.softmax_cross_entropy_with_integer_labels(
+                                   Llama(untied).apply(p, ids[:, :-1]), ids[:, 1:]).mean(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("rows", [0, -1, 2.0, True, "8"])
+def test_rows_must_be_a_positive_int(rows):
+    with pytest.raises(ValueError, match=f"rows takes a positive int, got {rows!r}"):
+        fused_xent(X, TABLE, TARGETS, rows=rows)
+
+
+@pytest.mark.parametrize("x, table, targets", [
+    (X, TABLE[:, :8], TARGETS),  # the table's width is not x's
+    (X, TABLE[0], TARGETS),  # not a [vocab, dim] table
+    (X, TABLE, TARGETS[:, :3]),  # targets for other tokens
+])
+def test_shapes_that_do_not_fit_are_refused_with_every_shape_named(x, table, targets):
+    with pytest.raises(ValueError, match=rf"x \(3, 7, 16\), table {re.escape(str(table.shape))} and targets "
+                                         rf"{re.escape(str(targets.shape))} do not fit"):
+        fused_xent(x, table, targets)
