@@ -64,8 +64,8 @@ def test_the_backward_keeps_the_gradient_not_the_logits():
     x, table = jnp.ones((4, 256, 64)), jnp.ones((4096, 64))  # logits: 16 MiB; the gradient to x: 256 KiB
     targets = jnp.zeros((4, 256), int)
     losses = dict(fused=lambda x: fused_xent(x, table, targets), plain=lambda x: plain(x, table, targets))
-    temps = {name: jax.jit(jax.grad(loss)).lower(x).compile().memory_analysis().temp_size_in_bytes
-             for name, loss in losses.items()}
+    analyses = {name: jax.jit(jax.grad(loss)).lower(x).compile().memory_analysis() for name, loss in losses.items()}
+    temps = {name: analysis.temp_size_in_bytes for name, analysis in analyses.items() if analysis is not None}
     assert temps["fused"] < 0.25 * temps["plain"]
     assert temps["fused"] < 4 * 128 * 4096 * 4  # a few blocks of 128 rows of logits at most
 
