@@ -54,7 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--remat", default="none", help="memory option: recompute in the backward: none, full (each "
                    "layer), or a jax.checkpoint_policies name")
     p.add_argument("--head-chunks", type=int, default=0, help="memory option: the training loss over this many "
-                   "slices of the vocabulary, never the whole logits (a divisor of 49152); 0: the whole logits")
+                   "slices of the vocabulary, each slice's logits recomputed in the backward (a divisor of 49152); 0: "
+                   "the whole vocabulary, 128 tokens at a time")
     p.add_argument("--remat-groups", type=int, default=0, help="memory option: the layer loop as this many groups "
                    "of layers, each recomputed in the backward from its input (a divisor of 30); 0: one loop")
     p.add_argument("--eval-batches", type=int, default=6, help="held-out batches (fixed) per evaluation")

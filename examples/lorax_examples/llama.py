@@ -53,7 +53,8 @@ class LlamaConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     # the training loss (`Llama.__call__` with ``targets``) over this many slices of the
-    # vocabulary (`chunked_xent`: the logits are never held whole); 0: from the full logits
+    # vocabulary (`chunked_xent`: each slice's logits recomputed in the backward); 0: over the
+    # whole vocabulary, 128 tokens at a time, with its gradient (`lorax_examples.xent.fused_xent`)
     head_chunks: int = 0
     # the layer loop of a forward without a cache as this many groups of consecutive layers,
     # each group recomputed in the backward from its input (`grouped_layers`). With remat=True
@@ -278,7 +279,7 @@ def grouped_layers(config: LlamaConfig, stacked: dict, x, positions, mask):
 
 
 def head_chunks_setting(chunks: int, vocab: int) -> int:
-    """`LlamaConfig.head_chunks` for a command line's ``--head-chunks``: 0 (the whole logits) or
+    """`LlamaConfig.head_chunks` for a command line's ``--head-chunks``: 0 (the whole vocabulary) or
     a divisor of ``vocab``; anything else is refused.
 
     >>> head_chunks_setting(8, 49152), head_chunks_setting(0, 49152)
@@ -327,8 +328,9 @@ def chunked_xent(x, table, targets, chunks: int, dtype=None):
 
 class Llama(nn.Module):
     """``Llama(config).apply(params, ids)`` -> logits [batch, seq, vocab];
-    ``apply(params, ids, targets=next_ids)`` -> the mean cross-entropy (over vocabulary slices
-    with ``config.head_chunks``, see `chunked_xent`).
+    ``apply(params, ids, targets=next_ids)`` -> the mean cross-entropy: with a tied head, from
+    `lorax_examples.xent.fused_xent` (the gradient made with the loss, 128 tokens at a time), or
+    over vocabulary slices with ``config.head_chunks`` (`chunked_xent`).
 
     With a cache (`init_cache`), ``apply(params, ids, positions, cache)`` -> ``(logits, cache)``:
     ``ids`` [batch, t] sit at ``positions`` [batch, t] (consecutive in each row) and attend to
