@@ -56,8 +56,9 @@ def rows(base: str, layers: int | None, batch: int, seq: int, remat: str = "none
     """Each step's memory on ``base``; ``remat``: none, full (each layer recomputed in the
     backward) or a ``jax.checkpoint_policies`` name (what each layer saves); ``random``: the
     model's shapes with random weights; ``head_chunks``: the loss over that many vocabulary
-    slices (`lorax_examples.llama.chunked_xent`), 0 over the whole vocabulary (`lorax_examples.xent.fused_xent`); ``remat_groups``: the
-    layer loop as that many recomputed groups (`lorax_examples.llama.grouped_layers`), 0 as one."""
+    slices (`lorax_examples.llama.chunked_xent`), 0 over the whole vocabulary
+    (`lorax_examples.xent.fused_xent`); ``remat_groups``: the layer loop as that many recomputed
+    groups (`lorax_examples.llama.grouped_layers`), 0 as one."""
     config, params = random_model(base, layers) if random else smollm.load(base=base, layers=layers)[:2]
     config = dataclasses.replace(config, remat=remat_setting(remat), head_chunks=head_chunks, remat_groups=remat_groups)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab, (batch, seq + 1)), jnp.int32)
@@ -99,7 +100,8 @@ def main(argv=None):
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--remat", default="none", help="none, full, or a jax.checkpoint_policies name")
     p.add_argument("--head-chunks", type=int, default=0,
-                   help="the loss over this many slices of the vocabulary (a divisor of 49152); 0: the whole vocabulary, 128 tokens at a time")
+                   help="the loss over this many slices of the vocabulary (a divisor of 49152); "
+                        "0: the whole vocabulary, 128 tokens at a time")
     p.add_argument("--remat-groups", type=int, default=0,
                    help="the layer loop as this many groups, each recomputed (a divisor of the layers; for "
                         "adapters: the full step sums its stacks' gradients whole in each group); 0: one loop")

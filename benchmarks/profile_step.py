@@ -57,7 +57,7 @@ def jax_class(opcode: str, op_name: str, text: str, rank: int) -> str:
         return "scan: per-layer weight slices" if weight else "scan: residual buffers"
     if "_proj/" in op_name:
         return "low-rank factors" if rank in dims else "projections"
-    if "embed_tokens.attend" in op_name:
+    if "embed_tokens.attend" in op_name or "fused_xent" in op_name:  # the tied head; fused: with its loss
         return "head"
     if "/rope/" in op_name:
         return "RoPE"

@@ -180,7 +180,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--remat", default="none",
                    help="JAX: recompute in the backward: none, full, or a jax.checkpoint_policies name")
     p.add_argument("--head-chunks", type=int, default=0,
-                   help="JAX: the loss over this many slices of the vocabulary (a divisor of 49152); 0: the whole vocabulary, 128 tokens at a time")
+                   help="JAX: the loss over this many slices of the vocabulary (a divisor of 49152); "
+                        "0: the whole vocabulary, 128 tokens at a time")
     p.add_argument("--remat-groups", type=int, default=0,
                    help="JAX: the layer loop as this many groups, each recomputed in the backward (for adapters: "
                         "full fine-tuning sums its stacks' gradients whole in each group); 0: one loop")

@@ -23,7 +23,9 @@ ROWS = 128  # tokens per block: a block's fp32 logits stay in a 32 MiB L3 at Smo
 def fused_xent(x: jax.Array, table: jax.Array, targets: jax.Array, dtype=None, rows: int = ROWS) -> jax.Array:
     """Mean cross-entropy of ``x·tableᵀ`` (``x`` [..., dim], ``table`` [vocab, dim]) against the
     integer ``targets`` [...]; with ``dtype``, the products take operands of that dtype and
-    accumulate in fp32 (as `lorax_examples.llama.matmul`).
+    accumulate in fp32 (as `lorax_examples.llama.matmul`). ``targets`` lie in ``[0, vocab)``
+    (values, so unchecked under `jax.jit`). A custom derivative: reverse mode (`jax.grad`,
+    `jax.vjp`) only, as `lorax.lora`'s bf16 backward.
 
     >>> import jax, jax.numpy as jnp, optax
     >>> x, table = jax.random.normal(jax.random.key(0), (2, 3, 8)), jax.random.normal(jax.random.key(1), (16, 8))
@@ -39,7 +41,8 @@ def fused_xent(x: jax.Array, table: jax.Array, targets: jax.Array, dtype=None, r
     if x.shape[:-1] != targets.shape or table.ndim != 2 or table.shape[1] != x.shape[-1]:
         raise ValueError(f"fused_xent: x {x.shape}, table {table.shape} and targets {targets.shape} do not fit: "
                          "expected x [..., dim], table [vocab, dim], targets x's shape without dim")
-    return _xent(dtype, rows, x, table, targets)
+    with jax.named_scope("fused_xent"):  # a name for profiles (`benchmarks/profile_step.py`)
+        return _xent(dtype, rows, x, table, targets)
 
 
 def _product(a, b, contract, dtype):
@@ -52,6 +55,7 @@ def _blocks(dtype, rows, x, table, targets, want_x: bool, want_table: bool):
     """(loss, gradient to x or None, gradient to table or None), ``rows`` tokens at a time."""
     flat, picked_ids = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
     n = picked_ids.shape[0]
+    rows = min(rows, n)  # fewer tokens than a block: one block of them, nothing padded
     pad = -n % rows
     flat = jnp.pad(flat, ((0, pad), (0, 0)))
     picked_ids = jnp.pad(picked_ids, (0, pad), constant_values=-1)  # -1: a padding row, weighted 0
