@@ -60,6 +60,14 @@ def test_the_cotangent_scales_the_gradient_and_only_whats_perturbed_is_computed(
     assert products(jax.grad(lambda x, t: fused_xent(x, t, TARGETS, rows=5), argnums=1)) == 2
 
 
+def test_per_example_gradients_under_vmap_and_a_checkpointed_loss_are_the_plain_losss():
+    fused = lambda x, t: fused_xent(x, TABLE, t, rows=3)  # noqa: E731
+    want = jax.vmap(jax.grad(lambda x, t: plain(x[None], TABLE, t[None])))(X, TARGETS)
+    np.testing.assert_allclose(jax.vmap(jax.grad(lambda x, t: fused(x[None], t[None])))(X, TARGETS), want, atol=1e-6)
+    remat = jax.jit(jax.grad(lambda x: jax.checkpoint(fused)(x, TARGETS)))(X)
+    np.testing.assert_allclose(remat, jax.grad(lambda x: plain(x, TABLE, TARGETS))(X), atol=1e-6)
+
+
 def test_the_backward_keeps_the_gradient_not_the_logits():
     x, table = jnp.ones((4, 256, 64)), jnp.ones((4096, 64))  # logits: 16 MiB; the gradient to x: 256 KiB
     targets = jnp.zeros((4, 256), int)
