@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 import lorax
+from lorax_examples.products import matmul
 from lorax_examples.xent import fused_xent
 
 
@@ -97,17 +98,6 @@ class RMSNorm(nn.Module):
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return (scale * x32).astype(x.dtype)
-
-
-def matmul(x, w, dimension_numbers, dtype=None):
-    """``lax.dot_general(x, w)``; with ``dtype``, of ``x`` and ``w`` cast to it, accumulated and
-    returned in fp32. The cast sits under `jax.checkpoint`, so the backward keeps ``x`` as it
-    came (fp32) and recasts it, rather than keeping a bf16 copy."""
-    if dtype is None:
-        return jax.lax.dot_general(x, w, dimension_numbers)
-    cast = lambda x, w: jax.lax.dot_general(x.astype(dtype), w.astype(dtype), dimension_numbers,  # noqa: E731
-                                            preferred_element_type=jnp.float32)
-    return jax.checkpoint(cast)(x, w)
 
 
 def lora_of(config: LlamaConfig, name: str) -> dict:

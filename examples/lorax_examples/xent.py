@@ -17,13 +17,15 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
+from lorax_examples.products import cast_dot
+
 ROWS = 128  # tokens per block: a block's fp32 logits stay in a 32 MiB L3 at SmolLM2's vocabulary
 
 
 def fused_xent(x: jax.Array, table: jax.Array, targets: jax.Array, dtype=None, rows: int = ROWS) -> jax.Array:
     """Mean cross-entropy of ``x·tableᵀ`` (``x`` [..., dim], ``table`` [vocab, dim]) against the
     integer ``targets`` [...]; with ``dtype``, the products take operands of that dtype and
-    accumulate in fp32 (as `lorax_examples.llama.matmul`). ``targets`` lie in ``[0, vocab)``
+    accumulate in fp32 (`lorax_examples.products.cast_dot`). ``targets`` lie in ``[0, vocab)``
     (values, so unchecked under `jax.jit`). A custom derivative: reverse mode (`jax.grad`,
     `jax.vjp`) only, as `lorax.lora`'s bf16 backward.
 
@@ -45,12 +47,6 @@ def fused_xent(x: jax.Array, table: jax.Array, targets: jax.Array, dtype=None, r
         return _xent(dtype, rows, x, table, targets)
 
 
-def _product(a, b, contract, dtype):
-    if dtype is not None:
-        a, b = a.astype(dtype), b.astype(dtype)
-    return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
-
-
 def _blocks(dtype, rows, x, table, targets, want_x: bool, want_table: bool):
     """(loss, gradient to x or None, gradient to table or None), ``rows`` tokens at a time."""
     flat, picked_ids = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
@@ -62,7 +58,7 @@ def _blocks(dtype, rows, x, table, targets, want_x: bool, want_table: bool):
 
     def block(table_grad, xs):
         xb, ids = xs
-        logits = _product(xb, table, ((1,), (1,)), dtype)
+        logits = cast_dot(xb, table, (((1,), (1,)), ((), ())), dtype)
         top = logits.max(-1)
         exp = jnp.exp(logits - top[:, None])
         total = exp.sum(-1)
@@ -73,9 +69,9 @@ def _blocks(dtype, rows, x, table, targets, want_x: bool, want_table: bool):
             return table_grad, (loss, None)
         hit = ids[:, None] == jax.lax.broadcasted_iota(ids.dtype, logits.shape, 1)
         g = (exp / total[:, None] - hit) * (real / n)[:, None]  # d loss / d logits of this block
-        x_grad = _product(g, table, ((1,), (0,)), dtype) if want_x else None
+        x_grad = cast_dot(g, table, (((1,), (0,)), ((), ())), dtype) if want_x else None
         if want_table:
-            table_grad = table_grad + _product(g, xb, ((0,), (0,)), dtype)
+            table_grad = table_grad + cast_dot(g, xb, (((0,), (0,)), ((), ())), dtype)
         return table_grad, (loss, x_grad)
 
     start = jnp.zeros(table.shape, jnp.float32) if want_table else None
