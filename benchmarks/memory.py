@@ -26,14 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from lorax_examples import memory, smollm
-from lorax_examples.llama import (
-    Llama,
-    LlamaConfig,
-    head_chunks_setting,
-    quantize_like_gguf,
-    remat_groups_setting,
-    remat_setting,
-)
+from lorax_examples.llama import Llama, LlamaConfig, quantize_like_gguf, with_memory_options
 from report_files import written
 
 HERE = Path(__file__).resolve().parent
@@ -60,7 +53,7 @@ def rows(base: str, layers: int | None, batch: int, seq: int, remat: str = "none
     (`lorax_examples.xent.fused_xent`); ``remat_groups``: the layer loop as that many recomputed
     groups (`lorax_examples.llama.grouped_layers`), 0 as one."""
     config, params = random_model(base, layers) if random else smollm.load(base=base, layers=layers)[:2]
-    config = dataclasses.replace(config, remat=remat_setting(remat), head_chunks=head_chunks, remat_groups=remat_groups)
+    config = with_memory_options(config, remat, head_chunks, remat_groups)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab, (batch, seq + 1)), jnp.int32)
     if base == "q4":  # a quantized base has no dense gradient
         variants = tuple(v for v in variants if v == "lorax")
@@ -110,9 +103,8 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
     try:
-        remat_setting(args.remat)
-        head_chunks_setting(args.head_chunks, LlamaConfig().vocab)
-        remat_groups_setting(args.remat_groups, args.layers or LlamaConfig().layers)
+        with_memory_options(LlamaConfig(layers=args.layers or LlamaConfig().layers), args.remat, args.head_chunks,
+                            args.remat_groups)
     except ValueError as refused:
         p.error(f"--{refused}")
     variants = tuple(args.variants.split(","))

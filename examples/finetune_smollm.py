@@ -176,9 +176,7 @@ def main(argv=None):
         Llama,
         bf16_as_bits,
         cached_step,
-        head_chunks_setting,
-        remat_groups_setting,
-        remat_setting,
+        with_memory_options,
     )
 
     import lorax
@@ -188,12 +186,10 @@ def main(argv=None):
     if args.seq + 1 > config.max_len:
         fail(f"--seq {args.seq} exceeds the model's context of {config.max_len} tokens")
     try:
-        remat, head_chunks = remat_setting(args.remat), head_chunks_setting(args.head_chunks, config.vocab)
-        groups = remat_groups_setting(args.remat_groups, config.layers)
+        config = with_memory_options(config, args.remat, args.head_chunks, args.remat_groups)
     except ValueError as refused:
         fail(f"--{refused}")
-    config = type(config)(**{**config.__dict__, "remat": remat, "head_chunks": head_chunks, "remat_groups": groups})
-    base = bf16_as_bits(base, head_chunks)  # what the step slices in a loop, as bits: XLA:CPU copies none of it
+    base = bf16_as_bits(base, config.head_chunks)  # what the step slices in a loop, as bits: XLA:CPU copies none of it
     fn = lambda p, ids: Llama(config).apply(p, ids)  # noqa: E731
     loss_of = lambda p, ids: Llama(config).apply(p, ids[:, :-1], targets=ids[:, 1:])  # noqa: E731
     train_ids, test_ids = token_splits(tokenizer, shakespeare_texts())

@@ -280,6 +280,20 @@ def head_chunks_setting(chunks: int, vocab: int) -> int:
     return chunks
 
 
+def with_memory_options(config: LlamaConfig, remat: str = "none", head_chunks: int = 0,
+                        remat_groups: int = 0) -> LlamaConfig:
+    """``config`` with a command line's memory options (``--remat``, ``--head-chunks``,
+    ``--remat-groups``), each checked by its setting (`remat_setting`, `head_chunks_setting`,
+    `remat_groups_setting`, in that order): a bad one raises the first refusal.
+
+    >>> with_memory_options(LlamaConfig(), "full", 8, 6).remat_groups
+    6
+    """
+    return dataclasses.replace(config, remat=remat_setting(remat),
+                               head_chunks=head_chunks_setting(head_chunks, config.vocab),
+                               remat_groups=remat_groups_setting(remat_groups, config.layers))
+
+
 def chunked_xent(x, table, targets, chunks: int, dtype=None):
     """Mean cross-entropy of the tied head's logits ``x·tableᵀ`` against ``targets``, computed
     over ``chunks`` slices of the vocabulary with a running log-sum-exp. The logits are never
