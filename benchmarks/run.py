@@ -21,7 +21,8 @@ PYTHONPATH=examples python3 benchmarks/run.py ...
    with one adapter and against one call per adapter;
 6. SmolLM2-135M: lorax against PEFT on torch, each framework in its own process
    (`smollm_step.py`): step time, peak RSS, efficiency against the machine's matmul rate, and
-   the adapter file against the base's;
+   the adapter file against the base's (``--only smollm``: each framework's LoRA also with glibc's
+   huge-page tunable, `processes.examples_env`);
 7. QLoRA: the GPT's train step over NF4 kernels against LoRA's (wall time side by side, XLA
    flops, the base's bytes among the step's arguments), and SmolLM2 over the GGUF's Q4_1
    blocks against the fp32 base (each in its own process).
@@ -208,11 +209,12 @@ def smollm_qlora_runs(quick: bool, layers: int | None = None, earlier: list[dict
     return rows
 
 
-def smollm_step(argv: list[str]) -> dict:
-    """One `smollm_step.py` run in a fresh process: its JSON row, with ``argv``."""
-    print(f"  SmolLM2: {' '.join(argv)} ...", flush=True)
+def smollm_step(argv: list[str], huge_pages: bool = False) -> dict:
+    """One `smollm_step.py` run in a fresh process: its JSON row, with ``argv``; with
+    ``huge_pages``, glibc's huge-page tunable set (`processes.examples_env`)."""
+    print(f"  SmolLM2: {' '.join(argv)}{' (huge pages)' if huge_pages else ''} ...", flush=True)
     done = subprocess.run([sys.executable, str(HERE / "smollm_step.py"), *argv], capture_output=True, text=True,
-                          env=examples_env())
+                          env=examples_env(huge_pages))
     if done.returncode:
         raise SystemExit(f"smollm_step.py {' '.join(argv)} failed:\n{done.stderr[-3000:]}")
     return dict(json.loads(done.stdout.strip().splitlines()[-1]), argv=argv)
@@ -284,7 +286,8 @@ def _options(row: dict) -> str:
     """A `smollm_step.py` row's memory options, as its table names them ("" for none)."""
     remat, chunks, groups = row.get("remat", "none"), row.get("head_chunks", 0), row.get("remat_groups", 0)
     return ", ".join(([] if remat == "none" else [f"remat {remat}"]) + ([f"head {chunks}"] if chunks else [])
-                     + ([f"{groups} groups"] if groups else []))
+                     + ([f"{groups} groups"] if groups else [])
+                     + (["huge pages"] if row.get("malloc_huge_pages") else []))
 
 
 def memory_rows(quick: bool, layers: int | None) -> list[dict]:
@@ -293,12 +296,13 @@ def memory_rows(quick: bool, layers: int | None) -> list[dict]:
     return [row for base in ("fp32", "bf16", "q4") for row in step_memory.rows(base, layers, batch, seq)]
 
 
-def smollm_runs(quick: bool, rounds: int, dora: bool = True, bf16: bool = False,
+def smollm_runs(quick: bool, rounds: int, dora: bool = True, bf16: bool = False, huge_pages: bool = False,
                 layers: int | None = None) -> list[dict]:
     """Each framework in a fresh process: lorax and PEFT, LoRA on q,v and all-linear and DoRA on
     q,v; full FT for scale; with ``bf16``, LoRA again over a bf16 base, and lorax's also with the
-    memory options (`MEMORY_OPTIONS`). ``rounds`` runs of each, the frameworks alternating; each row
-    is the run with the median time, and lists every run's time."""
+    memory options (`MEMORY_OPTIONS`); with ``huge_pages``, each framework's LoRA runs again with
+    glibc's huge-page tunable. ``rounds`` runs of each, the frameworks alternating; each row is the
+    run with the median time, and lists every run's time."""
     shape = ["--batch", "1", "--seq", "32", "--steps", "2", "--warmup", "1"] if quick else []
     shape += _layers(layers)
     jobs = [["lorax", "--targets", "qv"], ["peft", "--targets", "qv"]]
@@ -311,10 +315,13 @@ def smollm_runs(quick: bool, rounds: int, dora: bool = True, bf16: bool = False,
         lora = [job for job in jobs if "--targets" in job and "--dora" not in job]
         jobs += [[*job, "--base", "bf16"] for job in lora]
         jobs += [[*job, "--base", "bf16", *MEMORY_ARGV] for job in lora if job[0] == "lorax"]
-    runs: dict[str, list[dict]] = {}
+    plain = [(job, False) for job in jobs]
+    paged = [(job, True) for job in jobs if huge_pages and "--targets" in job and "--dora" not in job
+             and "--remat" not in job]
+    runs: dict[tuple, list[dict]] = {}
     for _ in range(rounds):
-        for job in jobs:
-            runs.setdefault(" ".join(job), []).append(smollm_step([*job, *shape]))
+        for job, pages in plain + paged:
+            runs.setdefault((*job, pages), []).append(smollm_step([*job, *shape], pages))
     rows = []
     for results in runs.values():
         ordered = sorted(results, key=lambda r: r["s_per_step"])
@@ -367,6 +374,8 @@ def smollm_markdown(report: dict) -> list[str]:
              (("lora", "qv"), ("lora", "all-linear"), ("dora", "qv")) for base in ("fp32", "bf16")]
     pairs += [(("lora", targets, "bf16", options), ("lora", targets, "bf16", "")) for targets in ("qv", "all-linear")]
     pairs += [(("lora", targets, "bf16", ""), ("lora", targets, "fp32", "")) for targets in ("qv", "all-linear")]
+    pairs += [(("lora", targets, base, "huge pages"), ("lora", targets, base, peft)) for targets in ("qv", "all-linear")
+              for base in ("fp32", "bf16") for peft in ("huge pages", "")]
     for ours, theirs in pairs:
         if ("lorax", *ours) in by and ("peft", *theirs) in by:
             a, b = by[("lorax", *ours)], by[("peft", *theirs)]
@@ -374,6 +383,8 @@ def smollm_markdown(report: dict) -> list[str]:
                 a["train_peak_rss_mib"] / b["train_peak_rss_mib"]
             bases = ours[2] if ours[2] == theirs[2] else f"lorax {ours[2]} against PEFT {theirs[2]}"
             bases += f"; lorax with {ours[3]}" if ours[3] else ""
+            if ours[3] == "huge pages":
+                bases += f", PEFT {'with' if theirs[3] else 'without'} them"
             lines.append(f"\nlorax / PEFT, {ours[0]} {ours[1]} ({bases}): time "
                          f"{a['s_per_step'] / b['s_per_step']:.3f}, peak RSS {f(rss, '.3f')}")
     if ("jax-full", "full", None, "fp32", "") in by:
@@ -536,7 +547,7 @@ def smollm_main(args) -> dict:
     """The roofline and the SmolLM2 lorax-vs-PEFT steps alone, to results/smollm.*."""
     report = dict(machine=machine(), roofline=roofline_rates(("fp32", "bf16")))
     report["smollm"] = smollm_runs(args.quick, args.rounds or (1 if args.quick else 2), dora=False, bf16=True,
-                                   layers=args.layers)
+                                   huge_pages=True, layers=args.layers)
     table = "\n".join(roofline_markdown(report) + smollm_markdown(report))
     return written(args.out, "smollm", report, table)
 
