@@ -22,7 +22,8 @@ PYTHONPATH=examples python3 benchmarks/run.py ...
 6. SmolLM2-135M: lorax against PEFT on torch, each framework in its own process
    (`smollm_step.py`): step time, peak RSS, efficiency against the machine's matmul rate, and
    the adapter file against the base's (``--only smollm``: each framework's LoRA also with glibc's
-   huge-page tunable, `processes.examples_env`);
+   huge-page tunable, `processes.examples_env`;
+   `allocators.py` adds tcmalloc);
 7. QLoRA: the GPT's train step over NF4 kernels against LoRA's (wall time side by side, XLA
    flops, the base's bytes among the step's arguments), and SmolLM2 over the GGUF's Q4_1
    blocks against the fp32 base (each in its own process).
@@ -48,7 +49,7 @@ import memory as step_memory
 import roofline
 import walltime
 from lorax_examples import gpt, smollm  # the models and workloads, shared with the tests
-from processes import examples_env
+from processes import examples_env, smollm_step
 from report_files import written
 
 HERE = Path(__file__).resolve().parent
@@ -209,17 +210,6 @@ def smollm_qlora_runs(quick: bool, layers: int | None = None, earlier: list[dict
     return rows
 
 
-def smollm_step(argv: list[str], huge_pages: bool = False) -> dict:
-    """One `smollm_step.py` run in a fresh process: its JSON row, with ``argv``; with
-    ``huge_pages``, glibc's huge-page tunable set (`processes.examples_env`)."""
-    print(f"  SmolLM2: {' '.join(argv)}{' (huge pages)' if huge_pages else ''} ...", flush=True)
-    done = subprocess.run([sys.executable, str(HERE / "smollm_step.py"), *argv], capture_output=True, text=True,
-                          env=examples_env(huge_pages))
-    if done.returncode:
-        raise SystemExit(f"smollm_step.py {' '.join(argv)} failed:\n{done.stderr[-3000:]}")
-    return dict(json.loads(done.stdout.strip().splitlines()[-1]), argv=argv)
-
-
 def qlora_markdown(report: dict) -> str:
     lines = ["**QLoRA**: the GPT's kernels in NF4 (blocks of 64, fp32 absmax) under LoRA all-linear, against "
              f"LoRA over fp32 (median of {report['repeats']}, interleaved)", "",
@@ -279,6 +269,7 @@ def _layers(layers: int | None) -> list[str]:
 
 
 MEMORY_OPTIONS = dict(remat="full", head_chunks=8)  # each layer recomputed, the loss over 8 vocabulary slices
+ALLOCATOR_LABELS = {"glibc-huge-pages": "huge pages", "tcmalloc": "tcmalloc"}  # as the options column names them
 MEMORY_ARGV = ("--remat", MEMORY_OPTIONS["remat"], "--head-chunks", str(MEMORY_OPTIONS["head_chunks"]))
 
 
@@ -287,7 +278,7 @@ def _options(row: dict) -> str:
     remat, chunks, groups = row.get("remat", "none"), row.get("head_chunks", 0), row.get("remat_groups", 0)
     return ", ".join(([] if remat == "none" else [f"remat {remat}"]) + ([f"head {chunks}"] if chunks else [])
                      + ([f"{groups} groups"] if groups else [])
-                     + (["huge pages"] if row.get("malloc_huge_pages") else []))
+                     + ([ALLOCATOR_LABELS[row["allocator"]]] if row.get("allocator", "glibc") != "glibc" else []))
 
 
 def memory_rows(quick: bool, layers: int | None) -> list[dict]:
@@ -321,7 +312,8 @@ def smollm_runs(quick: bool, rounds: int, dora: bool = True, bf16: bool = False,
     runs: dict[tuple, list[dict]] = {}
     for _ in range(rounds):
         for job, pages in plain + paged:
-            runs.setdefault((*job, pages), []).append(smollm_step([*job, *shape], pages))
+            runs.setdefault((*job, pages), []).append(
+                smollm_step([*job, *shape], "glibc-huge-pages" if pages else "glibc"))
     rows = []
     for results in runs.values():
         ordered = sorted(results, key=lambda r: r["s_per_step"])

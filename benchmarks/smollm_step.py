@@ -20,7 +20,7 @@ a share of the same framework's plain matmul rate measured in the same process (
 is its efficiency. Peak RSS is the process's high-water mark reset after loading (the training
 phase, model included) and, separately, over the whole process. The time to the first step is
 what a notebook pays after each change: for JAX, tracing and compiling the step plus running it
-once; for torch, the first step. The row says whether glibc's huge-page tunable was set
+once; for torch, the first step. The row names the allocator the environment selects
 (`processes.examples_env`) and the kernel's transparent huge page mode.
 """
 
@@ -243,7 +243,7 @@ def main(argv=None):
         process_peak_rss_mib=max(load_peak, _peak_rss_mib()), adapter_bytes=adapter_bytes and adapter_bytes[0],
         adapter_tensor_bytes=adapter_bytes and adapter_bytes[1],
         first_loss=losses[0], last_loss=losses[-1], first_step_s=first_step_s, compile_s=compile_s,
-        malloc_huge_pages=processes.huge_pages_on(), transparent_huge_pages=processes.transparent_huge_pages(),
+        allocator=processes.allocator(), transparent_huge_pages=processes.transparent_huge_pages(),
         machine=roofline.machine(), step_gflop=flops / 1e9,
         matmul_peak_gflops=peak, efficiency=flops / median / 1e9 / peak)))
 

@@ -17,7 +17,7 @@ def run(monkeypatch):
 def _row(framework: str, base: str, s_per_step: float, rss: float, remat: str = "none", head_chunks: int = 0,
          huge_pages: bool = False):
     return dict(framework=framework, kind="lora", targets="qv", base=base, remat=remat, head_chunks=head_chunks,
-                malloc_huge_pages=huge_pages,
+                allocator="glibc-huge-pages" if huge_pages else "glibc",
                 batch=4, seq=128, s_per_step=s_per_step, s_per_step_runs=[s_per_step], tokens_per_s=512 / s_per_step,
                 trained_params=460_800, train_peak_rss_mib=rss, step_gflop=290.0, matmul_peak_gflops=300.0,
                 efficiency=0.5, first_step_s=3.0)
@@ -54,7 +54,9 @@ def test_huge_page_runs_are_their_own_rows_and_pair_with_peft_s_runs_with_and_wi
     assert "lorax / PEFT, lora qv (fp32): time 0.625, peak RSS 0.909" in lines
     assert "lorax / PEFT, lora qv (fp32; lorax with huge pages, PEFT with them): time 0.400, peak RSS 0.875" in lines
     assert "lorax / PEFT, lora qv (fp32; lorax with huge pages, PEFT without them): time 0.500, peak RSS 0.955" in lines
-    assert run._options(dict(remat="full", head_chunks=8, malloc_huge_pages=True)) == "remat full, head 8, huge pages"
+    options = run._options(dict(remat="full", head_chunks=8, allocator="glibc-huge-pages"))
+    assert options == "remat full, head 8, huge pages"
+    assert run._options(dict(remat="none", head_chunks=0, allocator="tcmalloc")) == "tcmalloc"
 
 
 @pytest.fixture
@@ -66,14 +68,26 @@ def processes(monkeypatch):
 def test_the_huge_page_tunable_is_added_to_those_set_once_and_only_when_asked(processes, monkeypatch):
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
     assert processes.examples_env()["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
-    paged = processes.examples_env(huge_pages=True)
+    paged = processes.examples_env("glibc-huge-pages")
     assert paged["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"
-    assert processes.huge_pages_on(paged) and not processes.huge_pages_on(processes.examples_env())
+    assert processes.allocator(paged) == "glibc-huge-pages" and processes.allocator(processes.examples_env()) == "glibc"
     monkeypatch.setenv("GLIBC_TUNABLES", paged["GLIBC_TUNABLES"])
-    assert processes.examples_env(huge_pages=True)["GLIBC_TUNABLES"] == paged["GLIBC_TUNABLES"]  # not twice
+    assert processes.examples_env("glibc-huge-pages")["GLIBC_TUNABLES"] == paged["GLIBC_TUNABLES"]  # not twice
     monkeypatch.delenv("GLIBC_TUNABLES")
-    assert processes.examples_env(huge_pages=True)["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
-    assert processes.examples_env(huge_pages=True)["PYTHONPATH"].split(":")[0] == str(processes.EXAMPLES)
+    assert processes.examples_env("glibc-huge-pages")["GLIBC_TUNABLES"] == "glibc.malloc.hugetlb=1"
+    assert processes.examples_env("glibc-huge-pages")["PYTHONPATH"].split(":")[0] == str(processes.EXAMPLES)
+
+
+def test_tcmalloc_is_preloaded_after_what_is_preloaded_or_refused_by_name_where_missing(processes, monkeypatch):
+    monkeypatch.setenv("LD_PRELOAD", "libother.so")
+    monkeypatch.setattr(processes, "tcmalloc_library", lambda: "libtcmalloc_minimal.so.4")
+    env = processes.examples_env("tcmalloc")
+    assert env["LD_PRELOAD"] == "libother.so libtcmalloc_minimal.so.4" and processes.allocator(env) == "tcmalloc"
+    monkeypatch.setattr(processes, "tcmalloc_library", lambda: None)
+    with pytest.raises(FileNotFoundError, match="libtcmalloc-minimal4"):
+        processes.examples_env("tcmalloc")
+    with pytest.raises(ValueError, match="'jemalloc': expected one of"):
+        processes.examples_env("jemalloc")
 
 
 def test_the_kernel_s_huge_page_mode_is_the_bracketed_word_or_none(processes, monkeypatch, tmp_path):
@@ -82,3 +96,32 @@ def test_the_kernel_s_huge_page_mode_is_the_bracketed_word_or_none(processes, mo
     assert processes.transparent_huge_pages() is None
     setting.write_text("always [madvise] never\n")
     assert processes.transparent_huge_pages() == "madvise"
+
+
+@pytest.fixture
+def allocators(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    return importlib.import_module("allocators")
+
+
+def test_the_allocator_table_compares_the_frameworks_under_each_and_each_at_its_fastest(allocators):
+    times = {("lorax", "glibc"): 1.0, ("lorax", "glibc-huge-pages"): 0.8, ("lorax", "tcmalloc"): 0.9,
+             ("peft", "glibc"): 1.6, ("peft", "glibc-huge-pages"): 2.0, ("peft", "tcmalloc"): 1.2}
+    rows = [dict(framework=f, targets="qv", base="fp32", allocator=a, s_per_step=t, train_peak_rss_mib=1000 * t)
+            for (f, a), t in times.items()]
+    table = allocators.markdown(dict(machine="a CPU", transparent_huge_pages="madvise", rows=rows))
+
+    assert "| qv | fp32 | lorax | 1.000 s, 1000 MiB | 0.800 s, 800 MiB | 0.900 s, 900 MiB |" in table
+    assert "| qv | fp32 | 0.62 | 0.40 | 0.75 | 0.67 (lorax glibc-huge-pages, PEFT tcmalloc) |" in table
+    assert "| all-linear |" not in table  # a configuration not measured gets no ratio row
+    without = allocators.markdown(dict(machine="a CPU", transparent_huge_pages=None,
+                                       rows=[r for r in rows if r["allocator"] != "tcmalloc"]))
+    assert "| targets | base | glibc | glibc-huge-pages | each at its fastest |" in without
+
+
+def test_the_allocator_run_refuses_empty_rounds_and_skips_a_missing_tcmalloc(allocators, monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        allocators.main(["--rounds", "0"])
+    assert "--rounds and --steps must be at least 1, not 0 and 8" in capsys.readouterr().err
+    monkeypatch.setattr(allocators.processes, "tcmalloc_library", lambda: None)
+    assert allocators.available() == ("glibc", "glibc-huge-pages")
