@@ -6,6 +6,7 @@ PYTHONPATH=examples python benchmarks/allocators.py ...
 
     python benchmarks/allocators.py                 # q,v and all-linear, fp32 and bf16, one round
     python benchmarks/allocators.py --rounds 2      # the allocators alternating, twice
+    python benchmarks/allocators.py --bases bf16    # the bf16 base alone
     python benchmarks/allocators.py --layers 2 --steps 2   # a smoke run
 
 XLA:CPU allocates a compiled step's temporaries as one block per call; glibc maps such a block
@@ -28,6 +29,7 @@ from report_files import written
 HERE = Path(__file__).resolve().parent
 CONFIGS = (("qv", "fp32"), ("all-linear", "fp32"), ("qv", "bf16"), ("all-linear", "bf16"))
 FRAMEWORKS = ("lorax", "peft")
+BASES = ("fp32", "bf16")
 
 
 def available() -> tuple[str, ...]:
@@ -35,12 +37,12 @@ def available() -> tuple[str, ...]:
     return tuple(a for a in processes.ALLOCATORS if a != "tcmalloc" or processes.tcmalloc_library())
 
 
-def runs(rounds: int, shape: list[str], allocators: tuple[str, ...]) -> list[dict]:
-    """One row per framework, configuration and allocator: the run with the median time of
-    ``rounds``, with every run's time."""
+def runs(rounds: int, shape: list[str], allocators: tuple[str, ...], bases=BASES) -> list[dict]:
+    """One row per framework, configuration on one of ``bases`` and allocator: the run with the
+    median time of ``rounds``, with every run's time."""
     results: dict[tuple, list[dict]] = {}
     for _ in range(rounds):
-        for targets, base in CONFIGS:
+        for targets, base in (c for c in CONFIGS if c[1] in bases):
             for framework in FRAMEWORKS:
                 for allocator in allocators:
                     argv = [framework, "--targets", targets, "--base", base, *shape]
@@ -91,6 +93,7 @@ def main(argv=None) -> dict:
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--steps", type=int, default=8, help="timed steps per run (median reported)")
     p.add_argument("--layers", type=int, help="keep the first N decoder layers (a smoke run); all 30 by default")
+    p.add_argument("--bases", nargs="+", choices=BASES, default=list(BASES), help="the bases measured")
     p.add_argument("--out", type=Path, default=HERE / "results")
     args = p.parse_args(argv)
     if args.rounds < 1 or args.steps < 1:
@@ -99,7 +102,7 @@ def main(argv=None) -> dict:
     allocators = available()
     report = dict(machine=f"{roofline.describe(roofline.machine())}", allocators=allocators,
                   transparent_huge_pages=processes.transparent_huge_pages(), rounds=args.rounds)
-    report["rows"] = runs(args.rounds, shape, allocators)
+    report["rows"] = runs(args.rounds, shape, allocators, args.bases)
     return written(args.out, "allocators", report, markdown(report))
 
 
