@@ -8,10 +8,15 @@ import pytest
 from helpers import ROOT
 
 
+def _benchmark(monkeypatch, name: str):
+    """``benchmarks/<name>.py``, imported as the benchmarks import each other."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    return importlib.import_module(name)
+
+
 @pytest.fixture
 def run(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    return importlib.import_module("run")
+    return _benchmark(monkeypatch, "run")
 
 
 def _row(framework: str, base: str, s_per_step: float, rss: float, remat: str = "none", head_chunks: int = 0,
@@ -61,8 +66,7 @@ def test_huge_page_runs_are_their_own_rows_and_pair_with_peft_s_runs_with_and_wi
 
 @pytest.fixture
 def processes(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    return importlib.import_module("processes")
+    return _benchmark(monkeypatch, "processes")
 
 
 def test_the_huge_page_tunable_is_added_to_those_set_once_and_only_when_asked(processes, monkeypatch):
@@ -100,8 +104,7 @@ def test_the_kernel_s_huge_page_mode_is_the_bracketed_word_or_none(processes, mo
 
 @pytest.fixture
 def allocators(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    return importlib.import_module("allocators")
+    return _benchmark(monkeypatch, "allocators")
 
 
 def test_the_allocator_table_compares_the_frameworks_under_each_and_each_at_its_fastest(allocators):
