@@ -48,11 +48,7 @@ def runs(rounds: int, shape: list[str], allocators: tuple[str, ...], bases=BASES
                     argv = [framework, "--targets", targets, "--base", base, *shape]
                     row = processes.smollm_step(argv, allocator)
                     results.setdefault((framework, targets, base, allocator), []).append(row)
-    rows = []
-    for done in results.values():
-        ordered = sorted(done, key=lambda r: r["s_per_step"])
-        rows.append(dict(ordered[(len(ordered) - 1) // 2], s_per_step_runs=[r["s_per_step"] for r in done]))
-    return rows
+    return [processes.median_run(done) for done in results.values()]
 
 
 def markdown(report: dict) -> str:

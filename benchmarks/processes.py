@@ -82,3 +82,14 @@ def smollm_step(argv: list[str], allocator: str = "glibc") -> dict:
     if done.returncode:
         raise SystemExit(f"smollm_step.py {' '.join(argv)} failed:\n{done.stderr[-3000:]}")
     return dict(json.loads(done.stdout.strip().splitlines()[-1]), argv=argv)
+
+
+def median_run(runs: list[dict]) -> dict:
+    """The run of ``runs`` (`smollm_step` rows) with the median time (the faster middle one of an
+    even count), listing every run's time in order as ``s_per_step_runs``.
+
+    >>> median_run([{"s_per_step": 2.0}, {"s_per_step": 1.0}])
+    {'s_per_step': 1.0, 's_per_step_runs': [2.0, 1.0]}
+    """
+    ordered = sorted(runs, key=lambda r: r["s_per_step"])
+    return dict(ordered[(len(ordered) - 1) // 2], s_per_step_runs=[r["s_per_step"] for r in runs])

@@ -49,7 +49,7 @@ import memory as step_memory
 import roofline
 import walltime
 from lorax_examples import gpt, smollm  # the models and workloads, shared with the tests
-from processes import examples_env, smollm_step
+from processes import examples_env, median_run, smollm_step
 from report_files import written
 
 HERE = Path(__file__).resolve().parent
@@ -314,11 +314,7 @@ def smollm_runs(quick: bool, rounds: int, dora: bool = True, bf16: bool = False,
         for job, pages in plain + paged:
             runs.setdefault((*job, pages), []).append(
                 smollm_step([*job, *shape], "glibc-huge-pages" if pages else "glibc"))
-    rows = []
-    for results in runs.values():
-        ordered = sorted(results, key=lambda r: r["s_per_step"])
-        rows.append(dict(ordered[(len(ordered) - 1) // 2], s_per_step_runs=[r["s_per_step"] for r in results]))
-    return rows
+    return [median_run(results) for results in runs.values()]
 
 
 def adapter_sizes(smollm: list[dict]) -> list[dict]:

@@ -128,3 +128,9 @@ def test_the_allocator_run_refuses_empty_rounds_and_skips_a_missing_tcmalloc(all
     assert "--rounds and --steps must be at least 1, not 0 and 8" in capsys.readouterr().err
     monkeypatch.setattr(allocators.processes, "tcmalloc_library", lambda: None)
     assert allocators.available() == ("glibc", "glibc-huge-pages")
+
+
+def test_a_row_is_the_median_run_and_lists_every_run_in_order(processes):
+    runs = [dict(s_per_step=1.2, argv=["a"]), dict(s_per_step=0.9, argv=["b"]), dict(s_per_step=1.0, argv=["c"])]
+    assert processes.median_run(runs) == dict(s_per_step=1.0, argv=["c"], s_per_step_runs=[1.2, 0.9, 1.0])
+    assert processes.median_run(runs[:2])["argv"] == ["b"]  # of two, the faster
