@@ -287,6 +287,11 @@ def memory_rows(quick: bool, layers: int | None) -> list[dict]:
     return [row for base in ("fp32", "bf16", "q4") for row in step_memory.rows(base, layers, batch, seq)]
 
 
+def _plain_lora(job: list[str]) -> bool:
+    """Whether a `smollm_step.py` job trains LoRA adapters (not DoRA, not full fine-tuning)."""
+    return "--targets" in job and "--dora" not in job
+
+
 def smollm_runs(quick: bool, rounds: int, dora: bool = True, bf16: bool = False, huge_pages: bool = False,
                 layers: int | None = None) -> list[dict]:
     """Each framework in a fresh process: lorax and PEFT, LoRA on q,v and all-linear and DoRA on
@@ -303,12 +308,11 @@ def smollm_runs(quick: bool, rounds: int, dora: bool = True, bf16: bool = False,
         jobs += [["lorax", "--targets", "all-linear"], ["peft", "--targets", "all-linear"],
                  ["jax-full"], ["torch-full"]]
     if bf16:
-        lora = [job for job in jobs if "--targets" in job and "--dora" not in job]
+        lora = [job for job in jobs if _plain_lora(job)]
         jobs += [[*job, "--base", "bf16"] for job in lora]
         jobs += [[*job, "--base", "bf16", *MEMORY_ARGV] for job in lora if job[0] == "lorax"]
     plain = [(job, False) for job in jobs]
-    paged = [(job, True) for job in jobs if huge_pages and "--targets" in job and "--dora" not in job
-             and "--remat" not in job]
+    paged = [(job, True) for job in jobs if huge_pages and _plain_lora(job) and "--remat" not in job]
     runs: dict[tuple, list[dict]] = {}
     for _ in range(rounds):
         for job, pages in plain + paged:

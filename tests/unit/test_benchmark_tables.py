@@ -134,3 +134,15 @@ def test_a_row_is_the_median_run_and_lists_every_run_in_order(processes):
     runs = [dict(s_per_step=1.2, argv=["a"]), dict(s_per_step=0.9, argv=["b"]), dict(s_per_step=1.0, argv=["c"])]
     assert processes.median_run(runs) == dict(s_per_step=1.0, argv=["c"], s_per_step_runs=[1.2, 0.9, 1.0])
     assert processes.median_run(runs[:2])["argv"] == ["b"]  # of two, the faster
+
+
+def test_the_huge_page_runs_are_each_framework_s_plain_lora_steps_on_both_bases(run, monkeypatch):
+    calls = []
+    monkeypatch.setattr(run, "smollm_step", lambda argv, allocator: calls.append((argv, allocator)) or
+                        dict(s_per_step=1.0))
+    rows = run.smollm_runs(False, 1, dora=False, bf16=True, huge_pages=True)
+
+    paged = [argv for argv, allocator in calls if allocator == "glibc-huge-pages"]
+    assert len(calls) == len(rows) == 20 and {a for _, a in calls} == {"glibc", "glibc-huge-pages"}
+    assert paged == [[f, "--targets", t, *base] for base in ([], ["--base", "bf16"]) for t in ("qv", "all-linear")
+                     for f in ("lorax", "peft")]
