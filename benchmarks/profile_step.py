@@ -9,8 +9,12 @@ PYTHONPATH=examples python benchmarks/profile_step.py ...
 
 The step is `smollm_step.py`'s, same batch and options. JAX: the XLA:CPU profiler's thunk
 events, each tied to its HLO instruction, classed by the instruction's op name (lorax keeps the
-model's layer names on what it emits) and shape. torch: the profiler's self time per aten op,
-classed by op and shapes. Prints a table (ms per step by class) and one JSON line.
+model's layer names on what it emits) and shape. XLA:CPU runs independent instructions side by
+side, so each instant of the trace is shared equally among the instructions running then
+(`wall_ms`): the classes add up to the step's busy wall time, not to its thread time, which
+counts overlapping instructions twice. torch: the profiler's self time per aten op, classed by
+op and shapes (torch runs one op at a time, each on all cores). Prints a table (ms per step by
+class) and one JSON line.
 """
 
 from __future__ import annotations
@@ -85,17 +89,44 @@ def profile_jax(run, compiled, steps: int, rank: int, top: int = 0) -> dict:
             run()
         jax.profiler.stop_trace()
         data = ProfileData.from_file(sorted(glob.glob(f"{trace}/**/*.xplane.pb", recursive=True))[-1])
-    ms, by_op = collections.Counter(), collections.Counter()
+    events = []
     for plane in data.planes:
         for line in plane.lines:
             for event in line.events:
                 op = dict(event.stats).get("hlo_op")
                 if op is None or op not in index or index[op][0] in ("while", "call", "conditional"):
                     continue  # containers: their bodies' events are counted themselves
-                ms[jax_class(*index[op], rank)] += event.duration_ns / 1e6 / steps
-                by_op[op] += event.duration_ns / 1e6 / steps
+                events.append((event.start_ns, event.start_ns + event.duration_ns, op))
+    by_op = wall_ms(events, steps)
+    thread_ms = sum(end - start for start, end, _ in events) / 1e6 / steps
+    print(f"  {sum(by_op.values()):.0f} ms busy per step, {thread_ms:.0f} ms of thread time")
     for op, t in by_op.most_common(top):
         print(f"  {t:8.1f} ms  {jax_class(*index[op], rank):30s} {index[op][2].strip()[:160]}")
+    ms = collections.Counter()
+    for op, t in by_op.items():
+        ms[jax_class(*index[op], rank)] += t
+    return ms
+
+
+def wall_ms(events, steps: int = 1) -> collections.Counter:
+    """Milliseconds per step of each key, from ``(start_ns, end_ns, key)`` events that may overlap:
+    each instant is shared equally among the events running then, so the keys add up to the time
+    at least one event ran.
+
+    >>> wall_ms([(0, 10_000_000, "a"), (5_000_000, 15_000_000, "b")])
+    Counter({'a': 7.5, 'b': 7.5})
+    """
+    edges = sorted({t for start, end, _ in events for t in (start, end)})
+    starting, ending = collections.defaultdict(list), collections.defaultdict(list)
+    for i, (start, end, _) in enumerate(events):
+        starting[start].append(i)
+        ending[end].append(i)
+    ms, running = collections.Counter(), set()
+    for previous, now in zip(edges, edges[1:]):
+        running.update(starting[previous])
+        running.difference_update(ending[previous])  # after: an event of no length never runs
+        for i in running:
+            ms[events[i][2]] += (now - previous) / len(running) / 1e6 / steps
     return ms
 
 
@@ -153,7 +184,7 @@ def main(argv=None):
     ms = profile_jax(run, compiled, args.profiled, args.rank, args.top) if compiled else \
         profile_torch(run, args.profiled, args.rank, 49152)
     total = sum(ms.values())
-    print(f"{args.framework} {args.targets}: ms per step by op class (sum {total:.0f} ms, all threads)")
+    print(f"{args.framework} {args.targets}: ms per step by op class (wall time, sum {total:.0f} ms)")
     for cls in CLASSES:
         if ms.get(cls):
             print(f"  {cls:34s} {ms[cls]:9.1f}  {ms[cls] / total:6.1%}")

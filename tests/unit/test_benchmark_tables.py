@@ -146,3 +146,17 @@ def test_the_huge_page_runs_are_each_framework_s_plain_lora_steps_on_both_bases(
     assert len(calls) == len(rows) == 20 and {a for _, a in calls} == {"glibc", "glibc-huge-pages"}
     assert paged == [[f, "--targets", t, *base] for base in ([], ["--base", "bf16"]) for t in ("qv", "all-linear")
                      for f in ("lorax", "peft")]
+
+
+def test_a_step_profile_shares_each_instant_among_the_instructions_running_then(monkeypatch):
+    profile_step = _benchmark(monkeypatch, "profile_step")
+    ms = 1_000_000  # ns
+    events = [(0, 10 * ms, "gate"), (0, 10 * ms, "up"),  # side by side: 5 ms each
+              (10 * ms, 16 * ms, "down"), (12 * ms, 14 * ms, "norm"),  # nested: down 4 + 1, norm 1
+              (16 * ms, 16 * ms, "empty"),  # no length: no time, and it does not stay running
+              (20 * ms, 22 * ms, "gate")]  # idle 16-20 ms counts for nothing
+
+    shares = profile_step.wall_ms(events, steps=2)
+
+    assert dict(shares) == pytest.approx(dict(gate=3.5, up=2.5, down=2.5, norm=0.5))
+    assert sum(shares.values()) == pytest.approx((16 + 2) / 2)  # busy wall time per step, not thread time (15)
