@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import glob
 import json
+import math
 import re
 import sys
 import tempfile
@@ -46,6 +47,32 @@ def _hlo_index(hlo: str) -> dict:
             op_name = re.search(r'op_name="([^"]*)"', line)
             index[m.group(1)] = (m.group(2), op_name.group(1) if op_name else "", line)
     return index
+
+
+def dot_flops(hlo: str) -> dict:
+    """Instruction name -> the flops of one run of it: a ``dot``'s (2 × its output's elements ×
+    the contracted size), or a fusion's, the sum of the dots in the computation it calls."""
+    shapes, dots, members, calls, computation = {}, {}, collections.defaultdict(list), {}, None
+    for line in hlo.splitlines():
+        header = re.match(r"(?:ENTRY )?%?([\w.\-]+) \(.*\{$", line)
+        if header:
+            computation = header.group(1)
+            continue
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = \w+\[([\d,]*)\]\S* (\w+)\(([^)]*)\)", line)
+        if not m:
+            continue
+        name, dims, opcode, operands = m.group(1), [int(d) for d in m.group(2).split(",") if d], m.group(3), m.group(4)
+        shapes[name] = dims
+        members[computation].append(name)
+        if opcode == "dot":
+            lhs = shapes[operands.split(",")[0].strip().lstrip("%")]
+            contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", line)
+            size = math.prod(lhs[int(d)] for d in contracting.group(1).split(",") if d) if contracting else 1
+            dots[name] = 2 * math.prod(dims) * size
+        elif called := re.search(r"calls=%?([\w.\-]+)", line):
+            calls[name] = called.group(1)
+    fused = {name: sum(dots.get(n, 0) for n in members[body]) for name, body in calls.items()}
+    return {**{name: f for name, f in fused.items() if f}, **dots}
 
 
 def jax_class(opcode: str, op_name: str, text: str, rank: int) -> str:
@@ -82,7 +109,8 @@ def profile_jax(run, compiled, steps: int, rank: int, top: int = 0) -> dict:
     import jax
     from jax.profiler import ProfileData
 
-    index = _hlo_index(compiled.as_text())
+    hlo = compiled.as_text()
+    index = _hlo_index(hlo)
     with tempfile.TemporaryDirectory() as trace:
         jax.profiler.start_trace(trace)
         for _ in range(steps):
@@ -97,11 +125,12 @@ def profile_jax(run, compiled, steps: int, rank: int, top: int = 0) -> dict:
                 if op is None or op not in index or index[op][0] in ("while", "call", "conditional"):
                     continue  # containers: their bodies' events are counted themselves
                 events.append((event.start_ns, event.start_ns + event.duration_ns, op))
-    by_op = wall_ms(events, steps)
+    by_op, runs, flops = wall_ms(events, steps), collections.Counter(op for *_, op in events), dot_flops(hlo)
     thread_ms = sum(end - start for start, end, _ in events) / 1e6 / steps
     print(f"  {sum(by_op.values()):.0f} ms busy per step, {thread_ms:.0f} ms of thread time")
-    for op, t in by_op.most_common(top):
-        print(f"  {t:8.1f} ms  {jax_class(*index[op], rank):30s} {index[op][2].strip()[:160]}")
+    for op, t in by_op.most_common(top):  # GFLOP/s: a product's flops over its share of the wall time
+        rate = f"{flops[op] * runs[op] / steps / t / 1e6:6.0f} GFLOP/s" if op in flops and t else " " * 14
+        print(f"  {t:8.1f} ms {rate}  {jax_class(*index[op], rank):30s} {index[op][2].strip()[:160]}")
     ms = collections.Counter()
     for op, t in by_op.items():
         ms[jax_class(*index[op], rank)] += t
@@ -176,7 +205,8 @@ def profile_torch(run, steps: int, rank: int, vocab: int) -> dict:
 def main(argv=None):
     p = smollm_step.parser(__doc__.splitlines()[0])
     p.add_argument("--profiled", type=int, default=2, help="steps traced")
-    p.add_argument("--top", type=int, default=0, help="JAX: also print the N costliest HLO instructions")
+    p.add_argument("--top", type=int, default=0,
+                   help="JAX: also print the N costliest HLO instructions, with each product's GFLOP/s")
     args = smollm_step.parsed(p, argv)
     run, _, _, _, compiled, _ = smollm_step.step_of(args)
     for _ in range(args.warmup):

@@ -160,3 +160,35 @@ def test_a_step_profile_shares_each_instant_among_the_instructions_running_then(
 
     assert dict(shares) == pytest.approx(dict(gate=3.5, up=2.5, down=2.5, norm=0.5))
     assert sum(shares.values()) == pytest.approx((16 + 2) / 2)  # busy wall time per step, not thread time (15)
+
+
+def test_a_step_profile_counts_the_flops_of_each_product_and_of_each_fusion_around_one(monkeypatch):
+    profile_step = _benchmark(monkeypatch, "profile_step")
+    hlo = """\
+%fused_computation.2 (param_0: bf16[512,576], param_1: bf16[576,1536]) -> f32[512,1536] {
+  %param_0 = bf16[512,576]{1,0} parameter(0)
+  %param_1 = bf16[576,1536]{1,0} parameter(1)
+  ROOT %dot_general.4 = f32[512,1536]{1,0} dot(%param_0, %param_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_computation.3 (param_0.1: f32[512,1536]) -> f32[512] {
+  %param_0.1 = f32[512,1536]{1,0} parameter(0)
+  ROOT %reduce.1 = f32[512]{0} reduce(%param_0.1, %constant.1), dimensions={1}, to_apply=%add
+}
+
+ENTRY %main.5 (x: bf16[512,576], w: bf16[576,1536], q: f32[4,9,128,64], k: f32[4,9,128,64]) -> f32[512] {
+  %x = bf16[512,576]{1,0} parameter(0)
+  %w = bf16[576,1536]{1,0} parameter(1)
+  %q = f32[4,9,128,64]{3,2,1,0} parameter(2)
+  %k = f32[4,9,128,64]{3,2,1,0} parameter(3)
+  %ynn_fusion = f32[512,1536]{1,0} fusion(%x, %w), kind=kCustom, calls=%fused_computation.2
+  %dot.96 = f32[4,9,128,128]{3,2,1,0} dot(%q, %k), lhs_batch_dims={0,1}, lhs_contracting_dims={3}, \
+rhs_batch_dims={0,1}, rhs_contracting_dims={3}
+  ROOT %reduce_fusion = f32[512]{0} fusion(%ynn_fusion), kind=kInput, calls=%fused_computation.3
+}
+"""
+    flops = profile_step.dot_flops(hlo)
+
+    assert flops["ynn_fusion"] == flops["dot_general.4"] == 2 * 512 * 576 * 1536
+    assert flops["dot.96"] == 2 * (4 * 9 * 128 * 128) * 64  # batch dims in the output, the contracted 64 once
+    assert "reduce_fusion" not in flops and "reduce.1" not in flops  # no product, no rate
