@@ -58,7 +58,7 @@ def dot_flops(hlo: str) -> dict:
         if header:
             computation = header.group(1)
             continue
-        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = \w+\[([\d,]*)\]\S* (\w+)\(([^)]*)\)", line)
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = \w+\[([\d,]*)\]\S* ([\w\-]+)\(([^)]*)\)", line)
         if not m:
             continue
         name, dims, opcode, operands = m.group(1), [int(d) for d in m.group(2).split(",") if d], m.group(3), m.group(4)
@@ -125,12 +125,14 @@ def profile_jax(run, compiled, steps: int, rank: int, top: int = 0) -> dict:
                 if op is None or op not in index or index[op][0] in ("while", "call", "conditional"):
                     continue  # containers: their bodies' events are counted themselves
                 events.append((event.start_ns, event.start_ns + event.duration_ns, op))
-    by_op, runs, flops = wall_ms(events, steps), collections.Counter(op for *_, op in events), dot_flops(hlo)
+    by_op = wall_ms(events, steps)
     thread_ms = sum(end - start for start, end, _ in events) / 1e6 / steps
     print(f"  {sum(by_op.values()):.0f} ms busy per step, {thread_ms:.0f} ms of thread time")
-    for op, t in by_op.most_common(top):  # GFLOP/s: a product's flops over its share of the wall time
-        rate = f"{flops[op] * runs[op] / steps / t / 1e6:6.0f} GFLOP/s" if op in flops and t else " " * 14
-        print(f"  {t:8.1f} ms {rate}  {jax_class(*index[op], rank):30s} {index[op][2].strip()[:160]}")
+    if top:  # GFLOP/s: a product's flops over its share of the wall time
+        runs, flops = collections.Counter(op for *_, op in events), dot_flops(hlo)
+        for op, t in by_op.most_common(top):
+            rate = f"{flops[op] * runs[op] / steps / t / 1e6:6.0f} GFLOP/s" if op in flops and t else " " * 14
+            print(f"  {t:8.1f} ms {rate}  {jax_class(*index[op], rank):30s} {index[op][2].strip()[:160]}")
     ms = collections.Counter()
     for op, t in by_op.items():
         ms[jax_class(*index[op], rank)] += t

@@ -182,6 +182,8 @@ ENTRY %main.5 (x: bf16[512,576], w: bf16[576,1536], q: f32[4,9,128,64], k: f32[4
   %q = f32[4,9,128,64]{3,2,1,0} parameter(2)
   %k = f32[4,9,128,64]{3,2,1,0} parameter(3)
   %ynn_fusion = f32[512,1536]{1,0} fusion(%x, %w), kind=kCustom, calls=%fused_computation.2
+  %get-tuple-element.7 = f32[512,1536]{1,0} get-tuple-element(%while.1), index=2
+  %dot.3 = f32[512,576]{1,0} dot(%get-tuple-element.7, %w), lhs_contracting_dims={1}, rhs_contracting_dims={1}
   %dot.96 = f32[4,9,128,128]{3,2,1,0} dot(%q, %k), lhs_batch_dims={0,1}, lhs_contracting_dims={3}, \
 rhs_batch_dims={0,1}, rhs_contracting_dims={3}
   ROOT %reduce_fusion = f32[512]{0} fusion(%ynn_fusion), kind=kInput, calls=%fused_computation.3
@@ -191,4 +193,5 @@ rhs_batch_dims={0,1}, rhs_contracting_dims={3}
 
     assert flops["ynn_fusion"] == flops["dot_general.4"] == 2 * 512 * 576 * 1536
     assert flops["dot.96"] == 2 * (4 * 9 * 128 * 128) * 64  # batch dims in the output, the contracted 64 once
+    assert flops["dot.3"] == 2 * 512 * 576 * 1536  # an operand named with hyphens (a loop's tuple element)
     assert "reduce_fusion" not in flops and "reduce.1" not in flops  # no product, no rate
