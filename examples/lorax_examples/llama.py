@@ -159,10 +159,15 @@ def attend(q, k, v, mask, groups: int):
     >>> out.shape, bool(jnp.allclose(out[:, 0], v[:, 0]))  # the first query sees its own slot alone
     ((1, 4, 2, 8), True)
     """
-    k, v = jnp.repeat(k, groups, axis=2), jnp.repeat(v, groups, axis=2)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
-    logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
-    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+    b, t, heads, hd = q.shape
+    # the queries of one kv head stacked as one [groups * seq, head_dim] matrix, so each product
+    # is one matrix per batch row and kv head, `groups` times taller than a matrix per query head
+    q = q.reshape(b, t, heads // groups, groups, hd).transpose(0, 2, 3, 1, 4).reshape(b, -1, groups * t, hd)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k) / np.sqrt(hd)
+    logits = jnp.where(jnp.tile(mask, (1, 1, groups, 1)), logits, jnp.finfo(logits.dtype).min)
+    out = jnp.einsum("bhqk,bhkd->bhqd", jax.nn.softmax(logits, axis=-1), v)
+    return out.reshape(b, -1, groups, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, heads, hd)
 
 
 class Attention(nn.Module):
@@ -183,7 +188,7 @@ class Attention(nn.Module):
             cache = tuple(write_cache(old, new, positions[:, 0]) for old, new in zip(cache, (k, v)))
             k, v = cache
         # recomputed in the backward from q, k and v: the layer loop then keeps no [batch, heads,
-        # seq, seq] scores or probabilities and no keys or values repeated per query head
+        # seq, seq] scores or probabilities, nor the transposed queries, keys and values
         out = jax.checkpoint(attend, static_argnums=(4,))(q, k, v, mask, c.heads // c.kv_heads)
         out = Linear(c.dim, c.matmul_dtype, name="o_proj", **lora_of(c, "o_proj"))(out.reshape(b, t, -1))
         return out if cache is None else (out, cache)
