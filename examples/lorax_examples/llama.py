@@ -23,6 +23,7 @@ import numpy as np
 import optax
 
 import lorax
+from lorax_examples import xent
 from lorax_examples.products import matmul
 from lorax_examples.xent import fused_xent
 
@@ -55,7 +56,7 @@ class LlamaConfig:
     lora_alpha: float = 16.0
     # the training loss (`Llama.__call__` with ``targets``) over this many slices of the
     # vocabulary (`chunked_xent`: each slice's logits recomputed in the backward); 0: over the
-    # whole vocabulary, 128 tokens at a time, with its gradient (`lorax_examples.xent.fused_xent`)
+    # whole vocabulary, in token blocks, with its gradient (`lorax_examples.xent.fused_xent`)
     head_chunks: int = 0
     # the layer loop of a forward without a cache as this many groups of consecutive layers,
     # each group recomputed in the backward from its input (`grouped_layers`). With remat=True
@@ -338,7 +339,7 @@ def chunked_xent(x, table, targets, chunks: int, dtype=None):
 class Llama(nn.Module):
     """``Llama(config).apply(params, ids)`` -> logits [batch, seq, vocab];
     ``apply(params, ids, targets=next_ids)`` -> the mean cross-entropy: with a tied head, from
-    `lorax_examples.xent.fused_xent` (the gradient made with the loss, 128 tokens at a time), or
+    `lorax_examples.xent.fused_xent` (the gradient made with the loss, in token blocks), or
     over vocabulary slices with ``config.head_chunks`` (`chunked_xent`).
 
     With a cache (`init_cache`), ``apply(params, ids, positions, cache)`` -> ``(logits, cache)``:
@@ -392,11 +393,12 @@ class Llama(nn.Module):
 def bf16_as_bits(frozen: Any, head_chunks: int = 0) -> Any:
     """``frozen`` with the bf16 weights a train step slices in a loop held as their bits
     (`lorax.quantize` ``"bf16"``): everything the layer loop scans (``layers/...``), and the
-    tied embedding when the loss runs over ``head_chunks`` vocabulary slices
-    (`LlamaConfig.head_chunks`). XLA:CPU slices bf16 in a loop from an fp32 copy of the whole
-    array; bits slice as they are. A table the step uses whole stays bf16, since XLA:CPU would
-    write out a copy of the bits where a product reinterprets them. A tree with none of these
-    comes back as it is.
+    tied embedding where the loss reads it in slices: over ``head_chunks`` vocabulary slices
+    (`LlamaConfig.head_chunks`), or in chunks of `lorax_examples.xent.VOCAB_CHUNK` rows when it
+    has more (`lorax_examples.xent.fused_xent`). XLA:CPU slices bf16 in a loop from an fp32 copy
+    of the whole array; bits slice as they are. A table the step uses whole stays bf16, since
+    XLA:CPU would write out a copy of the bits where a product reinterprets them. A tree with
+    none of these comes back as it is.
 
     >>> import jax.numpy as jnp
     >>> tree = {"layers": {"w": jnp.ones((2, 2, 2), jnp.bfloat16)}, "embedding": jnp.ones((2, 2), jnp.bfloat16)}
@@ -408,7 +410,7 @@ def bf16_as_bits(frozen: Any, head_chunks: int = 0) -> Any:
     """
     def sliced(path: str, x) -> bool:
         names = path.split("/")
-        table = head_chunks > 0 and names[-1] == "embedding"
+        table = names[-1] == "embedding" and (head_chunks > 0 or x.shape[0] > xent.VOCAB_CHUNK)
         return x.dtype == jnp.bfloat16 and x.ndim >= 2 and ("layers" in names[:-1] or table)
 
     adapter = lambda x: isinstance(x, lorax.Adapter)  # noqa: E731  lorax names an adapter's w by the adapter's path

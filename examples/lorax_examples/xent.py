@@ -2,11 +2,16 @@
 
 `fused_xent(x, table, targets)` is the mean cross-entropy of the logits ``x·tableᵀ`` against
 ``targets``. Differentiated, its forward also computes the gradient to ``x`` (and to ``table``
-where that is trained), ``rows`` tokens at a time: each block's logits (``rows × vocab``, 25
-MiB for SmolLM2 at 128 rows) are made, reduced and turned into that block's share of the
-gradient while they are in cache, and never held whole. What the backward keeps is the
-gradient itself (``x``'s shape), not ``[tokens, vocab]`` logits or probabilities, and the
-backward only scales it by the incoming cotangent. Same flops as the plain head and loss.
+where that is trained), ``rows`` tokens at a time, and never holds ``[tokens, vocab]`` logits:
+what the backward keeps is the gradient itself (``x``'s shape), and the backward only scales it
+by the incoming cotangent. Same flops as the plain head and loss.
+
+With the table frozen, each block reads the table once, in chunks of `VOCAB_CHUNK` rows, as
+attention reads its keys and values in flash attention: a running maximum and sum of the
+exponentials give the softmax's normaliser, and the gradient to ``x``, ``softmax·table −
+table[target]``, is summed chunk by chunk (rescaled as the maximum grows) while the chunk is in
+cache. A trained table needs every logit's final probability for its own gradient, so its
+blocks make their whole ``rows × vocab`` logits (25 MiB for SmolLM2 at 128 rows).
 """
 
 from __future__ import annotations
@@ -19,15 +24,18 @@ from jax.custom_derivatives import SymbolicZero
 
 from lorax_examples.products import cast_dot
 
-ROWS = 128  # tokens per block: a block's fp32 logits stay in a 32 MiB L3 at SmolLM2's vocabulary
+ROWS = 512  # tokens per block over a frozen table: the table read once per 512 tokens
+VOCAB_CHUNK = 2048  # table rows per chunk: a block's [512, 2048] fp32 logits stay in cache
+TABLE_ROWS = 128  # tokens per block with the table trained: its fp32 logits stay in a 32 MiB L3 at SmolLM2's vocabulary
 
 
-def fused_xent(x: jax.Array, table: jax.Array, targets: jax.Array, dtype=None, rows: int = ROWS) -> jax.Array:
+def fused_xent(x: jax.Array, table: jax.Array, targets: jax.Array, dtype=None, rows: int | None = None) -> jax.Array:
     """Mean cross-entropy of ``x·tableᵀ`` (``x`` [..., dim], ``table`` [vocab, dim]) against the
     integer ``targets`` [...]; with ``dtype``, the products take operands of that dtype and
     accumulate in fp32 (`lorax_examples.products.cast_dot`). ``targets`` lie in ``[0, vocab)``
     (values, so unchecked under `jax.jit`). A custom derivative: reverse mode (`jax.grad`,
-    `jax.vjp`) only, as `lorax.lora`'s bf16 backward.
+    `jax.vjp`) only, as `lorax.lora`'s bf16 backward. ``rows``: tokens per block (`ROWS` over a
+    frozen table, `TABLE_ROWS` with the table trained).
 
     >>> import jax, jax.numpy as jnp, optax
     >>> x, table = jax.random.normal(jax.random.key(0), (2, 3, 8)), jax.random.normal(jax.random.key(1), (16, 8))
@@ -38,7 +46,7 @@ def fused_xent(x: jax.Array, table: jax.Array, targets: jax.Array, dtype=None, r
     >>> bool(jnp.allclose(jax.grad(fused_xent)(x, table, targets), jax.grad(plain)(x), atol=1e-6))
     True
     """
-    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
         raise ValueError(f"fused_xent: rows takes a positive int, got {rows!r}")
     if x.shape[:-1] != targets.shape or table.ndim != 2 or table.shape[1] != x.shape[-1]:
         raise ValueError(f"fused_xent: x {x.shape}, table {table.shape} and targets {targets.shape} do not fit: "
@@ -49,31 +57,15 @@ def fused_xent(x: jax.Array, table: jax.Array, targets: jax.Array, dtype=None, r
 
 def _blocks(dtype, rows, x, table, targets, want_x: bool, want_table: bool):
     """(loss, gradient to x or None, gradient to table or None), ``rows`` tokens at a time."""
+    rows = rows or (TABLE_ROWS if want_table else ROWS)
     flat, picked_ids = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
     n = picked_ids.shape[0]
     rows = min(rows, n)  # fewer tokens than a block: one block of them, nothing padded
     pad = -n % rows
     flat = jnp.pad(flat, ((0, pad), (0, 0)))
     picked_ids = jnp.pad(picked_ids, (0, pad), constant_values=-1)  # -1: a padding row, weighted 0
-
-    def block(table_grad, xs):
-        xb, ids = xs
-        logits = cast_dot(xb, table, (((1,), (1,)), ((), ())), dtype)
-        top = logits.max(-1)
-        exp = jnp.exp(logits - top[:, None])
-        total = exp.sum(-1)
-        picked = jnp.take_along_axis(logits, jnp.maximum(ids, 0)[:, None], axis=1)[:, 0]
-        real = ids >= 0
-        loss = jnp.where(real, jnp.log(total) + top - picked, 0.0).sum()
-        if not (want_x or want_table):
-            return table_grad, (loss, None)
-        hit = ids[:, None] == jax.lax.broadcasted_iota(ids.dtype, logits.shape, 1)
-        g = (exp / total[:, None] - hit) * (real / n)[:, None]  # d loss / d logits of this block
-        x_grad = cast_dot(g, table, (((1,), (0,)), ((), ())), dtype) if want_x else None
-        if want_table:
-            table_grad = table_grad + cast_dot(g, xb, (((0,), (0,)), ((), ())), dtype)
-        return table_grad, (loss, x_grad)
-
+    block = functools.partial(_block_over_whole_vocab if want_table else _block_over_vocab_chunks,
+                              dtype, table, n, want_x)
     start = jnp.zeros(table.shape, jnp.float32) if want_table else None
     table_grad, (losses, x_grad) = jax.lax.scan(block, start, (flat.reshape(-1, rows, flat.shape[1]),
                                                               picked_ids.reshape(-1, rows)))
@@ -82,6 +74,64 @@ def _blocks(dtype, rows, x, table, targets, want_x: bool, want_table: bool):
     if table_grad is not None:
         table_grad = table_grad.astype(table.dtype)
     return losses.sum() / n, x_grad, table_grad
+
+
+def _block_over_whole_vocab(dtype, table, n, want_x, table_grad, xs):
+    """One block's loss and gradients from its whole ``[rows, vocab]`` logits (the table trained)."""
+    xb, ids = xs
+    logits = cast_dot(xb, table, (((1,), (1,)), ((), ())), dtype)
+    top = logits.max(-1)
+    exp = jnp.exp(logits - top[:, None])
+    total = exp.sum(-1)
+    picked = jnp.take_along_axis(logits, jnp.maximum(ids, 0)[:, None], axis=1)[:, 0]
+    real = ids >= 0
+    loss = jnp.where(real, jnp.log(total) + top - picked, 0.0).sum()
+    hit = ids[:, None] == jax.lax.broadcasted_iota(ids.dtype, logits.shape, 1)
+    g = (exp / total[:, None] - hit) * (real / n)[:, None]  # d loss / d logits of this block
+    x_grad = cast_dot(g, table, (((1,), (0,)), ((), ())), dtype) if want_x else None
+    return table_grad + cast_dot(g, xb, (((0,), (0,)), ((), ())), dtype), (loss, x_grad)
+
+
+def _block_over_vocab_chunks(dtype, table, n, want_x, _, xs):
+    """One block's loss and gradient to x, the (frozen) table read once, `VOCAB_CHUNK` rows at a time."""
+    xb, ids = xs
+    table = table if dtype is None else table.astype(dtype)  # a dequantized table cast whole, once per step
+    chunk, vocab = VOCAB_CHUNK, table.shape[0]
+    bits = table.dtype == jnp.bfloat16  # XLA:CPU slices bf16 in a loop from an fp32 copy of the whole table
+    held = jax.lax.bitcast_convert_type(table, jnp.uint16) if bits else table
+
+    def rows_at(i):
+        rows_of_table = jax.lax.dynamic_slice_in_dim(held, i * chunk, chunk)
+        return jax.lax.bitcast_convert_type(rows_of_table, table.dtype) if bits else rows_of_table
+
+    def add_chunk(carry, rows_of_table):
+        top, total, acc = carry
+        logits = cast_dot(xb, rows_of_table, (((1,), (1,)), ((), ())), dtype)
+        new_top = jnp.maximum(top, logits.max(-1))
+        rescale = jnp.exp(top - new_top)  # 0 at the first chunk, whose running maximum is -inf
+        exp = jnp.exp(logits - new_top[:, None])
+        total = total * rescale + exp.sum(-1)
+        if want_x:  # the softmax's numerator times the table, summed chunk by chunk
+            acc = acc * rescale[:, None] + cast_dot(exp, rows_of_table, (((1,), (0,)), ((), ())), dtype)
+        return (new_top, total, acc), None
+
+    start = (jnp.full(xb.shape[0], -jnp.inf), jnp.zeros(xb.shape[0]),
+             jnp.zeros(xb.shape, jnp.float32) if want_x else None)
+    if vocab <= chunk:  # one chunk: the table as it is, not a slice of it
+        carry, _ = add_chunk(start, table)
+    else:
+        carry, _ = jax.lax.scan(lambda c, i: add_chunk(c, rows_at(i)), start, jnp.arange(vocab // chunk))
+        if vocab % chunk:  # the rows after the last whole chunk
+            carry, _ = add_chunk(carry, table[vocab - vocab % chunk:])
+    top, total, acc = carry
+    target_rows = table[jnp.maximum(ids, 0)].astype(jnp.float32)
+    rounded = xb if dtype is None else xb.astype(dtype)  # x as the products round it
+    picked = jnp.sum(rounded.astype(jnp.float32) * target_rows, -1)
+    real = ids >= 0
+    loss = jnp.where(real, jnp.log(total) + top - picked, 0.0).sum()
+    if not want_x:
+        return None, (loss, None)
+    return None, (loss, (acc / total[:, None] - target_rows) * (real / n)[:, None])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from helpers import with_random_b
 from jax.ad_checkpoint import print_saved_residuals
-from lorax_examples import memory
+from lorax_examples import memory, xent
 from lorax_examples.llama import (
     Llama,
     LlamaConfig,
@@ -292,9 +292,10 @@ def test_remat_groups_must_divide_the_layers_into_groups_of_two_or_more(groups):
             Llama(dataclasses.replace(GROUPED, remat_groups=groups)).apply(params, ids)
 
 
-def test_bf16_as_bits_holds_what_the_step_slices_in_a_loop():
+def test_bf16_as_bits_holds_what_the_step_slices_in_a_loop(monkeypatch):
     """The layer loop's bf16 stacks (norm scales too) as bits; the tied table as bits only when
-    the loss slices it, also when an adapter holds it (lorax names the adapter's w by its path)."""
+    the loss slices it (over vocabulary slices, or in chunks when it has more rows than one
+    chunk), also when an adapter holds it (lorax names the adapter's w by its path)."""
     ids = jnp.zeros((1, 4), int)
     params = Llama(CONFIG).init(jax.random.key(0), ids)
     bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.ndim >= 2 else x, params)
@@ -309,3 +310,5 @@ def test_bf16_as_bits_holds_what_the_step_slices_in_a_loop():
     assert bf16_as_bits(frozen) is frozen  # nothing the step slices in a loop is bf16
     table = bf16_as_bits(frozen, head_chunks=4)["params"]["embed_tokens"]["embedding"]
     assert isinstance(table, lorax.LoraWeight) and isinstance(table.w, lorax.Bf16Bits)
+    monkeypatch.setattr(xent, "VOCAB_CHUNK", CONFIG.vocab // 2)  # the loss reads the table in two chunks
+    assert isinstance(bf16_as_bits(bf16)["params"]["embed_tokens"]["embedding"], lorax.Bf16Bits)

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 from helpers import with_random_b
+from lorax_examples import xent
 from lorax_examples.llama import Llama, LlamaConfig
 from lorax_examples.xent import fused_xent
 
@@ -38,6 +39,51 @@ def test_value_and_both_gradients_are_the_plain_losss(rows):
         assert g.shape == w.shape and g.dtype == w.dtype
         np.testing.assert_allclose(g, w, atol=1e-6 * float(jnp.abs(w).max()))
     assert float(jnp.abs(want[1][0]).max()) > 1e-3
+
+
+@pytest.mark.parametrize("chunk", [8, 16, 40, 64])  # 40 table rows: whole chunks, whole chunks and a rest, one chunk
+@pytest.mark.parametrize("rows", [5, 21, None])
+def test_a_frozen_table_read_in_chunks_gives_the_plain_losss_value_and_gradient(monkeypatch, chunk, rows):
+    monkeypatch.setattr(xent, "VOCAB_CHUNK", chunk)
+    got = jax.value_and_grad(lambda x: fused_xent(x, TABLE, TARGETS, rows=rows))(X)
+    want = jax.value_and_grad(lambda x: plain(x, TABLE, TARGETS))(X)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    np.testing.assert_allclose(got[1], want[1], atol=1e-6 * float(jnp.abs(want[1]).max()))
+    np.testing.assert_allclose(fused_xent(X, TABLE, TARGETS, rows=rows), want[0], rtol=1e-6)  # the loss alone
+    bf16 = jax.value_and_grad(lambda x: fused_xent(x, TABLE.astype(jnp.bfloat16), TARGETS, jnp.bfloat16, rows=rows))(X)
+    want = jax.value_and_grad(lambda x: plain(x, TABLE, TARGETS, jnp.bfloat16))(X)
+    np.testing.assert_allclose(bf16[0], want[0], rtol=1e-5)
+    np.testing.assert_allclose(bf16[1], want[1], atol=1e-2 * float(jnp.abs(want[1]).max()))
+
+
+def test_a_frozen_tables_chunks_follow_a_growing_maximum():
+    """Logits that grow by hundreds from chunk to chunk: each rescale of the running sums underflows
+    to zero unless it is done against the running maximum."""
+    table = jnp.arange(40.0)[:, None] * jnp.ones((40, 16)) * 10.0
+    x, targets = jnp.ones((1, 3, 16)), jnp.array([[39, 0, 20]])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(xent, "VOCAB_CHUNK", 8)
+        got = jax.value_and_grad(lambda x: fused_xent(x, table, targets))(x)
+    want = jax.value_and_grad(lambda x: plain(x, table, targets))(x)
+    assert np.isfinite(float(got[0])) and float(want[0]) > 1000
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    np.testing.assert_allclose(got[1], want[1], atol=1e-6 * float(jnp.abs(want[1]).max()))
+
+
+def test_a_frozen_bf16_table_is_read_in_chunks_without_an_fp32_copy():
+    """XLA:CPU slices bf16 in a loop from an fp32 copy of the whole array (16 MiB here): the chunks
+    are sliced from the table's bits, which `lorax.Bf16Bits` hands over as they are (a plain bf16
+    argument costs one copy of its bits)."""
+    x = jax.random.normal(jax.random.key(0), (1, 32, 256))
+    table = jax.random.normal(jax.random.key(1), (16384, 256)).astype(jnp.bfloat16)  # 8 MiB, 8 chunks
+    targets = jnp.zeros((1, 32), jnp.int32)
+    loss = lambda x, table: fused_xent(x, table, targets, jnp.bfloat16)  # noqa: E731
+    held = lorax.quantize({"table": table}, "bf16")["table"]
+    temps = {name: jax.jit(jax.grad(fn)).lower(x, t).compile().memory_analysis().temp_size_in_bytes / 2**20
+             for name, fn, t in [("bf16", loss, table), ("bits", lorax.lora(loss), held)]}
+    assert temps["bits"] < 2  # a chunk's logits, no copy of the table
+    assert temps["bf16"] < 10  # and the bits of a plain bf16 table, not an fp32 copy
+    np.testing.assert_array_equal(jax.grad(lorax.lora(loss))(x, held), jax.grad(loss)(x, table))
 
 
 def test_bf16_operands_give_the_bf16_heads_loss_and_a_bf16_tables_gradient():
