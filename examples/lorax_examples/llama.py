@@ -56,7 +56,7 @@ class LlamaConfig:
     lora_alpha: float = 16.0
     # the training loss (`Llama.__call__` with ``targets``) over this many slices of the
     # vocabulary (`chunked_xent`: each slice's logits recomputed in the backward); 0: over the
-    # whole vocabulary, in token blocks, with its gradient (`lorax_examples.xent.fused_xent`)
+    # whole vocabulary with its gradient (`lorax_examples.xent.fused_xent`: a frozen table read in chunks)
     head_chunks: int = 0
     # the layer loop of a forward without a cache as this many groups of consecutive layers,
     # each group recomputed in the backward from its input (`grouped_layers`). With remat=True

@@ -57,15 +57,17 @@ def fused_xent(x: jax.Array, table: jax.Array, targets: jax.Array, dtype=None, r
 
 def _blocks(dtype, rows, x, table, targets, want_x: bool, want_table: bool):
     """(loss, gradient to x or None, gradient to table or None), ``rows`` tokens at a time."""
-    rows = rows or (TABLE_ROWS if want_table else ROWS)
     flat, picked_ids = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
     n = picked_ids.shape[0]
-    rows = min(rows, n)  # fewer tokens than a block: one block of them, nothing padded
-    pad = -n % rows
+    blocks = -(-n // (rows or (TABLE_ROWS if want_table else ROWS)))
+    rows = -(-n // blocks)  # blocks of equal size: fewer than `blocks` padding rows in all
+    pad = blocks * rows - n
     flat = jnp.pad(flat, ((0, pad), (0, 0)))
     picked_ids = jnp.pad(picked_ids, (0, pad), constant_values=-1)  # -1: a padding row, weighted 0
-    block = functools.partial(_block_over_whole_vocab if want_table else _block_over_vocab_chunks,
-                              dtype, table, n, want_x)
+    if want_table:
+        block = functools.partial(_block_over_whole_vocab, dtype, table, n, want_x)
+    else:  # made once, outside the loop over blocks
+        block = functools.partial(_block_over_vocab_chunks, dtype, *_sliceable(table, dtype), n, want_x)
     start = jnp.zeros(table.shape, jnp.float32) if want_table else None
     table_grad, (losses, x_grad) = jax.lax.scan(block, start, (flat.reshape(-1, rows, flat.shape[1]),
                                                               picked_ids.reshape(-1, rows)))
@@ -92,17 +94,21 @@ def _block_over_whole_vocab(dtype, table, n, want_x, table_grad, xs):
     return table_grad + cast_dot(g, xb, (((0,), (0,)), ((), ())), dtype), (loss, x_grad)
 
 
-def _block_over_vocab_chunks(dtype, table, n, want_x, _, xs):
-    """One block's loss and gradient to x, the (frozen) table read once, `VOCAB_CHUNK` rows at a time."""
-    xb, ids = xs
+def _sliceable(table, dtype):
+    """``(held, values)``: ``table`` in the products' dtype, held as its bits when it is bf16 and
+    read in more than one chunk (XLA:CPU slices bf16 in a loop from an fp32 copy of the whole
+    array; bits slice as they are), and the function turning rows of ``held`` into values."""
     table = table if dtype is None else table.astype(dtype)  # a dequantized table cast whole, once per step
-    chunk, vocab = VOCAB_CHUNK, table.shape[0]
-    bits = table.dtype == jnp.bfloat16  # XLA:CPU slices bf16 in a loop from an fp32 copy of the whole table
-    held = jax.lax.bitcast_convert_type(table, jnp.uint16) if bits else table
+    if table.dtype != jnp.bfloat16 or table.shape[0] <= VOCAB_CHUNK:
+        return table, lambda rows: rows
+    return jax.lax.bitcast_convert_type(table, jnp.uint16), lambda rows: jax.lax.bitcast_convert_type(rows, table.dtype)
 
-    def rows_at(i):
-        rows_of_table = jax.lax.dynamic_slice_in_dim(held, i * chunk, chunk)
-        return jax.lax.bitcast_convert_type(rows_of_table, table.dtype) if bits else rows_of_table
+
+def _block_over_vocab_chunks(dtype, held, values, n, want_x, _, xs):
+    """One block's loss and gradient to x, the (frozen) table (`_sliceable`) read once,
+    `VOCAB_CHUNK` rows at a time."""
+    xb, ids = xs
+    chunk, vocab = VOCAB_CHUNK, held.shape[0]
 
     def add_chunk(carry, rows_of_table):
         top, total, acc = carry
@@ -118,13 +124,14 @@ def _block_over_vocab_chunks(dtype, table, n, want_x, _, xs):
     start = (jnp.full(xb.shape[0], -jnp.inf), jnp.zeros(xb.shape[0]),
              jnp.zeros(xb.shape, jnp.float32) if want_x else None)
     if vocab <= chunk:  # one chunk: the table as it is, not a slice of it
-        carry, _ = add_chunk(start, table)
+        carry, _ = add_chunk(start, values(held))
     else:
+        rows_at = lambda i: values(jax.lax.dynamic_slice_in_dim(held, i * chunk, chunk))  # noqa: E731
         carry, _ = jax.lax.scan(lambda c, i: add_chunk(c, rows_at(i)), start, jnp.arange(vocab // chunk))
         if vocab % chunk:  # the rows after the last whole chunk
-            carry, _ = add_chunk(carry, table[vocab - vocab % chunk:])
+            carry, _ = add_chunk(carry, values(held[vocab - vocab % chunk:]))
     top, total, acc = carry
-    target_rows = table[jnp.maximum(ids, 0)].astype(jnp.float32)
+    target_rows = values(held[jnp.maximum(ids, 0)]).astype(jnp.float32)
     rounded = xb if dtype is None else xb.astype(dtype)  # x as the products round it
     picked = jnp.sum(rounded.astype(jnp.float32) * target_rows, -1)
     real = ids >= 0
