@@ -410,7 +410,7 @@ def bf16_as_bits(frozen: Any, head_chunks: int = 0) -> Any:
     """
     def sliced(path: str, x) -> bool:
         names = path.split("/")
-        table = names[-1] == "embedding" and (head_chunks > 0 or x.shape[0] > xent.VOCAB_CHUNK)
+        table = names[-1] == "embedding" and (head_chunks > 0 or xent.sliced_in_chunks(x.shape[0]))
         return x.dtype == jnp.bfloat16 and x.ndim >= 2 and ("layers" in names[:-1] or table)
 
     adapter = lambda x: isinstance(x, lorax.Adapter)  # noqa: E731  lorax names an adapter's w by the adapter's path

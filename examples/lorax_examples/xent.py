@@ -94,12 +94,21 @@ def _block_over_whole_vocab(dtype, table, n, want_x, table_grad, xs):
     return table_grad + cast_dot(g, xb, (((0,), (0,)), ((), ())), dtype), (loss, x_grad)
 
 
+def sliced_in_chunks(vocab: int) -> bool:
+    """Whether the loss reads a frozen table of ``vocab`` rows in slices: more than one chunk.
+
+    >>> sliced_in_chunks(VOCAB_CHUNK), sliced_in_chunks(VOCAB_CHUNK + 1)
+    (False, True)
+    """
+    return vocab > VOCAB_CHUNK
+
+
 def _sliceable(table, dtype):
     """``(held, values)``: ``table`` in the products' dtype, held as its bits when it is bf16 and
     read in more than one chunk (XLA:CPU slices bf16 in a loop from an fp32 copy of the whole
     array; bits slice as they are), and the function turning rows of ``held`` into values."""
     table = table if dtype is None else table.astype(dtype)  # a dequantized table cast whole, once per step
-    if table.dtype != jnp.bfloat16 or table.shape[0] <= VOCAB_CHUNK:
+    if table.dtype != jnp.bfloat16 or not sliced_in_chunks(table.shape[0]):
         return table, lambda rows: rows
     return jax.lax.bitcast_convert_type(table, jnp.uint16), lambda rows: jax.lax.bitcast_convert_type(rows, table.dtype)
 
@@ -123,7 +132,7 @@ def _block_over_vocab_chunks(dtype, held, values, n, want_x, _, xs):
 
     start = (jnp.full(xb.shape[0], -jnp.inf), jnp.zeros(xb.shape[0]),
              jnp.zeros(xb.shape, jnp.float32) if want_x else None)
-    if vocab <= chunk:  # one chunk: the table as it is, not a slice of it
+    if not sliced_in_chunks(vocab):  # one chunk: the table as it is, not a slice of it
         carry, _ = add_chunk(start, values(held))
     else:
         rows_at = lambda i: values(jax.lax.dynamic_slice_in_dim(held, i * chunk, chunk))  # noqa: E731
