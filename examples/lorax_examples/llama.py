@@ -46,7 +46,8 @@ class LlamaConfig:
     remat: bool | str = True
     # None: fp32 throughout. jnp.bfloat16: the weights are held in bf16 and the projections and
     # head take bf16 operands, accumulating in fp32 (AVX512-BF16/AMX on CPU); activations, norms,
-    # attention and the loss stay fp32.
+    # attention and the loss stay fp32, but for the MLP's gate and up, rounded to bf16 and kept
+    # for the backward as bits (`bf16_gating`).
     matmul_dtype: Any = None
     # LoRA written into the model by hand, for comparison with lorax (benchmarks/memory.py): the
     # projections named here (e.g. ("q_proj", "v_proj")) get lora_a [in, r] and lora_b [r, out]
@@ -195,6 +196,48 @@ class Attention(nn.Module):
         return out if cache is None else (out, cache)
 
 
+def gating(gate, up):
+    """The MLP's ``silu(gate)·up``."""
+    return nn.silu(gate) * up
+
+
+def _as_bits(x):
+    return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
+
+
+def _from_bits(bits):
+    return jax.lax.bitcast_convert_type(bits, jnp.bfloat16).astype(jnp.float32)
+
+
+@jax.custom_vjp
+def bf16_gating(gate, up):
+    """`gating` of ``gate`` and ``up`` rounded to bf16, computed in fp32; its backward keeps the
+    two as their bf16 bits and recomputes the gating from them. A layer loop then saves them at
+    half the bytes of fp32, and as bits: XLA:CPU would write a bf16 stack through an fp32 copy of
+    the whole stack, bits as they are.
+
+    >>> import jax, jax.numpy as jnp
+    >>> gate, up = jnp.array([0.5, -1.0]), jnp.array([1.0 + 2**-12, 2.0])
+    >>> bool(jnp.all(bf16_gating(gate, up) == gating(gate, jnp.array([1.0, 2.0]))))  # up rounded to bf16
+    True
+    >>> jax.grad(lambda g: bf16_gating(g, up).sum())(gate).dtype
+    dtype('float32')
+    """
+    return gating(_from_bits(_as_bits(gate)), _from_bits(_as_bits(up)))
+
+
+def _bf16_gating_forward(gate, up):
+    kept = (_as_bits(gate), _as_bits(up))
+    return gating(*map(_from_bits, kept)), kept
+
+
+def _bf16_gating_backward(kept, cotangent):
+    return jax.vjp(gating, *map(_from_bits, kept))[1](cotangent)
+
+
+bf16_gating.defvjp(_bf16_gating_forward, _bf16_gating_backward)
+
+
 class MLP(nn.Module):
     config: LlamaConfig
 
@@ -204,9 +247,10 @@ class MLP(nn.Module):
         dense = lambda n, name: Linear(n, c.matmul_dtype, name=name, **lora_of(c, name))  # noqa: E731
         # the gating recomputed in the backward from its two inputs: the layer loop then saves
         # gate and up alone, not also sigmoid(gate), silu(gate) and their product (3 of its 5
-        # [batch, seq, hidden] stacks), for the same values and gradients
-        gating = jax.checkpoint(lambda gate, up: nn.silu(gate) * up)
-        h = gating(dense(self.config.hidden, "gate_proj")(x), dense(self.config.hidden, "up_proj")(x))
+        # [batch, seq, hidden] stacks). With bf16 products the two are kept as bf16 bits
+        # (`bf16_gating`): the down projection reads the gating in bf16 anyway
+        gate_up = bf16_gating if c.matmul_dtype == jnp.bfloat16 else jax.checkpoint(gating)
+        h = gate_up(dense(c.hidden, "gate_proj")(x), dense(c.hidden, "up_proj")(x))
         return dense(self.config.dim, "down_proj")(h)
 
 

@@ -1,11 +1,11 @@
 """The example LLaMA's rotary embedding is transformers' rotate-half form; its grouped-query attention
-is each query head's softmax attention over its kv head."""
+is each query head's softmax attention over its kv head; its bf16 gating is the gating of bf16 inputs."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from lorax_examples.llama import attend, rope
+from lorax_examples.llama import attend, bf16_gating, gating, rope
 
 
 def test_rope_is_x_cos_plus_rotate_half_x_sin_at_each_position():
@@ -36,3 +36,15 @@ def test_attend_is_each_query_heads_softmax_attention_over_its_kv_head(seq, slot
             p = np.exp(logits - logits.max(-1, keepdims=True))
             expected[b, :, h] = (p / p.sum(-1, keepdims=True)) @ v[b, :, h // 3]
     np.testing.assert_allclose(attend(q, k, v, mask, groups=3), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_gating_is_the_gating_of_its_inputs_rounded_to_bf16_with_its_gradients():
+    gate, up, cotangent = jax.random.normal(jax.random.key(0), (3, 4, 16)) * 3
+    rounded = [x.astype(jnp.bfloat16).astype(jnp.float32) for x in (gate, up)]
+    assert not jnp.array_equal(rounded[0], gate)  # the inputs are not bf16 already
+    out, vjp = jax.vjp(bf16_gating, gate, up)
+    expected, expected_vjp = jax.vjp(gating, *rounded)
+    np.testing.assert_array_equal(out, expected)
+    for got, want in zip(vjp(cotangent), expected_vjp(cotangent)):
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

@@ -143,6 +143,20 @@ def test_a_bf16_base_costs_its_bits_and_nothing_more(footprints):
     assert not computed_copies(*steps["lorax"], params)
 
 
+def test_a_bf16_base_keeps_the_mlp_gating_s_two_inputs_as_bf16_bits():
+    """With bf16 products the layer loop keeps gate and up rounded to bf16, as bits: half the
+    bytes of fp32, and no stack of them in fp32 or bf16 anywhere in the compiled step (XLA:CPU
+    writes a bf16 stack in a loop through an fp32 copy of the whole stack, bits as they are)."""
+    ids = jax.random.randint(jax.random.key(1), (2, 33), 0, CONFIG.vocab)
+    params = Llama(CONFIG).init(jax.random.key(0), ids[:, :-1])
+    bf16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16) if x.ndim >= 2 else x, params)
+    step, args = memory.train_step("lorax", dataclasses.replace(CONFIG, matmul_dtype=jnp.bfloat16), bf16, ids)
+    program = step.lower(*args).compile().as_text()
+    stack = re.escape(f"[{CONFIG.layers},2,32,{CONFIG.hidden}]")
+    assert re.search(rf"\bu16{stack}", program)
+    assert not re.search(rf"\b(f32|bf16){stack}", program)
+
+
 HEAD = LlamaConfig(vocab=4096, dim=128, layers=4, heads=4, kv_heads=2, hidden=512, remat=True, head_chunks=8)
 
 
