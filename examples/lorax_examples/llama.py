@@ -24,7 +24,7 @@ import optax
 
 import lorax
 from lorax_examples import xent
-from lorax_examples.products import matmul
+from lorax_examples.products import bf16_bits, bf16_of_bits, matmul
 from lorax_examples.xent import fused_xent
 
 
@@ -201,12 +201,8 @@ def gating(gate, up):
     return nn.silu(gate) * up
 
 
-def _as_bits(x):
-    return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
-
-
 def _from_bits(bits):
-    return jax.lax.bitcast_convert_type(bits, jnp.bfloat16).astype(jnp.float32)
+    return bf16_of_bits(bits).astype(jnp.float32)
 
 
 @jax.custom_vjp
@@ -223,11 +219,11 @@ def bf16_gating(gate, up):
     >>> jax.grad(lambda g: bf16_gating(g, up).sum())(gate).dtype
     dtype('float32')
     """
-    return gating(_from_bits(_as_bits(gate)), _from_bits(_as_bits(up)))
+    return gating(_from_bits(bf16_bits(gate)), _from_bits(bf16_bits(up)))
 
 
 def _bf16_gating_forward(gate, up):
-    kept = (_as_bits(gate), _as_bits(up))
+    kept = (bf16_bits(gate), bf16_bits(up))
     return gating(*map(_from_bits, kept)), kept
 
 

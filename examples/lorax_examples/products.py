@@ -1,7 +1,9 @@
 """The example models' products, with an optional compute dtype (bf16 operands, fp32 results).
 
 `cast_dot` is the product itself; `matmul` runs it under `jax.checkpoint`, for products whose
-backward should keep their fp32 input rather than a cast copy of it.
+backward should keep their fp32 input rather than a cast copy of it. `bf16_bits` and
+`bf16_of_bits` hold an array the step slices or saves in a loop as its bf16 bits: XLA:CPU slices
+and writes a bf16 array in a loop through an fp32 copy of the whole array, bits as they are.
 """
 
 from __future__ import annotations
@@ -30,3 +32,19 @@ def matmul(x, w, dimension_numbers, dtype=None):
     if dtype is None:
         return cast_dot(x, w, dimension_numbers)
     return jax.checkpoint(lambda x, w: cast_dot(x, w, dimension_numbers, dtype))(x, w)
+
+
+def bf16_bits(x):
+    """``x`` rounded to bf16, as its bits (uint16).
+
+    >>> import jax.numpy as jnp
+    >>> bits = bf16_bits(jnp.array([1.0, -2.5]))
+    >>> bits.dtype, bf16_of_bits(bits).tolist()
+    (dtype('uint16'), [1.0, -2.5])
+    """
+    return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), jnp.uint16)
+
+
+def bf16_of_bits(bits):
+    """The bf16 values whose bits are ``bits`` (`bf16_bits`)."""
+    return jax.lax.bitcast_convert_type(bits, jnp.bfloat16)

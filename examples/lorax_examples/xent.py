@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from lorax_examples.products import cast_dot
+from lorax_examples.products import bf16_bits, bf16_of_bits, cast_dot
 
 ROWS = 512  # tokens per block over a frozen table: the table read once per 512 tokens
 VOCAB_CHUNK = 2048  # table rows per chunk: a block's [512, 2048] fp32 logits stay in cache
@@ -110,7 +110,7 @@ def _sliceable(table, dtype):
     table = table if dtype is None else table.astype(dtype)  # a dequantized table cast whole, once per step
     if table.dtype != jnp.bfloat16 or not sliced_in_chunks(table.shape[0]):
         return table, lambda rows: rows
-    return jax.lax.bitcast_convert_type(table, jnp.uint16), lambda rows: jax.lax.bitcast_convert_type(rows, table.dtype)
+    return bf16_bits(table), bf16_of_bits
 
 
 def _block_over_vocab_chunks(dtype, held, values, n, want_x, _, xs):
