@@ -77,6 +77,38 @@ def test_narrow_dot_is_the_product_and_its_gradients_round_only_the_cotangent(di
                                    rtol=1e-2, atol=1e-3)
 
 
+def test_narrow_dot_of_an_fp32_operand_casts_it_and_returns_its_gradient_unrounded():
+    """An fp32 operand is multiplied as its bf16 cast; its gradient is the bf16 product of the
+    rounded cotangent, accumulated and returned in fp32 (not rounded to bf16 on its way)."""
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x, w = jax.random.normal(kx, (6, 8)), jax.random.normal(kw, (8, 5)).astype(BF16)
+    dims = (((1,), (0,)), ((), ()))
+    f = lambda x: narrow_dot(x, w, ("ij", "jk", "ik"), None, F32)  # noqa: E731
+    np.testing.assert_array_equal(f(x), jax.lax.dot_general(x.astype(BF16), w, dims, preferred_element_type=F32))
+    g = jax.random.normal(kg, (6, 5))
+    dx = jax.vjp(f, x)[1](g)[0]
+    want = jax.lax.dot_general(g.astype(BF16), w, (((1,), (1,)), ((), ())), preferred_element_type=F32)
+    assert dx.dtype == F32
+    np.testing.assert_array_equal(dx, want)
+    assert np.any(np.asarray(dx) != np.asarray(dx.astype(BF16).astype(F32)))  # not rounded to bf16
+
+
+def test_an_fp32_activation_cast_to_bf16_for_a_frozen_product_gets_its_gradient_in_fp32():
+    """The example model casts its fp32 activations to bf16 where it multiplies them. Through a
+    frozen bf16 weight (``down``) and an adapted one (``up``), the gradient reaching the fp32
+    input is nearer JAX's fp32 backward of the merged model than JAX's own bf16 rules make it
+    (which round it to bf16 at each product), and is not made of bf16 values."""
+    params = adapted()
+    merged32 = jax.tree.map(lambda w: w.astype(F32), lorax.merge(params))
+    dx = lambda narrow: jax.grad(  # noqa: E731
+        lambda x: jnp.mean(lorax.lora(model, low_precision_backward=narrow)(params, x) ** 2))(X)
+    model32 = lambda p, x: jnp.tanh(x @ p["up"]) @ p["down"]  # noqa: E731
+    ref = jax.grad(lambda x: jnp.mean(model32(merged32, x) ** 2))(X)
+    got, jax_own = dx(True), dx(False)
+    assert got.dtype == F32 and np.any(np.asarray(got) != np.asarray(got.astype(BF16).astype(F32)))
+    assert rel(got, ref) < 1e-2 and rel(got, ref) < rel(jax_own, ref)
+
+
 def loss_of(fn, params):
     return jnp.mean(fn(params, X) ** 2)
 

@@ -48,13 +48,14 @@ class How:
 class Context:
     """What rules see of the interpreter during one `lorax.lora` call: it evaluates bodies,
     counts adapter uses (for distinct dropout masks), notes how each use was computed and
-    keeps the activation views adapters share. ``narrow``: frozen low-precision products take
-    their backward in their own precision (`lorax._src.bases.precision`)."""
+    keeps the activation views adapters share. ``narrow`` (None: JAX's own rules): frozen
+    low-precision products take their backward in their own precision, and it notes the bf16
+    casts of wider arrays they may take instead (`lorax._src.bases.precision`)."""
 
     uses: dict[str, list[How]] = dataclasses.field(default_factory=lambda: collections.defaultdict(list))
     count: int = 0
     views: Views = dataclasses.field(default_factory=Views)
-    narrow: bool = True
+    narrow: precision.Narrowing | None = dataclasses.field(default_factory=precision.Narrowing)
 
     def next_use(self) -> int:
         self.count += 1
@@ -77,6 +78,8 @@ class Context:
                     outvals = self._apply(eqn, invals)
                 else:
                     outvals = compat.bind(eqn, invals)
+                    if self.narrow is not None:
+                        self.narrow.note(eqn, invals, outvals)
             for var, val in zip(eqn.outvars, outvals):
                 env[var] = val
         return [compat.read(env, v) for v in jaxpr.outvars]
@@ -123,7 +126,7 @@ def call(fn: Callable, params: Any, args: tuple, kwargs: dict, *, rng: jax.Array
             leaf.check(name)
             key = None if rng is None or leaf.dropout == 0.0 else jax.random.fold_in(rng, n)
             invals.append(Tracked(leaf.replace(w=lax.stop_gradient(leaf.w)), key, name))
-        elif is_frozen_base(leaf) or (ctx.narrow and i < flat.num_params
+        elif is_frozen_base(leaf) or (ctx.narrow is not None and i < flat.num_params
                                       and precision.frozen_low_precision(leaf)):
             invals.append(Tracked(FrozenBase.of(leaf), None, name))
         elif isinstance(leaf, Trainable) and is_frozen_base(leaf.value):
@@ -158,7 +161,9 @@ def lora(fn: Callable, *, rng: jax.Array | None = None, low_precision_backward: 
     multiplied as bf16 operands accumulated in fp32 take their backward in bf16 too, as
     torch's autocast does: the cotangent is rounded to bf16 before it meets the weight, which
     spares XLA:CPU an fp32 copy of every such weight per step and runs the backward on the
-    bf16 engine. ``low_precision_backward=False`` keeps JAX's own fp32 backward, and with it
+    bf16 engine; where ``fn`` casts an fp32 activation to bf16 for such a product, the gradient
+    reaching the fp32 activation comes back in fp32, not rounded to bf16 on its way.
+    ``low_precision_backward=False`` keeps JAX's own fp32 backward, and with it
     forward-mode AD (``jax.jvp``), which that custom backward does not support. fp16 weights
     always keep JAX's backward: fp16 cotangents underflow. A frozen bf16 stack that ``fn``
     scans over goes through the loop as its bits (XLA:CPU would slice an fp32 copy of it); a
@@ -185,6 +190,7 @@ def lora(fn: Callable, *, rng: jax.Array | None = None, low_precision_backward: 
 
     @functools.wraps(fn)
     def wrapped(params, *args, **kwargs):
-        return call(fn, params, args, kwargs, rng=rng, ctx=Context(narrow=low_precision_backward))
+        narrow = precision.Narrowing() if low_precision_backward else None
+        return call(fn, params, args, kwargs, rng=rng, ctx=Context(narrow=narrow))
 
     return wrapped

@@ -114,7 +114,7 @@ def _scan_slice(value, length: int, ctx):
     lw = value.weight
     if not lw.stack_axes or lw.stack_axes[0] != 0:
         return ctx.materialized(value, "scan over a non-stacked axis"), lambda v: v
-    if ctx.narrow and carried_as_bits(lw.w):  # XLA:CPU would slice an fp32 copy of a bf16 stack
+    if ctx.narrow is not None and carried_as_bits(lw.w):  # XLA:CPU would slice an fp32 copy of a bf16 stack
         try:
             lw = lw.replace(w=Bf16Bits.of(lw.w))
         except Differentiated:  # being differentiated: it stays bf16

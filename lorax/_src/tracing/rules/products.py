@@ -9,6 +9,7 @@ base (`base_product`), and the parts of the low-rank term. Each kind registers i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import string
 from typing import Any
@@ -25,24 +26,27 @@ from lorax._src.tracing.tracked import is_tracked
 from lorax._src.tracing.uses import use_of
 
 
-def base_product(eqn, operands: list, position: int, narrow: bool = False) -> jax.Array:
+def base_product(eqn, operands: list, position: int, narrow: precision.Narrowing | None = None) -> jax.Array:
     """The frozen product, with the base weight at ``operands[position]``. A base that is
     not a plain array (a quantized one, bf16 bits) computes it itself through ``lorax_product``,
     given how to evaluate the product; with ``narrow``, a low-precision product accumulated wide
     has its backward in the operands' precision (`lorax._src.bases.precision`), a bf16 weight
     carried through a scan as its bits (`lorax._src.bases.bits`) and a quantized weight
-    dequantized to bf16 included."""
-    narrowed = narrow and eqn.primitive.name == "dot_general" and precision.widens(eqn)
+    dequantized to bf16 included, and the other operand, where it is a bf16 cast of a wider
+    array, gets its gradient in that array's dtype."""
+    if narrow is None or eqn.primitive.name != "dot_general" or not precision.widens(eqn):
+        own = getattr(operands[position], "lorax_product", None)
+        return own(eqn, operands, position) if own else compat.bind(eqn, operands)[0]
+    operands = [v if i == position else narrow.source(v) for i, v in enumerate(operands)]
+    bind = functools.partial(_narrow_product, narrow=narrow)
     own = getattr(operands[position], "lorax_product", None)
-    if own:
-        return own(eqn, operands, position, bind=_narrow_product if narrowed else None)
-    return _narrow_product(eqn, operands) if narrowed else compat.bind(eqn, operands)[0]
+    return own(eqn, operands, position, bind=bind) if own else bind(eqn, operands)
 
 
-def _narrow_product(eqn, operands: list) -> jax.Array:
+def _narrow_product(eqn, operands: list, narrow: precision.Narrowing) -> jax.Array:
     """The dot_general ``eqn`` of two bf16 operands through `precision.narrow_dot`; a weight
-    carried as bits goes in as its bits."""
-    lhs, rhs = (stored(v) for v in operands)
+    carried as bits goes in as its bits, a bf16 cast of a wider array as that array."""
+    lhs, rhs = (narrow.source(stored(v)) for v in operands)
     lhs_sub, rhs_sub, out_sub = dot_subscripts(eqn.params["dimension_numbers"], jnp.ndim(lhs), jnp.ndim(rhs))
     return precision.narrow_dot(lhs, rhs, ("".join(lhs_sub), "".join(rhs_sub), "".join(out_sub)),
                                 eqn.params["precision"], eqn.params["preferred_element_type"])
@@ -105,7 +109,7 @@ class DotLetters:
             return (b_sub, "b"), (a_sub, "a")  # a tied head x·Eᵀ contracts b's axes: go through b first
         return (a_sub, "a"), (b_sub, "b")
 
-    def base(self, eqn, w, narrow: bool) -> jax.Array:
+    def base(self, eqn, w, narrow: precision.Narrowing | None) -> jax.Array:
         """The frozen product with ``w`` in the weight's place (``narrow``: see `base_product`)."""
         return base_product(eqn, [w, self.x] if self.weight_is_lhs else [self.x, w], 0 if self.weight_is_lhs else 1,
                             narrow)
@@ -217,7 +221,7 @@ class DotMatrices:
     letters: DotLetters
     free_shape: tuple[int, ...]
     eqn: Any
-    narrow: bool
+    narrow: precision.Narrowing | None
 
     def _letters(self) -> tuple[list[str], list[str], list[str]]:
         """The letters of the rows (x's free axes), of W's contracted and of its output axes."""
