@@ -27,6 +27,7 @@ once; for torch, the first step. The row names the allocator the environment sel
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import statistics
@@ -81,13 +82,14 @@ def lorax_step(args):
     import optax
     from lorax_examples import smollm
     from lorax_examples.flops import matmul_flops
-    from lorax_examples.llama import Llama, bf16_as_bits, with_memory_options
+    from lorax_examples.llama import Llama, attention_blocks_setting, bf16_as_bits, with_memory_options
 
     import lorax
     import lorax.peft
 
     config, base, _ = smollm.load(base=args.base, layers=args.layers)
     config = with_memory_options(config, args.remat, args.head_chunks, args.remat_groups)
+    config = dataclasses.replace(config, attention_blocks=attention_blocks_setting(args.attention_blocks))
     fn = lambda p, ids: Llama(config).apply(p, ids)  # noqa: E731
     xent = lambda p, ids: Llama(config).apply(p, ids[:, :-1], targets=ids[:, 1:])  # noqa: E731
     ids = jax.numpy.asarray(_tokens(args.batch, args.seq, config.vocab))
@@ -186,6 +188,9 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--remat-groups", type=int, default=0,
                    help="JAX: the layer loop as this many groups, each recomputed in the backward (for adapters: "
                         "full fine-tuning sums its stacks' gradients whole in each group); 0: one loop")
+    p.add_argument("--attention-blocks", type=int, default=4,
+                   help="JAX: causal attention as this many query blocks, each over the keys up to its end; 1: one "
+                        "masked block")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
@@ -196,13 +201,14 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 def parsed(p: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """``p``'s arguments (a `parser`, perhaps extended), with ``--remat-groups`` checked against
-    the layers kept: a bad value is a usage error."""
+    the layers kept and ``--attention-blocks`` from 1: a bad value is a usage error."""
     from lorax_examples import smollm
-    from lorax_examples.llama import remat_groups_setting
+    from lorax_examples.llama import attention_blocks_setting, remat_groups_setting
 
     args = p.parse_args(argv)
     try:
         remat_groups_setting(args.remat_groups, args.layers or smollm.LAYERS)
+        attention_blocks_setting(args.attention_blocks)
     except ValueError as refused:
         p.error(f"--{refused}")
     return args
@@ -237,6 +243,7 @@ def main(argv=None):
         framework=args.framework, targets=None if "full" in args.framework else args.targets, rank=args.rank,
         kind="full" if "full" in args.framework else "dora" if args.dora else "lora",
         base=args.base, layers=args.layers or smollm.LAYERS, remat=args.remat, head_chunks=args.head_chunks,
+        attention_blocks=args.attention_blocks,
         remat_groups=args.remat_groups, batch=args.batch, seq=args.seq, s_per_step=median,
         tokens_per_s=args.batch * args.seq / median,
         trained_params=count, train_peak_rss_mib=_peak_rss_mib() if reset else None,

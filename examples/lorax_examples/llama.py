@@ -66,6 +66,10 @@ class LlamaConfig:
     # what each layer keeps, for one group at a time. For adapters: a trained stack's gradient is
     # summed whole in each group, so full fine-tuning holds more with groups. 0: one loop
     remat_groups: int = 0
+    # a forward without a cache runs causal attention as this many blocks of consecutive queries,
+    # each over the keys up to its own end (`causal_attend`): (blocks + 1) / (2 · blocks) of the
+    # products and softmax over every key (4: 0.625). 1: one block over every key, masked
+    attention_blocks: int = 4
 
     @property
     def head_dim(self) -> int:
@@ -172,13 +176,38 @@ def attend(q, k, v, mask, groups: int):
     return out.reshape(b, -1, groups, t, hd).transpose(0, 3, 1, 2, 4).reshape(b, t, heads, hd)
 
 
+def causal_attend(q, k, v, groups: int, blocks: int):
+    """`attend` of q [batch, seq, heads, head_dim] over k, v [batch, seq, kv_heads, head_dim]
+    under the causal mask, as ``blocks`` blocks of consecutive queries (``min(blocks, seq)``, as
+    even as ``seq`` allows): each block attends to the keys up to its own end, so the products
+    and the softmax skip the keys no query of the block sees. The same values as one masked
+    `attend`; on XLA:CPU at the example step's shapes, 4 blocks take about 3/4 of its time.
+
+    >>> import jax, jax.numpy as jnp
+    >>> q = jax.random.normal(jax.random.key(0), (2, 7, 4, 8))
+    >>> k, v = jax.random.normal(jax.random.key(1), (2, 2, 7, 2, 8))
+    >>> whole = attend(q, k, v, jnp.tril(jnp.ones((7, 7), bool))[None, None], groups=2)
+    >>> bool(jnp.allclose(causal_attend(q, k, v, groups=2, blocks=3), whole, atol=1e-6))
+    True
+    """
+    t = q.shape[1]
+    blocks = min(blocks, t)
+    ends = [round(i * t / blocks) for i in range(blocks + 1)]
+    outs = []
+    for start, end in zip(ends[:-1], ends[1:]):
+        mask = (jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None])[None, None]
+        outs.append(attend(q[:, start:end], k[:, :end], v[:, :end], mask, groups))
+    return jnp.concatenate(outs, axis=1)
+
+
 class Attention(nn.Module):
     config: LlamaConfig
 
     @nn.compact
     def __call__(self, x, positions, mask, cache=None):
         """``cache``: ``(k, v)`` [batch, slots, kv_heads, head_dim] of this layer; the new keys and
-        values are written at their positions (slot = position) and attention reads all slots."""
+        values are written at their positions (slot = position) and attention reads all slots
+        under ``mask``. Without a cache, ``mask`` is None: causal attention (`causal_attend`)."""
         c = self.config
         b, t, _ = x.shape
         proj = lambda n, name: Linear(n * c.head_dim, c.matmul_dtype, name=name, **lora_of(c, name))  # noqa: E731
@@ -191,7 +220,11 @@ class Attention(nn.Module):
             k, v = cache
         # recomputed in the backward from q, k and v: the layer loop then keeps no [batch, heads,
         # seq, seq] scores or probabilities, nor the transposed queries, keys and values
-        out = jax.checkpoint(attend, static_argnums=(4,))(q, k, v, mask, c.heads // c.kv_heads)
+        if mask is None:
+            out = jax.checkpoint(causal_attend, static_argnums=(3, 4))(q, k, v, c.heads // c.kv_heads,
+                                                                      attention_blocks_setting(c.attention_blocks))
+        else:
+            out = jax.checkpoint(attend, static_argnums=(4,))(q, k, v, mask, c.heads // c.kv_heads)
         out = Linear(c.dim, c.matmul_dtype, name="o_proj", **lora_of(c, "o_proj"))(out.reshape(b, t, -1))
         return out if cache is None else (out, cache)
 
@@ -314,6 +347,17 @@ def grouped_layers(config: LlamaConfig, stacked: dict, x, positions, mask):
     return jax.lax.scan(group, x, jnp.arange(c.remat_groups) * size)[0]
 
 
+def attention_blocks_setting(blocks: int) -> int:
+    """`LlamaConfig.attention_blocks`, checked: a whole number from 1; anything else is refused.
+
+    >>> attention_blocks_setting(4)
+    4
+    """
+    if isinstance(blocks, bool) or not isinstance(blocks, numbers.Integral) or blocks < 1:
+        raise ValueError(f"attention-blocks takes a whole number from 1, got {blocks!r}")
+    return int(blocks)
+
+
 def head_chunks_setting(chunks: int, vocab: int) -> int:
     """`LlamaConfig.head_chunks` for a command line's ``--head-chunks``: 0 (the whole vocabulary) or
     a divisor of ``vocab``; anything else is refused.
@@ -398,7 +442,7 @@ class Llama(nn.Module):
         t = ids.shape[1]
         if cache is None:
             positions = jnp.broadcast_to(jnp.arange(t), ids.shape)
-            mask = jnp.tril(jnp.ones((t, t), bool))[None, None]
+            mask = None  # causal (`causal_attend`)
         else:
             slots = jnp.arange(cache[0].shape[2])
             mask = (slots <= positions[:, :, None])[:, None]  # [batch, 1, t, slots]

@@ -126,3 +126,20 @@ def test_step_profile_classes_each_framework_s_time(framework):
     assert row["framework"] == framework and set(classes) <= set(CLASSES)
     # the frozen projections are found and timed, and the low-rank factors are a small part of them
     assert 0 < classes["low-rank factors"] < classes["projections"]
+
+
+def test_in_process_ab_times_both_settings_of_one_step_and_refuses_a_torch_one(tmp_path):
+    """Two settings that compute the same step (causal attention in 1 and in 4 query blocks)
+    start from the same loss; each pair times both; a torch framework cannot share the process."""
+    script = str(ROOT / "benchmarks" / "in_process_ab.py")
+    command = [sys.executable, script, "lorax", "--layers", str(LAYERS), "--warmup", "1", "--pairs", "3",
+               "--a=--attention-blocks=1", "--b=--attention-blocks=4", "--out", str(tmp_path), "--name", "ab"]
+    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=600, env=subprocess_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "ab.json").read_text())
+    assert [len(report["times"][n]) for n in ("A", "B")] == [3, 3] and report["b_over_a_median"] > 0
+    assert abs(report["first_losses"]["A"][0] - report["first_losses"]["B"][0]) < 1e-4
+    assert "B / A" in (tmp_path / "ab.md").read_text()
+    refused = subprocess.run([*command[:2], "peft", *command[3:]], capture_output=True, text=True, cwd=ROOT,
+                             timeout=120, env=subprocess_env())
+    assert refused.returncode == 2 and "a JAX framework" in refused.stderr

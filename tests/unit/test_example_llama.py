@@ -1,11 +1,23 @@
 """The example LLaMA's rotary embedding is transformers' rotate-half form; its grouped-query attention
-is each query head's softmax attention over its kv head; its bf16 gating is the gating of bf16 inputs."""
+is each query head's softmax attention over its kv head, and its causal attention in query blocks
+the same with less work; its bf16 gating is the gating of bf16 inputs."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from lorax_examples.llama import attend, bf16_gating, gating, rope
+from lorax_examples.llama import (
+    Llama,
+    LlamaConfig,
+    attend,
+    attention_blocks_setting,
+    bf16_gating,
+    causal_attend,
+    gating,
+    rope,
+)
 
 
 def test_rope_is_x_cos_plus_rotate_half_x_sin_at_each_position():
@@ -36,6 +48,46 @@ def test_attend_is_each_query_heads_softmax_attention_over_its_kv_head(seq, slot
             p = np.exp(logits - logits.max(-1, keepdims=True))
             expected[b, :, h] = (p / p.sum(-1, keepdims=True)) @ v[b, :, h // 3]
     np.testing.assert_allclose(attend(q, k, v, mask, groups=3), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("seq, blocks", [(12, 4), (10, 3), (3, 8), (9, 1)])
+def test_causal_attention_in_query_blocks_is_masked_attention_in_values_and_gradients(seq, blocks):
+    """Uneven blocks (10 in 3), more blocks than queries (3 in 8) and one block included."""
+    key = jax.random.split(jax.random.key(1), 4)
+    q = jax.random.normal(key[0], (2, seq, 6, 4))
+    k, v = (jax.random.normal(kk, (2, seq, 2, 4)) for kk in key[1:3])
+    cotangent = jax.random.normal(key[3], q.shape)
+    mask = jnp.tril(jnp.ones((seq, seq), bool))[None, None]
+    blocked = jax.jit(lambda *x: jax.vjp(lambda q, k, v: causal_attend(q, k, v, 3, blocks), *x[:3])[1](x[3]))
+    whole = jax.jit(lambda *x: jax.vjp(lambda q, k, v: attend(q, k, v, mask, 3), *x[:3])[1](x[3]))
+    np.testing.assert_allclose(causal_attend(q, k, v, 3, blocks), attend(q, k, v, mask, 3), rtol=1e-5, atol=1e-6)
+    for got, expected in zip(blocked(q, k, v, cotangent), whole(q, k, v, cotangent)):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_query_blocks_skip_the_keys_no_query_of_a_block_sees():
+    """XLA's flop count of the model's forward and backward: 4 blocks of 64 queries do 5/8 of
+    attention's products (the projections and the head are unchanged), with the same loss."""
+    config = LlamaConfig(vocab=64, dim=32, layers=1, heads=4, kv_heads=2, hidden=32, remat=False)
+    ids = jax.random.randint(jax.random.key(0), (1, 257), 0, 64)
+    params = Llama(config).init(jax.random.key(1), ids[:, :-1])
+
+    def flops_and_loss(blocks):
+        model = Llama(dataclasses.replace(config, attention_blocks=blocks))
+        loss = jax.jit(jax.value_and_grad(lambda p: model.apply(p, ids[:, :-1], targets=ids[:, 1:])))
+        return loss.lower(params).compile().cost_analysis()["flops"], loss(params)[0]
+
+    (whole, loss_whole), (blocked, loss_blocked) = flops_and_loss(1), flops_and_loss(4)
+    # attention: q·kᵀ and p·v forward, again in the backward's recomputation, and 3 products of their gradients
+    attention = 7 * 2 * 4 * 256 * 256 * 8
+    assert whole - blocked == pytest.approx(attention * 3 / 8, rel=0.05)
+    np.testing.assert_allclose(loss_blocked, loss_whole, rtol=1e-6)
+
+
+@pytest.mark.parametrize("blocks", [0, -2, 2.0, True, "4"])
+def test_attention_blocks_refuses_what_is_not_a_whole_number_from_1(blocks):
+    with pytest.raises(ValueError, match="attention-blocks takes a whole number from 1"):
+        attention_blocks_setting(blocks)
 
 
 def test_bf16_gating_is_the_gating_of_its_inputs_rounded_to_bf16_with_its_gradients():
