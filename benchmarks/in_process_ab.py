@@ -22,6 +22,8 @@ import statistics
 import time
 from pathlib import Path
 
+import processes
+import roofline
 import smollm_step
 from report_files import written
 
@@ -68,11 +70,13 @@ def main(argv=None):
     times = timed_pairs(runs, args.pairs)
     ratios = [b / a for a, b in zip(times["A"], times["B"])]
     settings = {"A": args.a, "B": args.b}
-    report = dict(common=common, settings=settings, pairs=args.pairs, first_losses=first_losses,
+    report = dict(machine=roofline.describe(roofline.machine()), allocator=processes.allocator(),
+                  common=common, settings=settings, pairs=args.pairs, first_losses=first_losses,
                   s_per_step={n: statistics.median(t) for n, t in times.items()}, times=times,
                   b_over_a_median=statistics.median(ratios),
                   b_over_a_quartiles=statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios)
     table = "\n".join([
+        f"Machine: {report['machine']}; allocator: {report['allocator']}.", "",
         f"**In-process A/B**: `{' '.join(common)}`, {args.pairs} pairs, alternating", "",
         "| setting | arguments | s / step (median) | first loss |", "|---|---|---|---|",
         *(f"| {n} | `{settings[n]}` | {report['s_per_step'][n]:.4f} | {first_losses[n][0]:.5f} |" for n in settings),
