@@ -10,8 +10,11 @@ With the table frozen, each block reads the table once, in chunks of `VOCAB_CHUN
 attention reads its keys and values in flash attention: a running maximum and sum of the
 exponentials give the softmax's normaliser, and the gradient to ``x``, ``softmax·table −
 table[target]``, is summed chunk by chunk (rescaled as the maximum grows) while the chunk is in
-cache. A trained table needs every logit's final probability for its own gradient, so its
-blocks make their whole ``rows × vocab`` logits (25 MiB for SmolLM2 at 128 rows).
+cache. It is summed as ``Σ_{i≠target} p_i·(table[i] − table[target])``: the target's own row
+stays out of the product, so a confident prediction (``p_target`` near 1) does not leave the
+gradient as the small difference of two large vectors, one rounded to the products' bf16.
+A trained table needs every logit's final probability for its own gradient, so its blocks make
+their whole ``rows × vocab`` logits (25 MiB for SmolLM2 at 128 rows).
 """
 
 from __future__ import annotations
@@ -119,27 +122,32 @@ def _block_over_vocab_chunks(dtype, held, values, n, want_x, _, xs):
     xb, ids = xs
     chunk, vocab = VOCAB_CHUNK, held.shape[0]
 
-    def add_chunk(carry, rows_of_table):
-        top, total, acc = carry
+    def add_chunk(carry, rows_of_table, first_row):
+        top, total, others, acc = carry
         logits = cast_dot(xb, rows_of_table, (((1,), (1,)), ((), ())), dtype)
         new_top = jnp.maximum(top, logits.max(-1))
         rescale = jnp.exp(top - new_top)  # 0 at the first chunk, whose running maximum is -inf
         exp = jnp.exp(logits - new_top[:, None])
         total = total * rescale + exp.sum(-1)
-        if want_x:  # the softmax's numerator times the table, summed chunk by chunk
+        if want_x:  # the softmax's numerator over the other rows, and times the table, chunk by chunk
+            target = (ids - first_row)[:, None] == jax.lax.broadcasted_iota(ids.dtype, exp.shape, 1)
+            exp = jnp.where(target, 0.0, exp)
+            others = others * rescale + exp.sum(-1)
             acc = acc * rescale[:, None] + cast_dot(exp, rows_of_table, (((1,), (0,)), ((), ())), dtype)
-        return (new_top, total, acc), None
+        return (new_top, total, others, acc), None
 
-    start = (jnp.full(xb.shape[0], -jnp.inf), jnp.zeros(xb.shape[0]),
-             jnp.zeros(xb.shape, jnp.float32) if want_x else None)
+    rows = xb.shape[0]
+    start = (jnp.full(rows, -jnp.inf), jnp.zeros(rows), jnp.zeros(rows), jnp.zeros(xb.shape, jnp.float32))
+    if not want_x:
+        start = (*start[:3], None)
     if not sliced_in_chunks(vocab):  # one chunk: the table as it is, not a slice of it
-        carry, _ = add_chunk(start, values(held))
+        carry, _ = add_chunk(start, values(held), 0)
     else:
         rows_at = lambda i: values(jax.lax.dynamic_slice_in_dim(held, i * chunk, chunk))  # noqa: E731
-        carry, _ = jax.lax.scan(lambda c, i: add_chunk(c, rows_at(i)), start, jnp.arange(vocab // chunk))
+        carry, _ = jax.lax.scan(lambda c, i: add_chunk(c, rows_at(i), i * chunk), start, jnp.arange(vocab // chunk))
         if vocab % chunk:  # the rows after the last whole chunk
-            carry, _ = add_chunk(carry, values(held[vocab - vocab % chunk:]))
-    top, total, acc = carry
+            carry, _ = add_chunk(carry, values(held[vocab - vocab % chunk:]), vocab - vocab % chunk)
+    top, total, others, acc = carry
     target_rows = values(held[jnp.maximum(ids, 0)]).astype(jnp.float32)
     rounded = xb if dtype is None else xb.astype(dtype)  # x as the products round it
     picked = jnp.sum(rounded.astype(jnp.float32) * target_rows, -1)
@@ -147,7 +155,8 @@ def _block_over_vocab_chunks(dtype, held, values, n, want_x, _, xs):
     loss = jnp.where(real, jnp.log(total) + top - picked, 0.0).sum()
     if not want_x:
         return None, (loss, None)
-    return None, (loss, (acc / total[:, None] - target_rows) * (real / n)[:, None])
+    # Σ_i p_i·table[i] − table[target] = Σ_{i≠target} p_i·(table[i] − table[target])
+    return None, (loss, (acc - others[:, None] * target_rows) / total[:, None] * (real / n)[:, None])
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
