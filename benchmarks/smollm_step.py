@@ -82,14 +82,14 @@ def lorax_step(args):
     import optax
     from lorax_examples import smollm
     from lorax_examples.flops import matmul_flops
-    from lorax_examples.llama import Llama, attention_blocks_setting, bf16_as_bits, with_memory_options
+    from lorax_examples.llama import Llama, bf16_as_bits, with_memory_options
 
     import lorax
     import lorax.peft
 
     config, base, _ = smollm.load(base=args.base, layers=args.layers)
     config = with_memory_options(config, args.remat, args.head_chunks, args.remat_groups)
-    config = dataclasses.replace(config, attention_blocks=attention_blocks_setting(args.attention_blocks))
+    config = dataclasses.replace(config, attention_blocks=args.attention_blocks)  # checked by `parsed`
     fn = lambda p, ids: Llama(config).apply(p, ids)  # noqa: E731
     xent = lambda p, ids: Llama(config).apply(p, ids[:, :-1], targets=ids[:, 1:])  # noqa: E731
     ids = jax.numpy.asarray(_tokens(args.batch, args.seq, config.vocab))

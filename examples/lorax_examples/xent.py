@@ -137,9 +137,8 @@ def _block_over_vocab_chunks(dtype, held, values, n, want_x, _, xs):
         return (new_top, total, others, acc), None
 
     rows = xb.shape[0]
-    start = (jnp.full(rows, -jnp.inf), jnp.zeros(rows), jnp.zeros(rows), jnp.zeros(xb.shape, jnp.float32))
-    if not want_x:
-        start = (*start[:3], None)
+    start = (jnp.full(rows, -jnp.inf), jnp.zeros(rows), jnp.zeros(rows),
+             jnp.zeros(xb.shape, jnp.float32) if want_x else None)
     if not sliced_in_chunks(vocab):  # one chunk: the table as it is, not a slice of it
         carry, _ = add_chunk(start, values(held), 0)
     else:

@@ -9,7 +9,6 @@ base (`base_product`), and the parts of the low-rank term. Each kind registers i
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 import string
 from typing import Any
@@ -38,15 +37,14 @@ def base_product(eqn, operands: list, position: int, narrow: precision.Narrowing
         own = getattr(operands[position], "lorax_product", None)
         return own(eqn, operands, position) if own else compat.bind(eqn, operands)[0]
     operands = [v if i == position else narrow.source(v) for i, v in enumerate(operands)]
-    bind = functools.partial(_narrow_product, narrow=narrow)
     own = getattr(operands[position], "lorax_product", None)
-    return own(eqn, operands, position, bind=bind) if own else bind(eqn, operands)
+    return own(eqn, operands, position, bind=_narrow_product) if own else _narrow_product(eqn, operands)
 
 
-def _narrow_product(eqn, operands: list, narrow: precision.Narrowing) -> jax.Array:
-    """The dot_general ``eqn`` of two bf16 operands through `precision.narrow_dot`; a weight
-    carried as bits goes in as its bits, a bf16 cast of a wider array as that array."""
-    lhs, rhs = (narrow.source(stored(v)) for v in operands)
+def _narrow_product(eqn, operands: list) -> jax.Array:
+    """The dot_general ``eqn`` of two bf16 operands (or a wider array the model cast to bf16, in
+    its place) through `precision.narrow_dot`; a weight carried as bits goes in as its bits."""
+    lhs, rhs = (stored(v) for v in operands)
     lhs_sub, rhs_sub, out_sub = dot_subscripts(eqn.params["dimension_numbers"], jnp.ndim(lhs), jnp.ndim(rhs))
     return precision.narrow_dot(lhs, rhs, ("".join(lhs_sub), "".join(rhs_sub), "".join(out_sub)),
                                 eqn.params["precision"], eqn.params["preferred_element_type"])
